@@ -1,0 +1,134 @@
+"""A resumable, deterministic minibatch iterator over a dict of NumPy arrays."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+_TRIM_SIDES = ("right", "left")
+
+
+class BatchIterator:
+    """Endless minibatches over epochs, each epoch a fresh permutation.
+
+    The permutation of epoch e is `np.random.default_rng([seed, e]).permutation(n)`, so the
+    stream depends only on (seed, epoch, position): `get_state()` after any number of batches,
+    `set_state()` on a new iterator, and it yields exactly the batches the original would have.
+
+    With `buckets`, each batch's time axis is cut to the smallest bucket holding its longest
+    sequence, read from `arrays[bucket_key]` (a 0/1 mask whose last axis is time). Every array of
+    the same shape as that mask is cut the same way; `trim_side="right"` keeps the first columns
+    (right-padded data), "left" the last ones (left-padded prompts).
+
+    Args:
+      arrays: equal-length arrays `[n, ...]`.
+      batch_size: examples per batch.
+      seed: shuffling seed (pass a distinct seed per stage and run).
+      shuffle: permute each epoch; otherwise examples come in order.
+      drop_last: skip an epoch's final partial batch (keeps shapes static).
+    """
+
+    def __init__(
+        self,
+        arrays: Mapping[str, np.ndarray],
+        batch_size: int,
+        *,
+        seed: int,
+        shuffle: bool = True,
+        drop_last: bool = True,
+        buckets: Sequence[int] | None = None,
+        bucket_key: str = "mask",
+        trim_side: str = "right",
+    ):
+        if not arrays:
+            raise ValueError("arrays must hold at least one array")
+        self._arrays = {k: np.asarray(v) for k, v in arrays.items()}
+        sizes = {k: v.shape[0] if v.ndim else None for k, v in self._arrays.items()}
+        self._n = next(iter(sizes.values()))
+        if self._n is None or any(s != self._n for s in sizes.values()):
+            raise ValueError(f"arrays must share their first dimension, got sizes {sizes}")
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+        if drop_last and batch_size > self._n:
+            raise ValueError(
+                f"batch_size {batch_size} exceeds the {self._n} examples with drop_last=True"
+            )
+        if self._n == 0:
+            raise ValueError("arrays hold no examples")
+        if buckets is not None and bucket_key not in self._arrays:
+            raise ValueError(f"bucket_key {bucket_key!r} is not one of {sorted(self._arrays)}")
+        if trim_side not in _TRIM_SIDES:
+            raise ValueError(f"trim_side must be one of {_TRIM_SIDES}, got {trim_side!r}")
+        self.batch_size = batch_size
+        self.seed = seed
+        self.shuffle = shuffle
+        self.drop_last = drop_last
+        self.buckets = tuple(buckets) if buckets is not None else None
+        self.bucket_key = bucket_key
+        self.trim_side = trim_side
+        self._epoch = 0
+        self._position = 0
+        self._order_epoch = -1
+        self._order = np.arange(self._n)
+
+    @property
+    def epoch(self) -> int:
+        """The epoch the next batch comes from (0-based)."""
+        if self._position + (self.batch_size if self.drop_last else 1) > self._n:
+            return self._epoch + 1
+        return self._epoch
+
+    def __len__(self) -> int:
+        """Batches per epoch."""
+        return self._n // self.batch_size if self.drop_last else -(-self._n // self.batch_size)
+
+    def __iter__(self) -> BatchIterator:
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        if self.epoch != self._epoch:
+            self._epoch, self._position = self.epoch, 0
+        idx = self._permutation()[self._position : self._position + self.batch_size]
+        self._position += len(idx)
+        batch = {k: v[idx] for k, v in self._arrays.items()}
+        return self._trim(batch) if self.buckets else batch
+
+    def get_state(self) -> dict[str, Any]:
+        """JSON-serialisable position in the stream: {"epoch", "position"}."""
+        return {"epoch": self._epoch, "position": self._position}
+
+    def set_state(self, state: Mapping[str, Any]) -> None:
+        """Continues from a `get_state()` of an iterator built with the same arrays and seed."""
+        for key in ("epoch", "position"):
+            value = state.get(key) if isinstance(state, Mapping) else None
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"state[{key!r}] must be an int >= 0, got {value!r}")
+        if state["position"] > self._n:
+            raise ValueError(f"state['position'] must be <= {self._n}, got {state['position']}")
+        self._epoch, self._position = state["epoch"], state["position"]
+
+    def _permutation(self) -> np.ndarray:
+        if self.shuffle and self._order_epoch != self._epoch:
+            self._order = np.random.default_rng([self.seed, self._epoch]).permutation(self._n)
+            self._order_epoch = self._epoch
+        return self._order
+
+    def _trim(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        key_mask = batch[self.bucket_key]
+        time = key_mask.shape[-1]
+        used = np.any(key_mask.reshape(-1, time) != 0, axis=0)
+        real = np.nonzero(used)[0]
+        if real.size == 0:
+            length = 0
+        elif self.trim_side == "right":
+            length = int(real[-1]) + 1
+        else:
+            length = time - int(real[0])
+        fitting = [b for b in self.buckets if b >= length]
+        length = min(min(fitting), time) if fitting else time
+        cut = slice(0, length) if self.trim_side == "right" else slice(time - length, time)
+        return {
+            k: v[..., cut] if v.shape == key_mask.shape else v for k, v in batch.items()
+        }

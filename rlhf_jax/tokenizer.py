@@ -1,0 +1,378 @@
+"""Tokenizer: a thin wrapper around Hugging Face `tokenizers` with explicit BOS/EOS/PAD ids.
+
+Three ways in:
+
+- `Tokenizer.from_file(path)` — a Hugging Face `tokenizer.json` (or a directory holding one, with
+  optional `tokenizer_config.json` / `special_tokens_map.json` naming bos/eos/pad tokens).
+- `Tokenizer.from_llama2c(path)` — the llama2.c `tok512.bin` format (score-ranked BPE with byte
+  fallback), rebuilt as an equivalent `tokenizers` BPE model.
+- `Tokenizer.train(texts, vocab_size)` — a small byte-level BPE for the synthetic task.
+
+The pad token is never the EOS token (InstructGPT reproductions' pitfall, see
+shared/instructgpt.md): when a tokenizer has no separate pad token, `<|pad|>` is added as a new
+special token. Its id is then the old vocabulary size, so `vocab_size` can exceed the model's
+embedding size by one; callers must replace pad ids (mask == 0) before the embedding lookup.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import numpy as np
+import tokenizers
+from tokenizers import AddedToken, decoders, models, normalizers, pre_tokenizers, trainers
+
+PAD_TOKEN = "<|pad|>"
+
+# Names tried, in order, when no config file names the token.
+_BOS_CANDIDATES = (
+    "<s>", "<|bos|>", "<bos>", "<|begin_of_text|>", "<|startoftext|>", "<|endoftext|>"
+)
+_EOS_CANDIDATES = ("</s>", "<|eos|>", "<eos>", "<|end_of_text|>", "<|endoftext|>")
+_PAD_CANDIDATES = ("<|pad|>", "<pad>", "[PAD]", "<|padding|>", "<|finetune_right_pad_id|>")
+
+_SIDES = ("left", "right")
+_TRUNCATIONS = ("error", "left", "right")
+
+
+class Tokenizer:
+    """Text <-> token ids with explicit special-token ids.
+
+    Attributes:
+      hf: the underlying `tokenizers.Tokenizer` (encodes without adding special tokens; BOS/EOS
+        are added here, explicitly, by `encode(..., add_bos, add_eos)`).
+      added_pad: True when `<|pad|>` was added because the tokenizer had no pad token.
+    """
+
+    def __init__(
+        self,
+        hf: tokenizers.Tokenizer,
+        *,
+        bos_token: str | None = None,
+        eos_token: str | None = None,
+        pad_token: str | None = None,
+    ):
+        """Wraps `hf`; tokens not named are looked up among common names (`<s>`, `</s>`, ...)."""
+        self.hf = hf
+        self._bos_id = _find_id(hf, bos_token, _BOS_CANDIDATES, "bos_token")
+        self._eos_id = _find_id(hf, eos_token, _EOS_CANDIDATES, "eos_token")
+        pad_id = _find_id(hf, pad_token, _PAD_CANDIDATES, "pad_token")
+        self.added_pad = pad_id is None or pad_id == self._eos_id
+        if self.added_pad:
+            hf.add_special_tokens([AddedToken(PAD_TOKEN, special=True, normalized=False)])
+            pad_id = hf.token_to_id(PAD_TOKEN)
+            if pad_id == self._eos_id:  # the file itself calls its EOS token "<|pad|>"
+                raise ValueError(
+                    f"pad_token {PAD_TOKEN!r} is the EOS token; name another eos_token"
+                )
+        self._pad_id = int(pad_id)
+        self._vocab_size = max(hf.get_vocab(with_added_tokens=True).values()) + 1
+        added = hf.get_added_tokens_decoder()
+        self._special_ids = frozenset(
+            [i for i, tok in added.items() if tok.special]
+            + [i for i in (self._bos_id, self._eos_id, self._pad_id) if i is not None]
+        )
+
+    # ----------------------------------------------------------------------------- constructors
+
+    @classmethod
+    def from_file(
+        cls,
+        path: str | os.PathLike,
+        *,
+        bos_token: str | None = None,
+        eos_token: str | None = None,
+        pad_token: str | None = None,
+    ) -> Tokenizer:
+        """Loads a Hugging Face `tokenizer.json` (the file, or a directory that holds it).
+
+        Special-token names come from the arguments, else `tokenizer_config.json` /
+        `special_tokens_map.json` beside the file, else common names. A configured pad token equal
+        to EOS is ignored and `<|pad|>` is added instead.
+
+        Raises:
+          FileNotFoundError: no tokenizer.json at `path`.
+          ValueError: the file does not parse (message names the file and the parser's error).
+        """
+        path = Path(path)
+        file = path / "tokenizer.json" if path.is_dir() else path
+        if not file.is_file():
+            raise FileNotFoundError(f"tokenizer file not found: {file}")
+        try:
+            hf = tokenizers.Tokenizer.from_file(str(file))
+        except Exception as e:  # tokenizers raises a bare Exception on parse errors
+            raise ValueError(f"cannot parse tokenizer file {file}: {e}") from e
+        names = _special_names_beside(file)
+        return cls(
+            hf,
+            bos_token=bos_token or names.get("bos_token"),
+            eos_token=eos_token or names.get("eos_token"),
+            pad_token=pad_token or names.get("pad_token"),
+        )
+
+    @classmethod
+    def from_llama2c(cls, path: str | os.PathLike) -> Tokenizer:
+        """Reads a llama2.c tokenizer (`tok512.bin`) as an equivalent `tokenizers` BPE.
+
+        Format: int32 max token length, then per id: float32 score, int32 byte length, bytes.
+        Ids 0, 1, 2 are `<unk>`, BOS, EOS; byte-fallback tokens are `<0xXX>`.
+        llama2.c encodes by prepending one space, mapping each character to its id (else its
+        UTF-8 bytes to byte tokens) and repeatedly merging the adjacent pair whose concatenation
+        has the highest score. That is a BPE whose merge ranks are the merged tokens' scores in
+        descending order, which is what is built here (the tests check it against a direct
+        implementation of the loop). Decoding drops the prepended space, as Hugging Face's Llama
+        tokenizers do. The special tokens are renamed to `<unk>`, `<s>`, `</s>` (llama2.c stores
+        them as "\\n<s>\\n" etc.), and `<|pad|>` is added as id = vocab size (llama2.c has none).
+        """
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"llama2.c tokenizer file not found: {path}")
+        pieces, scores = _read_llama2c(path)
+        specials = {0: "<unk>", 1: "<s>", 2: "</s>"}
+        vocab: dict[str, int] = {}
+        for i, piece in enumerate(pieces):
+            vocab.setdefault(specials.get(i, piece), i)
+        mergeable = {p: i for p, i in vocab.items() if i >= 3 and not _is_byte_token(p)}
+        merges = []
+        for piece, i in mergeable.items():
+            for cut in range(1, len(piece)):
+                left, right = piece[:cut], piece[cut:]
+                if left in mergeable and right in mergeable:
+                    merges.append((-scores[i], i, left, right))
+        merges.sort()
+        model = models.BPE(
+            vocab=vocab,
+            merges=[(a, b) for _, _, a, b in merges],
+            unk_token="<unk>",
+            byte_fallback=True,
+        )
+        hf = tokenizers.Tokenizer(model)
+        hf.normalizer = normalizers.Prepend(" ")
+        hf.decoder = decoders.Sequence(
+            [decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+        )
+        hf.add_special_tokens(
+            [AddedToken(t, special=True, normalized=False) for t in specials.values()]
+        )
+        return cls(hf, bos_token="<s>", eos_token="</s>")
+
+    @classmethod
+    def train(
+        cls,
+        texts: Iterable[str],
+        vocab_size: int,
+        *,
+        special_tokens: Sequence[str] = (PAD_TOKEN, "<|bos|>", "<|eos|>"),
+        min_frequency: int = 2,
+    ) -> Tokenizer:
+        """Trains a byte-level BPE (GPT-2 style pre-tokenizer and decoder) on `texts`.
+
+        The special tokens get ids 0, 1, ... in the order given; the default names are detected as
+        pad, bos and eos.
+        """
+        alphabet = pre_tokenizers.ByteLevel.alphabet()
+        low = len(alphabet) + len(special_tokens)
+        if vocab_size < low:
+            raise ValueError(
+                f"vocab_size must be >= {low} (256 byte symbols + {len(special_tokens)} special "
+                f"tokens), got {vocab_size}"
+            )
+        if min_frequency < 1:
+            raise ValueError(f"min_frequency must be >= 1, got {min_frequency}")
+        hf = tokenizers.Tokenizer(models.BPE())
+        hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        hf.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            min_frequency=min_frequency,
+            special_tokens=list(special_tokens),
+            initial_alphabet=alphabet,
+            show_progress=False,
+        )
+        hf.train_from_iterator(texts, trainer=trainer)
+        return cls(hf)
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Writes `tokenizer.json` (the pad token included) and returns its path.
+
+        `path` is the file, or a directory; for a directory a `tokenizer_config.json` naming the
+        bos/eos/pad tokens is written beside it, so `from_file(directory)` restores the same ids.
+        """
+        path = Path(path)
+        if path.is_dir() or not path.suffix:
+            path.mkdir(parents=True, exist_ok=True)
+            names = {
+                f"{k}_token": self.hf.id_to_token(i)
+                for k, i in (("bos", self._bos_id), ("eos", self._eos_id), ("pad", self._pad_id))
+                if i is not None
+            }
+            (path / "tokenizer_config.json").write_text(json.dumps(names, indent=2))
+            path = path / "tokenizer.json"
+        self.hf.save(str(path))
+        return path
+
+    # ------------------------------------------------------------------------------- properties
+
+    @property
+    def bos_id(self) -> int | None:
+        """Id of the beginning-of-sequence token, or None when the tokenizer has none."""
+        return self._bos_id
+
+    @property
+    def eos_id(self) -> int | None:
+        """Id of the end-of-sequence token, or None when the tokenizer has none."""
+        return self._eos_id
+
+    @property
+    def pad_id(self) -> int:
+        """Id of the pad token; never equal to `eos_id`."""
+        return self._pad_id
+
+    @property
+    def vocab_size(self) -> int:
+        """Largest id + 1, added pad token included (may exceed the model's embedding rows)."""
+        return self._vocab_size
+
+    @property
+    def special_ids(self) -> frozenset[int]:
+        """Ids dropped by `decode(..., skip_special=True)`."""
+        return self._special_ids
+
+    # --------------------------------------------------------------------------------- encoding
+
+    def encode(self, text: str, add_bos: bool = False, add_eos: bool = False) -> list[int]:
+        """Token ids of `text`, with BOS / EOS added only when asked."""
+        ids = self.hf.encode(text, add_special_tokens=False).ids
+        return self.add_special(ids, add_bos, add_eos)
+
+    def decode(self, ids: Iterable[int], skip_special: bool = True) -> str:
+        """Text of `ids`; special tokens (BOS, EOS, PAD, other added special tokens) are dropped
+        when `skip_special`."""
+        ids = [int(i) for i in ids]
+        if skip_special:
+            ids = [i for i in ids if i not in self._special_ids]
+        return self.hf.decode(ids, skip_special_tokens=False)
+
+    def encode_batch(
+        self,
+        texts: Sequence[str],
+        max_len: int,
+        side: str = "right",
+        add_bos: bool = False,
+        add_eos: bool = False,
+        truncation: str = "error",
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Encodes and pads `texts` to `[batch, max_len]`.
+
+        Args:
+          side: "left" pads before the tokens (prompts, for generation); "right" after (training).
+          truncation: for a text longer than `max_len`: "error" raises ValueError naming the
+            text's index; "left" drops its first tokens, "right" its last. BOS / EOS are kept.
+
+        Returns:
+          ids: int32 `[batch, max_len]`, pad positions hold `pad_id`.
+          mask: int32 `[batch, max_len]`, 1 on real tokens.
+        """
+        if side not in _SIDES:
+            raise ValueError(f"side must be one of {_SIDES}, got {side!r}")
+        if truncation not in _TRUNCATIONS:
+            raise ValueError(f"truncation must be one of {_TRUNCATIONS}, got {truncation!r}")
+        n_special = int(add_bos) + int(add_eos)
+        if max_len < max(1, n_special):
+            raise ValueError(f"max_len must be >= {max(1, n_special)}, got {max_len}")
+        encodings = self.hf.encode_batch(list(texts), add_special_tokens=False)
+        ids = np.full((len(encodings), max_len), self._pad_id, np.int32)
+        mask = np.zeros((len(encodings), max_len), np.int32)
+        room = max_len - n_special
+        for b, enc in enumerate(encodings):
+            body = enc.ids
+            if len(body) > room:
+                if truncation == "error":
+                    raise ValueError(
+                        f"text {b} has {len(body) + n_special} tokens, more than max_len "
+                        f"{max_len} (pass truncation='left' or 'right' to cut it)"
+                    )
+                body = body[len(body) - room :] if truncation == "left" else body[:room]
+            row = self.add_special(body, add_bos, add_eos)
+            span = slice(max_len - len(row), max_len) if side == "left" else slice(0, len(row))
+            ids[b, span] = row
+            mask[b, span] = 1
+        return ids, mask
+
+    def add_special(self, ids: Sequence[int], add_bos: bool, add_eos: bool) -> list[int]:
+        """`ids` with BOS prepended / EOS appended when asked (ValueError if the tokenizer lacks
+        the token)."""
+        if add_bos:
+            if self._bos_id is None:
+                raise ValueError("add_bos=True but the tokenizer has no bos token")
+            ids = [self._bos_id, *ids]
+        if add_eos:
+            if self._eos_id is None:
+                raise ValueError("add_eos=True but the tokenizer has no eos token")
+            ids = [*ids, self._eos_id]
+        return list(ids)
+
+
+def _find_id(
+    hf: tokenizers.Tokenizer, name: str | None, candidates: Sequence[str], field: str
+) -> int | None:
+    """Id of the token `name` (which must exist), else of the first candidate that exists."""
+    if name is not None:
+        i = hf.token_to_id(name)
+        if i is None:
+            raise ValueError(f"{field} {name!r} is not in the tokenizer's vocabulary")
+        return i
+    for cand in candidates:
+        i = hf.token_to_id(cand)
+        if i is not None:
+            return i
+    return None
+
+
+def _special_names_beside(file: Path) -> dict[str, str]:
+    """bos/eos/pad token names from `special_tokens_map.json` then `tokenizer_config.json`."""
+    names: dict[str, str] = {}
+    for cfg_name in ("special_tokens_map.json", "tokenizer_config.json"):
+        cfg_file = file.parent / cfg_name
+        if not cfg_file.is_file():
+            continue
+        try:
+            cfg = json.loads(cfg_file.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"cannot parse {cfg_file}: {e}") from e
+        for key in ("bos_token", "eos_token", "pad_token"):
+            value = cfg.get(key)
+            if isinstance(value, dict):  # {"content": "<s>", "lstrip": false, ...}
+                value = value.get("content")
+            if isinstance(value, str) and key not in names:
+                names[key] = value
+    return names
+
+
+def _read_llama2c(path: Path) -> tuple[list[str], list[float]]:
+    """(pieces, scores) of a llama2.c tokenizer file."""
+    data = path.read_bytes()
+    pieces, scores = [], []
+    offset = 4  # skips the int32 max token length
+    try:
+        while offset < len(data):
+            score, length = struct.unpack_from("<fi", data, offset)
+            piece = data[offset + 8 : offset + 8 + length]
+            if length < 0 or len(piece) != length:
+                raise struct.error(f"token {len(pieces)} runs past the end of the file")
+            pieces.append(piece.decode("utf-8"))
+            scores.append(score)
+            offset += 8 + length
+    except (struct.error, UnicodeDecodeError) as e:
+        raise ValueError(f"cannot parse llama2.c tokenizer file {path}: {e}") from e
+    if len(pieces) < 3:
+        raise ValueError(f"cannot parse llama2.c tokenizer file {path}: only {len(pieces)} tokens")
+    return pieces, scores
+
+
+def _is_byte_token(piece: str) -> bool:
+    return len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">")
