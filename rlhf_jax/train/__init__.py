@@ -1,0 +1,24 @@
+"""Training machinery shared by the SFT, reward-model and PPO stages."""
+
+from rlhf_jax.train.checkpoint import Checkpointer, NonFiniteError, guard_finite
+from rlhf_jax.train.loop import DONE_FILE, LoopConfig, StatefulIterator, run_loop
+from rlhf_jax.train.metrics import MetricsWriter, ProgressBar
+from rlhf_jax.train.optim import OptimizerConfig, decay_mask, make_optimizer, make_schedule
+from rlhf_jax.train.state import TrainState
+
+__all__ = [
+    "Checkpointer",
+    "DONE_FILE",
+    "LoopConfig",
+    "MetricsWriter",
+    "NonFiniteError",
+    "OptimizerConfig",
+    "ProgressBar",
+    "StatefulIterator",
+    "TrainState",
+    "decay_mask",
+    "guard_finite",
+    "make_optimizer",
+    "make_schedule",
+    "run_loop",
+]
