@@ -1,9 +1,9 @@
 """Per-token rewards, generalised advantage estimation and whitening.
 
 All functions are pure and jittable. Arrays are ``[batch, time]`` over the *response* tokens;
-masks are float or bool ``[batch, time]`` with 1 at real response tokens. A row's mask is
-expected to be one contiguous run of ones (right padding, left padding or none); a 0 ends the
-episode.
+masks are float or bool ``[batch, time]`` with 1 at real response tokens, usually one contiguous
+run of ones per row (right padding, left padding or none). In ``gae`` a 0 ends the episode, so a
+row with several runs holds several episodes.
 """
 
 from __future__ import annotations
@@ -119,6 +119,7 @@ def gae(
       both are 0 outside the mask.
     """
     _check_bt("gae", rewards=rewards, values=values, mask=mask)
+    rewards, values = jnp.asarray(rewards), jnp.asarray(values)
     keep = mask != 0
     dtype = jnp.result_type(rewards.dtype, values.dtype, jnp.float32)
     m = keep.astype(dtype)
