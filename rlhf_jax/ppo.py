@@ -21,7 +21,7 @@ App. C.4), with its own optimiser.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Literal, NamedTuple
+from typing import Any, Callable, Literal, NamedTuple
 
 import flax.struct
 import jax
@@ -107,13 +107,18 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+RewardFn = Callable[[Params, Array, Array, Array], Array]
+
+
 class PPOModels(NamedTuple):
-    """The static model definitions: an LM-head policy (also the reference) and scalar-head
-    value and reward models."""
+    """The static model definitions: an LM-head policy (also the reference), a scalar-head value
+    model, and the reward: a scalar-head ``Transformer`` (the reward model) or any pure function
+    ``reward(reward_params, tokens [b, T], mask [b, T], index [b]) -> [b]`` (a rule-based or gold
+    reward; it must be hashable, e.g. a module-level function)."""
 
     policy: Transformer
     value: Transformer
-    reward: Transformer
+    reward: Transformer | RewardFn
 
 
 @flax.struct.dataclass
@@ -223,8 +228,11 @@ def experience_phase(models: PPOModels, cfg: PPOConfig, state: PPOState, rollout
 
     last = last_index(mask)
     index = last if cfg.score_position == "last" else jnp.minimum(last + 1, mask.shape[1] - 1)
-    scores = score(models.reward, state.reward_params, rollout.tokens, mask, index=index,
-                   gain=state.reward_gain, bias=state.reward_bias)
+    if isinstance(models.reward, Transformer):
+        raw = score(models.reward, state.reward_params, rollout.tokens, mask, index=index)
+    else:
+        raw = models.reward(state.reward_params, rollout.tokens, mask, index)
+    scores = state.reward_gain * raw + state.reward_bias
     if cfg.missing_eos_penalty is not None:
         scores = jnp.where(rollout.ended, scores, scores - cfg.missing_eos_penalty)
 
