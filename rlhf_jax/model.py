@@ -19,6 +19,7 @@ applies.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, Literal
 
@@ -309,8 +310,10 @@ class Transformer(nn.Module):
         return Output(logits=logits.astype(jnp.float32), hidden=hidden, cache=new_cache)
 
 
+@functools.partial(jax.jit, static_argnums=0)
 def init_params(model: Transformer, key: Array) -> Params:
-    """Random float32 parameters (plain nested dict, without the ``"params"`` collection level)."""
+    """Random float32 parameters (plain nested dict, without the ``"params"`` collection level).
+    Jitted (the model is static), so initialisation is one compiled program."""
     tokens = jnp.zeros((1, 2), jnp.int32)
     variables = model.init(key, tokens, jnp.zeros_like(tokens), jnp.ones_like(tokens))
     return flax.core.unfreeze(variables["params"])

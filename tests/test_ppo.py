@@ -211,18 +211,19 @@ def _run(cfg, models, state, iters, ptx=None, seed=0):
 
 @pytest.mark.slow
 def test_ppo_raises_known_reward_and_adaptive_kl_tracks_target():
-    target_kl = 2.0
+    target_kl = 4.0
     cfg = PPOConfig(generation=GenerateConfig(max_new_tokens=8, pad_id=PAD), num_minibatches=2, epochs=2,
-                    ptx_coef=0.0, kl=KLControllerConfig(kind="adaptive", init_kl_coef=0.05, target=target_kl, horizon=320))
+                    ptx_coef=0.0, kl=KLControllerConfig(kind="adaptive", init_kl_coef=0.05, target=target_kl, horizon=64))
     models, state = _setup(cfg, reward_model=False, lr=3e-3)
-    _, hist = _run(cfg, models, state, 40)
-    first = np.mean([h["score"] for h in hist[:3]])
-    last = np.mean([h["score"] for h in hist[-5:]])
-    assert first < 0.25 and last > 3 * first and last > 0.45, (first, last)
-    kl_late = np.mean([h["kl"] for h in hist[-10:]])
-    assert 0.3 * target_kl < kl_late < 2.5 * target_kl, kl_late
-    # The controller raised beta while KL was above target.
-    assert max(h["kl_coef"] for h in hist) > 0.05
+    _, hist = _run(cfg, models, state, 50)
+    late = hist[-20:]
+    first = np.mean([h["score"] for h in hist[:3]])  # about 1.5 * 1/16 - 0.25
+    score_late = np.mean([h["score"] for h in late])
+    assert score_late > first + 0.3, (first, score_late)
+    kl_late = np.mean([h["kl"] for h in late])
+    assert 0.4 * target_kl < kl_late < 2.0 * target_kl, kl_late
+    # The controller raised beta once the KL overshot the target.
+    assert max(h["kl_coef"] for h in hist) > 0.08
 
 
 @pytest.mark.slow

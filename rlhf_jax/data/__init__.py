@@ -9,7 +9,7 @@ from rlhf_jax.data.batching import (
     tokenize_prompts,
     tokenize_texts,
 )
-from rlhf_jax.data.iterator import BatchIterator
+from rlhf_jax.data.iterator import BatchIterator, ZipIterator
 from rlhf_jax.data.readers import (
     Comparison,
     DataError,
@@ -28,6 +28,7 @@ from rlhf_jax.data.readers import (
 __all__ = [
     "DEFAULT_BUCKETS",
     "BatchIterator",
+    "ZipIterator",
     "Comparison",
     "DataError",
     "Demonstration",

@@ -132,3 +132,30 @@ class BatchIterator:
         return {
             k: v[..., cut] if v.shape == key_mask.shape else v for k, v in batch.items()
         }
+
+
+class ZipIterator:
+    """Several named iterators advanced together: each batch is the union of their batches with
+    keys prefixed by the name (``{"prompt_tokens", ..., "ptx_tokens", ...}``); the state is the
+    dict of their states, so a resumed run sees exactly the batches it would have seen."""
+
+    def __init__(self, **iterators: Any):
+        if not iterators:
+            raise ValueError("ZipIterator needs at least one iterator")
+        self._iterators = iterators
+
+    def __iter__(self) -> ZipIterator:
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        return {f"{name}_{k}": v for name, it in self._iterators.items() for k, v in next(it).items()}
+
+    def get_state(self) -> dict[str, Any]:
+        return {name: it.get_state() for name, it in self._iterators.items()}
+
+    def set_state(self, state: Mapping[str, Any]) -> None:
+        missing = set(self._iterators) - set(state)
+        if missing:
+            raise ValueError(f"ZipIterator state lacks {sorted(missing)}")
+        for name, it in self._iterators.items():
+            it.set_state(state[name])

@@ -1,0 +1,324 @@
+"""Stage 3: PPO-ptx (InstructGPT §3.5, eq. 2, App. C.4) — the driver around ``rlhf_jax.ppo``.
+
+Loads the SFT model (policy *and* frozen reference π_SFT), the reward model with its
+normalisation, and the value model (initialised from the reward model, App. C.4); feeds prompt
+batches and pretraining minibatches; runs ``run_loop`` (resumable, NaN-guarded checkpoints) with
+one compiled PPO iteration per step; evaluates the mean reward and KL on held-out prompts; logs
+samples; exports the final policy to ``workdir/model``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rlhf_jax.configs import ConfigError
+from rlhf_jax.data import (
+    BatchIterator,
+    DataError,
+    ZipIterator,
+    read_pretrain_texts,
+    read_prompts,
+    tokenize_prompts,
+    tokenize_texts,
+)
+from rlhf_jax.generation import GenerateConfig
+from rlhf_jax.ppo import (
+    PPOConfig,
+    PPOModels,
+    PPOState,
+    experience_phase,
+    init_ppo_state,
+    iteration_metrics,
+    ppo_iteration,
+    rollout_phase,
+    update_phase,
+)
+from rlhf_jax.kl_control import update_kl
+from rlhf_jax.sharding import make_mesh, state_shardings
+from rlhf_jax.stages.common import (
+    STAGE_FILE,
+    ModelSource,
+    StageConfig,
+    StageOptimizerConfig,
+    cached_optimizer,
+    check_batch_fits_mesh,
+    check_vocab,
+    completed_model,
+    export_model,
+    jit_on_mesh,
+    load_model,
+    load_tokenizer,
+    model_config,
+    stage_record,
+    total_steps,
+    write_config,
+)
+from rlhf_jax.stages.reward import load_reward_model
+from rlhf_jax.tokenizer import Tokenizer
+from rlhf_jax.train import MetricsWriter, run_loop
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PPOStageConfig(StageConfig):
+    """The PPO-ptx stage.
+
+    ``model``: the SFT model (policy init and reference). ``reward_model``: the reward model
+    directory (``train_rm``'s export, with ``reward_normalization.json``). ``value_model``: the
+    value function's init (default: the reward model, InstructGPT App. C.4).
+    ``train_data``/``eval_data``: JSONL prompts ``{"prompt"}``. ``ptx_data``: JSONL pretraining
+    text ``{"text"}`` for the γ term (required when ``ppo.ptx_coef > 0``).
+    ``batch_size``: rollouts per iteration (IG C.4: 512); ``epochs``: passes over the prompts
+    (sets the number of iterations unless ``loop.total_steps`` is given).
+    ``ptx_batch_size``: pretraining sequences per PPO minibatch (IG C.4 / E.11: 8× the RL
+    episodes of a minibatch); ``ptx_seq_len``: their length.
+    ``phase_timing``: run rollout / experience / update as three compiled programs to log their
+    wall time (``time/generate``, ``time/experience``, ``time/update``); off runs the single fused
+    program and logs ``time/iteration`` only.
+    """
+
+    reward_model: str
+    value_model: str | None = None
+    ppo: PPOConfig = PPOConfig()
+    ptx_data: str | None = None
+    ptx_batch_size: int = 8
+    ptx_seq_len: int = 64
+    batch_size: int = 512  # IG C.4: 512 episodes per iteration
+    epochs: float = 1.0
+    # IG C.4: policy lr constant after 10 warm-up iterations starting from 0.1x (1.3B: 9.65e-6).
+    optimizer: StageOptimizerConfig = StageOptimizerConfig(lr=9.65e-6, warmup_steps=10, schedule="constant")
+    value_optimizer: StageOptimizerConfig = StageOptimizerConfig(lr=9e-6, schedule="constant")  # IG C.4
+    max_prompt_len: int = 64
+    eval_samples: int = 4
+    phase_timing: bool = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+
+        def fail(field: str, rule: str) -> None:
+            raise ConfigError(f"PPOStageConfig.{field} must be {rule}, got {getattr(self, field)!r}")
+
+        if not isinstance(self.reward_model, str) or not self.reward_model:
+            fail("reward_model", "a reward-model directory")
+        if self.ppo.ptx_coef > 0 and self.ptx_data is None:
+            fail("ptx_data", "a pretraining JSONL file when ppo.ptx_coef > 0 (or set ppo.ptx_coef=0)")
+        if self.batch_size % self.ppo.num_minibatches:
+            fail("batch_size", f"a multiple of ppo.num_minibatches={self.ppo.num_minibatches}")
+        for field in ("ptx_batch_size", "max_prompt_len"):
+            if getattr(self, field) < 1:
+                fail(field, "an int >= 1")
+        if self.ptx_seq_len < 2:
+            fail("ptx_seq_len", "an int >= 2")
+        if self.eval_samples < 0:
+            fail("eval_samples", "an int >= 0")
+
+
+def _generation(cfg: PPOStageConfig, tokenizer: Tokenizer) -> PPOConfig:
+    """``cfg.ppo`` with the tokenizer's EOS and pad ids in its generation config."""
+    gen = dataclasses.replace(cfg.ppo.generation, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
+    return dataclasses.replace(cfg.ppo, generation=gen)
+
+
+def prompt_arrays(path: str, tokenizer: Tokenizer, max_len: int) -> dict[str, np.ndarray]:
+    """``{"tokens", "mask"}`` ``[n, max_len]`` left-padded prompts of a JSONL file (BOS added)."""
+    records = read_prompts(path)
+    if not records:
+        raise DataError(f"{path}: no prompts")
+    try:
+        return tokenize_prompts(records, tokenizer, max_len)
+    except ValueError as e:
+        raise DataError(f"{path}: {e}") from None
+
+
+def _batches(cfg: PPOStageConfig, ppo_cfg: PPOConfig, tokenizer: Tokenizer, prompts: dict[str, np.ndarray]) -> Any:
+    its: dict[str, Any] = {"prompt": BatchIterator(prompts, cfg.batch_size, seed=cfg.seed)}
+    if ppo_cfg.ptx_coef > 0:
+        texts = [r.text for r in read_pretrain_texts(cfg.ptx_data)]
+        blocks = tokenize_texts(texts, tokenizer, cfg.ptx_seq_len)
+        per_iter = ppo_cfg.epochs * ppo_cfg.num_minibatches * cfg.ptx_batch_size
+        if len(blocks["tokens"]) < per_iter:
+            raise DataError(f"{cfg.ptx_data}: {len(blocks['tokens'])} blocks of {cfg.ptx_seq_len} tokens; an "
+                            f"iteration needs {per_iter} (epochs × num_minibatches × ptx_batch_size)")
+        its["ptx"] = BatchIterator({"tokens": blocks["tokens"], "mask": blocks["mask"]}, per_iter,
+                                   seed=cfg.seed + 1)
+    return ZipIterator(**its)
+
+
+def _ptx(ppo_cfg: PPOConfig, batch: dict[str, jax.Array]) -> tuple[jax.Array | None, jax.Array | None]:
+    """Pretraining rows ``[E·M·ptx_b, L]`` -> ``[E·M, ptx_b, L]`` (one minibatch per update)."""
+    if "ptx_tokens" not in batch:
+        return None, None
+    n = ppo_cfg.epochs * ppo_cfg.num_minibatches
+    shape = (n, -1, batch["ptx_tokens"].shape[-1])
+    return batch["ptx_tokens"].reshape(shape), batch["ptx_mask"].reshape(shape)
+
+
+def ppo_step_fn(models: PPOModels, ppo_cfg: PPOConfig):
+    """``(state, batch) -> (state, metrics)``: one fused PPO-ptx iteration on a host batch with
+    ``prompt_tokens``/``prompt_mask`` ``[b, P]`` and optional ``ptx_tokens``/``ptx_mask``."""
+
+    def step(state: PPOState, batch: dict[str, jax.Array]):
+        return ppo_iteration(models, ppo_cfg, state, batch["prompt_tokens"], batch["prompt_mask"], *_ptx(ppo_cfg, batch))
+
+    return step
+
+
+class _PhaseTimedStep:
+    """The same iteration as ``ppo_step_fn`` run as three compiled programs, timing each."""
+
+    def __init__(self, models: PPOModels, ppo_cfg: PPOConfig, mesh: Any):
+        self.mesh = mesh
+        self.rollout = jax.jit(lambda s, ids, m, k: rollout_phase(models, ppo_cfg, s, ids, m, k))
+        self.experience = jax.jit(lambda s, r: experience_phase(models, ppo_cfg, s, r))
+
+        def finish(state, exp, ptx, ptx_mask, key, rng, n):
+            new_state, stats = update_phase(models, ppo_cfg, state, exp, ptx, ptx_mask, key)
+            metrics = iteration_metrics(exp, stats, state.kl.coef)
+            kl = update_kl(ppo_cfg.kl, state.kl, metrics["kl"], n)
+            return new_state.replace(kl=kl, rng=rng, iteration=state.iteration + 1), metrics
+
+        self.update = jax.jit(finish, static_argnums=6)
+        self.ppo_cfg = ppo_cfg
+
+    def __call__(self, state: PPOState, batch: dict[str, np.ndarray]):
+        from rlhf_jax.sharding import shard_batch
+
+        batch = shard_batch(dict(batch), self.mesh)
+        rng, k_roll, k_perm = jax.random.split(state.rng, 3)  # as in ppo_iteration
+        t0 = time.perf_counter()
+        rollout = jax.block_until_ready(self.rollout(state, batch["prompt_tokens"], batch["prompt_mask"], k_roll))
+        t1 = time.perf_counter()
+        exp = jax.block_until_ready(self.experience(state, rollout))
+        t2 = time.perf_counter()
+        ptx, ptx_mask = _ptx(self.ppo_cfg, batch)
+        state, metrics = self.update(state, exp, ptx, ptx_mask, k_perm, rng, batch["prompt_tokens"].shape[0])
+        jax.block_until_ready(metrics)
+        t3 = time.perf_counter()
+        timing = {"time/generate": t1 - t0, "time/experience": t2 - t1, "time/update": t3 - t2}
+        return state, {**metrics, **{k: jnp.float32(v) for k, v in timing.items()}}
+
+
+class _TimedStep:
+    """The fused iteration, logging its wall time."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def __call__(self, state, batch):
+        t0 = time.perf_counter()
+        state, metrics = self.step(state, batch)
+        jax.block_until_ready(metrics)
+        return state, {**metrics, "time/iteration": jnp.float32(time.perf_counter() - t0)}
+
+
+def load_ppo_models(cfg: PPOStageConfig, key: jax.Array) -> tuple[PPOModels, dict[str, Any]]:
+    """``(models, parts)``: the static models and the initial parameters
+    (``policy``, ``value``, ``reward``, ``gain``, ``bias``)."""
+    k_policy, k_value = jax.random.split(key)
+    policy, policy_params = load_model(cfg.model, "lm", k_policy)
+    reward, reward_params, gain, bias = load_reward_model(cfg.reward_model, dtype=cfg.model.dtype)
+    value_source = ModelSource(hf_dir=cfg.value_model or cfg.reward_model, dtype=cfg.model.dtype)
+    value, value_params = load_model(value_source, "scalar", k_value)
+    parts = {"policy": policy_params, "value": value_params, "reward": reward_params, "gain": gain, "bias": bias}
+    return PPOModels(policy, value, reward), parts
+
+
+def train_ppo(cfg: PPOStageConfig) -> Path:
+    """Run (or resume, or skip if complete) the PPO-ptx stage; returns ``workdir/model`` (the
+    final policy in Hugging Face format)."""
+    workdir = Path(cfg.workdir)
+    tokenizer = load_tokenizer(cfg.tokenizer, cfg.model)
+    config = model_config(cfg.model, "lm")
+    check_vocab(tokenizer, config, f"PPOStageConfig.tokenizer vs the model ({cfg.model.describe()})")
+    ppo_cfg = _generation(cfg, tokenizer)
+    if cfg.max_prompt_len + ppo_cfg.generation.max_new_tokens > config.max_len:
+        raise ConfigError(f"PPOStageConfig.max_prompt_len {cfg.max_prompt_len} + ppo.generation.max_new_tokens "
+                          f"{ppo_cfg.generation.max_new_tokens} exceeds the model's context {config.max_len}")
+    prompts = prompt_arrays(cfg.train_data, tokenizer, cfg.max_prompt_len)
+    if cfg.batch_size > len(prompts["tokens"]):
+        raise ConfigError(f"PPOStageConfig.batch_size {cfg.batch_size} exceeds the {len(prompts['tokens'])} "
+                          f"prompts of {cfg.train_data}")
+    batches = _batches(cfg, ppo_cfg, tokenizer, prompts)
+    steps = total_steps(cfg, len(prompts["tokens"]) // cfg.batch_size)
+    done = completed_model(workdir, steps)
+    if done is not None:
+        return done
+    write_config(workdir, cfg)
+
+    mesh = make_mesh(cfg.mesh)
+    check_batch_fits_mesh(cfg.batch_size, mesh, "PPOStageConfig")
+    key, state_key = jax.random.split(jax.random.PRNGKey(cfg.seed))
+    models, parts = load_ppo_models(cfg, key)
+    # Optimiser steps per iteration: epochs × minibatches.
+    updates = steps * ppo_cfg.epochs * ppo_cfg.num_minibatches
+    policy_tx = cached_optimizer(cfg.optimizer.resolve(updates))
+    value_tx = cached_optimizer(cfg.value_optimizer.resolve(updates))
+    state = init_ppo_state(ppo_cfg, parts["policy"], parts["value"], parts["reward"], policy_tx, value_tx,
+                           state_key, reward_gain=parts["gain"], reward_bias=parts["bias"])
+    state = jax.device_put(state, state_shardings(state, mesh))
+    if cfg.phase_timing:
+        train_step = _PhaseTimedStep(models, ppo_cfg, mesh)
+    else:
+        train_step = _TimedStep(jit_on_mesh(ppo_step_fn(models, ppo_cfg), mesh, state, donate=True))
+
+    samples = MetricsWriter(workdir, tensorboard=False)
+    try:
+        eval_fn = None
+        if cfg.eval_data is not None:
+            eval_prompts = prompt_arrays(cfg.eval_data, tokenizer, cfg.max_prompt_len)
+            eval_fn = _make_eval(cfg, models, ppo_cfg, tokenizer, state, mesh, eval_prompts, samples)
+        state, _ = run_loop(
+            state=state,
+            train_step=train_step,
+            batches=batches,
+            loop_cfg=cfg.loop.resolve(steps),
+            workdir=workdir,
+            eval_fn=eval_fn,
+            tokens_in_batch=lambda batch: int(batch["prompt_mask"].sum())
+            + cfg.batch_size * ppo_cfg.generation.max_new_tokens,
+        )
+    finally:
+        samples.close()
+    return export_model(workdir, models.policy, state.policy.params, tokenizer,
+                        {STAGE_FILE: stage_record("ppo", steps, cfg)})
+
+
+def _make_eval(cfg: PPOStageConfig, models: PPOModels, ppo_cfg: PPOConfig, tokenizer: Tokenizer, state: PPOState,
+               mesh: Any, prompts: dict[str, np.ndarray], samples: MetricsWriter) -> Any:
+    """``state -> {"score", "kl", "response_length", "eos_rate"}`` on held-out prompts (sampled
+    at the training temperature with a fixed key, so evaluations are comparable), writing
+    ``eval_samples`` decoded responses to ``samples.jsonl``."""
+    n = len(prompts["tokens"]) // cfg.batch_size * cfg.batch_size
+    if n == 0:
+        raise ConfigError(f"PPOStageConfig.eval_data: {len(prompts['tokens'])} prompts; need at least "
+                          f"batch_size={cfg.batch_size}")
+
+    def evaluate(state: PPOState, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+        rollout = rollout_phase(models, ppo_cfg, state, batch["tokens"], batch["mask"], jax.random.PRNGKey(cfg.seed))
+        exp = experience_phase(models, ppo_cfg, state, rollout)
+        m = exp.response_mask
+        return {"score": exp.scores.mean(), "kl": exp.kl.sum(1).mean(), "eos_rate": exp.ended.mean(),
+                "response_length": m.sum(1).mean(), "response": rollout.response, "response_mask": m}
+
+    run = jit_on_mesh(evaluate, mesh, state, returns_tree=False)
+    batches = [{k: v[s:s + cfg.batch_size] for k, v in prompts.items()} for s in range(0, n, cfg.batch_size)]
+
+    def eval_fn(state: PPOState) -> dict[str, float]:
+        outs = [run(state, b) for b in batches]
+        metrics = {k: float(np.mean([float(o[k]) for o in outs])) for k in ("score", "kl", "eos_rate", "response_length")}
+        response, mask = np.asarray(outs[0]["response"]), np.asarray(outs[0]["response_mask"])
+        step = int(state.iteration)
+        for i in range(min(cfg.eval_samples, len(response))):
+            prompt = tokenizer.decode(batches[0]["tokens"][i][batches[0]["mask"][i] != 0].tolist())
+            text = tokenizer.decode(response[i][mask[i] != 0].tolist())
+            samples.write_text(step, f"sample_{i}", f"{prompt} ->{text}")
+        return metrics
+
+    return eval_fn
