@@ -226,11 +226,14 @@ def test_ppo_raises_known_reward_and_adaptive_kl_tracks_target():
     assert max(h["kl_coef"] for h in hist) > 0.08
 
 
+GAMMAS = (0.0, 0.2)
+
+
 @pytest.mark.slow
 def test_ptx_term_limits_the_alignment_tax():
     """With gamma > 0 the pretraining loss stays near its starting value; with gamma = 0 it drifts."""
     rng = np.random.default_rng(0)
-    corpus = np.stack([np.roll(np.tile(np.arange(4, 12), 3)[:12], -s) for s in rng.integers(0, 8, 64)])
+    corpus = np.stack([np.roll(np.tile(np.arange(3, 11), 3)[:12], -s) for s in rng.integers(0, 8, 64)])
     corpus = jnp.asarray(corpus, jnp.int32)
     # Pretrain a tiny LM on the cyclic corpus so the ptx loss is meaningful.
     policy = Transformer(TINY)
@@ -254,7 +257,7 @@ def test_ptx_term_limits_the_alignment_tax():
         return float(ptx_loss(forward(policy, p, corpus, jnp.ones_like(corpus)).logits, corpus, jnp.ones_like(corpus)))
 
     results = {}
-    for gamma in (0.0, 1.0):
+    for gamma in GAMMAS:
         cfg = PPOConfig(generation=GenerateConfig(max_new_tokens=8, pad_id=PAD), num_minibatches=2, ptx_coef=gamma,
                         kl=KLControllerConfig(init_kl_coef=0.01))
         models, state = _setup(cfg, reward_model=False, lr=3e-3)
@@ -263,7 +266,7 @@ def test_ptx_term_limits_the_alignment_tax():
         ptx = lambda i: (corpus[(i * 16) % 64:(i * 16) % 64 + 16].reshape(2, 8, 12), jnp.ones((2, 8, 12), jnp.int32))
         state, hist = _run(cfg, models, state, 25, ptx=ptx)
         results[gamma] = (ptx_eval(state.policy.params), hist[-1]["score"])
-    drift_free, drift_ptx = results[0.0][0] - base, results[1.0][0] - base
+    drift_free, drift_ptx = results[0.0][0] - base, results[GAMMAS[1]][0] - base
     assert drift_free > 0.5, results
     assert drift_ptx < 0.35 * drift_free, results
-    assert results[1.0][1] > 0.2, results  # it still learns the reward
+    assert results[GAMMAS[1]][1] > 0.5 * results[0.0][1] > 0.05, results  # it still learns the reward
