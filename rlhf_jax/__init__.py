@@ -1,5 +1,36 @@
-"""rlhf_jax: the InstructGPT recipe (SFT, K-way reward model, PPO-ptx) as a pure-JAX library."""
+"""rlhf_jax: the InstructGPT recipe (SFT, K-way reward model, PPO-ptx) as a pure-JAX library.
 
+The pure core is importable from here: the model (``forward``, ``init_params``), generation
+(``generate``, ``score``, ``sequence_logprobs``), the losses and advantages, the KL controller
+and the PPO-ptx iteration. Stages live in ``rlhf_jax.stages``, the built-in synthetic world in
+``rlhf_jax.tasks``, the end-to-end driver in ``rlhf_jax.pipeline``.
+"""
+
+from rlhf_jax.advantages import KL_ESTIMATORS, gae, kl_penalty, last_index, per_token_rewards, whiten
+from rlhf_jax.generation import (
+    GenerateConfig,
+    Rollout,
+    generate,
+    score,
+    score_rollout,
+    sequence_logprobs,
+    sequence_values,
+)
+from rlhf_jax.hf import load_pretrained, save_pretrained
+from rlhf_jax.kl_control import KLControllerConfig, KLState, init_kl_state, update_kl
+from rlhf_jax.llama2c import load_llama2c
+from rlhf_jax.losses import (
+    explained_variance,
+    logprobs_of,
+    ppo_policy_loss,
+    ptx_loss,
+    ranking_loss,
+    sft_loss,
+    token_entropy,
+    token_logprobs,
+    value_loss,
+)
+from rlhf_jax.masked import masked_mean, masked_var
 from rlhf_jax.model import (
     ModelConfig,
     Output,
@@ -10,5 +41,17 @@ from rlhf_jax.model import (
     init_params,
     positions_from_mask,
 )
+from rlhf_jax.ppo import (
+    PRESETS,
+    PPOConfig,
+    PPOModels,
+    PPOState,
+    init_ppo_state,
+    make_ppo_iteration,
+    ppo_iteration,
+)
+from rlhf_jax.sampling import filter_logits, sample_token
+from rlhf_jax.sharding import MeshConfig, make_mesh, shard_batch, shard_params
+from rlhf_jax.tokenizer import Tokenizer
 
 __version__ = "0.1.0"

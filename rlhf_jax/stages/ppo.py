@@ -10,7 +10,7 @@ samples; exports the final policy to ``workdir/model``.
 from __future__ import annotations
 
 import dataclasses
-import math
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -305,7 +305,8 @@ def _make_eval(cfg: PPOStageConfig, models: PPOModels, ppo_cfg: PPOConfig, token
         exp = experience_phase(models, ppo_cfg, state, rollout)
         m = exp.response_mask
         return {"score": exp.scores.mean(), "kl": exp.kl.sum(1).mean(), "eos_rate": exp.ended.mean(),
-                "response_length": m.sum(1).mean(), "response": rollout.response, "response_mask": m}
+                "response_length": m.sum(1).mean(), "response": rollout.response, "response_mask": m,
+                "ended": rollout.ended}
 
     run = jit_on_mesh(evaluate, mesh, state, returns_tree=False)
     batches = [{k: v[s:s + cfg.batch_size] for k, v in prompts.items()} for s in range(0, n, cfg.batch_size)]
@@ -313,12 +314,18 @@ def _make_eval(cfg: PPOStageConfig, models: PPOModels, ppo_cfg: PPOConfig, token
     def eval_fn(state: PPOState) -> dict[str, float]:
         outs = [run(state, b) for b in batches]
         metrics = {k: float(np.mean([float(o[k]) for o in outs])) for k in ("score", "kl", "eos_rate", "response_length")}
-        response, mask = np.asarray(outs[0]["response"]), np.asarray(outs[0]["response_mask"])
         step = int(state.iteration)
-        for i in range(min(cfg.eval_samples, len(response))):
-            prompt = tokenizer.decode(batches[0]["tokens"][i][batches[0]["mask"][i] != 0].tolist())
-            text = tokenizer.decode(response[i][mask[i] != 0].tolist())
-            samples.write_text(step, f"sample_{i}", f"{prompt} ->{text}")
+        written = 0
+        for batch, out in zip(batches, outs):
+            response, mask, ended = (np.asarray(out[k]) for k in ("response", "response_mask", "ended"))
+            for i in range(len(response)):
+                if written == cfg.eval_samples:
+                    break
+                prompt = tokenizer.decode(batch["tokens"][i][batch["mask"][i] != 0].tolist())
+                text = tokenizer.decode(response[i][mask[i] != 0].tolist())
+                samples.write_text(step, f"sample_{written}", json.dumps(
+                    {"prompt": prompt, "response": text, "ended": bool(ended[i])}))
+                written += 1
         return metrics
 
     return eval_fn

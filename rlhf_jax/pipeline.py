@@ -1,0 +1,458 @@
+"""``rlhf-jax pipeline``: the whole InstructGPT recipe, end to end, resumable stage by stage.
+
+    world files → tokenizer → base-model pretraining → SFT → comparisons (K samples of the SFT
+    policy ranked by simulated labelers) → reward model → PPO-ptx → evaluation → report
+
+Every stage writes under ``runs/<name>/<stage>/`` and is skipped when already complete; the
+training stages resume from their last checkpoint, and the sampling stages are deterministic
+from the seed, so killing the pipeline anywhere and re-running the same command ends with the
+same numbers.  With ``task="files"`` the same path runs on your own data and model (a Hugging
+Face directory and JSONL files); the gold-labeler evaluation is then skipped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rlhf_jax.configs import ConfigError, from_dict, to_dict
+from rlhf_jax.data import read_comparisons, read_prompts, tokenize_comparisons, tokenize_prompts
+from rlhf_jax.generation import GenerateConfig, generate, score, sequence_logprobs
+from rlhf_jax.hf import load_pretrained
+from rlhf_jax.losses import ptx_loss
+from rlhf_jax.model import ModelConfig, forward
+from rlhf_jax.sharding import MeshConfig
+from rlhf_jax.stages.common import ModelSource
+from rlhf_jax.stages.ppo import PPOStageConfig, train_ppo
+from rlhf_jax.stages.reward import RMConfig, k_way_rewards, load_reward_model, train_rm
+from rlhf_jax.stages.sft import SFTConfig, train_sft
+from rlhf_jax.tasks import (
+    WorldConfig,
+    gold_score,
+    labeler_agreement,
+    make_comparisons,
+    make_world_files,
+    pretraining_texts,
+    write_jsonl,
+)
+from rlhf_jax.tokenizer import Tokenizer
+
+SUMMARY_FILE = "summary.json"
+EMPTY_RESPONSE = " <empty>"
+
+
+@dataclasses.dataclass(frozen=True)
+class DataFiles:
+    """Your own data for ``task="files"`` (JSONL, formats in the README)."""
+
+    demos: str | None = None
+    demos_eval: str | None = None
+    comparisons: str | None = None
+    comparisons_eval: str | None = None
+    prompts: str | None = None
+    prompts_eval: str | None = None
+    pretrain: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineConfig:
+    """The pipeline: run layout, the built-in world's sizes, the model, and per-stage overrides.
+
+    ``pretrain``/``sft``/``rm``/``ppo``: dicts merged over the stage configs the pipeline builds
+    (same keys as ``SFTConfig``, ``RMConfig``, ``PPOStageConfig``; e.g.
+    ``--set ppo.ppo.ptx_coef=1.0`` or ``--set sft.loop.total_steps=500``).
+    ``base_model``: a Hugging Face directory to start SFT from (skips pretraining); otherwise
+    ``model`` is initialised randomly and pretrained on the world's corpus.
+    ``k``: responses ranked per comparison (IG §3.5: 4..9). ``best_of_n``: the N of the
+    best-of-N baseline (its KL to the SFT policy is log N − (N−1)/N).
+    """
+
+    name: str = "tiny"
+    runs_dir: str = "runs"
+    seed: int = 0
+    task: Literal["synthetic", "files"] = "synthetic"
+    world: WorldConfig = WorldConfig()
+    files: DataFiles = DataFiles()
+    n_pretrain: int = 6000
+    n_demos: int = 1500
+    n_prompts: int = 2048
+    n_comparison_prompts: int = 768
+    n_eval_prompts: int = 256
+    n_eval_demos: int = 128
+    k: int = 4
+    vocab_size: int = 384
+    model: ModelConfig = ModelConfig(arch="gpt2", vocab_size=384, d_model=96, n_layers=3, n_heads=4, max_len=40)
+    base_model: str | None = None
+    tokenizer: str | None = None
+    mesh: MeshConfig = MeshConfig()
+    prompt_len: int = 16
+    response_len: int = 12
+    eval_temperature: float = 1.0
+    best_of_n: tuple[int, ...] = (1, 2, 4, 8, 16)
+    pretrain: dict[str, Any] = dataclasses.field(default_factory=dict)
+    sft: dict[str, Any] = dataclasses.field(default_factory=dict)
+    rm: dict[str, Any] = dataclasses.field(default_factory=dict)
+    ppo: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        def bad(field: str, why: str) -> None:
+            raise ConfigError(f"PipelineConfig.{field}: {why} (got {getattr(self, field)!r})")
+
+        if self.task not in ("synthetic", "files"):
+            bad("task", "must be 'synthetic' or 'files'")
+        if not self.name or "/" in self.name:
+            bad("name", "must be a non-empty name without '/'")
+        if not 2 <= self.k <= 9:
+            bad("k", "must be in [2, 9] (IG §3.5: 4..9)")
+        if self.prompt_len + self.response_len > self.model.max_len and self.base_model is None:
+            bad("response_len", f"prompt_len + response_len must fit model.max_len={self.model.max_len}")
+        if not self.best_of_n or min(self.best_of_n) < 1:
+            bad("best_of_n", "must be a non-empty list of ints >= 1")
+        if self.task == "files":
+            missing = [f for f in ("demos", "prompts") if getattr(self.files, f) is None]
+            if missing or (self.base_model is None and self.files.pretrain is None):
+                bad("files", f"task='files' needs files.demos, files.prompts and a base_model or files.pretrain "
+                             f"(missing: {missing or ['pretrain']})")
+            if self.files.comparisons is None:
+                bad("files", "task='files' needs files.comparisons (labelled rankings)")
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.runs_dir) / self.name
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _stage(cls: type, defaults: dict[str, Any], overrides: dict[str, Any], where: str) -> Any:
+    return from_dict(cls, _merge(defaults, overrides), where=where)
+
+
+# ------------------------------------------------------------------------------ the stages
+
+
+def _world(cfg: PipelineConfig) -> dict[str, Path]:
+    """The synthetic world's JSONL files (idempotent: same seed, same bytes)."""
+    data = cfg.run_dir / "data"
+    if cfg.task == "files":
+        return {k: Path(v) for k, v in dataclasses.asdict(cfg.files).items() if v is not None}
+    files = {name: data / f"{name}.jsonl" for name in ("pretrain", "demos", "demos_eval", "prompts", "prompts_eval")}
+    if not all(p.exists() for p in files.values()):
+        files = make_world_files(data, cfg.seed, cfg.n_pretrain, cfg.n_demos, cfg.n_prompts,
+                                 n_eval_demos=cfg.n_eval_demos, n_eval_prompts=cfg.n_eval_prompts, config=cfg.world)
+    heldout = data / "pretrain_eval.jsonl"
+    if not heldout.exists():
+        rng = np.random.default_rng([cfg.seed, 99])
+        write_jsonl(heldout, [{"text": t} for t in pretraining_texts(rng, 256, cfg.world)])
+    return {**files, "pretrain_eval": heldout}
+
+
+def _tokenizer(cfg: PipelineConfig, files: dict[str, Path]) -> Path:
+    """A byte-level BPE trained on the world's text (or the given tokenizer)."""
+    if cfg.tokenizer is not None:
+        return Path(cfg.tokenizer)
+    if cfg.base_model is not None:
+        return Path(cfg.base_model)
+    path = cfg.run_dir / "tokenizer" / "tokenizer.json"
+    if not path.exists():
+        texts = [json.loads(line)["text"] for line in files["pretrain"].read_text().splitlines()]
+        texts += [json.loads(line)["prompt"] + json.loads(line)["response"]
+                  for line in files["demos"].read_text().splitlines()]
+        Tokenizer.train(texts, cfg.vocab_size).save(path.parent)
+    return path
+
+
+def _pretrain_data(cfg: PipelineConfig, files: dict[str, Path]) -> Path:
+    """Pretraining text as prompt-less demonstrations: the LM loss on every token is the SFT
+    loss with an empty prompt."""
+    path = cfg.run_dir / "data" / "pretrain_as_demos.jsonl"
+    if not path.exists():
+        texts = [json.loads(line)["text"] for line in files["pretrain"].read_text().splitlines() if line.strip()]
+        write_jsonl(path, [{"prompt": "", "response": t} for t in texts])
+    return path
+
+
+def _common(cfg: PipelineConfig, stage: str, tokenizer: Path) -> dict[str, Any]:
+    return {"workdir": str(cfg.run_dir / stage), "tokenizer": str(tokenizer), "seed": cfg.seed,
+            "mesh": to_dict(cfg.mesh)}
+
+
+def stage_configs(cfg: PipelineConfig, files: dict[str, Path], tokenizer: Path) -> dict[str, Any]:
+    """The stage configs the pipeline runs (defaults tuned for the built-in world on a laptop
+    CPU; the paper's values are the stage configs' own defaults)."""
+    configs: dict[str, Any] = {}
+    vocab = Tokenizer.from_file(tokenizer).vocab_size
+    base_source: dict[str, Any]
+    if cfg.base_model is None:
+        model = to_dict(cfg.model.replace(vocab_size=max(cfg.model.vocab_size, vocab)))
+        configs["pretrain"] = _stage(SFTConfig, {
+            **_common(cfg, "pretrain", tokenizer), "model": {"init": model},
+            "train_data": str(_pretrain_data(cfg, files)), "batch_size": 32, "buckets": [cfg.model.max_len],
+            "max_len": cfg.model.max_len, "truncation": "right", "prompt_masking": False, "sample_prompts": 0,
+            "optimizer": {"lr": 3e-3, "schedule": "cosine", "warmup_steps": 20, "weight_decay": 0.0},
+            "loop": {"total_steps": 600, "save_every": 200},
+        }, cfg.pretrain, "pretrain")
+        base_source = {"hf_dir": str(cfg.run_dir / "pretrain" / "model")}
+    else:
+        base_source = {"hf_dir": cfg.base_model}
+    sft_model = {"hf_dir": str(cfg.run_dir / "sft" / "model")}
+    max_len = cfg.prompt_len + cfg.response_len
+    configs["sft"] = _stage(SFTConfig, {
+        **_common(cfg, "sft", tokenizer), "model": base_source, "train_data": str(files["demos"]),
+        "eval_data": str(files["demos_eval"]) if "demos_eval" in files else None,
+        "batch_size": 32, "buckets": [max_len], "max_len": max_len, "sample_prompts": 4,
+        "sample_max_new_tokens": cfg.response_len,
+        "optimizer": {"lr": 2e-3, "schedule": "cosine", "warmup_steps": 20}, "epochs": 12.0,
+        "loop": {"eval_every": 200, "save_every": 200},
+    }, cfg.sft, "sft")
+    configs["rm"] = _stage(RMConfig, {
+        **_common(cfg, "rm", tokenizer), "model": sft_model, "train_data": str(cfg.run_dir / "comparisons" / "train.jsonl"),
+        "eval_data": str(cfg.run_dir / "comparisons" / "eval.jsonl"), "demos": str(files["demos"]),
+        "batch_size": 32, "buckets": [max_len], "max_len": max_len, "epochs": 2.0,
+        "optimizer": {"lr": 5e-4, "schedule": "cosine"}, "loop": {"eval_every": 50, "save_every": 50},
+    }, cfg.rm, "rm")
+    configs["ppo"] = _stage(PPOStageConfig, {
+        **_common(cfg, "ppo", tokenizer), "model": sft_model, "reward_model": str(cfg.run_dir / "rm" / "model"),
+        "train_data": str(files["prompts"]), "eval_data": str(files["prompts_eval"]),
+        "ptx_data": str(files["pretrain"]) if "pretrain" in files else None,
+        "batch_size": 64, "epochs": 1.0, "max_prompt_len": cfg.prompt_len, "ptx_batch_size": 8,
+        "ptx_seq_len": cfg.prompt_len + cfg.response_len, "eval_samples": 64, "phase_timing": True,
+        "ppo": {"generation": {"max_new_tokens": cfg.response_len, "temperature": 1.0},
+                "num_minibatches": 4, "epochs": 2, "ptx_coef": 0.5, "missing_eos_penalty": 1.0,
+                "kl": {"kind": "fixed", "init_kl_coef": 0.05}},
+        "optimizer": {"lr": 3e-4, "warmup_steps": 3, "schedule": "constant"},
+        "value_optimizer": {"lr": 1e-3, "schedule": "constant"},
+        "loop": {"total_steps": 30, "eval_every": 5, "save_every": 5},
+    }, cfg.ppo, "ppo")
+    return configs
+
+
+# ------------------------------------------------------------------------------ sampling
+
+
+def sample(model, params, tokenizer: Tokenizer, prompts: list[str], *, max_prompt_len: int, max_new_tokens: int,
+           temperature: float, key: jax.Array, batch_size: int = 64) -> tuple[list[str], list[bool], list[Any]]:
+    """Sample one response per prompt: ``(texts, ended, rollouts)``; fixed batch shapes (the
+    last batch is padded by repeating prompts) so the sampler compiles once."""
+    from rlhf_jax.data import Prompt
+
+    arrays = tokenize_prompts([Prompt(p) for p in prompts], tokenizer, max_prompt_len, truncation="left")
+    gen = GenerateConfig(max_new_tokens=max_new_tokens, temperature=temperature, eos_id=tokenizer.eos_id,
+                         pad_id=tokenizer.pad_id)
+    texts, ended, rollouts = [], [], []
+    n = len(prompts)
+    for i, start in enumerate(range(0, n, batch_size)):
+        idx = np.arange(start, start + batch_size) % n
+        ro = generate(model, params, arrays["tokens"][idx], arrays["mask"][idx], jax.random.fold_in(key, i), gen)
+        resp, mask, end = (np.asarray(x) for x in (ro.response, ro.response_mask, ro.ended))
+        keep = min(batch_size, n - start)
+        for r in range(keep):
+            texts.append(tokenizer.decode(resp[r][mask[r] != 0].tolist()))
+            ended.append(bool(end[r]))
+        rollouts.append((ro, keep))
+    return texts, ended, rollouts
+
+
+def _comparisons(cfg: PipelineConfig, files: dict[str, Path], tokenizer_path: Path) -> dict[str, Any]:
+    """K samples of the SFT policy per prompt, ranked by one simulated labeler (train and eval
+    sets), and the labelers' measured agreement."""
+    out = cfg.run_dir / "comparisons"
+    stats_file = out / "stats.json"
+    if cfg.task == "files":
+        return {"train": files["comparisons"], "eval": files.get("comparisons_eval")}
+    if stats_file.exists():
+        return json.loads(stats_file.read_text())
+    tokenizer = Tokenizer.from_file(tokenizer_path)
+    model, params = load_pretrained(cfg.run_dir / "sft" / "model")
+    prompts = [r.prompt for r in read_prompts(files["prompts"])][: cfg.n_comparison_prompts]
+    eval_prompts = [r.prompt for r in read_prompts(files["prompts_eval"])]
+    result: dict[str, Any] = {}
+    rng = np.random.default_rng([cfg.seed, 7])
+    for split, ps in (("train", prompts), ("eval", eval_prompts)):
+        key = jax.random.PRNGKey(cfg.seed + (0 if split == "train" else 1))
+        sets, ended_sets = [[] for _ in ps], [[] for _ in ps]
+        for j in range(2 * cfg.k):  # candidates; K distinct ones are ranked
+            texts, ended, _ = sample(model, params, tokenizer, ps, max_prompt_len=cfg.prompt_len,
+                                     max_new_tokens=cfg.response_len, temperature=1.0, key=jax.random.fold_in(key, j))
+            for i in range(len(ps)):
+                sets[i].append(texts[i])
+                ended_sets[i].append(ended[i])
+        # The readers reject empty responses: a sample that stopped at once is written (and
+        # gold-labelled) as the junk word EMPTY_RESPONSE.  Identical samples are merged (a pair
+        # of equal responses carries no preference) and prompts with fewer than two distinct
+        # samples are dropped; K is ragged, at most cfg.k.
+        records = []
+        for p, texts, ended in zip(ps, sets, ended_sets):
+            distinct = {}
+            for t, e in zip(texts, ended):
+                distinct.setdefault((t if t.strip() else EMPTY_RESPONSE, e), None)
+            if len(distinct) < 2:
+                continue
+            ts, es = zip(*distinct)
+            records += make_comparisons(rng, [p], [list(ts)], [list(es)], k=min(cfg.k, len(ts)), config=cfg.world)
+        write_jsonl(out / f"{split}.jsonl", records)
+        if split == "train":
+            result["labeler_agreement"], result["labeler_pairs"] = labeler_agreement(
+                rng, [r["prompt"] for r in records], [r["responses"] for r in records], cfg.world.labeler_noise)
+    result.update({"train": str(out / "train.jsonl"), "eval": str(out / "eval.jsonl")})
+    stats_file.write_text(json.dumps(result, indent=2))
+    return result
+
+
+# ------------------------------------------------------------------------------ evaluation
+
+
+def _win_rate(a: list[float], b: list[float]) -> float:
+    """P(a beats b) per prompt, ties counting one half."""
+    a, b = np.asarray(a), np.asarray(b)
+    return float(np.mean((a > b) + 0.5 * (a == b)))
+
+
+def _kl_per_sequence(policy, policy_params, ref_params, rollouts, temperature: float) -> float:
+    """Mean over sampled responses of Σ_t log π(y_t)/π_SFT(y_t) (the k1 estimate of KL)."""
+    total, count = 0.0, 0
+    for ro, keep in rollouts:
+        p = ro.response_start
+        lp, _ = sequence_logprobs(policy, policy_params, ro.tokens, ro.mask, p, temperature=temperature)
+        lr, _ = sequence_logprobs(policy, ref_params, ro.tokens, ro.mask, p, temperature=temperature)
+        total += float(jnp.sum((lp - lr)[:keep]))
+        count += keep
+    return total / max(count, 1)
+
+
+def _ptx(model, params, tokenizer: Tokenizer, path: Path, seq_len: int) -> float:
+    from rlhf_jax.data import read_pretrain_texts, tokenize_texts
+
+    blocks = tokenize_texts([r.text for r in read_pretrain_texts(path)], tokenizer, seq_len)
+    toks, mask = jnp.asarray(blocks["tokens"]), jnp.asarray(blocks["mask"])
+    return float(ptx_loss(forward(model, params, toks, mask).logits, toks, mask))
+
+
+def _rm_accuracy(reward, reward_params, tokenizer: Tokenizer, path: Path, max_len: int, gold: bool) -> float:
+    """Pairwise accuracy of the RM on held-out comparisons: against the labeler's ranking, or
+    (``gold``) against the gold labeler's order of each pair."""
+    records = read_comparisons(path)
+    arrays = tokenize_comparisons(records, tokenizer, max(len(r.responses) for r in records), max_len)
+    scores = np.asarray(k_way_rewards(reward, reward_params, jnp.asarray(arrays["tokens"]), jnp.asarray(arrays["mask"])))
+    right = total = 0
+    for rec, s in zip(records, scores):
+        g = [gold_score(rec.prompt, r, True) for r in rec.responses] if gold else None
+        for i in range(len(rec.responses)):
+            for j in range(i + 1, len(rec.responses)):
+                if gold:
+                    if g[i] == g[j]:
+                        continue
+                    right += (s[i] > s[j]) == (g[i] > g[j])
+                else:
+                    right += s[i] > s[j]  # responses are best-first
+                total += 1
+    return right / max(total, 1)
+
+
+def evaluate(cfg: PipelineConfig, configs: dict[str, Any], comparisons: dict[str, Any]) -> dict[str, Any]:
+    """Gold-labeler evaluation of the PPO policy against the SFT policy (synthetic task)."""
+    tokenizer = Tokenizer.from_file(configs["sft"].tokenizer)
+    policy, sft_params = load_pretrained(cfg.run_dir / "sft" / "model")
+    _, ppo_params = load_pretrained(cfg.run_dir / "ppo" / "model")
+    reward, reward_params, gain, bias = load_reward_model(cfg.run_dir / "rm" / "model")
+    files = _world(cfg)
+    prompts = [r.prompt for r in read_prompts(files["prompts_eval"])]
+    kw = dict(max_prompt_len=cfg.prompt_len, max_new_tokens=cfg.response_len, temperature=cfg.eval_temperature)
+    key = jax.random.PRNGKey(cfg.seed + 1000)
+    sft_texts, sft_ended, _ = sample(policy, sft_params, tokenizer, prompts, key=key, **kw)
+    ppo_texts, ppo_ended, ppo_rollouts = sample(policy, ppo_params, tokenizer, prompts, key=jax.random.fold_in(key, 1), **kw)
+    gold_sft = [gold_score(p, t, e) for p, t, e in zip(prompts, sft_texts, sft_ended)]
+    gold_ppo = [gold_score(p, t, e) for p, t, e in zip(prompts, ppo_texts, ppo_ended)]
+    kl = _kl_per_sequence(policy, ppo_params, sft_params, ppo_rollouts, cfg.eval_temperature)
+
+    # Best-of-N from the SFT policy, picked by the reward model (KL = log N − (N−1)/N).
+    n_max = max(cfg.best_of_n)
+    cand_gold, cand_rm = np.zeros((len(prompts), n_max)), np.zeros((len(prompts), n_max))
+    for j in range(n_max):
+        texts, ended, rollouts = sample(policy, sft_params, tokenizer, prompts, key=jax.random.fold_in(key, 100 + j), **kw)
+        cand_gold[:, j] = [gold_score(p, t, e) for p, t, e in zip(prompts, texts, ended)]
+        rm = [np.asarray(score(reward, reward_params, ro.tokens, ro.mask, gain=gain, bias=bias))[:keep]
+              for ro, keep in rollouts]
+        cand_rm[:, j] = np.concatenate(rm)
+    best_of_n = []
+    for n in cfg.best_of_n:
+        pick = np.argmax(cand_rm[:, :n], axis=1)
+        best_of_n.append({"n": n, "kl": math.log(n) - (n - 1) / n,
+                          "gold": float(cand_gold[np.arange(len(prompts)), pick].mean()),
+                          "rm": float(cand_rm[np.arange(len(prompts)), pick].mean())})
+    matched = min(best_of_n, key=lambda r: abs(r["kl"] - kl))
+
+    seq_len = cfg.prompt_len + cfg.response_len
+    rm_eval = comparisons.get("eval")
+    return {
+        "gold_score_sft": float(np.mean(gold_sft)),
+        "gold_score_ppo": float(np.mean(gold_ppo)),
+        "win_rate_vs_sft": _win_rate(gold_ppo, gold_sft),
+        "exact_sft": float(np.mean(np.asarray(gold_sft) == 1.0)),
+        "exact_ppo": float(np.mean(np.asarray(gold_ppo) == 1.0)),
+        "kl_to_sft": kl,
+        "rm_accuracy": _rm_accuracy(reward, reward_params, tokenizer, Path(rm_eval), seq_len, gold=False),
+        "rm_gold_accuracy": _rm_accuracy(reward, reward_params, tokenizer, Path(rm_eval), seq_len, gold=True),
+        "ptx_loss_sft": _ptx(policy, sft_params, tokenizer, files["pretrain_eval"], seq_len),
+        "ptx_loss_ppo": _ptx(policy, ppo_params, tokenizer, files["pretrain_eval"], seq_len),
+        "labeler_agreement": comparisons.get("labeler_agreement"),
+        "best_of_n": best_of_n,
+        "best_of_n_matched_kl": matched,
+        "eos_rate_ppo": float(np.mean(ppo_ended)),
+        "examples": [{"prompt": p, "sft": s, "ppo": q} for p, s, q in list(zip(prompts, sft_texts, ppo_texts))[:8]],
+    }
+
+
+# ------------------------------------------------------------------------------ driver
+
+
+def run_pipeline(cfg: PipelineConfig, *, log=print) -> dict[str, Any]:
+    """Run every stage (skipping complete ones), evaluate, write ``summary.json`` and the report."""
+    t0 = time.time()
+    run = cfg.run_dir
+    run.mkdir(parents=True, exist_ok=True)
+    (run / "pipeline_config.json").write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
+    timings_file = run / "timings.json"
+    timings = json.loads(timings_file.read_text()) if timings_file.exists() else {}
+
+    def timed(stage: str, fn, *args):
+        log(f"[pipeline] {stage} ...")
+        start = time.time()
+        result = fn(*args)
+        timings[stage] = timings.get(stage, 0.0) + time.time() - start
+        timings_file.write_text(json.dumps(timings, indent=2))
+        return result
+
+    files = timed("data", _world, cfg)
+    tokenizer = timed("tokenizer", _tokenizer, cfg, files)
+    configs = stage_configs(cfg, files, tokenizer)
+    if "pretrain" in configs:
+        timed("pretrain", train_sft, configs["pretrain"])
+    timed("sft", train_sft, configs["sft"])
+    comparisons = timed("comparisons", _comparisons, cfg, files, tokenizer)
+    timed("rm", train_rm, configs["rm"])
+    timed("ppo", train_ppo, configs["ppo"])
+    summary: dict[str, Any] = {"name": cfg.name}
+    if cfg.task == "synthetic":
+        summary.update(timed("evaluate", evaluate, cfg, configs, comparisons))
+    summary["stage_seconds"] = timings
+    summary["wall_seconds"] = time.time() - t0
+    summary["wall_seconds_total"] = sum(timings.values())
+    (run / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+    from rlhf_jax.report import write_report
+
+    write_report(cfg, summary, log=log)
+    return summary
