@@ -155,7 +155,6 @@ class Experience:
     returns: Array
     scores: Array  # [b] normalised RM score (after the no-EOS penalty)
     kl: Array  # per-token KL estimate
-    entropy: Array
     ended: Array  # [b]
 
 
@@ -220,8 +219,6 @@ def experience_phase(models: PPOModels, cfg: PPOConfig, state: PPOState, rollout
     """Reference log-probs, values, scores, per-token rewards, GAE and whitening."""
     p, mask, rmask = rollout.response_start, rollout.mask, rollout.response_mask
     temperature = cfg.generation.logprob_temperature
-    _, entropy = sequence_logprobs(models.policy, state.policy.params, rollout.tokens, mask, p,
-                                   temperature=temperature)
     ref_logprobs, _ = sequence_logprobs(models.policy, state.ref_params, rollout.tokens, mask, p,
                                         temperature=temperature)
     old_values = sequence_values(models.value, state.value.params, rollout.tokens, mask, p)
@@ -245,8 +242,7 @@ def experience_phase(models: PPOModels, cfg: PPOConfig, state: PPOState, rollout
         advantages = whiten(advantages, rmask, unbiased=cfg.whiten_unbiased)
     return Experience(tokens=rollout.tokens, mask=mask, response_mask=rmask, old_logprobs=rollout.logprobs,
                       ref_logprobs=ref_logprobs, old_values=old_values, rewards=rewards,
-                      advantages=advantages, returns=returns, scores=scores, kl=kl, entropy=entropy,
-                      ended=rollout.ended)
+                      advantages=advantages, returns=returns, scores=scores, kl=kl, ended=rollout.ended)
 
 
 def update_phase(models: PPOModels, cfg: PPOConfig, state: PPOState, exp: Experience,
@@ -273,7 +269,7 @@ def update_phase(models: PPOModels, cfg: PPOConfig, state: PPOState, exp: Experi
         pg, stats = ppo_policy_loss(logprobs, mb.old_logprobs, mb.advantages, mb.response_mask, clip_eps=cfg.clip_eps)
         ent = masked_mean(entropy, mb.response_mask)
         loss = pg - cfg.ent_coef * ent
-        stats = dict(stats, pg_loss=pg, entropy_new=ent)
+        stats = dict(stats, pg_loss=pg, entropy=ent)
         if use_ptx:
             lm = ptx_loss(forward(models.policy, params, ptx_toks, ptx_m).logits, ptx_toks, ptx_m)
             loss = loss + cfg.ptx_coef * lm
@@ -298,7 +294,9 @@ def update_phase(models: PPOModels, cfg: PPOConfig, state: PPOState, exp: Experi
 
 
 def iteration_metrics(exp: Experience, update_stats: dict[str, Array], kl_coef: Array) -> dict[str, Array]:
-    """Scalars logged every iteration (the names the stage, report and plots read)."""
+    """Scalars logged every iteration (the names the stage, report and plots read).  ``entropy``
+    comes from the update's forward passes (the policy's mean token entropy over the minibatches),
+    so the experience phase needs no extra policy forward."""
     m = exp.response_mask
     lengths = m.sum(axis=1).astype(jnp.float32)
     kl_per_seq = exp.kl.sum(axis=1)
@@ -307,7 +305,6 @@ def iteration_metrics(exp: Experience, update_stats: dict[str, Array], kl_coef: 
         "kl": kl_per_seq.mean(),
         "kl_coef": kl_coef,
         "reward_total": exp.rewards.sum(axis=1).mean(),
-        "entropy": masked_mean(exp.entropy, m),
         "response_length": lengths.mean(),
         "eos_rate": exp.ended.astype(jnp.float32).mean(),
         "explained_variance": explained_variance(exp.old_values, exp.returns, m),

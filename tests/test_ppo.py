@@ -183,6 +183,7 @@ def test_minibatches_and_epochs_count_updates():
     assert int(new_state.policy.step) == 12 and int(new_state.value.step) == 12
     assert int(new_state.iteration) == 1
     assert np.isfinite(float(metrics["vf_loss"]))
+    _, state = _setup(cfg)  # the iteration donated the first state's buffers
     with pytest.raises(ValueError, match="num_minibatches"):
         bad = PPOConfig(generation=GenerateConfig(max_new_tokens=4, pad_id=PAD), num_minibatches=3)
         update_phase(models, bad, state, experience_phase(models, bad, state, rollout_phase(

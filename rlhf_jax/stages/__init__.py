@@ -1,0 +1,61 @@
+"""Training stages: supervised fine-tuning and the K-way reward model (PPO builds on ``common``)."""
+
+from rlhf_jax.stages.common import (
+    ModelSource,
+    StageConfig,
+    StageLoopConfig,
+    StageOptimizerConfig,
+    completed_model,
+    export_model,
+    init_train_state,
+    jit_on_mesh,
+    load_model,
+    load_tokenizer,
+    setup_training,
+)
+from rlhf_jax.stages.reward import (
+    RMConfig,
+    RMOptimizerConfig,
+    k_way_rewards,
+    load_reward_model,
+    rm_batch_loss,
+    rm_step_fn,
+    rm_train_step,
+    train_rm,
+)
+from rlhf_jax.stages.sft import (
+    SFTConfig,
+    SFTOptimizerConfig,
+    sft_batch_loss,
+    sft_step_fn,
+    sft_train_step,
+    train_sft,
+)
+
+__all__ = [
+    "ModelSource",
+    "RMConfig",
+    "RMOptimizerConfig",
+    "SFTConfig",
+    "SFTOptimizerConfig",
+    "StageConfig",
+    "StageLoopConfig",
+    "StageOptimizerConfig",
+    "completed_model",
+    "export_model",
+    "init_train_state",
+    "jit_on_mesh",
+    "k_way_rewards",
+    "load_model",
+    "load_reward_model",
+    "load_tokenizer",
+    "rm_batch_loss",
+    "rm_step_fn",
+    "rm_train_step",
+    "sft_batch_loss",
+    "sft_step_fn",
+    "setup_training",
+    "sft_train_step",
+    "train_rm",
+    "train_sft",
+]

@@ -1,0 +1,428 @@
+"""What every training stage shares: model sources, tokenizer loading, the config fields common to
+SFT / reward model / PPO, train-state placement on a device mesh, mesh-jitted steps, model export.
+
+A stage's directory (``workdir``) holds ``config.json`` (the resolved config), what ``run_loop``
+writes (``checkpoints/``, ``metrics.jsonl``, ``samples.jsonl``, ``DONE``) and, once finished,
+``model/``: the final model in Hugging Face format (``save_pretrained`` + ``tokenizer.json`` +
+stage side files such as ``reward_normalization.json``).  The next stage loads that directory as
+its ``ModelSource(hf_dir=...)``.  A stage is complete when ``model/`` exists and records the same
+number of steps as ``DONE`` (``completed_model``).
+
+Single-host: batches are global NumPy arrays placed with ``sharding.shard_batch`` and the export
+gathers the parameters to host memory on process 0.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import os
+import shutil
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import jax
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from rlhf_jax import hf
+from rlhf_jax.configs import ConfigError, to_dict
+from rlhf_jax.model import ModelConfig, Params, Transformer, init_params
+from rlhf_jax.sharding import BATCH_AXES, MeshConfig, make_mesh, shard_batch, state_shardings
+from rlhf_jax.tokenizer import Tokenizer
+from rlhf_jax.train import DONE_FILE, LoopConfig, OptimizerConfig, TrainState, make_optimizer
+
+MODEL_DIR = "model"
+CONFIG_FILE = "config.json"
+STAGE_FILE = "rlhf_jax_stage.json"  # inside model/: which stage wrote it, after how many steps
+
+Batch = Mapping[str, Any]
+StepFn = Callable[[Any, Batch], tuple[Any, dict[str, jax.Array]]]
+
+
+# ---------------------------------------------------------------------------------------- model
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSource:
+    """Where a stage's starting model comes from: exactly one of
+
+    - ``hf_dir``: a Hugging Face directory (``config.json`` + safetensors), e.g. the previous
+      stage's ``workdir/model``, loaded with ``hf.load_pretrained``;
+    - ``init``: a ``ModelConfig`` to initialise randomly (tests, the synthetic task's base model).
+      Its ``head`` and ``dtype`` stay at their defaults: the stage picks the head, ``dtype`` below
+      the compute dtype.
+
+    ``dtype`` is the compute dtype (``ModelConfig.dtype``); parameters are always float32.
+    """
+
+    hf_dir: str | None = None
+    init: ModelConfig | None = None
+    dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        if (self.hf_dir is None) == (self.init is None):
+            raise ConfigError(
+                "ModelSource: set exactly one of 'hf_dir' (a Hugging Face directory) and 'init' "
+                f"(a ModelConfig to initialise randomly); got hf_dir={self.hf_dir!r}, "
+                f"init={'set' if self.init is not None else None}"
+            )
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise ConfigError(
+                f"ModelSource.dtype must be one of float32, bfloat16, float16, got {self.dtype!r}"
+            )
+        if self.init is not None and (self.init.head != "lm" or self.init.dtype != "float32"):
+            raise ConfigError(
+                "ModelSource.init.head/dtype must stay at their defaults ('lm', 'float32'): the "
+                "stage picks the head and ModelSource.dtype sets the compute dtype"
+            )
+
+    def describe(self) -> str:
+        return f"hf_dir {self.hf_dir}" if self.hf_dir is not None else "a random init"
+
+
+def model_config(source: ModelSource, head: str = "lm") -> ModelConfig:
+    """The ``ModelConfig`` that ``load_model(source, head)`` builds, without reading weights."""
+    if source.init is not None:
+        return source.init.replace(head=head, dtype=source.dtype)
+    config_file = Path(source.hf_dir) / hf.CONFIG_FILE
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{config_file}: no such file (ModelSource.hf_dir)")
+    try:
+        data = json.loads(config_file.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{config_file}: invalid JSON ({e})") from e
+    return hf.config_from_hf(data, dtype=source.dtype, head=head, source=config_file)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _init_params(model: Transformer, key: jax.Array) -> Params:
+    return init_params(model, key)
+
+
+def load_model(source: ModelSource, head: str, key: jax.Array) -> tuple[Transformer, Params]:
+    """``(model, float32 params)`` from ``source`` with ``head`` ``"lm"`` or ``"scalar"``.
+
+    ``head="scalar"`` on an LM checkpoint builds a reward/value model: the backbone's weights and
+    a fresh scalar head initialised from ``key`` (InstructGPT §3.5: the RM is "the SFT model with
+    the final unembedding layer removed" and a scalar projection added).  A checkpoint that
+    already has a scalar head (a reward model) keeps it.  ``init`` sources draw every parameter
+    from ``key`` (pass a fresh one per model: no default key is reused silently).
+    """
+    if source.init is not None:
+        model = Transformer(model_config(source, head))
+        return model, _init_params(model, key)
+    return hf.load_pretrained(source.hf_dir, dtype=source.dtype, head=head, key=key)
+
+
+def load_tokenizer(path: str | os.PathLike | None, source: ModelSource) -> Tokenizer:
+    """``Tokenizer`` from ``path`` (a ``tokenizer.json`` or a directory holding one); ``None``
+    takes the one in ``source.hf_dir``."""
+    if path is None:
+        if source.hf_dir is None:
+            raise ConfigError("tokenizer: required when the model is a random init (no hf_dir)")
+        path = source.hf_dir
+    return Tokenizer.from_file(path)
+
+
+def check_vocab(tokenizer: Tokenizer, config: ModelConfig, where: str) -> None:
+    """Raise ``ConfigError`` unless every id but the pad id fits the model's embedding
+    (the pad id may be one past it: pad positions are masked and replaced before the lookup)."""
+    needed = tokenizer.vocab_size - (tokenizer.pad_id == tokenizer.vocab_size - 1)
+    if needed > config.vocab_size:
+        raise ConfigError(
+            f"{where}: the tokenizer has {tokenizer.vocab_size} ids (largest non-pad id "
+            f"{needed - 1}) but the model's vocab_size is {config.vocab_size}"
+        )
+
+
+# --------------------------------------------------------------------------------------- config
+
+
+@dataclasses.dataclass(frozen=True)
+class StageLoopConfig(LoopConfig):
+    """``LoopConfig`` whose ``total_steps`` may be left out (``None``): the stage then derives it
+    from its ``epochs``.  Cadences default to "only at the last step" (0)."""
+
+    total_steps: int | None = None
+    eval_every: int = 0
+    save_every: int = 0
+
+    def __post_init__(self) -> None:
+        self.resolve(1 if self.total_steps is None else self.total_steps)  # validates the rest
+
+    def resolve(self, total_steps: int) -> LoopConfig:
+        """The plain ``LoopConfig`` with ``total_steps`` filled in (this one's, if set)."""
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(LoopConfig)}
+        fields["total_steps"] = self.total_steps if self.total_steps is not None else total_steps
+        return LoopConfig(**fields)
+
+
+@dataclasses.dataclass(frozen=True)
+class StageOptimizerConfig(OptimizerConfig):
+    """``OptimizerConfig`` whose decay length ``total_steps`` may be left out (``None``): a
+    cosine/linear schedule then decays over the whole stage (``resolve``)."""
+
+    def __post_init__(self) -> None:
+        self.resolve(self.warmup_steps + 1)  # validates every field
+
+    def resolve(self, total_updates: int) -> OptimizerConfig:
+        """The plain ``OptimizerConfig`` with ``total_steps`` = this one's, else ``total_updates``
+        (optimiser updates, i.e. loop steps / ``grad_accum_steps``) for a decaying schedule."""
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(OptimizerConfig)}
+        if self.total_steps is None and self.schedule != "constant":
+            fields["total_steps"] = total_updates
+        return OptimizerConfig(**fields)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class StageConfig:
+    """Fields every stage has.  Stage configs subclass this and override the defaults with the
+    paper's values for that stage.
+
+    ``epochs`` sets the length unless ``loop.total_steps`` is given; a batch is ``batch_size``
+    examples (the global batch over all devices; it must divide over the mesh's data × fsdp
+    axes).  ``eval_batches`` caps the held-out batches per evaluation (None: the whole file).
+    ``tokenizer`` defaults to the one in ``model.hf_dir``.
+    """
+
+    workdir: str
+    model: ModelSource
+    train_data: str
+    eval_data: str | None = None
+    tokenizer: str | None = None
+    seed: int = 0
+    batch_size: int = 32
+    epochs: float = 1.0
+    eval_batches: int | None = None
+    optimizer: StageOptimizerConfig = StageOptimizerConfig()
+    loop: StageLoopConfig = StageLoopConfig()
+    mesh: MeshConfig = MeshConfig()
+
+    def __post_init__(self) -> None:
+        name = type(self).__name__
+
+        def fail(field: str, rule: str) -> None:
+            raise ConfigError(f"{name}.{field} must be {rule}, got {getattr(self, field)!r}")
+
+        def is_int(x: Any) -> bool:
+            return isinstance(x, int) and not isinstance(x, bool)
+
+        for field in ("workdir", "train_data"):
+            if not isinstance(getattr(self, field), str) or not getattr(self, field):
+                fail(field, "a non-empty path")
+        if not is_int(self.seed) or self.seed < 0:
+            fail("seed", "an int >= 0")
+        if not is_int(self.batch_size) or self.batch_size < 1:
+            fail("batch_size", "an int >= 1")
+        if not (isinstance(self.epochs, (int, float)) and math.isfinite(self.epochs) and self.epochs > 0):
+            fail("epochs", "a finite number > 0")
+        if self.eval_batches is not None and (not is_int(self.eval_batches) or self.eval_batches < 1):
+            fail("eval_batches", "None or an int >= 1")
+
+
+def total_steps(cfg: StageConfig, steps_per_epoch: int) -> int:
+    """Loop steps of the stage: ``cfg.loop.total_steps``, else ``ceil(epochs · steps_per_epoch)``."""
+    if cfg.loop.total_steps is not None:
+        return cfg.loop.total_steps
+    return max(1, math.ceil(cfg.epochs * steps_per_epoch))
+
+
+def length_buckets(buckets: tuple[int, ...], max_len: int | None, context: int, where: str) -> tuple[int, ...]:
+    """The sequence lengths a stage pads to: ``buckets`` below ``max_len`` plus ``max_len`` itself
+    (``None``: the model's ``context``), ascending; ``ConfigError`` if ``max_len > context``."""
+    max_len = max_len or context
+    if max_len > context:
+        raise ConfigError(f"{where}.max_len {max_len} exceeds the model's context {context}")
+    return tuple(sorted({b for b in buckets if b < max_len} | {max_len}))
+
+
+@functools.lru_cache(maxsize=None)
+def cached_optimizer(cfg: OptimizerConfig) -> optax.GradientTransformation:
+    """``make_optimizer(cfg)``, one object per config: the optimiser is a static field of
+    ``TrainState``, so an equal object lets a re-created stage reuse compiled steps."""
+    return make_optimizer(cfg)
+
+
+def check_batch_fits_mesh(batch_size: int, mesh: Mesh, where: str) -> None:
+    """``ConfigError`` unless ``batch_size`` divides over the mesh's data × fsdp batch shards."""
+    shards = math.prod(mesh.shape[a] for a in BATCH_AXES)
+    if batch_size % shards:
+        raise ConfigError(
+            f"{where}.batch_size {batch_size} does not divide over the mesh's {shards} batch "
+            f"shards (data×fsdp = {mesh.shape['data']}×{mesh.shape['fsdp']}); use a multiple of {shards}"
+        )
+
+
+def write_config(workdir: str | os.PathLike, cfg: Any) -> None:
+    """``workdir/config.json``: the resolved config of this run (process 0 only)."""
+    if jax.process_index() != 0:
+        return
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    _write_json_atomic(workdir / CONFIG_FILE, to_dict(cfg))
+
+
+# ------------------------------------------------------------------------------------- devices
+
+
+def init_train_state(params: Params, tx: optax.GradientTransformation, rng: jax.Array, mesh: Mesh) -> TrainState:
+    """``TrainState.create(params, tx, rng)`` with every leaf (params, optimiser moments) placed on
+    ``mesh`` by the partition rules of ``rlhf_jax.sharding``."""
+    params = jax.device_put(params, state_shardings(params, mesh))
+    state = TrainState.create(params, tx, rng)
+    return jax.device_put(state, state_shardings(state, mesh))
+
+
+class Training(NamedTuple):
+    """What ``setup_training`` builds: the model, its train state on ``mesh``, the mesh-jitted
+    train step and the resolved optimiser config."""
+
+    model: Transformer
+    state: TrainState
+    train_step: Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]
+    mesh: Mesh
+    optimizer: OptimizerConfig
+
+
+def setup_training(
+    cfg: StageConfig,
+    head: str,
+    steps: int,
+    step_fn: Callable[[Transformer, OptimizerConfig], StepFn],
+) -> Training:
+    """Mesh, model (``load_model(cfg.model, head)``), optimiser resolved for ``steps`` loop steps,
+    train state placed on the mesh, and ``step_fn(model, optimizer)`` jitted on it (old state
+    donated).  Keys: ``split(PRNGKey(cfg.seed))`` -> (model init, train-state rng)."""
+    mesh = make_mesh(cfg.mesh)
+    check_batch_fits_mesh(cfg.batch_size, mesh, type(cfg).__name__)
+    init_key, state_key = jax.random.split(jax.random.PRNGKey(cfg.seed))
+    model, params = load_model(cfg.model, head, init_key)
+    optimizer = cfg.optimizer.resolve(math.ceil(steps / cfg.optimizer.grad_accum_steps))
+    state = init_train_state(params, cached_optimizer(optimizer), state_key, mesh)
+    train_step = jit_on_mesh(step_fn(model, optimizer), mesh, state, donate=True)
+    return Training(model, state, train_step, mesh, optimizer)
+
+
+def jit_on_mesh(
+    fn: Callable[[Any, Batch], Any],
+    mesh: Mesh,
+    like: Any,
+    *,
+    returns_tree: bool = True,
+    donate: bool = False,
+) -> Callable[[Any, Batch], Any]:
+    """``fn(tree, batch)`` jitted with explicit shardings, callable with a host batch.
+
+    ``tree`` (a train state or params, sharded like ``like`` by ``sharding.state_shardings``) and
+    a dict of ``[batch, ...]`` arrays split over data × fsdp.  ``fn`` returns ``(tree, metrics)``
+    (``returns_tree``; the tree keeps its shardings) or ``metrics`` alone; metrics come back
+    replicated.  The same ``fn`` runs on one device or on a mesh and gives the same numbers.
+    ``donate`` lets XLA reuse the input tree's buffers (a train step's old state).
+    """
+    tree_sharding = state_shardings(like, mesh)
+    replicated = NamedSharding(mesh, P())
+    jitted = jax.jit(
+        fn,
+        in_shardings=(tree_sharding, NamedSharding(mesh, P(BATCH_AXES))),
+        out_shardings=(tree_sharding, replicated) if returns_tree else replicated,
+        donate_argnums=(0,) if donate else (),
+    )
+
+    def call(tree: Any, batch: Batch) -> Any:
+        return jitted(tree, shard_batch(dict(batch), mesh))
+
+    return call
+
+
+def pad_rows(arrays: Mapping[str, np.ndarray], multiple: int) -> dict[str, np.ndarray]:
+    """Append all-zero rows so the row count is a multiple of ``multiple`` (zero masks make them
+    count for nothing in a masked mean; ``tokens`` rows are zeros too, masked out)."""
+    n = len(next(iter(arrays.values())))
+    extra = -n % multiple
+    return {k: np.concatenate([v, np.zeros((extra, *v.shape[1:]), v.dtype)]) for k, v in arrays.items()}
+
+
+def fixed_batches(arrays: Mapping[str, np.ndarray], batch_size: int, limit: int | None) -> list[dict[str, np.ndarray]]:
+    """The held-out set as fixed-shape batches of ``batch_size`` rows (the last one padded with
+    zero rows), at most ``limit`` of them."""
+    padded = pad_rows(arrays, batch_size)
+    n = len(next(iter(padded.values())))
+    starts = range(0, n, batch_size)[:limit]
+    return [{k: v[s : s + batch_size] for k, v in padded.items()} for s in starts]
+
+
+# -------------------------------------------------------------------------------------- export
+
+
+def model_dir(workdir: str | os.PathLike) -> Path:
+    """``workdir/model``: where a stage exports its final model."""
+    return Path(workdir) / MODEL_DIR
+
+
+def export_model(
+    workdir: str | os.PathLike,
+    model: Transformer,
+    params: Params,
+    tokenizer: Tokenizer | None,
+    extra_json: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write the final model to ``workdir/model/`` in Hugging Face format, atomically.
+
+    ``save_pretrained`` (config.json + safetensors + the tokenizer's files) and one JSON file per
+    ``extra_json`` item (file name -> JSON-able value, e.g. ``{"reward_normalization.json":
+    {"gain": 1.0, "bias": -0.3}}``) go into a temporary directory that then replaces
+    ``workdir/model`` by rename, so readers never see a half-written model.  Process 0 writes;
+    every process returns the path.
+    """
+    target = model_dir(workdir)
+    if jax.process_index() != 0:
+        return target
+    params = jax.device_get(params)
+    tmp = target.with_name(f"{MODEL_DIR}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    hf.save_pretrained(model, params, tmp, tokenizer=tokenizer)
+    for name, value in (extra_json or {}).items():
+        (tmp / name).write_text(json.dumps(value, indent=2) + "\n", encoding="utf-8")
+    old = target.with_name(f"{MODEL_DIR}.old-{os.getpid()}")
+    if target.exists():
+        target.rename(old)
+    tmp.rename(target)
+    shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
+def stage_record(stage: str, steps: int, cfg: Any) -> dict[str, Any]:
+    """The ``STAGE_FILE`` content ``completed_model`` checks: stage name, steps, config."""
+    return {"stage": stage, "steps": int(steps), "config": to_dict(cfg)}
+
+
+def completed_model(workdir: str | os.PathLike, steps: int) -> Path | None:
+    """``workdir/model`` when the stage ran ``steps`` steps (``DONE``) and exported them, else
+    None (not started, interrupted, exported before ``steps`` grew, or killed before export)."""
+    workdir = Path(workdir)
+    done, record = _read_json(workdir / DONE_FILE), _read_json(model_dir(workdir) / STAGE_FILE)
+    if done is None or record is None:
+        return None
+    if done.get("step") != steps or record.get("steps") != steps:
+        return None
+    return model_dir(workdir)
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _write_json_atomic(path: Path, data: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+

@@ -1,0 +1,407 @@
+"""Stage 2: the K-way reward model (InstructGPT §3.5, eq. 1, App. C.2).
+
+Each batch element is one prompt with up to K ranked responses, ``[b, K, L]``; all K responses
+are scored in one forward pass (reshaped to ``[b·K, L]``), the scalar head is read at each
+sequence's last real token (the EOS; ``generation.score``), and ``losses.ranking_loss`` averages
+``−log σ(r_w − r_l)`` over all C(K, 2) pairs of a prompt, every prompt weighing the same (IG
+footnote 5: one batch element per prompt keeps the K(K−1)/2 correlated pairs from overfitting).
+
+After training a gain and bias normalise the reward: IG §3.5 shifts it so the labelers'
+demonstrations score 0 on average (``normalize="demos_mean"``); ``"demos_mean_std"`` also scales
+them to std 1 (Ziegler et al. 2019 normalise to mean 0, std 1, on policy samples).  They are
+stored in ``reward_normalization.json`` beside the exported model; ``load_reward_model`` returns
+them with the model, ready for ``generation.score(..., gain=, bias=)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from rlhf_jax.configs import ConfigError
+from rlhf_jax.data import (
+    DEFAULT_BUCKETS,
+    BatchIterator,
+    DataError,
+    bucket_length,
+    read_comparisons,
+    read_demonstrations,
+    tokenize_comparisons,
+)
+from rlhf_jax.generation import score
+from rlhf_jax.hf import load_pretrained
+from rlhf_jax.losses import ranking_loss
+from rlhf_jax.masked import masked_mean, masked_var
+from rlhf_jax.model import Params, Transformer
+from rlhf_jax.stages.common import (
+    STAGE_FILE,
+    StageConfig,
+    StageOptimizerConfig,
+    StepFn,
+    check_vocab,
+    completed_model,
+    export_model,
+    fixed_batches,
+    jit_on_mesh,
+    length_buckets,
+    load_tokenizer,
+    model_config,
+    setup_training,
+    stage_record,
+    total_steps,
+    write_config,
+)
+from rlhf_jax.tokenizer import Tokenizer
+from rlhf_jax.train import OptimizerConfig, TrainState, make_schedule, run_loop
+
+logger = logging.getLogger(__name__)
+
+NORMALIZATION_FILE = "reward_normalization.json"
+NORMALIZATIONS = ("demos_mean", "demos_mean_std", "none")
+
+
+@dataclasses.dataclass(frozen=True)
+class RMOptimizerConfig(StageOptimizerConfig):
+    """IG App. C.2: lr 9e-6, cosine decay to 10% of it (a class of its own so that a partial
+    ``optimizer`` table or ``--set optimizer.lr=...`` keeps these defaults)."""
+
+    lr: float = 9e-6
+    schedule: Literal["constant", "cosine", "linear"] = "cosine"
+    final_lr_fraction: float = 0.1
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RMConfig(StageConfig):
+    """Reward-model training.  Defaults are InstructGPT's (App. C.2) where it gives one.
+
+    ``train_data``/``eval_data``: JSONL comparisons (K-way ``{"prompt", "responses",
+    "ranking"}``, pairwise ``{"prompt", "chosen", "rejected"}`` or HH-RLHF dialogues).
+    ``batch_size`` counts prompts, each with all its responses.
+    ``k_max``: responses per batch element (None: the most any comparison has; fewer are padded
+    and masked).  ``max_len``: longest ``[BOS] prompt response [EOS]`` (None: the model's context).
+    ``margin`` is subtracted from each pair's reward difference; ``centering_coef`` adds
+    ``coef · mean(r²)`` (Eisenstein et al. 2023) — both 0 in IG.
+    ``normalize``/``demos``: see the module docstring; ``demos`` is a demonstrations JSONL.
+    """
+
+    batch_size: int = 64  # IG App. C.2: 64 prompts per batch
+    epochs: float = 1.0  # IG App. C.2: one epoch; more overfits
+    optimizer: RMOptimizerConfig = RMOptimizerConfig()
+    margin: float = 0.0
+    centering_coef: float = 0.0
+    normalize: Literal["demos_mean", "demos_mean_std", "none"] = "demos_mean"  # IG §3.5
+    demos: str | None = None
+    k_max: int | None = None
+    max_len: int | None = None
+    buckets: tuple[int, ...] = DEFAULT_BUCKETS
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+
+        def fail(field: str, rule: str) -> None:
+            raise ConfigError(f"RMConfig.{field} must be {rule}, got {getattr(self, field)!r}")
+
+        if not math.isfinite(self.margin):
+            fail("margin", "finite")
+        if not (math.isfinite(self.centering_coef) and self.centering_coef >= 0):
+            fail("centering_coef", "finite and >= 0")
+        if self.normalize not in NORMALIZATIONS:
+            fail("normalize", f"one of {NORMALIZATIONS}")
+        if self.normalize != "none" and not self.demos:
+            fail("demos", f"a demonstrations file when normalize={self.normalize!r} (or set normalize='none')")
+        if self.k_max is not None and not 2 <= self.k_max:
+            fail("k_max", "None or an int >= 2")
+        if self.max_len is not None and self.max_len < 3:
+            fail("max_len", "None or an int >= 3")
+        if not self.buckets or any(not isinstance(b, int) or b < 3 for b in self.buckets):
+            fail("buckets", "a non-empty list of ints >= 3")
+
+
+# ---------------------------------------------------------------------------------- the step
+
+
+def k_way_rewards(model: Transformer, params: Params, tokens: jax.Array, mask: jax.Array) -> jax.Array:
+    """Rewards of K responses per prompt in one forward pass.
+
+    Args:
+      tokens, mask: ``[b, K, L]``, each row ``[BOS] prompt response [EOS]`` right padded (an
+        all-zero mask row is a missing response; its reward is meaningless and must be masked).
+
+    Returns:
+      ``[b, K]`` float32: the scalar head at each row's last real token (``generation.score``).
+    """
+    b, k, length = tokens.shape
+    return score(model, params, tokens.reshape(b * k, length), mask.reshape(b * k, length)).reshape(b, k)
+
+
+def rm_batch_loss(
+    model: Transformer,
+    params: Params,
+    batch: dict[str, jax.Array],
+    margin: float = 0.0,
+    centering_coef: float = 0.0,
+) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    """InstructGPT eq. 1 on a batch: ``(loss, (accuracy, rewards))``.
+
+    ``batch``: ``tokens``, ``mask`` ``[b, K, L]`` and ``valid`` ``[b, K]`` (responses best-first,
+    ``data.tokenize_comparisons``); ``rewards`` ``[b, K]`` from ``k_way_rewards``; loss and
+    accuracy from ``losses.ranking_loss(rewards, valid, margin=, centering_coef=)``.
+    """
+    rewards = k_way_rewards(model, params, batch["tokens"], batch["mask"])
+    loss, accuracy = ranking_loss(rewards, batch["valid"], margin=margin, centering_coef=centering_coef)
+    return loss, (accuracy, rewards)
+
+
+@functools.lru_cache(maxsize=None)
+def rm_step_fn(
+    model: Transformer,
+    optimizer: OptimizerConfig | None = None,
+    margin: float = 0.0,
+    centering_coef: float = 0.0,
+) -> StepFn:
+    """The pure reward-model update ``(state, batch) -> (state, metrics)``.
+
+    ``batch``: as for ``rm_batch_loss``, whose gradient the update applies.
+
+    Metrics: ``loss``, ``accuracy`` (fraction of the batch's pairs ordered correctly),
+    ``reward_mean``/``reward_std`` over the valid responses, ``grad_norm``, and ``lr`` when
+    ``optimizer`` is given.
+    """
+    schedule = None if optimizer is None else make_schedule(optimizer)
+    accum = 1 if optimizer is None else optimizer.grad_accum_steps
+
+    def step(state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainState, dict[str, jax.Array]]:
+        def loss_fn(params: Params) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+            return rm_batch_loss(model, params, batch, margin, centering_coef)
+
+        (loss, (accuracy, rewards)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        metrics = {
+            "loss": loss,
+            "accuracy": accuracy,
+            "reward_mean": masked_mean(rewards, batch["valid"]),
+            "reward_std": jnp.sqrt(masked_var(rewards, batch["valid"], unbiased=False)),
+            "grad_norm": optax.tree.norm(grads),
+        }
+        if schedule is not None:
+            metrics["lr"] = schedule(state.step // accum)
+        return state.apply_gradients(grads), metrics
+
+    return step
+
+
+def rm_train_step(
+    model: Transformer,
+    optimizer: OptimizerConfig | None = None,
+    *,
+    margin: float = 0.0,
+    centering_coef: float = 0.0,
+) -> StepFn:
+    """``jax.jit(rm_step_fn(...))``: the reward-model update for notebooks and tests."""
+    return jax.jit(rm_step_fn(model, optimizer, margin, centering_coef))
+
+
+@functools.lru_cache(maxsize=None)
+def rm_eval_fn(model: Transformer) -> Any:
+    """``(params, batch) -> sums`` for exact held-out metrics over many batches:
+    ``loss_sum`` (eq. 1 loss × prompts with a pair), ``prompts``, ``correct`` (pairs with
+    ``r_better > r_worse``) and ``pairs`` (all valid pairs)."""
+
+    def evaluate(params: Params, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+        rewards = k_way_rewards(model, params, batch["tokens"], batch["mask"])
+        valid = batch["valid"] != 0
+        k = valid.shape[1]
+        pairs = (jnp.arange(k)[:, None] < jnp.arange(k)[None, :]) & valid[:, :, None] & valid[:, None, :]
+        correct = pairs & (rewards[:, :, None] > rewards[:, None, :])
+        loss, _ = ranking_loss(rewards, batch["valid"])
+        prompts = jnp.sum(jnp.sum(valid, axis=1) >= 2)
+        return {"loss_sum": loss * prompts, "prompts": prompts, "correct": jnp.sum(correct),
+                "pairs": jnp.sum(pairs)}
+
+    return evaluate
+
+
+@functools.lru_cache(maxsize=None)
+def _score_fn(model: Transformer) -> Any:
+    return lambda params, batch: score(model, params, batch["tokens"], batch["mask"])
+
+
+# ------------------------------------------------------------------------------------ the data
+
+
+def comparison_arrays(
+    path: str | Path,
+    records: list,
+    tokenizer: Tokenizer,
+    k_max: int,
+    max_len: int,
+    buckets: tuple[int, ...],
+) -> dict[str, np.ndarray]:
+    """``tokens``, ``mask`` ``[n, k_max, L]`` and ``valid`` ``[n, k_max]`` int32 of comparisons read
+    from ``path``; ``L`` is the smallest bucket holding the longest sequence; errors name the file."""
+    try:
+        arrays = tokenize_comparisons(records, tokenizer, k_max, max_len)
+    except ValueError as e:
+        raise DataError(f"{path}: {e}") from None
+    return _trim(arrays, buckets)
+
+
+def _trim(arrays: dict[str, np.ndarray], buckets: tuple[int, ...]) -> dict[str, np.ndarray]:
+    width = bucket_length(max(int(arrays["mask"].sum(-1).max()), 1), buckets)
+    return {k: v[..., :width] if v.shape == arrays["mask"].shape else v for k, v in arrays.items()}
+
+
+def _read_comparisons(path: str) -> list:
+    records = read_comparisons(path)
+    if not records:
+        raise DataError(f"{path}: no comparisons")
+    return records
+
+
+# ---------------------------------------------------------------------------- normalisation
+
+
+def normalization(scores: np.ndarray, method: str) -> dict[str, float]:
+    """Gain and bias from raw demonstration scores ``[n]``: ``gain · r + bias`` has mean 0
+    (``"demos_mean"``, IG §3.5), also std 1 (``"demos_mean_std"``, population std), or is ``r``
+    (``"none"``).  Returns ``{"gain", "bias", "method", "n", "raw_mean", "raw_std"}``."""
+    if method not in NORMALIZATIONS:
+        raise ValueError(f"normalization method must be one of {NORMALIZATIONS}, got {method!r}")
+    scores = np.asarray(scores, np.float64)
+    mean = float(scores.mean()) if scores.size else 0.0
+    std = float(scores.std()) if scores.size else 0.0
+    gain, bias = 1.0, 0.0
+    if method == "demos_mean":
+        bias = -mean
+    elif method == "demos_mean_std":
+        if not std > 0:
+            raise ValueError(f"cannot scale rewards to std 1: the {scores.size} demonstrations all score {mean}")
+        gain, bias = 1.0 / std, -mean / std
+    return {"gain": gain, "bias": bias, "method": method, "n": int(scores.size), "raw_mean": mean, "raw_std": std}
+
+
+def demonstration_rows(path: str | Path, tokenizer: Tokenizer, max_len: int, buckets: tuple[int, ...]) -> dict[str, np.ndarray]:
+    """``tokens``, ``mask`` ``[n, L]`` of the demonstrations in ``path``, each as
+    ``[BOS] prompt response [EOS]`` (the layout of the comparisons), right padded to the smallest
+    bucket that holds them; errors name the file."""
+    records = read_demonstrations(path)
+    if not records:
+        raise DataError(f"{path}: no demonstrations")
+    try:
+        tokens, mask = tokenizer.encode_batch([r.prompt + r.response for r in records], max_len,
+                                              add_bos=True, add_eos=True)
+    except ValueError as e:
+        raise DataError(f"{path}: {e}") from None
+    return _trim({"tokens": tokens, "mask": mask}, buckets)
+
+
+def score_rows(rows: dict[str, np.ndarray], score_batch: Any, batch_size: int) -> np.ndarray:
+    """Raw scores ``[n]`` of ``rows`` (``tokens``, ``mask`` ``[n, L]``), ``score_batch`` taking
+    ``{"tokens", "mask"}`` of ``batch_size`` rows (the last batch padded)."""
+    scores = [np.asarray(score_batch(b)) for b in fixed_batches(rows, batch_size, None)]
+    return np.concatenate(scores)[: len(rows["tokens"])]
+
+
+def load_reward_model(path: str | Path, dtype: str = "float32") -> tuple[Transformer, Params, float, float]:
+    """``(model, params, gain, bias)`` of a reward model directory (``train_rm``'s export, or any
+    Hugging Face ``...ForSequenceClassification`` with one label).
+
+    The normalised reward of ``tokens``/``mask`` ``[b, T]`` is
+    ``generation.score(model, params, tokens, mask, gain=gain, bias=bias)``.  Without
+    ``reward_normalization.json`` the reward is unnormalised (gain 1, bias 0; logged).
+    """
+    path = Path(path)
+    model, params = load_pretrained(path, dtype=dtype, head="scalar")
+    file = path / NORMALIZATION_FILE
+    if not file.is_file():
+        logger.warning("%s: no %s; using the raw reward (gain 1, bias 0)", path, NORMALIZATION_FILE)
+        return model, params, 1.0, 0.0
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+        gain, bias = float(data["gain"]), float(data["bias"])
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{file}: expected {{\"gain\": float, \"bias\": float}} ({e!r})") from e
+    if not (math.isfinite(gain) and math.isfinite(bias)):
+        raise ValueError(f"{file}: gain and bias must be finite, got {gain}, {bias}")
+    return model, params, gain, bias
+
+
+# --------------------------------------------------------------------------------- the stage
+
+
+def train_rm(cfg: RMConfig) -> Path:
+    """Run (or resume, or skip if complete) the reward-model stage; returns ``workdir/model``.
+
+    Trains on ``cfg.train_data`` for ``loop.total_steps`` or ``epochs``, reports held-out loss and
+    pairwise accuracy over all pairs of ``eval_data``, then computes the normalisation on
+    ``demos`` and exports the model with ``reward_normalization.json``.
+    """
+    workdir = Path(cfg.workdir)
+    tokenizer = load_tokenizer(cfg.tokenizer, cfg.model)
+    config = model_config(cfg.model, "scalar")
+    check_vocab(tokenizer, config, f"RMConfig.tokenizer vs the model ({cfg.model.describe()})")
+    buckets = length_buckets(cfg.buckets, cfg.max_len, config.max_len, "RMConfig")
+    max_len = buckets[-1]
+    train_records = _read_comparisons(cfg.train_data)
+    eval_records = None if cfg.eval_data is None else _read_comparisons(cfg.eval_data)
+    k_max = cfg.k_max or max(len(r.responses) for r in train_records + (eval_records or []))
+    train = comparison_arrays(cfg.train_data, train_records, tokenizer, k_max, max_len, buckets)
+    held_out = None
+    if eval_records is not None:
+        held_out = comparison_arrays(cfg.eval_data, eval_records, tokenizer, k_max, max_len, buckets)
+    demos = None if cfg.normalize == "none" else demonstration_rows(cfg.demos, tokenizer, max_len, buckets)
+    if cfg.batch_size > len(train_records):
+        raise ConfigError(f"RMConfig.batch_size {cfg.batch_size} exceeds the {len(train_records)} "
+                          f"comparisons of {cfg.train_data}")
+    batches = BatchIterator(train, cfg.batch_size, seed=cfg.seed, buckets=buckets)
+    steps = total_steps(cfg, len(batches))
+    done = completed_model(workdir, steps)
+    if done is not None:
+        return done
+    write_config(workdir, cfg)
+
+    step_fn = functools.partial(rm_step_fn, margin=cfg.margin, centering_coef=cfg.centering_coef)
+    model, state, train_step, mesh, _ = setup_training(cfg, "scalar", steps, step_fn)
+
+    eval_fn = None
+    if held_out is not None:
+        eval_fn = _make_eval(model, state, mesh, fixed_batches(held_out, cfg.batch_size, cfg.eval_batches))
+    state, _ = run_loop(
+        state=state,
+        train_step=train_step,
+        batches=batches,
+        loop_cfg=cfg.loop.resolve(steps),
+        workdir=workdir,
+        eval_fn=eval_fn,
+        tokens_in_batch=lambda batch: int(batch["mask"].sum()),
+    )
+
+    norm = normalization(np.zeros(0), "none")
+    if demos is not None:
+        score_batch = jit_on_mesh(_score_fn(model), mesh, state.params, returns_tree=False)
+        raw = score_rows(demos, lambda batch: score_batch(state.params, batch), cfg.batch_size)
+        norm = {**normalization(raw, cfg.normalize), "demos": cfg.demos}
+    extra = {NORMALIZATION_FILE: norm, STAGE_FILE: stage_record("rm", steps, cfg)}
+    return export_model(workdir, model, state.params, tokenizer, extra)
+
+
+def _make_eval(model: Transformer, state: TrainState, mesh: Any, batches: list) -> Any:
+    """``state -> {"loss", "accuracy"}`` over all held-out batches (exact, not a mean of means)."""
+    evaluate = jit_on_mesh(rm_eval_fn(model), mesh, state.params, returns_tree=False)
+
+    def eval_fn(state: TrainState) -> dict[str, float]:
+        sums = [jax.device_get(evaluate(state.params, batch)) for batch in batches]
+        total = {k: float(sum(s[k] for s in sums)) for k in sums[0]}
+        return {"loss": total["loss_sum"] / max(total["prompts"], 1.0),
+                "accuracy": total["correct"] / max(total["pairs"], 1.0)}
+
+    return eval_fn

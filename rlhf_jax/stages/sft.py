@@ -1,0 +1,299 @@
+"""Stage 1: supervised fine-tuning on labeler demonstrations (InstructGPT §3.5, App. C.1).
+
+Next-token cross entropy on ``[BOS] prompt response [EOS]``, by default on the response tokens
+only (IG is silent on prompt masking; ``prompt_masking=False`` trains on every token).
+``train_sft(cfg)`` tokenises the demonstrations, runs ``run_loop`` (resumable) and exports the
+model to ``workdir/model`` for the reward-model and PPO stages.
+
+Differences from the paper: our transformer has no dropout (IG C.1 uses residual dropout 0.2),
+and IG picks the final SFT checkpoint by RM score on a validation set, not by validation loss;
+here the last step is exported and the held-out loss is logged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from rlhf_jax.configs import ConfigError
+from rlhf_jax.data import (
+    DEFAULT_BUCKETS,
+    BatchIterator,
+    DataError,
+    Prompt,
+    pack_sequences,
+    read_demonstrations,
+    tokenize_demonstrations,
+    tokenize_prompts,
+)
+from rlhf_jax.generation import GenerateConfig, generate
+from rlhf_jax.losses import sft_loss, token_logprobs
+from rlhf_jax.model import Params, Transformer, forward
+from rlhf_jax.stages.common import (
+    STAGE_FILE,
+    StageConfig,
+    StageOptimizerConfig,
+    StepFn,
+    check_vocab,
+    completed_model,
+    export_model,
+    fixed_batches,
+    jit_on_mesh,
+    length_buckets,
+    load_tokenizer,
+    model_config,
+    setup_training,
+    stage_record,
+    total_steps,
+    write_config,
+)
+from rlhf_jax.tokenizer import Tokenizer
+from rlhf_jax.train import MetricsWriter, OptimizerConfig, TrainState, make_schedule, run_loop
+
+
+@dataclasses.dataclass(frozen=True)
+class SFTOptimizerConfig(StageOptimizerConfig):
+    """IG App. C.1: lr 9.65e-6 (1.3B and 6B models), cosine decay to 10% of it, no warmup.
+
+    A class of its own so that a partial ``optimizer`` table or ``--set optimizer.lr=...`` keeps
+    these defaults (config loading builds nested configs from their class defaults)."""
+
+    lr: float = 9.65e-6
+    schedule: Literal["constant", "cosine", "linear"] = "cosine"
+    final_lr_fraction: float = 0.1
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SFTConfig(StageConfig):
+    """Supervised fine-tuning.  Defaults are InstructGPT's (App. C.1) for its 1.3B/6B models.
+
+    ``train_data``/``eval_data``: JSONL demonstrations ``{"prompt", "response"}``.
+    ``max_len``: longest sequence, BOS and EOS included (None: the model's context); sequences
+    are padded to the smallest of ``buckets`` (capped at ``max_len``) that holds a batch.
+    ``truncation``: a longer demonstration raises ("error") or loses its end ("right").
+    ``packing``: several demonstrations per row of ``max_len`` tokens, attention kept within each.
+    ``sample_prompts``: greedy completions of that many held-out prompts are written to
+    ``samples.jsonl`` at every evaluation (0: none).
+    """
+
+    batch_size: int = 32  # IG App. C.1: 32 for 1.3B and 6B (8 for 175B)
+    epochs: float = 16.0  # IG §3.5, App. C.1
+    optimizer: SFTOptimizerConfig = SFTOptimizerConfig()
+    prompt_masking: bool = True  # IG silent; loss on the response (and EOS) only
+    packing: bool = False
+    max_len: int | None = None
+    buckets: tuple[int, ...] = DEFAULT_BUCKETS
+    truncation: Literal["error", "right"] = "error"
+    sample_prompts: int = 4
+    sample_max_new_tokens: int = 64
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+
+        def fail(field: str, rule: str) -> None:
+            raise ConfigError(f"SFTConfig.{field} must be {rule}, got {getattr(self, field)!r}")
+
+        if self.max_len is not None and self.max_len < 2:
+            fail("max_len", "None or an int >= 2")
+        if not self.buckets or any(not isinstance(b, int) or b < 2 for b in self.buckets):
+            fail("buckets", "a non-empty list of ints >= 2")
+        if self.truncation not in ("error", "right"):
+            fail("truncation", "'error' or 'right'")
+        if self.sample_prompts < 0:
+            fail("sample_prompts", "an int >= 0")
+        if self.sample_max_new_tokens < 1:
+            fail("sample_max_new_tokens", "an int >= 1")
+
+
+# ------------------------------------------------------------------------------------ the step
+
+
+def sft_batch_loss(model: Transformer, params: Params, batch: dict[str, jax.Array]) -> jax.Array:
+    """``losses.sft_loss`` of a batch: ``tokens``, ``mask``, ``loss_mask`` ``[b, T]`` int
+    (``loss_mask`` marks targets, ``data.batching`` conventions), plus ``positions`` and
+    ``segment_ids`` ``[b, T]`` for packed rows.  A scalar: the mean next-token NLL over all
+    targets of the batch."""
+    logits = forward(model, params, batch["tokens"], batch["mask"],
+                     positions=batch.get("positions"), segment_ids=batch.get("segment_ids")).logits
+    return sft_loss(logits, batch["tokens"], batch["loss_mask"])
+
+
+@functools.lru_cache(maxsize=None)
+def sft_step_fn(model: Transformer, optimizer: OptimizerConfig | None = None) -> StepFn:
+    """The pure SFT update ``(state, batch) -> (state, metrics)`` (jit it, or ``jit_on_mesh``).
+
+    ``batch``: as for ``sft_batch_loss``, whose gradient the update applies.
+
+    Metrics: ``loss``, ``tokens`` (targets counted), ``grad_norm`` (global L2 norm of the
+    gradient), and ``lr`` (the rate of this update) when ``optimizer`` is given.
+    """
+    schedule = None if optimizer is None else make_schedule(optimizer)
+    accum = 1 if optimizer is None else optimizer.grad_accum_steps
+
+    def step(state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainState, dict[str, jax.Array]]:
+        loss, grads = jax.value_and_grad(lambda p: sft_batch_loss(model, p, batch))(state.params)
+        metrics = {
+            "loss": loss,
+            "tokens": jnp.sum(batch["loss_mask"][:, 1:] != 0),
+            "grad_norm": optax.tree.norm(grads),
+        }
+        if schedule is not None:
+            metrics["lr"] = schedule(state.step // accum)
+        return state.apply_gradients(grads), metrics
+
+    return step
+
+
+def sft_train_step(model: Transformer, optimizer: OptimizerConfig | None = None) -> StepFn:
+    """``jax.jit(sft_step_fn(model, optimizer))``: the SFT update for notebooks and tests;
+    placement follows the inputs (see ``common.jit_on_mesh`` for explicit mesh shardings)."""
+    return jax.jit(sft_step_fn(model, optimizer))
+
+
+@functools.lru_cache(maxsize=None)
+def sft_eval_fn(model: Transformer) -> Any:
+    """``(params, batch) -> {"nll_sum", "tokens"}``: summed next-token NLL over the batch's targets
+    and their count, so that ``nll_sum / tokens`` over a whole held-out set is its ``sft_loss``."""
+
+    def evaluate(params: Params, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+        logits = forward(model, params, batch["tokens"], batch["mask"]).logits
+        targets = batch["loss_mask"][:, 1:] != 0
+        nll = -jnp.where(targets, token_logprobs(logits, batch["tokens"]), 0.0)
+        return {"nll_sum": jnp.sum(nll), "tokens": jnp.sum(targets)}
+
+    return evaluate
+
+
+# ------------------------------------------------------------------------------------ the data
+
+
+def demonstration_arrays(
+    path: str | Path,
+    tokenizer: Tokenizer,
+    buckets: tuple[int, ...],
+    *,
+    prompt_masking: bool = True,
+    truncation: str = "error",
+) -> tuple[list, dict[str, np.ndarray]]:
+    """``(records, arrays)`` of a demonstrations file: ``tokens``, ``mask``, ``loss_mask``
+    ``[n, L]`` int32 (``data.tokenize_demonstrations``); errors name the file."""
+    records = read_demonstrations(path)
+    if not records:
+        raise DataError(f"{path}: no demonstrations")
+    try:
+        arrays = tokenize_demonstrations(records, tokenizer, buckets, train_on_prompt=not prompt_masking,
+                                         truncation=truncation)
+    except ValueError as e:
+        raise DataError(f"{path}: {e}") from None
+    return records, arrays
+
+
+def pack(arrays: dict[str, np.ndarray], seq_len: int, pad_id: int) -> dict[str, np.ndarray]:
+    """``data.pack_sequences`` plus: the first token of every document is never a target, so no
+    document is predicted from the end of the one before it (packed loss == unpacked loss)."""
+    packed = pack_sequences(arrays["tokens"], arrays["mask"], arrays["loss_mask"], seq_len, pad_id=pad_id)
+    packed["loss_mask"] = np.where(packed["positions"] == 0, 0, packed["loss_mask"]).astype(np.int32)
+    return packed
+
+
+# --------------------------------------------------------------------------------- the stage
+
+
+def train_sft(cfg: SFTConfig) -> Path:
+    """Run (or resume, or skip if complete) the SFT stage; returns ``workdir/model``.
+
+    Reads ``cfg.train_data`` (and ``eval_data``), builds or loads the model, trains for
+    ``loop.total_steps`` or ``epochs``, evaluates held-out loss / perplexity (and greedy samples)
+    every ``loop.eval_every`` steps and at the end, and exports the final model.
+    """
+    workdir = Path(cfg.workdir)
+    tokenizer = load_tokenizer(cfg.tokenizer, cfg.model)
+    config = model_config(cfg.model, "lm")
+    check_vocab(tokenizer, config, f"SFTConfig.tokenizer vs the model ({cfg.model.describe()})")
+    buckets = length_buckets(cfg.buckets, cfg.max_len, config.max_len, "SFTConfig")
+    _, train = demonstration_arrays(cfg.train_data, tokenizer, buckets,
+                                    prompt_masking=cfg.prompt_masking, truncation=cfg.truncation)
+    if cfg.packing:
+        train = pack(train, buckets[-1], tokenizer.pad_id)
+    n_rows = len(train["tokens"])
+    if cfg.batch_size > n_rows:
+        raise ConfigError(f"SFTConfig.batch_size {cfg.batch_size} exceeds the {n_rows} training rows "
+                          f"of {cfg.train_data}")
+    batches = BatchIterator(train, cfg.batch_size, seed=cfg.seed, buckets=buckets)
+    held_out = None
+    if cfg.eval_data is not None:
+        held_out = demonstration_arrays(cfg.eval_data, tokenizer, buckets, prompt_masking=cfg.prompt_masking,
+                                        truncation=cfg.truncation)
+    steps = total_steps(cfg, len(batches))
+    done = completed_model(workdir, steps)
+    if done is not None:
+        return done
+    write_config(workdir, cfg)
+
+    model, state, train_step, mesh, _ = setup_training(cfg, "lm", steps, sft_step_fn)
+
+    samples = MetricsWriter(workdir, tensorboard=False)
+    try:
+        eval_fn = None if held_out is None else _make_eval(cfg, model, tokenizer, state, mesh, *held_out, samples)
+        state, _ = run_loop(
+            state=state,
+            train_step=train_step,
+            batches=batches,
+            loop_cfg=cfg.loop.resolve(steps),
+            workdir=workdir,
+            eval_fn=eval_fn,
+            tokens_in_batch=lambda batch: int(batch["mask"].sum()),
+        )
+    finally:
+        samples.close()
+    return export_model(workdir, model, state.params, tokenizer, {STAGE_FILE: stage_record("sft", steps, cfg)})
+
+
+def _make_eval(cfg: SFTConfig, model: Transformer, tokenizer: Tokenizer, state: TrainState, mesh: Any,
+               records: list, held_out: dict[str, np.ndarray], samples: MetricsWriter) -> Any:
+    """``state -> {"loss", "perplexity"}`` over the held-out set, writing greedy samples."""
+    evaluate = jit_on_mesh(sft_eval_fn(model), mesh, state.params, returns_tree=False)
+    batches = fixed_batches(held_out, cfg.batch_size, cfg.eval_batches)
+    sampler = _greedy_sampler(cfg, model, tokenizer, records[: cfg.sample_prompts])
+
+    def eval_fn(state: TrainState) -> dict[str, float]:
+        sums = [evaluate(state.params, batch) for batch in batches]
+        nll = sum(float(s["nll_sum"]) for s in sums)
+        count = sum(int(s["tokens"]) for s in sums)
+        loss = nll / max(count, 1)
+        if sampler is not None:
+            step = int(state.step)
+            for i, text in enumerate(sampler(state.params)):
+                samples.write_text(step, f"sample_{i}", text)
+        return {"loss": loss, "perplexity": math.exp(loss)}
+
+    return eval_fn
+
+
+def _greedy_sampler(cfg: SFTConfig, model: Transformer, tokenizer: Tokenizer, records: list) -> Any:
+    """``params -> [prompt + greedy response]`` for ``records`` (None when there is nothing to
+    sample or no room in the context)."""
+    if not records:
+        return None
+    prompt_len = max(len(tokenizer.encode(r.prompt, add_bos=True)) for r in records)
+    new_tokens = min(cfg.sample_max_new_tokens, model.config.max_len - prompt_len)
+    if new_tokens < 1:
+        return None
+    prompts = tokenize_prompts([Prompt(r.prompt) for r in records], tokenizer, prompt_len)
+    gen = GenerateConfig(max_new_tokens=new_tokens, greedy=True, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
+
+    def sample(params: Params) -> list[str]:
+        key = jax.random.PRNGKey(0)  # unused: greedy decoding draws nothing
+        rollout = generate(model, params, prompts["tokens"], prompts["mask"], key, gen)
+        response, mask = np.asarray(rollout.response), np.asarray(rollout.response_mask)
+        return [r.prompt + tokenizer.decode(response[i][mask[i] != 0]) for i, r in enumerate(records)]
+
+    return sample
