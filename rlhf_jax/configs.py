@@ -26,7 +26,7 @@ except ModuleNotFoundError:  # Python 3.10: `pip install tomli` for TOML configs
     except ModuleNotFoundError:
         tomllib = None  # type: ignore[assignment]
 
-__all__ = ["ConfigError", "from_dict", "to_dict", "load_config"]
+__all__ = ["ConfigError", "from_dict", "to_dict", "load_config", "merge_dicts"]
 
 T = TypeVar("T")
 
@@ -60,7 +60,12 @@ def from_dict(cls: type[T], data: Mapping[str, Any], *, where: str = "config") -
     kwargs = {}
     for name, f in fields.items():
         if name in data:
-            kwargs[name] = _convert(data[name], hints[name], f"{where}.{name}")
+            value = data[name]
+            if dataclasses.is_dataclass(f.default) and isinstance(value, Mapping):
+                # A partial table overrides the field's own default, not the class defaults
+                # (e.g. `--set optimizer.lr=1e-5` keeps the stage's cosine schedule).
+                value = merge_dicts(to_dict(f.default), value)
+            kwargs[name] = _convert(value, hints[name], f"{where}.{name}")
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             raise ConfigError(f"missing required key '{where}.{name}' ({cls.__name__})")
     try:
@@ -69,6 +74,14 @@ def from_dict(cls: type[T], data: Mapping[str, Any], *, where: str = "config") -
         raise ConfigError(f"{where}: {e}") from e
     except (ValueError, TypeError) as e:
         raise ConfigError(f"{where} ({cls.__name__}): {e}") from e
+
+
+def merge_dicts(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    """``base`` with ``over`` merged in, recursively for nested tables."""
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = merge_dicts(out[k], v) if isinstance(v, Mapping) and isinstance(out.get(k), dict) else v
+    return out
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

@@ -153,3 +153,19 @@ def test_key_error_in_file_names_the_file(tmp_path):
     path.write_text(json.dumps({"name": "x", "extra": 1}))
     with pytest.raises(ConfigError, match=r"unknown key 'config \(.*c\.json\)\.extra'"):
         load_config(Outer, path)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Leaf:
+    a: int
+    b: str = "class"
+
+
+@dataclasses.dataclass(frozen=True)
+class _Holder:
+    leaf: _Leaf = _Leaf(a=7, b="field")
+
+
+def test_partial_table_overrides_the_field_default_not_the_class_defaults():
+    assert from_dict(_Holder, {"leaf": {"b": "set"}}).leaf == _Leaf(a=7, b="set")
+    assert from_dict(_Holder, {}).leaf == _Leaf(a=7, b="field")
