@@ -23,6 +23,10 @@ from typing import Any
 
 from rlhf_jax.configs import ConfigError, load_config, to_dict
 from rlhf_jax.data import DataError
+from rlhf_jax.pipeline import PipelineConfig, run_pipeline
+from rlhf_jax.plan import main as plan_main
+from rlhf_jax.ppo import PRESETS
+from rlhf_jax.stages.ppo import PPOStageConfig, train_ppo
 from rlhf_jax.stages.reward import RMConfig, train_rm
 from rlhf_jax.stages.sft import SFTConfig, train_sft
 from rlhf_jax.train import NonFiniteError
@@ -40,7 +44,23 @@ class Command:
 COMMANDS: dict[str, Command] = {
     "sft": Command(SFTConfig, train_sft, "stage 1: supervised fine-tuning on demonstrations"),
     "rm": Command(RMConfig, train_rm, "stage 2: K-way reward model on ranked comparisons"),
+    "ppo": Command(PPOStageConfig, train_ppo, "stage 3: PPO-ptx against the reward model"),
+    "pipeline": Command(PipelineConfig, run_pipeline, "the whole recipe end to end (default: the built-in world)"),
 }
+
+
+def preset_overrides(name: str) -> list[str]:
+    """``ppo.PRESETS[name]`` as ``--set`` strings on the stage's ``ppo`` table."""
+    if name not in PRESETS:
+        raise ConfigError(f"--preset: unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+
+    def flat(prefix: str, table: dict[str, Any]) -> list[str]:
+        out = []
+        for k, v in table.items():
+            out += flat(f"{prefix}.{k}", v) if isinstance(v, dict) else [f"{prefix}.{k}={json.dumps(v)}"]
+        return out
+
+    return flat("ppo", PRESETS[name])
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,11 +74,19 @@ def build_parser() -> argparse.ArgumentParser:
                        help="override one config value, e.g. optimizer.lr=1e-5 (repeatable)")
         p.add_argument("--print-config", action="store_true",
                        help="print the resolved config as JSON and exit")
+        if name == "ppo":
+            p.add_argument("--preset", choices=sorted(PRESETS),
+                           help="start from another implementation's PPO defaults (before --set)")
+    # `plan` parses its own arguments (rlhf_jax.plan.main); listed here for --help only.
+    sub.add_parser("plan", help="per-device memory plan of a config, before any training", add_help=False)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``rlhf-jax`` with ``argv`` (default ``sys.argv[1:]``); returns the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["plan"]:
+        return plan_main(argv[1:])
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
@@ -66,7 +94,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(e.code or 0)
     command = COMMANDS[args.command]
     try:
-        cfg = load_config(command.config, args.config, args.overrides)
+        overrides = preset_overrides(args.preset) if getattr(args, "preset", None) else []
+        cfg = load_config(command.config, args.config, overrides + args.overrides)
     except ConfigError as e:
         return _fail(2, e)
     if args.print_config:
@@ -79,7 +108,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(2, e)
     except (DataError, FileNotFoundError, NonFiniteError) as e:
         return _fail(1, e)
-    print(result)
+    if not isinstance(result, dict):  # the pipeline prints its own table
+        print(result)
     return 0
 
 

@@ -114,3 +114,15 @@ def test_experiment_scripts_and_shipped_configs(script, command, config, monkeyp
         runpy.run_path(str(REPO / "experiments" / script), run_name="__main__")
     assert exit_info.value.code == 0
     assert json.loads(capsys.readouterr().out)["workdir"] == cfg.workdir
+
+
+def test_ppo_preset_applies_before_overrides(capsys):
+    base = ["--set", "workdir=w", "--set", "model.hf_dir=x", "--set", "train_data=t", "--set", "reward_model=r"]
+    assert main(["ppo", "--preset", "trl", "--print-config", *base, "--set", "ppo.vf_coef=0.3"]) == 0
+    cfg = json.loads(capsys.readouterr().out)
+    assert cfg["ppo"]["kl"]["init_kl_coef"] == 0.05 and cfg["ppo"]["ptx_coef"] == 0.0
+    assert cfg["ppo"]["generation"]["temperature"] == 0.7 and cfg["ppo"]["score_position"] == "after_last"
+    assert cfg["ppo"]["vf_coef"] == 0.3  # --set wins over the preset
+    assert cfg["ppo"]["generation"]["max_new_tokens"] == 32  # untouched fields keep their defaults
+    assert main(["ppo", "--print-config", *base]) == 2  # the default ptx_coef needs ptx_data
+    assert "ptx_data" in capsys.readouterr().err
