@@ -23,6 +23,7 @@ from typing import Any
 
 from rlhf_jax.configs import ConfigError, load_config, to_dict
 from rlhf_jax.data import DataError
+from rlhf_jax.distributed import DistributedConfig, initialize as initialize_distributed
 from rlhf_jax.pipeline import PipelineConfig, run_pipeline
 from rlhf_jax.plan import main as plan_main
 from rlhf_jax.ppo import PRESETS
@@ -102,6 +103,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(json.dumps(to_dict(cfg), indent=2))
         return 0
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    initialize_distributed(getattr(cfg, "distributed", DistributedConfig()))
     try:
         result = command.run(cfg)
     except ConfigError as e:

@@ -31,6 +31,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from rlhf_jax import hf
 from rlhf_jax.configs import ConfigError, to_dict
+from rlhf_jax.distributed import DistributedConfig
 from rlhf_jax.model import ModelConfig, Params, Transformer, init_params
 from rlhf_jax.sharding import BATCH_AXES, MeshConfig, make_mesh, shard_batch, state_shardings
 from rlhf_jax.tokenizer import Tokenizer
@@ -202,6 +203,7 @@ class StageConfig:
     optimizer: StageOptimizerConfig = StageOptimizerConfig()
     loop: StageLoopConfig = StageLoopConfig()
     mesh: MeshConfig = MeshConfig()
+    distributed: DistributedConfig = DistributedConfig()
 
     def __post_init__(self) -> None:
         name = type(self).__name__
