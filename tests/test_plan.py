@@ -1,0 +1,232 @@
+"""Memory planning: exact parameter/optimizer bytes against hand counts, sharded sizes against
+hand-divided shapes, the fit check's advice, the compiler path on 8 simulated devices, the CLI."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import jax
+import pytest
+
+from _multidevice import run_on_devices
+from rlhf_jax.configs import ConfigError, load_config, to_dict
+from rlhf_jax.model import ModelConfig, init_cache
+from rlhf_jax.plan import GiB, PlanConfig, PlanError, activation_bytes, check_fits, kv_cache_bytes, main, plan
+from rlhf_jax.sharding import MeshConfig
+
+# d 64, 4 heads of 16, 2 KV heads, SwiGLU 96, untied head: every Llama weight kind.
+LLAMA = ModelConfig(arch="llama", vocab_size=256, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2,
+                    d_ff=96, max_len=128, tie_embeddings=False)
+GPT2 = ModelConfig(arch="gpt2", vocab_size=300, d_model=64, n_layers=3, n_heads=4, max_len=96)
+
+
+def llama_count(c: ModelConfig) -> int:
+    d, hd, f, v = c.d_model, c.head_dim, c.d_ff, c.vocab_size
+    layer = 2 * d + d * c.n_heads * hd + 2 * d * c.kv_heads * hd + c.n_heads * hd * d + 3 * d * f
+    return v * d + c.n_layers * layer + d + d * v  # embed, layers, final norm, lm_head
+
+
+def gpt2_count(c: ModelConfig) -> int:
+    d, f = c.d_model, 4 * c.d_model
+    layer = 2 * 2 * d + (d * 3 * d + 3 * d) + (d * d + d) + (d * f + f) + (f * d + d)
+    return c.vocab_size * d + c.max_len * d + c.n_layers * layer + 2 * d  # tied: no head
+
+
+def cfg(**kw) -> PlanConfig:
+    base = dict(model=LLAMA, devices=1, mesh=MeshConfig(), batch_size=8, seq_len=64, compile="none")
+    return PlanConfig(**{**base, **kw})
+
+
+# ------------------------------------------------------------------------ exact bytes
+
+
+@pytest.mark.parametrize("model, count", [(LLAMA, llama_count(LLAMA)), (GPT2, gpt2_count(GPT2))])
+def test_parameter_bytes_equal_hand_count(model, count):
+    p = plan(cfg(model=model))
+    assert p.n_params == count
+    assert p.row_bytes("params") == 4 * count
+    assert p.row_bytes("gradients") == 4 * count
+
+
+def test_optimizer_is_two_float32_moments_plus_counts():
+    n = llama_count(LLAMA)
+    opt = plan(cfg()).row_bytes("optimizer")
+    assert 8 * n <= opt <= 8 * n + 64  # mu, nu + int32 step counts
+    accum = plan(cfg(grad_accum_steps=2)).row_bytes("optimizer")
+    assert 12 * n <= accum <= 12 * n + 64  # + MultiSteps' float32 accumulator
+
+
+def test_per_device_params_fsdp8():
+    # (1, 8, 1): every kernel and the embedding split 8 ways on d_model; norms whole.
+    p = plan(cfg(devices=8, mesh=MeshConfig(fsdp=8)))
+    layer = (8 * 64) + 2 * (8 * 32) + (64 * 8) + 2 * (8 * 96) + (96 * 8) + 2 * 64
+    assert p.row_bytes("params") == 4 * (256 * 8 + 2 * layer + 64 + 8 * 256)
+    assert p.fallbacks == ()
+
+
+def test_per_device_params_fsdp4_tensor2_with_non_divisible_vocab():
+    # (1, 4, 2), vocab 255 (odd): tensor cannot split the vocabulary, so embedding and head keep it whole.
+    model = dataclasses.replace(LLAMA, vocab_size=255)
+    p = plan(cfg(model=model, devices=8, mesh=MeshConfig(fsdp=4, tensor=2)))
+    layer = (16 * 32) + 2 * (16 * 16) + (32 * 16) + 2 * (16 * 48) + (48 * 16) + 2 * 64
+    assert p.row_bytes("params") == 4 * (255 * 16 + 2 * layer + 64 + 16 * 255)
+    assert set(p.fallbacks) == {"embed/embedding", "lm_head/kernel"}
+
+
+def test_ppo_frozen_models_in_bfloat16():
+    lm = llama_count(LLAMA)
+    value = lm - LLAMA.d_model * LLAMA.vocab_size + LLAMA.d_model + 1  # scalar head replaces lm_head
+    p = plan(cfg(stage="ppo", batch_size=8, ppo_minibatches=2, prompt_len=16, max_new_tokens=16,
+                 frozen_dtype="bfloat16"))
+    assert p.row_bytes("frozen models") == 2 * (lm + value)
+    assert p.row_bytes("params") == 4 * (lm + value)
+
+
+def test_reward_model_plan_counts_the_scalar_head_and_k_responses():
+    value = llama_count(LLAMA) - LLAMA.d_model * LLAMA.vocab_size + LLAMA.d_model + 1
+    p = plan(cfg(stage="rm", batch_size=2, k_responses=4))
+    assert p.row_bytes("params") == 4 * value
+    assert p.row_bytes("activations") == activation_bytes(LLAMA.replace(dtype="bfloat16"), 8, 64)
+    assert p.row_bytes("logits") == 0
+
+
+# ----------------------------------------------------------------------- analytic rows
+
+
+def test_kv_cache_matches_the_generation_cache():
+    model = LLAMA.replace(dtype="bfloat16")
+    cache = jax.eval_shape(lambda: init_cache(model, 6, 40))
+    kv = sum(leaf.size * leaf.dtype.itemsize for layer in cache["layers"] for leaf in layer.values())
+    assert kv_cache_bytes(model, 6, 40) == kv
+    assert kv_cache_bytes(model, 6, 40, tensor=2) == kv // 2
+
+
+def test_activations_follow_korthikanti_accounting():
+    # Korthikanti et al. 2022 §4.1, 16-bit GPT layer: s·b·h·34 + 5·a·s²·b bytes. This model has no
+    # dropout (−2·sbh residual masks, −a·s²·b attention mask, −2·a·s²·b dropout output) and keeps a
+    # float32 softmax (+4·a·s²·b) and a boolean attention mask (+b·s²).
+    c = GPT2.replace(dtype="bfloat16")
+    b, s, h, a = 3, 32, c.d_model, c.n_heads
+    paper = s * b * h * 34 + 5 * a * s * s * b
+    layer = paper - 2 * s * b * h - 3 * a * s * s * b + 4 * a * s * s * b + b * s * s
+    outside = 2 * 2 * b * s * h  # final norm input and output
+    assert activation_bytes(c, b, s) == c.n_layers * layer + outside
+    # Full recomputation (§4.3): 2·sbh per layer plus one layer rebuilt at a time.
+    assert activation_bytes(c.replace(remat=True), b, s) == c.n_layers * 2 * s * b * h + layer + outside
+
+
+# --------------------------------------------------------------------------- fit check
+
+
+def test_fit_check_gives_advice_that_fits(tmp_path):
+    # 8 GiB devices, pure data parallelism: the replicated Adam state alone does not fit.
+    big = ModelConfig(arch="llama", vocab_size=32000, d_model=2048, n_layers=8, n_heads=16, n_kv_heads=4,
+                      d_ff=5632, max_len=2048, tie_embeddings=False)
+    bad = PlanConfig(model=big, devices=8, mesh=MeshConfig(data=8, fsdp=1), device_memory_gib=8,
+                     batch_size=16, seq_len=512, compile="none")
+    result = plan(bad)
+    with pytest.raises(PlanError, match=r"needs \d+\.\d GiB per device of 7\.2 GiB usable") as info:
+        check_fits(result)
+    assert "mesh.fsdp=8" in str(info.value)
+    overrides, gib = info.value.suggestions[0]
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(to_dict(bad)))
+    fixed = plan(load_config(PlanConfig, path, overrides))
+    check_fits(fixed)
+    assert abs(fixed.total_bytes / GiB - gib) < 0.05
+
+
+def test_fit_check_says_when_nothing_fits():
+    tiny_device = cfg(device_memory_gib=1e-4)  # 0.1 MiB: not even the parameters
+    with pytest.raises(PlanError, match=r"with remat=true, batch_size=1, grad_accum_steps=8 it still needs "
+                                        r".*: use more devices"):
+        check_fits(plan(tiny_device))
+
+
+def test_fit_check_passes_when_it_fits():
+    check_fits(plan(cfg(devices=8, mesh=MeshConfig(fsdp=8), remat=True)))
+
+
+# ---------------------------------------------------------------------------- compiler
+
+
+def test_compiled_in_child_on_8_simulated_devices():
+    one_layer = LLAMA.replace(n_layers=1)
+    p = plan(cfg(model=one_layer, devices=8, mesh=MeshConfig(fsdp=8), compile="cpu", compile_layers=0))
+    k = p.compiled
+    assert (k.backend, k.devices, k.layers) == ("cpu", 8, (1,))
+    state = p.phase_bytes("state")  # params + Adam moments, sharded (checked by hand above)
+    scalars = 4 + 8  # step (int32) and rng key (uint32[2]), replicated
+    batch = 3 * 8 * 64 * 4  # tokens, mask, loss_mask: int32 [8, 64]
+    assert k.argument_bytes == state + scalars + batch // 8
+    assert k.alias_bytes == state + scalars  # the donated train state
+    unsharded = 3 * 4 * llama_count(one_layer) + scalars + batch
+    assert k.argument_bytes < unsharded / 4
+    assert k.temp_bytes > 0 and k.peak_bytes > k.argument_bytes
+
+
+@pytest.mark.slow
+def test_compiled_sharded_vs_replicated_and_extrapolation():
+    out = run_on_devices("""
+        import json
+        from rlhf_jax.model import ModelConfig
+        from rlhf_jax.plan import PlanConfig, compiled_memory
+        from rlhf_jax.sharding import MeshConfig
+        m = ModelConfig(arch="llama", vocab_size=256, d_model=64, n_layers=3, n_heads=4, n_kv_heads=2,
+                        d_ff=96, tie_embeddings=False)
+        def run(**kw):
+            c = PlanConfig(model=m, devices=8, batch_size=8, seq_len=64, compile="local", **kw)
+            return compiled_memory(c).__dict__
+        print(json.dumps({"fsdp": run(mesh=MeshConfig(fsdp=8), compile_layers=0),
+                          "fsdp_extrapolated": run(mesh=MeshConfig(fsdp=8), compile_layers=2),
+                          "data": run(mesh=MeshConfig(data=8, fsdp=1), compile_layers=0)}))
+    """, timeout=240)
+    r = json.loads(out.strip().splitlines()[-1])
+    assert 0 < r["fsdp"]["argument_bytes"] < r["data"]["argument_bytes"] / 4
+    assert r["fsdp_extrapolated"]["layers"] == [1, 2]
+    for key in ("argument_bytes", "output_bytes", "alias_bytes"):
+        assert r["fsdp_extrapolated"][key] == r["fsdp"][key]
+    assert r["fsdp_extrapolated"]["temp_bytes"] == pytest.approx(r["fsdp"]["temp_bytes"], rel=0.02)
+
+
+# ------------------------------------------------------------------------ config errors
+
+
+def test_config_errors_name_the_field(tmp_path):
+    with pytest.raises(ConfigError, match="exactly one of 'model'"):
+        PlanConfig(model=LLAMA, hf_config="x.json")
+    with pytest.raises(ConfigError, match=r"batch_size = 12 .* 8 batch shards"):
+        cfg(devices=8, mesh=MeshConfig(fsdp=8), batch_size=12)
+    with pytest.raises(ConfigError, match=r"PlanConfig.compile_layers"):
+        cfg(compile_layers=1)
+    with pytest.raises(ConfigError, match=r"PlanConfig.mesh: .*does not match the 8 devices"):
+        cfg(devices=8, mesh=MeshConfig(fsdp=4))
+    with pytest.raises(ConfigError, match=r"max_len=96"):
+        plan(cfg(model=GPT2, seq_len=128))
+    with pytest.raises(ConfigError, match=r"cannot read .*missing.json"):
+        plan(PlanConfig(hf_config=str(tmp_path / "missing.json"), devices=1, compile="none"))
+
+
+def test_hf_config_is_read(tmp_path):
+    hf = {"model_type": "llama", "vocab_size": 256, "hidden_size": 64, "intermediate_size": 96,
+          "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+          "max_position_embeddings": 128, "tie_word_embeddings": False}
+    (tmp_path / "config.json").write_text(json.dumps(hf))
+    p = plan(PlanConfig(hf_config=str(tmp_path), devices=1, batch_size=8, seq_len=64, compile="none"))
+    assert p.n_params == llama_count(LLAMA)
+
+
+# -------------------------------------------------------------------------------- CLI
+
+
+def test_main_exit_codes(tmp_path, capsys):
+    path = tmp_path / "plan.json"
+    path.write_text(json.dumps({"model": to_dict(LLAMA), "devices": 1, "mesh": {"data": 1, "fsdp": 1},
+                                "batch_size": 8, "seq_len": 64}))
+    assert main(["--config", str(path), "--no-compile"]) == 0
+    assert "verdict: fits" in capsys.readouterr().out
+    assert main(["--config", str(path), "--no-compile", "--set", "device_memory_gib=0.001"]) == 1
+    assert "needs" in capsys.readouterr().err
+    assert main(["--config", str(path), "--set", "mesh.fsdpp=2"]) == 2
+    assert "mesh.fsdpp" in capsys.readouterr().err
