@@ -141,6 +141,18 @@ def init_cache(config: ModelConfig, batch: int, length: int, dtype: Any = None) 
     }
 
 
+def _keep_batch_sharded(x: Array) -> Array:
+    """Pin activations ``[b, ...]`` to batch sharding over ``data × fsdp`` when a mesh with those
+    axes is set (``jax.set_mesh``; ``stages.common.jit_on_mesh`` does it).  Without it GSPMD lets
+    an fsdp-sharded embedding pull the whole global batch onto every device."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or not {"data", "fsdp"} <= set(mesh.axis_names):
+        return x
+    if x.shape[0] % (mesh.shape["data"] * mesh.shape["fsdp"]):
+        return x
+    return jax.lax.with_sharding_constraint(x, jax.sharding.PartitionSpec(("data", "fsdp")))
+
+
 def _rope(x: Array, positions: Array, theta: float) -> Array:
     """Rotary embedding, Hugging Face "rotate half" layout. x ``[b, t, h, d]``, positions ``[b, t]``."""
     d = x.shape[-1]
@@ -289,6 +301,7 @@ class Transformer(nn.Module):
         block_cls = nn.remat(Block) if c.remat else Block
         new_caches = []
         for i in range(c.n_layers):
+            x = _keep_batch_sharded(x)
             x, layer_cache = block_cls(c, name=f"layer_{i}")(
                 x, positions, segment_ids, k_seg, layer_caches[i], cache_index
             )

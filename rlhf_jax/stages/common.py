@@ -336,7 +336,8 @@ def jit_on_mesh(
     )
 
     def call(tree: Any, batch: Batch) -> Any:
-        return jitted(tree, shard_batch(dict(batch), mesh))
+        with jax.set_mesh(mesh):  # lets the model pin its activations to batch sharding
+            return jitted(tree, shard_batch(dict(batch), mesh))
 
     return call
 
