@@ -128,10 +128,11 @@ def positions_from_mask(mask: Array) -> Array:
 
 
 def init_cache(config: ModelConfig, batch: int, length: int, dtype: Any = None) -> dict[str, Any]:
-    """An empty KV cache of ``length`` slots: per layer ``k``/``v`` ``[batch, length, kv_heads, head_dim]``
-    and ``seg`` ``[batch, length]`` (0 = empty slot)."""
+    """An empty KV cache of ``length`` slots: per layer ``k``/``v`` ``[batch, kv_heads, length, head_dim]``
+    (heads before slots, so a decode step attends without transposing the cache) and ``seg``
+    ``[batch, length]`` (0 = empty slot)."""
     dtype = dtype or config.compute_dtype
-    shape = (batch, length, config.kv_heads, config.head_dim)
+    shape = (batch, config.kv_heads, length, config.head_dim)
     return {
         "layers": [
             {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
@@ -210,13 +211,14 @@ class Attention(nn.Module):
             q = _rope(q, positions, c.rope_theta)
             k = _rope(k, positions, c.rope_theta)
 
+        k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [b, kv_heads, t, d]
         q_slots = jnp.arange(t)
         if cache is not None:
-            k = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), cache_index, 1)
-            v = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), cache_index, 1)
+            k = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), cache_index, 2)
+            v = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), cache_index, 2)
             cache = {"k": k, "v": v}
             q_slots = q_slots + cache_index
-        k_slots = jnp.arange(k.shape[1])
+        k_slots = jnp.arange(k.shape[2])
 
         allowed = (
             (seg[:, :, None] == k_seg[:, None, :])
@@ -225,11 +227,11 @@ class Attention(nn.Module):
         )  # [b, tq, tk]
         groups = c.n_heads // c.kv_heads
         q = q.reshape(b, t, c.kv_heads, groups, c.head_dim)
-        scores = jnp.einsum("bqhgd,bkhd->bhgqk", q, k.astype(q.dtype)).astype(jnp.float32)
+        scores = jnp.einsum("bqhgd,bhkd->bhgqk", q, k.astype(q.dtype)).astype(jnp.float32)
         scores = scores / math.sqrt(c.head_dim)
         scores = jnp.where(allowed[:, None, None], scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(c.compute_dtype)
-        out = jnp.einsum("bhgqk,bkhd->bqhgd", probs, v.astype(c.compute_dtype))
+        out = jnp.einsum("bhgqk,bhkd->bqhgd", probs, v.astype(c.compute_dtype))
         out = out.reshape(b, t, c.n_heads * c.head_dim)
         return _dense(c, c.d_model, "o", c.arch == "gpt2")(out), cache
 

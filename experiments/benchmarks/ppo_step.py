@@ -1,0 +1,326 @@
+"""One PPO iteration: ``rlhf_jax.ppo.make_ppo_iteration`` vs Hugging Face TRL 1.9.0's ``PPOTrainer``.
+
+Both sides run the same randomly initialised tiny GPT-2 policy, reference, value and reward
+models (written once by our ``save_pretrained``, read back by our ``load_pretrained`` and by
+``transformers``), on the same 32 prompts of 32 tokens, sampling exactly 64 new tokens at
+temperature 1 (no stop token), float32 on CPU, one minibatch of 32, KL coefficient 0.05 and no ptx
+term, for 1 and for 4 PPO epochs.
+
+- Ours: the jitted iteration (rollout → experience → updates → KL control, one compiled program),
+  timed with ``block_until_ready``; compile time reported separately.  The split runs the three
+  phases (``rollout_phase``, ``experience_phase``, ``update_phase``) as separately jitted programs.
+- TRL: ``trl_ppo_runner.py`` in TRL's own virtualenv (``--trl-python``), timing the steady state of
+  ``PPOTrainer.train()`` between ``on_step_end`` callbacks (the first iteration is warm-up), with
+  its split from timestamps around ``batch_generation`` and the first policy+value forward.
+
+FLOPs (``iteration_flops``) give a floor time = FLOPs / (f32 matmul FLOP/s measured in this run)
+and the fraction of that peak each side reaches.
+
+    python -m experiments.benchmarks.ppo_step --trl-python /work/trl-venv/bin/python [--quick] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from tokenizers import Tokenizer, models, pre_tokenizers
+
+from experiments.benchmarks.common import (
+    format_table,
+    machine_info,
+    measure_matmul_peak,
+    median_time,
+    write_json,
+)
+from rlhf_jax.generation import GenerateConfig
+from rlhf_jax.hf import load_pretrained, save_pretrained
+from rlhf_jax.kl_control import KLControllerConfig
+from rlhf_jax.model import ModelConfig, Transformer, init_params
+from rlhf_jax.ppo import (
+    PPOConfig,
+    PPOModels,
+    PPOState,
+    experience_phase,
+    init_ppo_state,
+    make_ppo_iteration,
+    rollout_phase,
+    update_phase,
+)
+
+RUNNER = Path(__file__).with_name("trl_ppo_runner.py")
+PAD_TOKEN, EOS_TOKEN = "<pad>", "<eos>"  # ids 0 and 1; prompts use ids >= 2
+
+
+@dataclasses.dataclass(frozen=True)
+class Bench:
+    """The benchmark's shapes and hyper-parameters (the issue's definition)."""
+
+    n_layers: int = 4
+    d_model: int = 256
+    n_heads: int = 4
+    vocab: int = 1024
+    context: int = 128  # >= prompt + new
+    batch: int = 32
+    prompt: int = 32
+    new: int = 64
+    kl_coef: float = 0.05  # TRL's default
+    temperature: float = 1.0  # TRL's default is 0.7; InstructGPT samples at 1
+    learning_rate: float = 3e-6  # TRL's default
+    seed: int = 0
+
+    def model_config(self, head: str) -> ModelConfig:
+        return ModelConfig(arch="gpt2", vocab_size=self.vocab, d_model=self.d_model, n_layers=self.n_layers,
+                           n_heads=self.n_heads, max_len=self.context, head=head)
+
+    def ppo_config(self, epochs: int) -> PPOConfig:
+        return PPOConfig(
+            generation=GenerateConfig(max_new_tokens=self.new, temperature=self.temperature, eos_id=None, pad_id=0),
+            kl=KLControllerConfig(kind="fixed", init_kl_coef=self.kl_coef),
+            ptx_coef=0.0, vf_coef=0.1, epochs=epochs, num_minibatches=1, score_position="after_last")
+
+
+# ------------------------------------------------------------------------------------------ FLOPs
+
+
+def iteration_flops(b: Bench, epochs: int) -> dict[str, float]:
+    """Matmul FLOPs of one iteration, by phase (multiply-add = 2 FLOPs).
+
+    Per token through the blocks: ``2·12·d²·layers`` (q, k, v, o and the 4d MLP); the LM head adds
+    ``2·d·V`` where logits are needed, a scalar head ``2·d``; attention adds ``4·d·layers`` per
+    attended key (QKᵀ and AV) over the causal context only (the useful work).
+
+    - generation: prefill of ``P − 1`` prompt tokens, then ``N`` one-token steps with the head;
+    - scoring: forwards of the policy (ours recomputes its entropy; TRL reuses the sampling
+      logits), reference, value and reward over all ``P + N`` tokens;
+    - update: per epoch, forward + backward (≈ 3 forwards) of the policy and the value model.
+    """
+    d, layers, v, p, n, t = b.d_model, b.n_layers, b.vocab, b.prompt, b.new, b.prompt + b.new
+    block = 2 * 12 * d * d * layers
+    attn_per_key = 4 * d * layers
+    causal_keys = t * (t + 1) / 2
+
+    def forward(head: float) -> float:
+        return b.batch * (t * (block + 2 * d * head) + attn_per_key * causal_keys)
+
+    lm, scalar = forward(v), forward(1)
+    prefill_keys = (p - 1) * p / 2
+    decode_keys = sum(p + i for i in range(n))
+    gen = b.batch * ((p - 1 + n) * block + n * 2 * d * v + attn_per_key * (prefill_keys + decode_keys))
+    score = 2 * lm + 2 * scalar
+    update = epochs * 3 * (lm + scalar)
+    return {"gen": gen, "score": score, "update": update, "total": gen + score + update}
+
+
+# --------------------------------------------------------------------------------- shared inputs
+
+
+def write_shared(b: Bench, directory: Path) -> None:
+    """Random policy / value / reward models in Hugging Face format, a word-level tokenizer over
+    the vocabulary, and ``spec.json`` (prompts and settings) for ``trl_ppo_runner.py``."""
+    key = jax.random.key(b.seed)
+    for i, (name, head) in enumerate((("policy", "lm"), ("value", "scalar"), ("reward", "scalar"))):
+        model = Transformer(b.model_config(head))
+        params = init_params(model, jax.random.fold_in(key, i))
+        if head == "scalar":  # transformers' score head has no bias: keep both sides identical
+            params["score_head"]["bias"] = jnp.zeros_like(params["score_head"]["bias"])
+        # No bos/eos in the configs: nothing may stop generation early on either side.
+        save_pretrained(model, params, directory / name,
+                        extra_config={"bos_token_id": None, "eos_token_id": None, "pad_token_id": 0})
+
+    vocab = {PAD_TOKEN: 0, EOS_TOKEN: 1, **{f"t{i}": i for i in range(2, b.vocab)}}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token=EOS_TOKEN))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer.save(str(directory / "tokenizer.json"))
+
+    prompts = np.random.default_rng(b.seed).integers(2, b.vocab, size=(b.batch, b.prompt))
+    spec = {"prompts": prompts.tolist(), "pad_token": PAD_TOKEN, "eos_token": EOS_TOKEN,
+            "response_length": b.new, "kl_coef": b.kl_coef, "temperature": b.temperature,
+            "learning_rate": b.learning_rate, "seed": b.seed}
+    (directory / "spec.json").write_text(json.dumps(spec))
+
+
+def load_shared(b: Bench, directory: Path) -> tuple[PPOModels, dict[str, Any], np.ndarray]:
+    """Our models and parameters read back from the directory TRL reads, and the prompts."""
+    policy, policy_params = load_pretrained(directory / "policy")
+    value, value_params = load_pretrained(directory / "value", head="scalar")
+    reward, reward_params = load_pretrained(directory / "reward", head="scalar")
+    prompts = np.asarray(json.loads((directory / "spec.json").read_text())["prompts"], np.int32)
+    params = {"policy": policy_params, "value": value_params, "reward": reward_params}
+    return PPOModels(policy=policy, value=value, reward=reward), params, prompts
+
+
+# ------------------------------------------------------------------------------------------ ours
+
+
+def _fresh_state(b: Bench, cfg: PPOConfig, params: dict[str, Any]) -> PPOState:
+    tx = optax.adam(b.learning_rate)  # TRL: torch AdamW with weight decay 0, no clipping
+    return init_ppo_state(cfg, params["policy"], params["value"], params["reward"], tx, tx,
+                          jax.random.key(b.seed))
+
+
+def run_ours(b: Bench, models: PPOModels, params: dict[str, Any], prompts: np.ndarray, epochs: int,
+             repeats: int) -> dict[str, Any]:
+    """Seconds per jitted iteration (median of ``repeats`` after one warm-up run) and compile time."""
+    cfg = b.ppo_config(epochs)
+    ids, mask = jnp.asarray(prompts), jnp.ones(prompts.shape, jnp.int32)
+    state = _fresh_state(b, cfg, params)
+    start = time.perf_counter()
+    compiled = make_ppo_iteration(models, cfg).lower(state, ids, mask).compile()
+    compile_s = time.perf_counter() - start
+
+    def step() -> None:
+        nonlocal state
+        state, metrics = compiled(state, ids, mask)  # the state is donated
+        jax.block_until_ready((state, metrics))
+
+    seconds, times = median_time(step, repeats)
+    return {"seconds_per_iter": seconds, "times": times, "compile_s": compile_s}
+
+
+class PhaseTimer:
+    """Our split: the three phases as separately jitted programs on a fixed (undonated) state.
+
+    Generation and scoring do not depend on the number of epochs, so they are timed once.
+    """
+
+    def __init__(self, b: Bench, models: PPOModels, params: dict[str, Any], prompts: np.ndarray, repeats: int):
+        self.b, self.models, self.params, self.repeats = b, models, params, repeats
+        self.ids, self.mask = jnp.asarray(prompts), jnp.ones(prompts.shape, jnp.int32)
+        self.key = jax.random.key(b.seed + 1)
+        self.common: dict[str, float] | None = None
+
+    def split(self, epochs: int) -> dict[str, float]:
+        cfg = self.b.ppo_config(epochs)
+        models, ids, mask, key = self.models, self.ids, self.mask, self.key
+        state = _fresh_state(self.b, cfg, self.params)
+        rollout_fn = jax.jit(lambda s, i, m, k: rollout_phase(models, cfg, s, i, m, k))
+        experience_fn = jax.jit(lambda s, r: experience_phase(models, cfg, s, r))
+        rollout = jax.block_until_ready(rollout_fn(state, ids, mask, key))
+        if int(rollout.response_mask.sum()) != self.b.batch * self.b.new:
+            raise RuntimeError("ppo_step: our rollout did not sample exactly batch × new tokens")
+        exp = jax.block_until_ready(experience_fn(state, rollout))
+        if self.common is None:
+            self.common = {
+                "gen": median_time(lambda: jax.block_until_ready(rollout_fn(state, ids, mask, key)), self.repeats)[0],
+                "score": median_time(lambda: jax.block_until_ready(experience_fn(state, rollout)), self.repeats)[0],
+            }
+        update_fn = jax.jit(lambda s, e, k: update_phase(models, cfg, s, e, None, None, k))
+        update = median_time(lambda: jax.block_until_ready(update_fn(state, exp, key)), self.repeats)[0]
+        return {**self.common, "update": update}
+
+
+# ------------------------------------------------------------------------------------------- TRL
+
+
+def run_trl(python: str, directory: Path, epochs: int, updates: int, warmup: int) -> dict[str, Any]:
+    """Runs ``trl_ppo_runner.py`` with TRL's interpreter and returns its JSON (plus wall time)."""
+    out = directory / f"trl_{epochs}.json"
+    cmd = [python, str(RUNNER), str(directory), "--epochs", str(epochs), "--updates", str(updates),
+           "--warmup", str(warmup), "--out", str(out)]
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"TRL runner failed ({' '.join(cmd)}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    result = json.loads(out.read_text())
+    expected = json.loads((directory / "spec.json").read_text())["response_length"]
+    if any(n != expected for n in result["new_tokens_per_iteration"]):
+        raise RuntimeError(f"TRL sampled {result['new_tokens_per_iteration']} new tokens, expected {expected} each")
+    result["subprocess_wall_s"] = time.perf_counter() - start
+    return result
+
+
+# ------------------------------------------------------------------------------------------ main
+
+
+def _split_str(split: dict[str, float]) -> str:
+    return "/".join(f"{split[k]:.2f}" for k in ("gen", "score", "update"))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--trl-python", default=os.environ.get("TRL_PYTHON"),
+                        help="python of a virtualenv with trl==1.9.0 (default: $TRL_PYTHON; unset = skip TRL)")
+    parser.add_argument("--quick", action="store_true", help="fewer repeats (ours 2, TRL 2 timed iterations)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed iterations per side (default 5, quick 2)")
+    parser.add_argument("--epochs", type=int, nargs="+", default=[1, 4], help="PPO epochs settings (default 1 4)")
+    parser.add_argument("--json", type=Path, default=None, help="write the results here")
+    args = parser.parse_args()
+    repeats = args.repeats or (2 if args.quick else 5)
+    if repeats < 1 or any(e < 1 for e in args.epochs):
+        parser.error("--repeats and --epochs must be >= 1")
+    if args.trl_python and not Path(args.trl_python).exists():
+        parser.error(f"--trl-python {args.trl_python}: no such file")
+    if not args.trl_python:
+        print("TRL skipped: pass --trl-python /path/to/trl-venv/bin/python or set TRL_PYTHON "
+              "(see experiments/benchmarks/README.md)", file=sys.stderr)
+
+    b = Bench()
+    info = machine_info()
+    peaks = [measure_matmul_peak(repeats=max(5, repeats))]  # again after each setting: the load drifts
+    results = []
+    with tempfile.TemporaryDirectory(prefix="ppo_step_") as tmp:
+        directory = Path(tmp)
+        write_shared(b, directory)
+        models, params, prompts = load_shared(b, directory)
+        phases = PhaseTimer(b, models, params, prompts, repeats)
+        for epochs in args.epochs:
+            trl = run_trl(args.trl_python, directory, epochs, repeats, 1) if args.trl_python else None
+            ours = run_ours(b, models, params, prompts, epochs, repeats)
+            ours["split"] = phases.split(epochs)
+            results.append({"epochs": epochs, "ours": ours, "trl": trl, "flops": iteration_flops(b, epochs)})
+            peaks.append(measure_matmul_peak(repeats=max(5, repeats)))
+    info["load_avg_end"] = list(os.getloadavg())
+
+    peak = statistics.median(p["median"] for p in peaks)
+    rows = []
+    for r in results:
+        ours, trl = r["ours"], r["trl"]
+        r["floor_s"] = floor = r["flops"]["total"] / peak
+        r["ours_peak_frac"] = floor / ours["seconds_per_iter"]
+        if trl:
+            r["speedup"] = trl["seconds_per_iter"] / ours["seconds_per_iter"]
+            r["trl_peak_frac"] = floor / trl["seconds_per_iter"]
+        rows.append([
+            f"epochs={r['epochs']}", f"{ours['seconds_per_iter']:.2f}",
+            f"{trl['seconds_per_iter']:.2f}" if trl else "-",
+            f"{r['speedup']:.2f}×" if trl else "-",
+            _split_str(ours["split"]), _split_str(trl["split"]) if trl else "-",
+            f"{ours['compile_s']:.1f}", f"{r['flops']['total'] / 1e9:.0f}", f"{floor:.2f}",
+            f"{100 * r['ours_peak_frac']:.0f}%", f"{100 * r['trl_peak_frac']:.0f}%" if trl else "-",
+        ])
+
+    load = lambda xs: "/".join(f"{x:.1f}" for x in xs)  # noqa: E731
+    print(f"jax {info['jax']} ({info['backend']}), {info['cpu_count']} CPUs; load average (1/5/15 min) "
+          f"{load(info['load_avg'])} at start, {load(info['load_avg_end'])} at end")
+    if results and results[0]["trl"]:
+        t = results[0]["trl"]
+        print(f"TRL {t['versions']['trl']}, torch {t['versions']['torch']} ({t['torch_threads']} threads), "
+              f"transformers {t['versions']['transformers']}")
+    each = ", ".join(f"{p['median'] / 1e9:.0f}" for p in peaks)
+    print(f"f32 matmul peak ({peaks[0]['n']}² jax): {peak / 1e9:.0f} GFLOP/s (median of the {len(peaks)} "
+          f"measurements {each}; best single matmul {max(p['best'] for p in peaks) / 1e9:.0f})")
+    print(f"GPT-2 {b.n_layers}L d={b.d_model} V={b.vocab}; batch {b.batch} × ({b.prompt} prompt + {b.new} new), "
+          f"1 minibatch, T=1, no stop; median of {repeats} iterations per side; split in seconds\n")
+    print(format_table(["", "ours s/it", "TRL s/it", "speedup", "ours gen/score/upd", "TRL gen/score/upd",
+                        "compile s", "GFLOP", "floor s", "ours %pk", "TRL %pk"], rows))
+    if args.json:
+        write_json(args.json, {"bench": dataclasses.asdict(b), "machine": info, "peaks": peaks,
+                               "peak_flops": peak, "repeats": repeats, "results": results})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,192 @@
+"""The TRL side of ``ppo_step.py``: times Hugging Face TRL 1.9.0's ``PPOTrainer.train()``.
+
+Runs inside TRL's own virtualenv (torch, transformers, trl; see README.md) as a subprocess of
+``ppo_step.py`` and imports nothing from ``rlhf_jax``. It reads the directory ``ppo_step.py``
+wrote::
+
+    policy/  value/  reward/     Hugging Face checkpoints (GPT2LMHeadModel,
+                                 GPT2ForSequenceClassification with num_labels=1)
+    tokenizer.json               a word-level tokenizer over the model's vocabulary
+    spec.json                    {"prompts": [[int]], "pad_token": str, "eos_token": str,
+                                  "response_length": int, "kl_coef": float, "temperature": float,
+                                  "learning_rate": float, "seed": int}
+
+builds a ``PPOTrainer`` with separate policy / reference / value / reward models, one minibatch,
+no stop token, float32 on CPU, runs ``warmup + updates`` PPO iterations and writes JSON with the
+per-iteration wall time (between consecutive ``on_step_end`` callbacks) and its split:
+
+- ``gen``: ``batch_generation`` (sampling with the KV cache, ``transformers.generate``);
+- ``score``: from the end of generation to the first forward of the policy+value wrapper, i.e.
+  reference log-probs, value and reward forwards, rewards, GAE and whitening;
+- ``update``: from that forward to ``on_step_end`` (all PPO epochs: forward, backward, AdamW);
+- ``other``: the rest of the iteration (data loading, ``gc.collect``, logging).
+
+    <trl-venv>/bin/python trl_ppo_runner.py DIR --epochs 1 --updates 5 --warmup 1 --out out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+import warnings
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import datasets  # noqa: E402
+import torch  # noqa: E402
+import transformers  # noqa: E402
+import trl  # noqa: E402
+from transformers import (  # noqa: E402
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    PreTrainedTokenizerFast,
+    TrainerCallback,
+)
+from trl.experimental.ppo import PPOConfig, PPOTrainer  # noqa: E402
+from trl.experimental.ppo import ppo_trainer as trl_ppo  # noqa: E402
+
+
+class _Clock(TrainerCallback):
+    """Timestamps of the phases of each ``train()`` iteration (one dict per iteration)."""
+
+    def __init__(self) -> None:
+        self.events: list[dict[str, float]] = [{}]
+        self.generated: list[int] = []
+
+    def mark(self, name: str) -> None:
+        self.events[-1].setdefault(name, time.perf_counter())
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.train_begin = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.events[-1]["step_end"] = time.perf_counter()
+        self.events.append({})
+
+
+def _instrument(clock: _Clock) -> None:
+    """Wraps the module-level helpers that ``PPOTrainer.train`` calls by name."""
+    batch_generation, forward = trl_ppo.batch_generation, trl_ppo.forward
+
+    def timed_batch_generation(*args, **kwargs):
+        clock.mark("gen_start")
+        query_responses, logits = batch_generation(*args, **kwargs)
+        clock.mark("gen_end")
+        clock.generated.append(logits.shape[1])  # new tokens sampled (no stop token: all of them)
+        return query_responses, logits
+
+    def timed_forward(model, *args, **kwargs):
+        if isinstance(model, trl_ppo.PolicyAndValueWrapper):  # the update's forward (the ref's is not)
+            clock.mark("update_start")
+        return forward(model, *args, **kwargs)
+
+    trl_ppo.batch_generation = timed_batch_generation
+    trl_ppo.forward = timed_forward
+
+
+def _split(clock: _Clock) -> list[dict[str, float]]:
+    """Per-iteration seconds: total (step end to step end; the first from ``on_train_begin``)
+    and gen / score / update / other."""
+    out, prev = [], clock.train_begin
+    for ev in clock.events:
+        if "step_end" not in ev:
+            continue
+        total = ev["step_end"] - prev
+        gen = ev["gen_end"] - ev["gen_start"]
+        score = ev["update_start"] - ev["gen_end"]
+        update = ev["step_end"] - ev["update_start"]
+        out.append({"total": total, "gen": gen, "score": score, "update": update,
+                    "other": total - gen - score - update})
+        prev = ev["step_end"]
+    return out
+
+
+def run(directory: Path, epochs: int, updates: int, warmup: int, threads: int | None) -> dict:
+    spec = json.loads((directory / "spec.json").read_text())
+    if threads:
+        torch.set_num_threads(threads)
+    torch.manual_seed(spec["seed"])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(directory / "tokenizer.json"),
+                                        pad_token=spec["pad_token"], eos_token=spec["eos_token"])
+    f32 = {"dtype": torch.float32}
+    policy = AutoModelForCausalLM.from_pretrained(directory / "policy", **f32)
+    ref = AutoModelForCausalLM.from_pretrained(directory / "policy", **f32)
+    value = AutoModelForSequenceClassification.from_pretrained(directory / "value", num_labels=1, **f32)
+    reward = AutoModelForSequenceClassification.from_pretrained(directory / "reward", num_labels=1, **f32)
+    prompts = spec["prompts"]
+    batch = len(prompts)
+    dataset = datasets.Dataset.from_dict({"input_ids": prompts})
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        args = PPOConfig(
+            output_dir=str(directory / f"trl_out_{epochs}"),
+            per_device_train_batch_size=batch,
+            gradient_accumulation_steps=1,
+            num_mini_batches=1,
+            num_ppo_epochs=epochs,
+            total_episodes=batch * (warmup + updates),
+            local_rollout_forward_batch_size=batch,
+            response_length=spec["response_length"],
+            stop_token=None,
+            stop_token_id=None,
+            temperature=spec["temperature"],
+            kl_coef=spec["kl_coef"],
+            missing_eos_penalty=None,
+            learning_rate=spec["learning_rate"],
+            num_sample_generations=0,
+            bf16=False,
+            fp16=False,
+            use_cpu=True,
+            report_to="none",
+            save_strategy="no",
+            disable_tqdm=True,
+            logging_strategy="no",
+            seed=spec["seed"],
+            dataloader_num_workers=0,
+        )
+    clock = _Clock()
+    _instrument(clock)
+    trainer = PPOTrainer(args=args, processing_class=tokenizer, model=policy, ref_model=ref,
+                         reward_model=reward, value_model=value, train_dataset=dataset,
+                         eval_dataset=dataset, callbacks=[clock])
+    trainer.train()
+
+    iterations = _split(clock)
+    if len(iterations) != warmup + updates:
+        raise RuntimeError(f"trl_ppo_runner: expected {warmup + updates} iterations, timed {len(iterations)}")
+    steady = iterations[warmup:]
+    median = {k: statistics.median(it[k] for it in steady) for k in steady[0]}
+    return {
+        "epochs": epochs, "updates": updates, "warmup": warmup, "batch": batch,
+        "seconds_per_iter": median["total"], "split": median, "iterations": iterations,
+        "versions": {"trl": trl.__version__, "torch": torch.__version__,
+                     "transformers": transformers.__version__, "datasets": datasets.__version__},
+        "torch_threads": torch.get_num_threads(),
+        "new_tokens_per_iteration": clock.generated,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("directory", type=Path, help="the directory ppo_step.py wrote")
+    parser.add_argument("--epochs", type=int, required=True, help="PPO epochs per iteration")
+    parser.add_argument("--updates", type=int, required=True, help="timed iterations")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed first iterations")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--out", type=Path, required=True, help="write the JSON result here")
+    a = parser.parse_args()
+    if a.epochs < 1 or a.updates < 1 or a.warmup < 0:
+        parser.error("--epochs and --updates must be >= 1, --warmup >= 0")
+    a.out.write_text(json.dumps(run(a.directory, a.epochs, a.updates, a.warmup, a.threads), indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
