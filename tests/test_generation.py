@@ -18,7 +18,7 @@ from rlhf_jax.generation import (
     sequence_values,
 )
 from rlhf_jax.generation import _generate_jit
-from rlhf_jax.model import ModelConfig, Transformer, forward, init_params
+from rlhf_jax.model import Transformer, forward, init_params
 from rlhf_jax.sampling import sample_token
 
 PAD = 0
