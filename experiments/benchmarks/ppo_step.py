@@ -6,12 +6,14 @@ models (written once by our ``save_pretrained``, read back by our ``load_pretrai
 temperature 1 (no stop token), float32 on CPU, one minibatch of 32, KL coefficient 0.05 and no ptx
 term, for 1 and for 4 PPO epochs.
 
-- Ours: the jitted iteration (rollout → experience → updates → KL control, one compiled program),
-  timed with ``block_until_ready``; compile time reported separately.  The split runs the three
-  phases (``rollout_phase``, ``experience_phase``, ``update_phase``) as separately jitted programs.
-- TRL: ``trl_ppo_runner.py`` in TRL's own virtualenv (``--trl-python``), timing the steady state of
-  ``PPOTrainer.train()`` between ``on_step_end`` callbacks (the first iteration is warm-up), with
-  its split from timestamps around ``batch_generation`` and the first policy+value forward.
+- Ours: the compiled iteration (rollout → experience → updates → KL control, one program), timed
+  with ``block_until_ready``; compile time reported separately.  The split runs the three phases
+  (``rollout_phase``, ``experience_phase``, ``update_phase``) as separately jitted programs.
+- TRL: ``trl_ppo_runner.py`` in TRL's own virtualenv (``--trl-python``) runs ``PPOTrainer.train()``
+  in lockstep with us: one TRL iteration (between ``on_step_end`` callbacks), then one of ours,
+  and so on, so that the (shared, noisy) machine's load hits both alike; the first round is
+  warm-up.  Its split comes from timestamps around ``batch_generation`` and the first
+  policy+value forward.  Both sides also report process CPU time per iteration.
 
 FLOPs (``iteration_flops``) give a floor time = FLOPs / (f32 matmul FLOP/s measured in this run)
 and the fraction of that peak each side reaches.
@@ -172,23 +174,23 @@ def _fresh_state(b: Bench, cfg: PPOConfig, params: dict[str, Any]) -> PPOState:
                           jax.random.key(b.seed))
 
 
-def run_ours(b: Bench, models: PPOModels, params: dict[str, Any], prompts: np.ndarray, epochs: int,
-             repeats: int) -> dict[str, Any]:
-    """Seconds per jitted iteration (median of ``repeats`` after one warm-up run) and compile time."""
-    cfg = b.ppo_config(epochs)
-    ids, mask = jnp.asarray(prompts), jnp.ones(prompts.shape, jnp.int32)
-    state = _fresh_state(b, cfg, params)
-    start = time.perf_counter()
-    compiled = make_ppo_iteration(models, cfg).lower(state, ids, mask).compile()
-    compile_s = time.perf_counter() - start
+class OursIteration:
+    """Our compiled iteration for one epochs setting; ``step()`` runs one iteration and returns its
+    ``(wall seconds, process CPU seconds)``."""
 
-    def step() -> None:
-        nonlocal state
-        state, metrics = compiled(state, ids, mask)  # the state is donated
-        jax.block_until_ready((state, metrics))
+    def __init__(self, b: Bench, models: PPOModels, params: dict[str, Any], prompts: np.ndarray, epochs: int):
+        cfg = b.ppo_config(epochs)
+        self.ids, self.mask = jnp.asarray(prompts), jnp.ones(prompts.shape, jnp.int32)
+        self.state = _fresh_state(b, cfg, params)
+        start = time.perf_counter()
+        self.compiled = make_ppo_iteration(models, cfg).lower(self.state, self.ids, self.mask).compile()
+        self.compile_s = time.perf_counter() - start
 
-    seconds, times = median_time(step, repeats)
-    return {"seconds_per_iter": seconds, "times": times, "compile_s": compile_s}
+    def step(self) -> tuple[float, float]:
+        start, cpu = time.perf_counter(), time.process_time()
+        self.state, metrics = self.compiled(self.state, self.ids, self.mask)  # the state is donated
+        jax.block_until_ready((self.state, metrics))
+        return time.perf_counter() - start, time.process_time() - cpu
 
 
 class PhaseTimer:
@@ -226,21 +228,52 @@ class PhaseTimer:
 # ------------------------------------------------------------------------------------------- TRL
 
 
-def run_trl(python: str, directory: Path, epochs: int, updates: int, warmup: int) -> dict[str, Any]:
-    """Runs ``trl_ppo_runner.py`` with TRL's interpreter and returns its JSON (plus wall time)."""
+def run_alternating(python: str | None, directory: Path, epochs: int, repeats: int,
+                    ours: OursIteration) -> tuple[dict[str, Any] | None, list[tuple[float, float]]]:
+    """``1 + repeats`` rounds of one TRL iteration then one of ours (the first round is warm-up), so
+    that the machine's load hits both alike; TRL runs ``trl_ppo_runner.py --lockstep`` with its own
+    interpreter. Without ``python``, only ours. Returns TRL's JSON (or ``None``) and our
+    ``(wall, cpu)`` seconds of the timed rounds."""
+    if python is None:
+        return None, [ours.step() for _ in range(1 + repeats)][1:]
     out = directory / f"trl_{epochs}.json"
-    cmd = [python, str(RUNNER), str(directory), "--epochs", str(epochs), "--updates", str(updates),
-           "--warmup", str(warmup), "--out", str(out)]
-    start = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"TRL runner failed ({' '.join(cmd)}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    cmd = [python, str(RUNNER), str(directory), "--epochs", str(epochs), "--updates", str(repeats),
+           "--warmup", "1", "--lockstep", "--out", str(out)]
+    ours_times = []
+    with tempfile.TemporaryFile("w+") as log:
+        proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True)
+
+        def expect(prefix: str) -> None:
+            for line in proc.stdout:
+                if line.startswith(prefix):
+                    return
+            proc.wait()
+            log.seek(0)
+            raise RuntimeError(f"TRL runner exited ({proc.returncode}) before {prefix!r}: {' '.join(cmd)}\n"
+                               f"{log.read()[-5000:]}")
+
+        try:
+            expect("@@READY")
+            for _ in range(1 + repeats):
+                proc.stdin.write("go\n")
+                proc.stdin.flush()
+                expect("@@STEP")
+                ours_times.append(ours.step())
+            proc.stdin.write("go\n")
+            proc.stdin.close()
+            for _ in proc.stdout:  # drain whatever it prints while finishing
+                pass
+            if proc.wait() != 0:
+                log.seek(0)
+                raise RuntimeError(f"TRL runner failed ({proc.returncode}): {' '.join(cmd)}\n{log.read()[-5000:]}")
+        finally:
+            if proc.poll() is None:
+                proc.kill()
     result = json.loads(out.read_text())
     expected = json.loads((directory / "spec.json").read_text())["response_length"]
     if any(n != expected for n in result["new_tokens_per_iteration"]):
         raise RuntimeError(f"TRL sampled {result['new_tokens_per_iteration']} new tokens, expected {expected} each")
-    result["subprocess_wall_s"] = time.perf_counter() - start
-    return result
+    return result, ours_times[1:]
 
 
 # ------------------------------------------------------------------------------------------ main
@@ -278,9 +311,13 @@ def main() -> None:
         models, params, prompts = load_shared(b, directory)
         phases = PhaseTimer(b, models, params, prompts, repeats)
         for epochs in args.epochs:
-            trl = run_trl(args.trl_python, directory, epochs, repeats, 1) if args.trl_python else None
-            ours = run_ours(b, models, params, prompts, epochs, repeats)
-            ours["split"] = phases.split(epochs)
+            iteration = OursIteration(b, models, params, prompts, epochs)
+            trl, times = run_alternating(args.trl_python, directory, epochs, repeats, iteration)
+            ours = {"seconds_per_iter": statistics.median(t for t, _ in times),
+                    "cpu_seconds_per_iter": statistics.median(c for _, c in times),
+                    "times": [t for t, _ in times], "cpu_times": [c for _, c in times],
+                    "compile_s": iteration.compile_s, "split": phases.split(epochs)}
+            del iteration
             results.append({"epochs": epochs, "ours": ours, "trl": trl, "flops": iteration_flops(b, epochs)})
             peaks.append(measure_matmul_peak(repeats=max(5, repeats)))
     info["load_avg_end"] = list(os.getloadavg())
@@ -293,6 +330,7 @@ def main() -> None:
         r["ours_peak_frac"] = floor / ours["seconds_per_iter"]
         if trl:
             r["speedup"] = trl["seconds_per_iter"] / ours["seconds_per_iter"]
+            r["cpu_speedup"] = trl["cpu_seconds_per_iter"] / ours["cpu_seconds_per_iter"]
             r["trl_peak_frac"] = floor / trl["seconds_per_iter"]
         rows.append([
             f"epochs={r['epochs']}", f"{ours['seconds_per_iter']:.2f}",
@@ -301,6 +339,9 @@ def main() -> None:
             _split_str(ours["split"]), _split_str(trl["split"]) if trl else "-",
             f"{ours['compile_s']:.1f}", f"{r['flops']['total'] / 1e9:.0f}", f"{floor:.2f}",
             f"{100 * r['ours_peak_frac']:.0f}%", f"{100 * r['trl_peak_frac']:.0f}%" if trl else "-",
+            f"{ours['cpu_seconds_per_iter']:.1f}/{trl['cpu_seconds_per_iter']:.1f}" if trl
+            else f"{ours['cpu_seconds_per_iter']:.1f}/-",
+            f"{r['cpu_speedup']:.2f}×" if trl else "-",
         ])
 
     load = lambda xs: "/".join(f"{x:.1f}" for x in xs)  # noqa: E731
@@ -311,12 +352,15 @@ def main() -> None:
         print(f"TRL {t['versions']['trl']}, torch {t['versions']['torch']} ({t['torch_threads']} threads), "
               f"transformers {t['versions']['transformers']}")
     each = ", ".join(f"{p['median'] / 1e9:.0f}" for p in peaks)
-    print(f"f32 matmul peak ({peaks[0]['n']}² jax): {peak / 1e9:.0f} GFLOP/s (median of the {len(peaks)} "
-          f"measurements {each}; best single matmul {max(p['best'] for p in peaks) / 1e9:.0f})")
+    libs = "jax" + ("/torch" if peaks[0]["torch"] else "")
+    print(f"f32 matmul peak ({peaks[0]['n']}², better of {libs}): {peak / 1e9:.0f} GFLOP/s (median of the "
+          f"{len(peaks)} measurements {each}; best single matmul {max(p['best'] for p in peaks) / 1e9:.0f})")
     print(f"GPT-2 {b.n_layers}L d={b.d_model} V={b.vocab}; batch {b.batch} × ({b.prompt} prompt + {b.new} new), "
-          f"1 minibatch, T=1, no stop; median of {repeats} iterations per side; split in seconds\n")
+          f"1 minibatch, T=1, no stop; median of {repeats} iterations per side; split in seconds;\n"
+          f"CPU s = process CPU time per iteration (all threads), a load-robust second view of the ratio\n")
     print(format_table(["", "ours s/it", "TRL s/it", "speedup", "ours gen/score/upd", "TRL gen/score/upd",
-                        "compile s", "GFLOP", "floor s", "ours %pk", "TRL %pk"], rows))
+                        "compile s", "GFLOP", "floor s", "ours %pk", "TRL %pk", "CPU s ours/TRL", "CPU ratio"],
+                       rows))
     if args.json:
         write_json(args.json, {"bench": dataclasses.asdict(b), "machine": info, "peaks": peaks,
                                "peak_flops": peak, "repeats": repeats, "results": results})

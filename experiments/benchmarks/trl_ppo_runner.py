@@ -13,7 +13,8 @@ wrote::
 
 builds a ``PPOTrainer`` with separate policy / reference / value / reward models, one minibatch,
 no stop token, float32 on CPU, runs ``warmup + updates`` PPO iterations and writes JSON with the
-per-iteration wall time (between consecutive ``on_step_end`` callbacks) and its split:
+per-iteration wall time (between consecutive ``on_step_end`` callbacks), its process CPU time
+(``cpu``, all threads) and its split:
 
 - ``gen``: ``batch_generation`` (sampling with the KV cache, ``transformers.generate``);
 - ``score``: from the end of generation to the first forward of the policy+value wrapper, i.e.
@@ -21,7 +22,10 @@ per-iteration wall time (between consecutive ``on_step_end`` callbacks) and its 
 - ``update``: from that forward to ``on_step_end`` (all PPO epochs: forward, backward, AdamW);
 - ``other``: the rest of the iteration (data loading, ``gc.collect``, logging).
 
-    <trl-venv>/bin/python trl_ppo_runner.py DIR --epochs 1 --updates 5 --warmup 1 --out out.json
+With ``--lockstep`` it pauses before the first and after every iteration (see ``_Clock``) so that
+``ppo_step.py`` can alternate its own iterations with TRL's.
+
+    <trl-venv>/bin/python trl_ppo_runner.py DIR --epochs 1 --updates 5 --warmup 1 --out out.json [--lockstep]
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ import argparse
 import json
 import os
 import statistics
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -54,21 +59,48 @@ from trl.experimental.ppo import ppo_trainer as trl_ppo  # noqa: E402
 
 
 class _Clock(TrainerCallback):
-    """Timestamps of the phases of each ``train()`` iteration (one dict per iteration)."""
+    """Per-iteration timestamps of ``train()``, and the lockstep handshake.
 
-    def __init__(self) -> None:
-        self.events: list[dict[str, float]] = [{}]
+    An iteration runs from the previous ``on_step_end`` (the first from ``on_train_begin``) to its
+    own ``on_step_end``. With ``lockstep``, both callbacks print a ``@@READY`` / ``@@STEP {json}``
+    line and block until a line arrives on stdin, so the parent can run its own iteration in
+    between (the two sides then alternate and see the same machine load), and the paused time is
+    not counted.
+    """
+
+    def __init__(self, lockstep: bool) -> None:
+        self.lockstep = lockstep
+        self.events: list[dict[str, float]] = []
+        self.iterations: list[dict[str, float]] = []
         self.generated: list[int] = []
 
     def mark(self, name: str) -> None:
         self.events[-1].setdefault(name, time.perf_counter())
 
+    def _start(self) -> None:
+        self.events.append({"start": time.perf_counter(), "cpu_start": time.process_time()})
+
+    def _handshake(self, line: str) -> None:
+        if self.lockstep:
+            print(line, flush=True)
+            if not sys.stdin.readline():
+                raise SystemExit("trl_ppo_runner: stdin closed by the parent")
+
     def on_train_begin(self, args, state, control, **kwargs):
-        self.train_begin = time.perf_counter()
+        self._handshake("@@READY")
+        self._start()
 
     def on_step_end(self, args, state, control, **kwargs):
-        self.events[-1]["step_end"] = time.perf_counter()
-        self.events.append({})
+        ev = self.events[-1]
+        ev["step_end"], ev["cpu_end"] = time.perf_counter(), time.process_time()
+        total = ev["step_end"] - ev["start"]
+        gen = ev["gen_end"] - ev["gen_start"]
+        score = ev["update_start"] - ev["gen_end"]
+        update = ev["step_end"] - ev["update_start"]
+        self.iterations.append({"total": total, "gen": gen, "score": score, "update": update,
+                                "other": total - gen - score - update, "cpu": ev["cpu_end"] - ev["cpu_start"]})
+        self._handshake("@@STEP " + json.dumps(self.iterations[-1]))
+        self._start()
 
 
 def _instrument(clock: _Clock) -> None:
@@ -91,24 +123,7 @@ def _instrument(clock: _Clock) -> None:
     trl_ppo.forward = timed_forward
 
 
-def _split(clock: _Clock) -> list[dict[str, float]]:
-    """Per-iteration seconds: total (step end to step end; the first from ``on_train_begin``)
-    and gen / score / update / other."""
-    out, prev = [], clock.train_begin
-    for ev in clock.events:
-        if "step_end" not in ev:
-            continue
-        total = ev["step_end"] - prev
-        gen = ev["gen_end"] - ev["gen_start"]
-        score = ev["update_start"] - ev["gen_end"]
-        update = ev["step_end"] - ev["update_start"]
-        out.append({"total": total, "gen": gen, "score": score, "update": update,
-                    "other": total - gen - score - update})
-        prev = ev["step_end"]
-    return out
-
-
-def run(directory: Path, epochs: int, updates: int, warmup: int, threads: int | None) -> dict:
+def run(directory: Path, epochs: int, updates: int, warmup: int, threads: int | None, lockstep: bool) -> dict:
     spec = json.loads((directory / "spec.json").read_text())
     if threads:
         torch.set_num_threads(threads)
@@ -152,21 +167,22 @@ def run(directory: Path, epochs: int, updates: int, warmup: int, threads: int | 
             seed=spec["seed"],
             dataloader_num_workers=0,
         )
-    clock = _Clock()
+    clock = _Clock(lockstep)
     _instrument(clock)
     trainer = PPOTrainer(args=args, processing_class=tokenizer, model=policy, ref_model=ref,
                          reward_model=reward, value_model=value, train_dataset=dataset,
                          eval_dataset=dataset, callbacks=[clock])
     trainer.train()
 
-    iterations = _split(clock)
+    iterations = clock.iterations
     if len(iterations) != warmup + updates:
         raise RuntimeError(f"trl_ppo_runner: expected {warmup + updates} iterations, timed {len(iterations)}")
     steady = iterations[warmup:]
     median = {k: statistics.median(it[k] for it in steady) for k in steady[0]}
     return {
         "epochs": epochs, "updates": updates, "warmup": warmup, "batch": batch,
-        "seconds_per_iter": median["total"], "split": median, "iterations": iterations,
+        "seconds_per_iter": median["total"], "cpu_seconds_per_iter": median["cpu"], "split": median,
+        "iterations": iterations,
         "versions": {"trl": trl.__version__, "torch": torch.__version__,
                      "transformers": transformers.__version__, "datasets": datasets.__version__},
         "torch_threads": torch.get_num_threads(),
@@ -181,11 +197,13 @@ def main() -> None:
     parser.add_argument("--updates", type=int, required=True, help="timed iterations")
     parser.add_argument("--warmup", type=int, default=1, help="untimed first iterations")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--lockstep", action="store_true",
+                        help="pause before the first and after every iteration until a line arrives on stdin")
     parser.add_argument("--out", type=Path, required=True, help="write the JSON result here")
     a = parser.parse_args()
     if a.epochs < 1 or a.updates < 1 or a.warmup < 0:
         parser.error("--epochs and --updates must be >= 1, --warmup >= 0")
-    a.out.write_text(json.dumps(run(a.directory, a.epochs, a.updates, a.warmup, a.threads), indent=2) + "\n")
+    a.out.write_text(json.dumps(run(a.directory, a.epochs, a.updates, a.warmup, a.threads, a.lockstep), indent=2) + "\n")
 
 
 if __name__ == "__main__":
