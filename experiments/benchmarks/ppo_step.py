@@ -106,8 +106,8 @@ def iteration_flops(b: Bench, epochs: int) -> dict[str, float]:
     attended key (QKᵀ and AV) over the causal context only (the useful work).
 
     - generation: prefill of ``P − 1`` prompt tokens, then ``N`` one-token steps with the head;
-    - scoring: forwards of the policy (ours recomputes its entropy; TRL reuses the sampling
-      logits), reference, value and reward over all ``P + N`` tokens;
+    - scoring: forwards of the reference, value and reward models over all ``P + N`` tokens (the
+      rollout's own log-probs come from sampling on both sides);
     - update: per epoch, forward + backward (≈ 3 forwards) of the policy and the value model.
     """
     d, layers, v, p, n, t = b.d_model, b.n_layers, b.vocab, b.prompt, b.new, b.prompt + b.new
@@ -122,7 +122,7 @@ def iteration_flops(b: Bench, epochs: int) -> dict[str, float]:
     prefill_keys = (p - 1) * p / 2
     decode_keys = sum(p + i for i in range(n))
     gen = b.batch * ((p - 1 + n) * block + n * 2 * d * v + attn_per_key * (prefill_keys + decode_keys))
-    score = 2 * lm + 2 * scalar
+    score = lm + 2 * scalar
     update = epochs * 3 * (lm + scalar)
     return {"gen": gen, "score": score, "update": update, "total": gen + score + update}
 
