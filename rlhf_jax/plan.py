@@ -132,7 +132,8 @@ class PlanConfig:
     (micro-)batch; ``grad_accum_steps`` > 1 adds ``optax.MultiSteps``'s accumulator.
 
     PPO holds four models of the same architecture: policy (LM) and value (scalar head) trained
-    with AdamW, reference (LM) and reward (scalar head) frozen, stored in ``frozen_dtype``.
+    with AdamW, reference (LM) and reward (scalar head) frozen, stored in ``frozen_dtype`` (the
+    PPO stage's ``PPOStageConfig.frozen_dtype``: set both the same).
     """
 
     model: ModelConfig | None = None

@@ -213,6 +213,30 @@ def shard_batch(batch: Any, mesh: Mesh) -> Any:
     return jax.tree_util.tree_map_with_path(put, batch)
 
 
+def _owned_batch_shards(mesh: Mesh, process: int) -> frozenset[tuple[int, int]]:
+    """The ``(data, fsdp)`` mesh positions (batch shards) that ``process``'s devices hold."""
+    return frozenset(idx[:2] for idx, d in np.ndenumerate(mesh.devices) if d.process_index == process)
+
+
+def process_data_shard(mesh: Mesh) -> tuple[int, int]:
+    """``(index, count)``: which part of the training data this process loads (per-process data
+    loading; pass them to the readers' ``shard_index``/``shard_count``).
+
+    Processes whose devices hold the same batch shards (e.g. when ``tensor`` spans hosts) load
+    the same part; the ``count`` parts are disjoint and each feeds ``1/count`` of every global
+    batch.  One process: ``(0, 1)``.  Raises ``ValueError`` for a mesh whose processes hold
+    overlapping or unequal sets of batch shards (no per-process split exists).
+    """
+    owned = {p: _owned_batch_shards(mesh, p) for p in sorted({d.process_index for d in mesh.devices.flat})}
+    groups = sorted(set(owned.values()), key=min)
+    sizes = {len(g) for g in groups}
+    if len(sizes) > 1 or sum(map(len, groups)) != _batch_shards(mesh):
+        raise ValueError(f"sharding: the processes hold overlapping or unequal batch shards of the "
+                         f"mesh {dict(mesh.shape)} ({ {p: sorted(g) for p, g in owned.items()} }); "
+                         f"lay the mesh out so each process holds whole data × fsdp rows")
+    return groups.index(owned[jax.process_index()]), len(groups)
+
+
 def global_batch_from_local(local_batch: Any, mesh: Mesh) -> Any:
     """Assemble the global batch from each process's own rows (per-process data loading).
 
@@ -221,8 +245,7 @@ def global_batch_from_local(local_batch: Any, mesh: Mesh) -> Any:
     is ``local_batch * data * fsdp / local_shards`` rows.  In one process local == global.
     """
     process = jax.process_index()
-    local_shards = len({idx[:2] for idx, d in np.ndenumerate(mesh.devices)
-                        if d.process_index == process})
+    local_shards = len(_owned_batch_shards(mesh, process))
     shards = _batch_shards(mesh)
     where = f"of process {process} (mesh data×fsdp = {mesh.shape['data']}×{mesh.shape['fsdp']})"
 
@@ -234,3 +257,12 @@ def global_batch_from_local(local_batch: Any, mesh: Mesh) -> Any:
                                                       global_shape)
 
     return jax.tree_util.tree_map_with_path(make, local_batch)
+
+
+def place_batch(batch: Any, mesh: Mesh, *, process_local: bool) -> Any:
+    """A host batch on ``mesh``: ``global_batch_from_local`` when ``process_local`` (each process
+    loaded its own rows) and there are several processes, else ``shard_batch`` (a global batch,
+    identical on every process)."""
+    if process_local and jax.process_count() > 1:
+        return global_batch_from_local(batch, mesh)
+    return shard_batch(batch, mesh)

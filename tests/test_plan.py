@@ -81,6 +81,13 @@ def test_ppo_frozen_models_in_bfloat16():
                  frozen_dtype="bfloat16"))
     assert p.row_bytes("frozen models") == 2 * (lm + value)
     assert p.row_bytes("params") == 4 * (lm + value)
+    # PPOStageConfig.frozen_dtype="bfloat16" halves the frozen models exactly, sharded too; nothing else moves.
+    for mesh in (MeshConfig(), MeshConfig(fsdp=4, tensor=2)):
+        f32, bf16 = (plan(cfg(stage="ppo", batch_size=8, ppo_minibatches=2, prompt_len=16, max_new_tokens=16,
+                              devices=8 if mesh.tensor > 1 else 1, mesh=mesh, frozen_dtype=d))
+                     for d in ("float32", "bfloat16"))
+        assert f32.row_bytes("frozen models") == 2 * bf16.row_bytes("frozen models") > 0
+        assert f32.total_bytes - bf16.total_bytes == bf16.row_bytes("frozen models")
 
 
 def test_reward_model_plan_counts_the_scalar_head_and_k_responses():

@@ -2,6 +2,7 @@
 single-device forward on 8 simulated CPU devices (run in child processes)."""
 
 import logging
+import types
 
 import jax
 import numpy as np
@@ -17,6 +18,7 @@ from rlhf_jax.sharding import (
     batch_sharding,
     make_mesh,
     partition_specs,
+    process_data_shard,
     shard_batch,
 )
 
@@ -318,3 +320,28 @@ def test_batches_states_and_errors_on_eight_devices():
         print("ok")
     """)
     assert out.strip() == "ok"
+
+
+@pytest.mark.parametrize("owners, expected", [
+    # data=2 × fsdp=2 × tensor=2 over 2 processes of 4 devices, process 0 holding data row 0.
+    ([0, 0, 0, 0, 1, 1, 1, 1], {0: (0, 2), 1: (1, 2)}),
+    # 4 processes of 2 devices: each holds one (data, fsdp) position's two tensor devices.
+    ([0, 0, 1, 1, 2, 2, 3, 3], {0: (0, 4), 3: (3, 4)}),
+    # tensor spans processes 0/1 and 2/3: each pair holds the same batch shards, so reads one part.
+    ([0, 1, 0, 1, 2, 3, 2, 3], {0: (0, 2), 1: (0, 2), 2: (1, 2), 3: (1, 2)}),
+])
+def test_process_data_shard_groups_processes_by_batch_shards(monkeypatch, owners, expected):
+    """Stand-in devices carrying only a process index, on a (data, fsdp, tensor) = (2, 2, 2) mesh."""
+    devices = np.array([types.SimpleNamespace(process_index=p) for p in owners]).reshape(2, 2, 2)
+    mesh = types.SimpleNamespace(devices=devices, shape={"data": 2, "fsdp": 2, "tensor": 2})
+    for process, shard in expected.items():
+        monkeypatch.setattr(jax, "process_index", lambda p=process: p)
+        assert process_data_shard(mesh) == shard
+
+
+def test_process_data_shard_rejects_processes_sharing_part_of_a_shard(monkeypatch):
+    devices = np.array([types.SimpleNamespace(process_index=p) for p in [0, 0, 0, 1, 1, 1, 1, 1]]).reshape(2, 2, 2)
+    mesh = types.SimpleNamespace(devices=devices, shape={"data": 2, "fsdp": 2, "tensor": 2})
+    monkeypatch.setattr(jax, "process_index", lambda: 0)
+    with pytest.raises(ValueError, match="overlapping or unequal batch shards"):
+        process_data_shard(mesh)

@@ -8,8 +8,11 @@ stage side files such as ``reward_normalization.json``).  The next stage loads t
 its ``ModelSource(hf_dir=...)``.  A stage is complete when ``model/`` exists and records the same
 number of steps as ``DONE`` (``completed_model``).
 
-Single-host: batches are global NumPy arrays placed with ``sharding.shard_batch`` and the export
-gathers the parameters to host memory on process 0.
+Data loading is per process (``process_batches``): with several processes each reads only its
+part of the training file (``sharding.process_data_shard``) and its rows become its devices'
+shards of the global batch (``sharding.global_batch_from_local``); one process reads the whole
+file and places global batches with ``sharding.shard_batch``.  Held-out sets are small and read
+whole by every process.  The export gathers the parameters to host memory on process 0.
 """
 
 from __future__ import annotations
@@ -27,13 +30,15 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 import optax
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from rlhf_jax import hf
 from rlhf_jax.configs import ConfigError, to_dict
 from rlhf_jax.distributed import DistributedConfig
 from rlhf_jax.model import ModelConfig, Params, Transformer, init_params
-from rlhf_jax.sharding import BATCH_AXES, MeshConfig, make_mesh, shard_batch, state_shardings
+from rlhf_jax.data import BatchIterator
+from rlhf_jax.sharding import BATCH_AXES, MeshConfig, make_mesh, place_batch, process_data_shard, state_shardings
 from rlhf_jax.tokenizer import Tokenizer
 from rlhf_jax.train import DONE_FILE, LoopConfig, OptimizerConfig, TrainState, make_optimizer
 
@@ -306,7 +311,7 @@ def setup_training(
     model, params = load_model(cfg.model, head, init_key)
     optimizer = cfg.optimizer.resolve(math.ceil(steps / cfg.optimizer.grad_accum_steps))
     state = init_train_state(params, cached_optimizer(optimizer), state_key, mesh)
-    train_step = jit_on_mesh(step_fn(model, optimizer), mesh, state, donate=True)
+    train_step = jit_on_mesh(step_fn(model, optimizer), mesh, state, donate=True, process_local=True)
     return Training(model, state, train_step, mesh, optimizer)
 
 
@@ -317,6 +322,7 @@ def jit_on_mesh(
     *,
     returns_tree: bool = True,
     donate: bool = False,
+    process_local: bool = False,
 ) -> Callable[[Any, Batch], Any]:
     """``fn(tree, batch)`` jitted with explicit shardings, callable with a host batch.
 
@@ -325,6 +331,10 @@ def jit_on_mesh(
     (``returns_tree``; the tree keeps its shardings) or ``metrics`` alone; metrics come back
     replicated.  The same ``fn`` runs on one device or on a mesh and gives the same numbers.
     ``donate`` lets XLA reuse the input tree's buffers (a train step's old state).
+    ``process_local``: the batch holds this process's rows only (``process_batches``), assembled
+    into the global batch across processes (``sharding.place_batch``); otherwise it is the global
+    batch, the same on every process.  The returned function's ``jitted`` attribute is the
+    ``jax.jit`` (call its ``lower`` under ``jax.set_mesh(mesh)`` with a placed batch).
     """
     tree_sharding = state_shardings(like, mesh)
     replicated = NamedSharding(mesh, P())
@@ -337,9 +347,114 @@ def jit_on_mesh(
 
     def call(tree: Any, batch: Batch) -> Any:
         with jax.set_mesh(mesh):  # lets the model pin its activations to batch sharding
-            return jitted(tree, shard_batch(dict(batch), mesh))
+            return jitted(tree, place_batch(dict(batch), mesh, process_local=process_local))
 
+    call.jitted = jitted  # the jax.jit itself: .lower(tree, placed_batch) to inspect the program
     return call
+
+
+# ------------------------------------------------------------------------ per-process data
+
+
+def data_shard(mesh: Mesh) -> dict[str, int]:
+    """Reader arguments for this process's part of a training file (``shard_index``,
+    ``shard_count`` from ``sharding.process_data_shard``); one process reads everything."""
+    index, count = process_data_shard(mesh)
+    return {"shard_index": index, "shard_count": count}
+
+
+def across_processes(value: int, reduce: Callable[[Any], Any] = max) -> int:
+    """``reduce`` (``max``/``min``) of an int over all processes (one host all-gather); ``value``
+    itself in one process.  Every process must call it."""
+    if jax.process_count() == 1:
+        return value
+    return int(reduce(multihost_utils.process_allgather(np.asarray(value, np.int64))))
+
+
+def local_batch_size(batch_size: int, mesh: Mesh, where: str) -> int:
+    """Rows of each ``batch_size`` global batch that this process loads: ``batch_size / count``
+    (``ConfigError`` naming ``where`` unless it divides)."""
+    count = process_data_shard(mesh)[1]
+    if batch_size % count:
+        raise ConfigError(f"{where} {batch_size} does not divide over the {count} processes' data parts; "
+                          f"use a multiple of {count}")
+    return batch_size // count
+
+
+def _pad_last(x: np.ndarray, width: int, value: int) -> np.ndarray:
+    """``x`` right-padded with ``value`` along its last axis to ``width``."""
+    return np.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, width - x.shape[-1])], constant_values=value)
+
+
+def even_rows(arrays: Mapping[str, np.ndarray], pad_values: Mapping[str, int] | None = None,
+              time_key: str = "mask") -> dict[str, np.ndarray]:
+    """This process's rows made to agree with every other process's: the same number of rows
+    (the fewest any process holds; the rest are dropped) and, for arrays shaped like
+    ``arrays[time_key]``, the same right-padded time axis (the widest; filled with
+    ``pad_values[key]``, default 0).  One process: ``arrays`` unchanged."""
+    arrays = dict(arrays)
+    if jax.process_count() == 1:
+        return arrays
+    rows = across_processes(len(arrays[time_key]), min)
+    width = across_processes(arrays[time_key].shape[-1], max)
+    like = arrays[time_key].shape
+    pad_values = pad_values or {}
+    return {k: _pad_last(v[:rows], width, pad_values.get(k, 0)) if v.shape == like else v[:rows]
+            for k, v in arrays.items()}
+
+
+class _AgreedWidth:
+    """A per-process ``BatchIterator`` whose bucket-cut batches are right-padded to the widest
+    cut of any process, so that the global batch has one shape: the bucket of its longest
+    sequence, as one process holding every row would cut it (one host all-gather per batch)."""
+
+    def __init__(self, iterator: BatchIterator, pad_values: Mapping[str, int]):
+        self.iterator = iterator
+        self.pad_values = pad_values
+
+    def __len__(self) -> int:
+        return len(self.iterator)
+
+    def __iter__(self) -> _AgreedWidth:
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        batch = next(self.iterator)
+        like = batch[self.iterator.bucket_key].shape
+        width = across_processes(like[-1], max)
+        return {k: _pad_last(v, width, self.pad_values.get(k, 0)) if v.shape == like else v
+                for k, v in batch.items()}
+
+    def get_state(self) -> dict[str, Any]:
+        return self.iterator.get_state()
+
+    def set_state(self, state: Mapping[str, Any]) -> None:
+        self.iterator.set_state(state)
+
+
+def process_batches(
+    arrays: Mapping[str, np.ndarray],
+    batch_size: int,
+    mesh: Mesh,
+    *,
+    seed: int,
+    buckets: tuple[int, ...] | None = None,
+    pad_values: Mapping[str, int] | None = None,
+    where: str = "batch_size",
+) -> BatchIterator | _AgreedWidth:
+    """Training batches of ``batch_size`` rows (global) for a train step jitted with
+    ``process_local=True``.
+
+    One process: ``BatchIterator(arrays, batch_size, seed=seed, buckets=buckets)``.  Several:
+    ``arrays`` are this process's rows (read with ``data_shard(mesh)``, made equal with
+    ``even_rows``); each batch takes ``local_batch_size`` of them (every process shuffles its own
+    rows with the same seed, so their iterator states agree and process 0's checkpoint resumes
+    all) and, with ``buckets``, is padded to the width every process agrees on (right-padded
+    data; ``pad_values`` as for ``even_rows``)."""
+    if jax.process_count() == 1:
+        return BatchIterator(arrays, batch_size, seed=seed, buckets=buckets)
+    iterator = BatchIterator(arrays, local_batch_size(batch_size, mesh, where), seed=seed, buckets=buckets)
+    return _AgreedWidth(iterator, pad_values or {}) if buckets else iterator
 
 
 def pad_rows(arrays: Mapping[str, np.ndarray], multiple: int) -> dict[str, np.ndarray]:

@@ -13,7 +13,7 @@ import dataclasses
 import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
@@ -21,7 +21,6 @@ import numpy as np
 
 from rlhf_jax.configs import ConfigError
 from rlhf_jax.data import (
-    BatchIterator,
     DataError,
     ZipIterator,
     read_pretrain_texts,
@@ -42,7 +41,7 @@ from rlhf_jax.ppo import (
     update_phase,
 )
 from rlhf_jax.kl_control import update_kl
-from rlhf_jax.sharding import make_mesh, state_shardings
+from rlhf_jax.sharding import make_mesh, place_batch, state_shardings
 from rlhf_jax.stages.common import (
     STAGE_FILE,
     ModelSource,
@@ -52,11 +51,14 @@ from rlhf_jax.stages.common import (
     check_batch_fits_mesh,
     check_vocab,
     completed_model,
+    data_shard,
+    even_rows,
     export_model,
     jit_on_mesh,
     load_model,
     load_tokenizer,
     model_config,
+    process_batches,
     stage_record,
     total_steps,
     write_config,
@@ -64,6 +66,9 @@ from rlhf_jax.stages.common import (
 from rlhf_jax.stages.reward import load_reward_model
 from rlhf_jax.tokenizer import Tokenizer
 from rlhf_jax.train import MetricsWriter, run_loop
+
+
+FROZEN_DTYPES = ("float32", "bfloat16")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -82,6 +87,10 @@ class PPOStageConfig(StageConfig):
     ``phase_timing``: run rollout / experience / update as three compiled programs to log their
     wall time (``time/generate``, ``time/experience``, ``time/update``); off runs the single fused
     program and logs ``time/iteration`` only.
+    ``frozen_dtype``: storage dtype of the frozen reference policy and reward model (``"float32"``
+    or ``"bfloat16"``); ``bfloat16`` halves their memory (``rlhf-jax plan`` counts them at this
+    dtype) at the cost of rounding their weights to 8 mantissa bits (the reference log-probs and
+    rewards move by bfloat16 rounding; compute still runs in ``model.dtype``).
     """
 
     reward_model: str
@@ -98,6 +107,7 @@ class PPOStageConfig(StageConfig):
     max_prompt_len: int = 64
     eval_samples: int = 4
     phase_timing: bool = False
+    frozen_dtype: Literal["float32", "bfloat16"] = "float32"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -118,6 +128,8 @@ class PPOStageConfig(StageConfig):
             fail("ptx_seq_len", "an int >= 2")
         if self.eval_samples < 0:
             fail("eval_samples", "an int >= 0")
+        if self.frozen_dtype not in FROZEN_DTYPES:
+            fail("frozen_dtype", f"one of {FROZEN_DTYPES}")
 
 
 def _generation(cfg: PPOStageConfig, tokenizer: Tokenizer) -> PPOConfig:
@@ -126,9 +138,11 @@ def _generation(cfg: PPOStageConfig, tokenizer: Tokenizer) -> PPOConfig:
     return dataclasses.replace(cfg.ppo, generation=gen)
 
 
-def prompt_arrays(path: str, tokenizer: Tokenizer, max_len: int) -> dict[str, np.ndarray]:
-    """``{"tokens", "mask"}`` ``[n, max_len]`` left-padded prompts of a JSONL file (BOS added)."""
-    records = read_prompts(path)
+def prompt_arrays(path: str, tokenizer: Tokenizer, max_len: int, shard_index: int = 0,
+                  shard_count: int = 1) -> dict[str, np.ndarray]:
+    """``{"tokens", "mask"}`` ``[n, max_len]`` left-padded prompts of a JSONL file (BOS added;
+    its ``shard_index``-th of ``shard_count`` parts, ``data.read_jsonl``)."""
+    records = read_prompts(path, shard_index=shard_index, shard_count=shard_count)
     if not records:
         raise DataError(f"{path}: no prompts")
     try:
@@ -137,18 +151,29 @@ def prompt_arrays(path: str, tokenizer: Tokenizer, max_len: int) -> dict[str, np
         raise DataError(f"{path}: {e}") from None
 
 
-def _batches(cfg: PPOStageConfig, ppo_cfg: PPOConfig, tokenizer: Tokenizer, prompts: dict[str, np.ndarray]) -> Any:
-    its: dict[str, Any] = {"prompt": BatchIterator(prompts, cfg.batch_size, seed=cfg.seed)}
+def train_batches(cfg: PPOStageConfig, ppo_cfg: PPOConfig, tokenizer: Tokenizer, mesh: Any) -> tuple[Any, int]:
+    """``(batches, prompts)``: the stage's batches (``common.process_batches``: this process's part
+    of the prompt and pretraining files) with ``prompt_*`` ``[batch_size, max_prompt_len]`` and
+    ``ptx_*`` ``[epochs·num_minibatches·ptx_batch_size, ptx_seq_len]`` rows per global batch, and
+    the number of training prompts over all processes."""
+    shard = data_shard(mesh)
+    prompts = even_rows(prompt_arrays(cfg.train_data, tokenizer, cfg.max_prompt_len, **shard))
+    n_prompts = len(prompts["tokens"]) * shard["shard_count"]
+    if cfg.batch_size > n_prompts:
+        raise ConfigError(f"PPOStageConfig.batch_size {cfg.batch_size} exceeds the {n_prompts} "
+                          f"prompts of {cfg.train_data}")
+    its = {"prompt": process_batches(prompts, cfg.batch_size, mesh, seed=cfg.seed, where="PPOStageConfig.batch_size")}
     if ppo_cfg.ptx_coef > 0:
-        texts = [r.text for r in read_pretrain_texts(cfg.ptx_data)]
-        blocks = tokenize_texts(texts, tokenizer, cfg.ptx_seq_len)
+        texts = [r.text for r in read_pretrain_texts(cfg.ptx_data, **shard)]
+        blocks = even_rows(tokenize_texts(texts, tokenizer, cfg.ptx_seq_len))
         per_iter = ppo_cfg.epochs * ppo_cfg.num_minibatches * cfg.ptx_batch_size
-        if len(blocks["tokens"]) < per_iter:
-            raise DataError(f"{cfg.ptx_data}: {len(blocks['tokens'])} blocks of {cfg.ptx_seq_len} tokens; an "
+        n_blocks = len(blocks["tokens"]) * shard["shard_count"]
+        if n_blocks < per_iter:
+            raise DataError(f"{cfg.ptx_data}: {n_blocks} blocks of {cfg.ptx_seq_len} tokens; an "
                             f"iteration needs {per_iter} (epochs × num_minibatches × ptx_batch_size)")
-        its["ptx"] = BatchIterator({"tokens": blocks["tokens"], "mask": blocks["mask"]}, per_iter,
-                                   seed=cfg.seed + 1)
-    return ZipIterator(**its)
+        its["ptx"] = process_batches({"tokens": blocks["tokens"], "mask": blocks["mask"]}, per_iter, mesh,
+                                     seed=cfg.seed + 1, where="PPOStageConfig ptx rows per iteration")
+    return ZipIterator(**its), n_prompts
 
 
 def _ptx(ppo_cfg: PPOConfig, batch: dict[str, jax.Array]) -> tuple[jax.Array | None, jax.Array | None]:
@@ -188,9 +213,7 @@ class _PhaseTimedStep:
         self.ppo_cfg = ppo_cfg
 
     def __call__(self, state: PPOState, batch: dict[str, np.ndarray]):
-        from rlhf_jax.sharding import shard_batch
-
-        batch = shard_batch(dict(batch), self.mesh)
+        batch = place_batch(dict(batch), self.mesh, process_local=True)
         rng, k_roll, k_perm = jax.random.split(state.rng, 3)  # as in ppo_iteration
         t0 = time.perf_counter()
         rollout = jax.block_until_ready(self.rollout(state, batch["prompt_tokens"], batch["prompt_mask"], k_roll))
@@ -230,6 +253,16 @@ def load_ppo_models(cfg: PPOStageConfig, key: jax.Array) -> tuple[PPOModels, dic
     return PPOModels(policy, value, reward), parts
 
 
+def initial_state(cfg: PPOStageConfig, ppo_cfg: PPOConfig, parts: dict[str, Any], policy_tx: Any, value_tx: Any,
+                  key: jax.Array) -> PPOState:
+    """``init_ppo_state`` from ``load_ppo_models``'s ``parts``, the frozen reference (π_SFT, a copy
+    of the policy) and reward model stored in ``cfg.frozen_dtype``."""
+    frozen = lambda tree: jax.tree.map(lambda x: jnp.asarray(x, cfg.frozen_dtype), tree)  # noqa: E731
+    return init_ppo_state(ppo_cfg, parts["policy"], parts["value"], frozen(parts["reward"]), policy_tx, value_tx,
+                          key, ref_params=frozen(parts["policy"]), reward_gain=parts["gain"],
+                          reward_bias=parts["bias"])
+
+
 def train_ppo(cfg: PPOStageConfig) -> Path:
     """Run (or resume, or skip if complete) the PPO-ptx stage; returns ``workdir/model`` (the
     final policy in Hugging Face format)."""
@@ -241,18 +274,14 @@ def train_ppo(cfg: PPOStageConfig) -> Path:
     if cfg.max_prompt_len + ppo_cfg.generation.max_new_tokens > config.max_len:
         raise ConfigError(f"PPOStageConfig.max_prompt_len {cfg.max_prompt_len} + ppo.generation.max_new_tokens "
                           f"{ppo_cfg.generation.max_new_tokens} exceeds the model's context {config.max_len}")
-    prompts = prompt_arrays(cfg.train_data, tokenizer, cfg.max_prompt_len)
-    if cfg.batch_size > len(prompts["tokens"]):
-        raise ConfigError(f"PPOStageConfig.batch_size {cfg.batch_size} exceeds the {len(prompts['tokens'])} "
-                          f"prompts of {cfg.train_data}")
-    batches = _batches(cfg, ppo_cfg, tokenizer, prompts)
-    steps = total_steps(cfg, len(prompts["tokens"]) // cfg.batch_size)
+    mesh = make_mesh(cfg.mesh)
+    batches, n_prompts = train_batches(cfg, ppo_cfg, tokenizer, mesh)
+    steps = total_steps(cfg, n_prompts // cfg.batch_size)
     done = completed_model(workdir, steps)
     if done is not None:
         return done
     write_config(workdir, cfg)
 
-    mesh = make_mesh(cfg.mesh)
     check_batch_fits_mesh(cfg.batch_size, mesh, "PPOStageConfig")
     key, state_key = jax.random.split(jax.random.PRNGKey(cfg.seed))
     models, parts = load_ppo_models(cfg, key)
@@ -260,13 +289,13 @@ def train_ppo(cfg: PPOStageConfig) -> Path:
     updates = steps * ppo_cfg.epochs * ppo_cfg.num_minibatches
     policy_tx = cached_optimizer(cfg.optimizer.resolve(updates))
     value_tx = cached_optimizer(cfg.value_optimizer.resolve(updates))
-    state = init_ppo_state(ppo_cfg, parts["policy"], parts["value"], parts["reward"], policy_tx, value_tx,
-                           state_key, reward_gain=parts["gain"], reward_bias=parts["bias"])
+    state = initial_state(cfg, ppo_cfg, parts, policy_tx, value_tx, state_key)
     state = jax.device_put(state, state_shardings(state, mesh))
     if cfg.phase_timing:
         train_step = _PhaseTimedStep(models, ppo_cfg, mesh)
     else:
-        train_step = _TimedStep(jit_on_mesh(ppo_step_fn(models, ppo_cfg), mesh, state, donate=True))
+        train_step = _TimedStep(jit_on_mesh(ppo_step_fn(models, ppo_cfg), mesh, state, donate=True,
+                                            process_local=True))
 
     samples = MetricsWriter(workdir, tensorboard=False)
     try:

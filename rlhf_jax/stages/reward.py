@@ -31,7 +31,6 @@ import optax
 from rlhf_jax.configs import ConfigError
 from rlhf_jax.data import (
     DEFAULT_BUCKETS,
-    BatchIterator,
     DataError,
     bucket_length,
     read_comparisons,
@@ -43,12 +42,16 @@ from rlhf_jax.hf import load_pretrained
 from rlhf_jax.losses import ranking_loss
 from rlhf_jax.masked import masked_mean, masked_var
 from rlhf_jax.model import Params, Transformer
+from rlhf_jax.sharding import make_mesh
 from rlhf_jax.stages.common import (
     STAGE_FILE,
     StageConfig,
     StageOptimizerConfig,
     StepFn,
+    across_processes,
     check_vocab,
+    data_shard,
+    even_rows,
     completed_model,
     export_model,
     fixed_batches,
@@ -56,6 +59,7 @@ from rlhf_jax.stages.common import (
     length_buckets,
     load_tokenizer,
     model_config,
+    process_batches,
     setup_training,
     stage_record,
     total_steps,
@@ -260,8 +264,8 @@ def _trim(arrays: dict[str, np.ndarray], buckets: tuple[int, ...]) -> dict[str, 
     return {k: v[..., :width] if v.shape == arrays["mask"].shape else v for k, v in arrays.items()}
 
 
-def _read_comparisons(path: str) -> list:
-    records = read_comparisons(path)
+def _read_comparisons(path: str, shard_index: int = 0, shard_count: int = 1) -> list:
+    records = read_comparisons(path, shard_index=shard_index, shard_count=shard_count)
     if not records:
         raise DataError(f"{path}: no comparisons")
     return records
@@ -351,18 +355,23 @@ def train_rm(cfg: RMConfig) -> Path:
     check_vocab(tokenizer, config, f"RMConfig.tokenizer vs the model ({cfg.model.describe()})")
     buckets = length_buckets(cfg.buckets, cfg.max_len, config.max_len, "RMConfig")
     max_len = buckets[-1]
-    train_records = _read_comparisons(cfg.train_data)
+    mesh = make_mesh(cfg.mesh)
+    train_records = _read_comparisons(cfg.train_data, **data_shard(mesh))  # this process's part
     eval_records = None if cfg.eval_data is None else _read_comparisons(cfg.eval_data)
-    k_max = cfg.k_max or max(len(r.responses) for r in train_records + (eval_records or []))
-    train = comparison_arrays(cfg.train_data, train_records, tokenizer, k_max, max_len, buckets)
+    k_max = cfg.k_max or max(across_processes(max(len(r.responses) for r in train_records)),
+                             *(len(r.responses) for r in eval_records or []))
+    pads = {"tokens": tokenizer.pad_id}
+    train = even_rows(comparison_arrays(cfg.train_data, train_records, tokenizer, k_max, max_len, buckets), pads)
+    n_train = len(train["tokens"]) * data_shard(mesh)["shard_count"]
     held_out = None
     if eval_records is not None:
         held_out = comparison_arrays(cfg.eval_data, eval_records, tokenizer, k_max, max_len, buckets)
     demos = None if cfg.normalize == "none" else demonstration_rows(cfg.demos, tokenizer, max_len, buckets)
-    if cfg.batch_size > len(train_records):
-        raise ConfigError(f"RMConfig.batch_size {cfg.batch_size} exceeds the {len(train_records)} "
+    if cfg.batch_size > n_train:
+        raise ConfigError(f"RMConfig.batch_size {cfg.batch_size} exceeds the {n_train} "
                           f"comparisons of {cfg.train_data}")
-    batches = BatchIterator(train, cfg.batch_size, seed=cfg.seed, buckets=buckets)
+    batches = process_batches(train, cfg.batch_size, mesh, seed=cfg.seed, buckets=buckets, pad_values=pads,
+                              where="RMConfig.batch_size")
     steps = total_steps(cfg, len(batches))
     done = completed_model(workdir, steps)
     if done is not None:

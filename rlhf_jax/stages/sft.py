@@ -26,7 +26,6 @@ import optax
 from rlhf_jax.configs import ConfigError
 from rlhf_jax.data import (
     DEFAULT_BUCKETS,
-    BatchIterator,
     DataError,
     Prompt,
     pack_sequences,
@@ -37,12 +36,15 @@ from rlhf_jax.data import (
 from rlhf_jax.generation import GenerateConfig, generate
 from rlhf_jax.losses import sft_loss, token_logprobs
 from rlhf_jax.model import Params, Transformer, forward
+from rlhf_jax.sharding import make_mesh
 from rlhf_jax.stages.common import (
     STAGE_FILE,
     StageConfig,
     StageOptimizerConfig,
     StepFn,
     check_vocab,
+    data_shard,
+    even_rows,
     completed_model,
     export_model,
     fixed_batches,
@@ -50,6 +52,7 @@ from rlhf_jax.stages.common import (
     length_buckets,
     load_tokenizer,
     model_config,
+    process_batches,
     setup_training,
     stage_record,
     total_steps,
@@ -182,10 +185,13 @@ def demonstration_arrays(
     *,
     prompt_masking: bool = True,
     truncation: str = "error",
+    shard_index: int = 0,
+    shard_count: int = 1,
 ) -> tuple[list, dict[str, np.ndarray]]:
-    """``(records, arrays)`` of a demonstrations file: ``tokens``, ``mask``, ``loss_mask``
-    ``[n, L]`` int32 (``data.tokenize_demonstrations``); errors name the file."""
-    records = read_demonstrations(path)
+    """``(records, arrays)`` of a demonstrations file (the ``shard_index``-th of ``shard_count``
+    parts, ``data.read_jsonl``): ``tokens``, ``mask``, ``loss_mask`` ``[n, L]`` int32
+    (``data.tokenize_demonstrations``); errors name the file."""
+    records = read_demonstrations(path, shard_index=shard_index, shard_count=shard_count)
     if not records:
         raise DataError(f"{path}: no demonstrations")
     try:
@@ -204,6 +210,23 @@ def pack(arrays: dict[str, np.ndarray], seq_len: int, pad_id: int) -> dict[str, 
     return packed
 
 
+def train_batches(cfg: SFTConfig, tokenizer: Tokenizer, buckets: tuple[int, ...], mesh: Any) -> Any:
+    """The stage's training batches (``common.process_batches``): this process's part of
+    ``cfg.train_data`` tokenised (and packed), ``cfg.batch_size`` rows per global batch."""
+    _, train = demonstration_arrays(cfg.train_data, tokenizer, buckets, prompt_masking=cfg.prompt_masking,
+                                    truncation=cfg.truncation, **data_shard(mesh))
+    if cfg.packing:
+        train = pack(train, buckets[-1], tokenizer.pad_id)
+    pads = {"tokens": tokenizer.pad_id}
+    train = even_rows(train, pads)
+    n_rows = len(train["tokens"]) * data_shard(mesh)["shard_count"]
+    if cfg.batch_size > n_rows:
+        raise ConfigError(f"SFTConfig.batch_size {cfg.batch_size} exceeds the {n_rows} training rows "
+                          f"of {cfg.train_data}")
+    return process_batches(train, cfg.batch_size, mesh, seed=cfg.seed, buckets=buckets, pad_values=pads,
+                           where="SFTConfig.batch_size")
+
+
 # --------------------------------------------------------------------------------- the stage
 
 
@@ -219,15 +242,7 @@ def train_sft(cfg: SFTConfig) -> Path:
     config = model_config(cfg.model, "lm")
     check_vocab(tokenizer, config, f"SFTConfig.tokenizer vs the model ({cfg.model.describe()})")
     buckets = length_buckets(cfg.buckets, cfg.max_len, config.max_len, "SFTConfig")
-    _, train = demonstration_arrays(cfg.train_data, tokenizer, buckets,
-                                    prompt_masking=cfg.prompt_masking, truncation=cfg.truncation)
-    if cfg.packing:
-        train = pack(train, buckets[-1], tokenizer.pad_id)
-    n_rows = len(train["tokens"])
-    if cfg.batch_size > n_rows:
-        raise ConfigError(f"SFTConfig.batch_size {cfg.batch_size} exceeds the {n_rows} training rows "
-                          f"of {cfg.train_data}")
-    batches = BatchIterator(train, cfg.batch_size, seed=cfg.seed, buckets=buckets)
+    batches = train_batches(cfg, tokenizer, buckets, make_mesh(cfg.mesh))
     held_out = None
     if cfg.eval_data is not None:
         held_out = demonstration_arrays(cfg.eval_data, tokenizer, buckets, prompt_masking=cfg.prompt_masking,
