@@ -25,7 +25,7 @@ import numpy as np
 from rlhf_jax.advantages import last_index
 from rlhf_jax.losses import logprobs_of, token_entropy
 from rlhf_jax.model import Params, Transformer, decode_step, forward, init_cache, positions_from_mask
-from rlhf_jax.sampling import sample_token
+from rlhf_jax.sampling import greedy_token, sample_token
 
 Array = jax.Array
 
@@ -138,6 +138,29 @@ def _check_prompts(model: Transformer, prompt_ids: Any, prompt_mask: Any, config
                 f"{bad[:8].tolist()} are not of the form 0..0 1..1)")
 
 
+def _next_token(key: Array, logits: Array, config: GenerateConfig) -> tuple[Array, Array]:
+    """One decode step's token and its ``log softmax(logits / T)``, the rollout's log-prob.
+
+    ``logits`` ``[b, V]`` float32. The row max serves the greedy pick, the log-sum-exp and the
+    picked logit (``log softmax(l / T)[y] = (l_y - max) / T - log Σ exp((l - max) / T)``), so
+    the step makes no ``[b, V]`` log-softmax array (and, greedy, no variadic argmax reduction).
+
+    Returns:
+      ``(token [b] int32, logprob [b] float32)``.
+    """
+    temperature = config.logprob_temperature
+    top = jnp.max(logits, axis=-1, keepdims=True)
+    if config.is_greedy:
+        new = greedy_token(logits, top)
+        picked = top[:, 0]
+    else:
+        new = sample_token(key, logits, temperature=config.temperature, top_k=config.top_k,
+                           top_p=config.top_p)
+        picked = jnp.take_along_axis(logits, new[:, None], axis=-1)[:, 0]
+    log_norm = jnp.log(jnp.sum(jnp.exp((logits - top) / temperature), axis=-1))
+    return new, (picked - top[:, 0]) / temperature - log_norm
+
+
 def _generate_impl(
     model: Transformer,
     params: Params,
@@ -165,18 +188,14 @@ def _generate_impl(
         cache = decode_step(model, params, prompt_ids[:, :-1], positions_from_mask(prompt_mask[:, :-1]),
                             prompt_mask[:, :-1], cache, 0).cache
 
-    temperature = config.logprob_temperature
-
     def body(state):
         i, token, cache, done, response, response_mask, logprobs = state
         out = decode_step(model, params, token[:, None], (prompt_len - 1 + i)[:, None],
                           jnp.ones((b, 1), jnp.int32), cache, p - 1 + i)
-        logits = out.logits[:, 0]
-        new = sample_token(jax.random.fold_in(key, i), logits, temperature=config.temperature,
-                           top_k=config.top_k, top_p=config.top_p, greedy=config.is_greedy)
+        new, logprob = _next_token(jax.random.fold_in(key, i), out.logits[:, 0], config)
         live = ~done
         new = jnp.where(live, new, config.pad_id)
-        logprob = jnp.where(live, logprobs_of(logits[:, None], new[:, None], temperature)[:, 0], 0.0)
+        logprob = jnp.where(live, logprob, 0.0)
         if config.eos_id is not None:
             done = done | (new == config.eos_id)
         response = jax.lax.dynamic_update_slice_in_dim(response, new[:, None], i, 1)
@@ -186,6 +205,8 @@ def _generate_impl(
 
     def cond(state):
         i, done = state[0], state[3]
+        if config.eos_id is None:  # nothing ends early: no per-step all-reduce over the batch
+            return i < n
         return (i < n) & ~jnp.all(done)
 
     state = (
@@ -333,7 +354,7 @@ def sequence_logprobs(
     """
     _check_head("sequence_logprobs", model, "lm")
     _check_sequences("sequence_logprobs", tokens, mask, response_start)
-    logits = forward(model, params, tokens, mask).logits[:, response_start - 1:-1]
+    logits = forward(model, params, tokens, mask, logits_slice=(response_start - 1, -1)).logits
     keep = mask[:, response_start:] != 0
     logprobs = jnp.where(keep, logprobs_of(logits, tokens[:, response_start:], temperature), 0.0)
     entropy = jnp.where(keep, token_entropy(logits, temperature), 0.0)

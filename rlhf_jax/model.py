@@ -109,7 +109,8 @@ class ModelConfig:
 class Output:
     """What a forward pass returns.
 
-    ``logits``: ``[batch, time, vocab]`` float32 (``None`` for a scalar-head model);
+    ``logits``: ``[batch, time, vocab]`` float32, or the ``logits_slice`` columns only (``None``
+    for a scalar-head model);
     ``values``: ``[batch, time]`` float32 scalar head (``None`` for an LM);
     ``hidden``: ``[batch, time, d_model]`` final hidden states (after the final norm);
     ``cache``: the updated KV cache when one was passed, else ``None``.
@@ -281,6 +282,7 @@ class Transformer(nn.Module):
         segment_ids: Array,
         cache: dict[str, Any] | None = None,
         cache_index: Array | int = 0,
+        logits_slice: tuple[int, int] | None = None,
     ) -> Output:
         c = self.config
         # Out-of-range ids (e.g. an added pad token) would be clamped silently by the gather.
@@ -316,12 +318,15 @@ class Transformer(nn.Module):
                               kernel_init=nn.initializers.normal(1.0 / math.sqrt(c.d_model + 1)),
                               name="score_head")(hidden.astype(jnp.float32))[..., 0]
             return Output(logits=None, hidden=hidden, values=values, cache=new_cache)
+        # Unembed only the columns asked for: slicing the [b, t, V] logits afterwards would not
+        # spare the matmul (nor, under grad, the full-size logits gradient).
+        to_unembed = hidden if logits_slice is None else hidden[:, logits_slice[0]:logits_slice[1]]
         if c.tie_embeddings:
-            logits = embed.attend(hidden.astype(jnp.float32))
+            logits = embed.attend(to_unembed.astype(jnp.float32))
         else:
             logits = nn.Dense(c.vocab_size, use_bias=False, dtype=c.compute_dtype,
                               param_dtype=jnp.float32, kernel_init=nn.initializers.normal(0.02),
-                              name="lm_head")(hidden)
+                              name="lm_head")(to_unembed)
         return Output(logits=logits.astype(jnp.float32), hidden=hidden, cache=new_cache)
 
 
@@ -342,14 +347,17 @@ def forward(
     *,
     positions: Array | None = None,
     segment_ids: Array | None = None,
+    logits_slice: tuple[int, int] | None = None,
 ) -> Output:
     """Full forward pass.  ``tokens``, ``mask`` ``[batch, time]``; positions default to
-    ``cumsum(mask) - 1`` so left padding is exact; ``segment_ids`` (packing) default to ``mask``."""
+    ``cumsum(mask) - 1`` so left padding is exact; ``segment_ids`` (packing) default to ``mask``.
+    ``logits_slice=(start, stop)`` (static ints, Python slice semantics) unembeds only the columns
+    ``hidden[:, start:stop]``, so ``logits`` holds those columns only."""
     if positions is None:
         positions = positions_from_mask(mask)
     if segment_ids is None:
         segment_ids = mask
-    return model.apply({"params": params}, tokens, positions, segment_ids)
+    return model.apply({"params": params}, tokens, positions, segment_ids, logits_slice=logits_slice)
 
 
 def decode_step(

@@ -75,6 +75,27 @@ def filter_logits(
     return logits
 
 
+def greedy_token(logits: Array, row_max: Array | None = None) -> Array:
+    """``argmax`` over the last axis, the lowest id among ties (like ``torch.argmax``).
+
+    Computed as the row max, then the smallest index holding it: two plain reductions, which
+    XLA:CPU runs several times faster than ``jnp.argmax``'s (value, index) pair reduction.
+
+    Args:
+      logits: ``[..., vocab]``.
+      row_max: ``logits.max(-1, keepdims=True)`` when the caller already has it (``[..., 1]``).
+
+    Returns:
+      ``[...]`` int32 token ids.
+    """
+    if row_max is None:
+        row_max = jnp.max(logits, axis=-1, keepdims=True)
+    vocab = logits.shape[-1]
+    ids = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1)
+    first = jnp.min(jnp.where(logits == row_max, ids, vocab), axis=-1)
+    return jnp.minimum(first, vocab - 1)  # a NaN row matches nothing; keep the id in range
+
+
 def sample_token(
     key: Array,
     logits: Array,
@@ -97,6 +118,6 @@ def sample_token(
     """
     _check(temperature, top_k, top_p)
     if greedy or (isinstance(temperature, (int, float)) and temperature == 0):
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        return greedy_token(logits)
     filtered = filter_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p)
     return jax.random.categorical(key, filtered, axis=-1).astype(jnp.int32)

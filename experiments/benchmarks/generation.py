@@ -8,7 +8,13 @@ and the table reports medians, our compile time separately, and the fraction of 
 matmul peak (a large float32 matmul measured here, the better of JAX and PyTorch) that each
 reaches on the model's FLOPs.
 
-    python -m experiments.benchmarks.generation [--quick] [--models tiny small] [--top-k K] [--json out.json]
+``--data-parallel N`` runs our side on N simulated host devices (``jax_num_cpu_devices``), the
+prompts split over a ``data`` mesh axis and the weights replicated: each device decodes its share
+of the batch on its own thread, which is how XLA uses a second core for these small, per-step
+matmuls (PyTorch uses its intra-op threads on every matmul). The table says which setting ran.
+
+    python -m experiments.benchmarks.generation [--quick] [--models tiny small] [--top-k K]
+        [--data-parallel N] [--json out.json]
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 import torch
 import transformers
 
@@ -35,6 +42,7 @@ from experiments.benchmarks.common import (
 )
 from rlhf_jax.generation import GenerateConfig, generate
 from rlhf_jax.hf import load_pretrained
+from rlhf_jax.sharding import MeshConfig, make_mesh, shard_batch
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,7 +104,7 @@ def model_flops(case: Case) -> float:
     return case.batch * (2 * block * tokens_through_blocks + 2 * head * n + 4 * d * layers * attended)
 
 
-def run_case(case: Case, repeats: int, top_k: int, workdir: Path) -> dict:
+def run_case(case: Case, repeats: int, top_k: int, workdir: Path, mesh: Mesh | None = None) -> dict:
     hf_config = transformers.GPT2Config(
         vocab_size=case.vocab, n_positions=max(1024, case.prompt + case.new), n_embd=case.n_embd,
         n_layer=case.n_layer, n_head=case.n_head, bos_token_id=case.vocab - 1, eos_token_id=case.vocab - 1)
@@ -114,9 +122,16 @@ def run_case(case: Case, repeats: int, top_k: int, workdir: Path) -> dict:
                      do_sample=top_k > 0, top_k=top_k if top_k else None)
     ids_t, mask_t = torch.from_numpy(ids).long(), torch.from_numpy(mask).long()
     key = jax.random.key(0)
+    ids_j, mask_j = ids, mask
+    if mesh is not None:  # weights replicated, prompts split over the data axis
+        params = jax.device_put(params, NamedSharding(mesh, PartitionSpec()))
+        ids_j, mask_j = shard_batch((ids, mask), mesh)
 
     def ours() -> jax.Array:
-        return jax.block_until_ready(generate(model, params, ids, mask, key, config).tokens)
+        if mesh is None:
+            return jax.block_until_ready(generate(model, params, ids_j, mask_j, key, config).tokens)
+        with jax.set_mesh(mesh):
+            return jax.block_until_ready(generate(model, params, ids_j, mask_j, key, config).tokens)
 
     def hf() -> torch.Tensor:
         with torch.no_grad():
@@ -146,8 +161,15 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", choices=[c.key for c in CASES], default=[c.key for c in CASES])
     parser.add_argument("--repeats", type=int, default=None, help="timed runs per side (default 3, quick 1)")
     parser.add_argument("--top-k", type=int, default=0, help="sample with this top-k on both sides (0 = greedy)")
+    parser.add_argument("--data-parallel", type=int, default=1, metavar="N",
+                        help="our side on N simulated host devices, batch split over them (default 1)")
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
     args = parser.parse_args()
+    if args.data_parallel < 1 or any(c.batch % args.data_parallel for c in CASES):
+        parser.error(f"--data-parallel must be >= 1 and divide the batch (got {args.data_parallel})")
+    if args.data_parallel > 1:  # before anything starts the CPU backend
+        jax.config.update("jax_num_cpu_devices", args.data_parallel)
+    mesh = make_mesh(MeshConfig(data=args.data_parallel, fsdp=1)) if args.data_parallel > 1 else None
     repeats = args.repeats or (1 if args.quick else 3)
     cases = [c for c in CASES if c.key in args.models]
 
@@ -157,7 +179,7 @@ def main() -> None:
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         for case in cases:
-            r = run_case(case, repeats, args.top_k, Path(tmp))
+            r = run_case(case, repeats, args.top_k, Path(tmp), mesh)
             r["ours_peak_frac"] = r["flops"] / r["ours_s"] / best
             r["hf_peak_frac"] = r["flops"] / r["hf_s"] / best
             results.append(r)
@@ -170,7 +192,9 @@ def main() -> None:
     print(f"matmul peak (2048² f32, median): jax {peak['jax']['median'] / 1e9:.1f} GFLOP/s, "
           f"torch {peak['torch']['median'] / 1e9:.1f} GFLOP/s; %peak divides by the larger")
     print(f"decoding: {'greedy' if args.top_k == 0 else f'top-k {args.top_k}'}, no EOS stop, "
-          f"median of {repeats} alternating runs\n")
+          f"median of {repeats} alternating runs")
+    print(f"ours: {'one device' if mesh is None else f'data-parallel over {args.data_parallel} host devices'}"
+          f"; HF: torch with {torch.get_num_threads()} intra-op threads\n")
     rows = [
         [r["case"], f"{r['batch']}×{r['prompt']}+{r['new']}", f"{r['ours_tok_s']:.0f}", f"{r['hf_tok_s']:.0f}",
          f"{r['ratio']:.2f}×", f"{r['compile_s']:.1f}", f"{100 * r['ours_peak_frac']:.1f}%",
@@ -182,7 +206,7 @@ def main() -> None:
                         "ours %peak", "HF %peak", "same tokens"], rows))
     if args.json:
         write_json(args.json, {"machine": machine, "load_avg_after": load_after, "matmul_peak": peak,
-                               "results": results})
+                               "data_parallel": args.data_parallel, "results": results})
 
 
 if __name__ == "__main__":

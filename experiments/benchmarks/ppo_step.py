@@ -15,15 +15,22 @@ term, for 1 and for 4 PPO epochs.
   warm-up.  Its split comes from timestamps around ``batch_generation`` and the first
   policy+value forward.  Both sides also report process CPU time per iteration.
 
+``--data-parallel N`` runs our side on N simulated host devices (``jax_num_cpu_devices``): the
+prompts split over a ``data`` mesh axis, the state replicated, gradients all-reduced; each device
+works on its own thread, which is how XLA uses a second core for these small matmuls (PyTorch
+uses its intra-op threads on every op). The output says which setting ran.
+
 FLOPs (``iteration_flops``) give a floor time = FLOPs / (f32 matmul FLOP/s measured in this run)
 and the fraction of that peak each side reaches.
 
-    python -m experiments.benchmarks.ppo_step --trl-python /work/trl-venv/bin/python [--quick] [--json out.json]
+    python -m experiments.benchmarks.ppo_step --trl-python /work/trl-venv/bin/python [--quick]
+        [--data-parallel N] [--json out.json]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -39,6 +46,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 from experiments.benchmarks.common import (
@@ -62,6 +70,7 @@ from rlhf_jax.ppo import (
     rollout_phase,
     update_phase,
 )
+from rlhf_jax.sharding import MeshConfig, make_mesh, shard_batch
 
 RUNNER = Path(__file__).with_name("trl_ppo_runner.py")
 PAD_TOKEN, EOS_TOKEN = "<pad>", "<eos>"  # ids 0 and 1; prompts use ids >= 2
@@ -168,22 +177,38 @@ def load_shared(b: Bench, directory: Path) -> tuple[PPOModels, dict[str, Any], n
 # ------------------------------------------------------------------------------------------ ours
 
 
-def _fresh_state(b: Bench, cfg: PPOConfig, params: dict[str, Any]) -> PPOState:
+def _fresh_state(b: Bench, cfg: PPOConfig, params: dict[str, Any], mesh: Mesh | None) -> PPOState:
     tx = optax.adam(b.learning_rate)  # TRL: torch AdamW with weight decay 0, no clipping
-    return init_ppo_state(cfg, params["policy"], params["value"], params["reward"], tx, tx,
-                          jax.random.key(b.seed))
+    state = init_ppo_state(cfg, params["policy"], params["value"], params["reward"], tx, tx,
+                           jax.random.key(b.seed))
+    return state if mesh is None else jax.device_put(state, NamedSharding(mesh, PartitionSpec()))
+
+
+def _place_prompts(prompts: np.ndarray, mesh: Mesh | None) -> tuple[jax.Array, jax.Array]:
+    """``(ids, mask)``: on the default device, or split over the mesh's data axis."""
+    mask = np.ones(prompts.shape, np.int32)
+    if mesh is None:
+        return jnp.asarray(prompts), jnp.asarray(mask)
+    return shard_batch((prompts, mask), mesh)
+
+
+def _on(mesh: Mesh | None) -> contextlib.AbstractContextManager:
+    """Trace and compile under ``jax.set_mesh(mesh)`` (the model pins activations to it)."""
+    return contextlib.nullcontext() if mesh is None else jax.set_mesh(mesh)
 
 
 class OursIteration:
     """Our compiled iteration for one epochs setting; ``step()`` runs one iteration and returns its
     ``(wall seconds, process CPU seconds)``."""
 
-    def __init__(self, b: Bench, models: PPOModels, params: dict[str, Any], prompts: np.ndarray, epochs: int):
+    def __init__(self, b: Bench, models: PPOModels, params: dict[str, Any], prompts: np.ndarray, epochs: int,
+                 mesh: Mesh | None = None):
         cfg = b.ppo_config(epochs)
-        self.ids, self.mask = jnp.asarray(prompts), jnp.ones(prompts.shape, jnp.int32)
-        self.state = _fresh_state(b, cfg, params)
+        self.ids, self.mask = _place_prompts(prompts, mesh)
+        self.state = _fresh_state(b, cfg, params, mesh)
         start = time.perf_counter()
-        self.compiled = make_ppo_iteration(models, cfg).lower(self.state, self.ids, self.mask).compile()
+        with _on(mesh):
+            self.compiled = make_ppo_iteration(models, cfg).lower(self.state, self.ids, self.mask).compile()
         self.compile_s = time.perf_counter() - start
 
     def step(self) -> tuple[float, float]:
@@ -199,16 +224,21 @@ class PhaseTimer:
     Generation and scoring do not depend on the number of epochs, so they are timed once.
     """
 
-    def __init__(self, b: Bench, models: PPOModels, params: dict[str, Any], prompts: np.ndarray, repeats: int):
-        self.b, self.models, self.params, self.repeats = b, models, params, repeats
-        self.ids, self.mask = jnp.asarray(prompts), jnp.ones(prompts.shape, jnp.int32)
+    def __init__(self, b: Bench, models: PPOModels, params: dict[str, Any], prompts: np.ndarray, repeats: int,
+                 mesh: Mesh | None = None):
+        self.b, self.models, self.params, self.repeats, self.mesh = b, models, params, repeats, mesh
+        self.ids, self.mask = _place_prompts(prompts, mesh)
         self.key = jax.random.key(b.seed + 1)
         self.common: dict[str, float] | None = None
 
     def split(self, epochs: int) -> dict[str, float]:
+        with _on(self.mesh):
+            return self._split(epochs)
+
+    def _split(self, epochs: int) -> dict[str, float]:
         cfg = self.b.ppo_config(epochs)
         models, ids, mask, key = self.models, self.ids, self.mask, self.key
-        state = _fresh_state(self.b, cfg, self.params)
+        state = _fresh_state(self.b, cfg, self.params, self.mesh)
         rollout_fn = jax.jit(lambda s, i, m, k: rollout_phase(models, cfg, s, i, m, k))
         experience_fn = jax.jit(lambda s, r: experience_phase(models, cfg, s, r))
         rollout = jax.block_until_ready(rollout_fn(state, ids, mask, key))
@@ -290,6 +320,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer repeats (ours 2, TRL 2 timed iterations)")
     parser.add_argument("--repeats", type=int, default=None, help="timed iterations per side (default 5, quick 2)")
     parser.add_argument("--epochs", type=int, nargs="+", default=[1, 4], help="PPO epochs settings (default 1 4)")
+    parser.add_argument("--data-parallel", type=int, default=1, metavar="N",
+                        help="our side on N simulated host devices, batch split over them (default 1)")
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
     args = parser.parse_args()
     repeats = args.repeats or (2 if args.quick else 5)
@@ -302,6 +334,11 @@ def main() -> None:
               "(see experiments/benchmarks/README.md)", file=sys.stderr)
 
     b = Bench()
+    if args.data_parallel < 1 or b.batch % args.data_parallel:
+        parser.error(f"--data-parallel must be >= 1 and divide the batch {b.batch} (got {args.data_parallel})")
+    if args.data_parallel > 1:  # before anything starts the CPU backend
+        jax.config.update("jax_num_cpu_devices", args.data_parallel)
+    mesh = make_mesh(MeshConfig(data=args.data_parallel, fsdp=1)) if args.data_parallel > 1 else None
     info = machine_info()
     peaks = [measure_matmul_peak(repeats=max(5, repeats))]  # again after each setting: the load drifts
     results = []
@@ -309,9 +346,9 @@ def main() -> None:
         directory = Path(tmp)
         write_shared(b, directory)
         models, params, prompts = load_shared(b, directory)
-        phases = PhaseTimer(b, models, params, prompts, repeats)
+        phases = PhaseTimer(b, models, params, prompts, repeats, mesh)
         for epochs in args.epochs:
-            iteration = OursIteration(b, models, params, prompts, epochs)
+            iteration = OursIteration(b, models, params, prompts, epochs, mesh)
             trl, times = run_alternating(args.trl_python, directory, epochs, repeats, iteration)
             ours = {"seconds_per_iter": statistics.median(t for t, _ in times),
                     "cpu_seconds_per_iter": statistics.median(c for _, c in times),
@@ -357,13 +394,15 @@ def main() -> None:
           f"{len(peaks)} measurements {each}; best single matmul {max(p['best'] for p in peaks) / 1e9:.0f})")
     print(f"GPT-2 {b.n_layers}L d={b.d_model} V={b.vocab}; batch {b.batch} × ({b.prompt} prompt + {b.new} new), "
           f"1 minibatch, T=1, no stop; median of {repeats} iterations per side; split in seconds;\n"
+          f"ours: {'one device' if mesh is None else f'data-parallel over {args.data_parallel} host devices'}\n"
           f"CPU s = process CPU time per iteration (all threads), a load-robust second view of the ratio\n")
     print(format_table(["", "ours s/it", "TRL s/it", "speedup", "ours gen/score/upd", "TRL gen/score/upd",
                         "compile s", "GFLOP", "floor s", "ours %pk", "TRL %pk", "CPU s ours/TRL", "CPU ratio"],
                        rows))
     if args.json:
         write_json(args.json, {"bench": dataclasses.asdict(b), "machine": info, "peaks": peaks,
-                               "peak_flops": peak, "repeats": repeats, "results": results})
+                               "peak_flops": peak, "repeats": repeats, "data_parallel": args.data_parallel,
+                               "results": results})
 
 
 if __name__ == "__main__":
