@@ -24,8 +24,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rlhf_jax.configs import ConfigError, from_dict, to_dict
+from rlhf_jax.configs import ConfigError, from_dict, merge_dicts, to_dict
 from rlhf_jax.data import read_comparisons, read_prompts, tokenize_comparisons, tokenize_prompts
+from rlhf_jax.distributed import DistributedConfig
 from rlhf_jax.generation import GenerateConfig, generate, score, sequence_logprobs
 from rlhf_jax.hf import load_pretrained
 from rlhf_jax.losses import ptx_loss
@@ -37,6 +38,7 @@ from rlhf_jax.stages.reward import RMConfig, k_way_rewards, load_reward_model, t
 from rlhf_jax.stages.sft import SFTConfig, train_sft
 from rlhf_jax.tasks import (
     WorldConfig,
+    calibrate_noise,
     gold_score,
     labeler_agreement,
     make_comparisons,
@@ -74,6 +76,9 @@ class PipelineConfig:
     ``model`` is initialised randomly and pretrained on the world's corpus.
     ``k``: responses ranked per comparison (IG §3.5: 4..9). ``best_of_n``: the N of the
     best-of-N baseline (its KL to the SFT policy is log N − (N−1)/N).
+    ``distributed``: multi-host start-up (``rlhf_jax.distributed``), applied once by the CLI
+    before the first stage; only with ``task="files"`` (the built-in world's sampling and
+    evaluation stages write their files from one process).
     """
 
     name: str = "tiny"
@@ -94,6 +99,7 @@ class PipelineConfig:
     base_model: str | None = None
     tokenizer: str | None = None
     mesh: MeshConfig = MeshConfig()
+    distributed: DistributedConfig = DistributedConfig()
     prompt_len: int = 16
     response_len: int = 12
     eval_temperature: float = 1.0
@@ -124,21 +130,17 @@ class PipelineConfig:
                              f"(missing: {missing or ['pretrain']})")
             if self.files.comparisons is None:
                 bad("files", "task='files' needs files.comparisons (labelled rankings)")
+        elif self.distributed.enabled:
+            bad("distributed", "multi-host runs need task='files' (the built-in world samples and evaluates "
+                               "in one process)")
 
     @property
     def run_dir(self) -> Path:
         return Path(self.runs_dir) / self.name
 
 
-def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for k, v in over.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
 def _stage(cls: type, defaults: dict[str, Any], overrides: dict[str, Any], where: str) -> Any:
-    return from_dict(cls, _merge(defaults, overrides), where=where)
+    return from_dict(cls, merge_dicts(defaults, overrides), where=where)
 
 
 # ------------------------------------------------------------------------------ the stages
@@ -175,19 +177,43 @@ def _tokenizer(cfg: PipelineConfig, files: dict[str, Path]) -> Path:
     return path
 
 
-def _pretrain_data(cfg: PipelineConfig, files: dict[str, Path]) -> Path:
-    """Pretraining text as prompt-less demonstrations: the LM loss on every token is the SFT
-    loss with an empty prompt."""
+def _pretrain_data(cfg: PipelineConfig, files: dict[str, Path], tokenizer: Path) -> Path:
+    """Pretraining rows as prompt-less demonstrations (the LM loss on every token is the SFT
+    loss with an empty prompt): consecutive texts joined by the EOS token, as many as fit
+    ``model.max_len`` with BOS and the final EOS.  This is the layout of the PPO-ptx stream
+    (``data.tokenize_texts``: ``text EOS text EOS ...``), so the ptx term and ``ptx_loss_*``
+    measure the distribution the base model was trained on (attention crosses documents and the
+    token after an EOS starts a new text, as in GPT-style pretraining)."""
     path = cfg.run_dir / "data" / "pretrain_as_demos.jsonl"
     if not path.exists():
+        tok = Tokenizer.from_file(tokenizer)
+        eos = tok.hf.id_to_token(tok.eos_id)
         texts = [json.loads(line)["text"] for line in files["pretrain"].read_text().splitlines() if line.strip()]
-        write_jsonl(path, [{"prompt": "", "response": t} for t in texts])
+        rows, row, used = [], [], 0
+        for text, n in zip(texts, (len(e.ids) + 1 for e in tok.hf.encode_batch(texts, add_special_tokens=False))):
+            if row and used + n > cfg.model.max_len - 1:  # + BOS
+                rows.append(row)
+                row, used = [], 0
+            row.append(text)
+            used += n
+        rows.append(row)
+        write_jsonl(path, [{"prompt": "", "response": eos.join(r)} for r in rows if r])
     return path
 
 
 def _common(cfg: PipelineConfig, stage: str, tokenizer: Path) -> dict[str, Any]:
     return {"workdir": str(cfg.run_dir / stage), "tokenizer": str(tokenizer), "seed": cfg.seed,
-            "mesh": to_dict(cfg.mesh)}
+            "mesh": to_dict(cfg.mesh), "distributed": to_dict(cfg.distributed)}
+
+
+def _comparison_files(cfg: PipelineConfig, files: dict[str, Path]) -> dict[str, str | None]:
+    """The RM's train/eval comparisons: the user's files (``task="files"``) or those the
+    comparisons stage writes under ``runs/<name>/comparisons/``."""
+    if cfg.task == "files":
+        eval_file = files.get("comparisons_eval")
+        return {"train_data": str(files["comparisons"]), "eval_data": str(eval_file) if eval_file else None}
+    out = cfg.run_dir / "comparisons"
+    return {"train_data": str(out / "train.jsonl"), "eval_data": str(out / "eval.jsonl")}
 
 
 def stage_configs(cfg: PipelineConfig, files: dict[str, Path], tokenizer: Path) -> dict[str, Any]:
@@ -200,7 +226,7 @@ def stage_configs(cfg: PipelineConfig, files: dict[str, Path], tokenizer: Path) 
         model = to_dict(cfg.model.replace(vocab_size=max(cfg.model.vocab_size, vocab)))
         configs["pretrain"] = _stage(SFTConfig, {
             **_common(cfg, "pretrain", tokenizer), "model": {"init": model},
-            "train_data": str(_pretrain_data(cfg, files)), "batch_size": 32, "buckets": [cfg.model.max_len],
+            "train_data": str(_pretrain_data(cfg, files, tokenizer)), "batch_size": 32, "buckets": [cfg.model.max_len],
             "max_len": cfg.model.max_len, "truncation": "right", "prompt_masking": False, "sample_prompts": 0,
             "optimizer": {"lr": 3e-3, "schedule": "cosine", "warmup_steps": 20, "weight_decay": 0.0},
             "loop": {"total_steps": 600, "save_every": 200},
@@ -219,14 +245,16 @@ def stage_configs(cfg: PipelineConfig, files: dict[str, Path], tokenizer: Path) 
         "loop": {"eval_every": 200, "save_every": 200},
     }, cfg.sft, "sft")
     configs["rm"] = _stage(RMConfig, {
-        **_common(cfg, "rm", tokenizer), "model": sft_model, "train_data": str(cfg.run_dir / "comparisons" / "train.jsonl"),
-        "eval_data": str(cfg.run_dir / "comparisons" / "eval.jsonl"), "demos": str(files["demos"]),
-        "batch_size": 32, "buckets": [max_len], "max_len": max_len, "epochs": 2.0,
+        **_common(cfg, "rm", tokenizer), "model": sft_model, **_comparison_files(cfg, files), "demos": str(files["demos"]),
+        # Sampled responses may be cut without EOS (+1 when the EOS is appended) and re-encode to
+        # other tokens: one bucket for the usual lengths, the model's context for the rest.
+        "batch_size": 32, "buckets": [max_len + 1], "max_len": None, "epochs": 2.0,
         "optimizer": {"lr": 5e-4, "schedule": "cosine"}, "loop": {"eval_every": 50, "save_every": 50},
     }, cfg.rm, "rm")
     configs["ppo"] = _stage(PPOStageConfig, {
         **_common(cfg, "ppo", tokenizer), "model": sft_model, "reward_model": str(cfg.run_dir / "rm" / "model"),
-        "train_data": str(files["prompts"]), "eval_data": str(files["prompts_eval"]),
+        "train_data": str(files["prompts"]),
+        "eval_data": str(files["prompts_eval"]) if "prompts_eval" in files else None,
         "ptx_data": str(files["pretrain"]) if "pretrain" in files else None,
         "batch_size": 64, "epochs": 1.0, "max_prompt_len": cfg.prompt_len, "ptx_batch_size": 8,
         "ptx_seq_len": cfg.prompt_len + cfg.response_len, "eval_samples": 64, "phase_timing": True,
@@ -268,48 +296,56 @@ def sample(model, params, tokenizer: Tokenizer, prompts: list[str], *, max_promp
 
 def _comparisons(cfg: PipelineConfig, files: dict[str, Path], tokenizer_path: Path) -> dict[str, Any]:
     """K samples of the SFT policy per prompt, ranked by one simulated labeler (train and eval
-    sets), and the labelers' measured agreement."""
+    sets), and the labelers' agreement measured on the train sets.
+
+    ``K`` samples per prompt (temperature 1, IG §3.5) are ranked; a pair of equal responses
+    carries no preference, so duplicates are merged (K is ragged, at most ``cfg.k``) and prompts
+    with fewer than two distinct samples are dropped.  (Sampling more and keeping K distinct ones
+    would over-represent rare, mostly wrong answers, whose mutual pairs are nearly all ties.)  The
+    readers reject empty responses, so a sample that stopped at once is written (and
+    gold-labelled) as the junk word ``EMPTY_RESPONSE``; a sample whose text re-encodes longer than
+    the model's context (undecodable bytes) is left out.  With ``world.labeler_noise=None`` the
+    labelers' noise is calibrated on these train sets (``tasks.calibrate_noise``) so that two
+    labelers agree on 73% of their pairs, as InstructGPT's did (IG §5.3), whatever the SFT
+    policy's mistakes look like.
+    """
     out = cfg.run_dir / "comparisons"
     stats_file = out / "stats.json"
     if cfg.task == "files":
         return {"train": files["comparisons"], "eval": files.get("comparisons_eval")}
+    paths = {"train": str(out / "train.jsonl"), "eval": str(out / "eval.jsonl")}
     if stats_file.exists():
-        return json.loads(stats_file.read_text())
+        return {**json.loads(stats_file.read_text()), **paths}
     tokenizer = Tokenizer.from_file(tokenizer_path)
     model, params = load_pretrained(cfg.run_dir / "sft" / "model")
-    prompts = [r.prompt for r in read_prompts(files["prompts"])][: cfg.n_comparison_prompts]
-    eval_prompts = [r.prompt for r in read_prompts(files["prompts_eval"])]
-    result: dict[str, Any] = {}
-    rng = np.random.default_rng([cfg.seed, 7])
-    for split, ps in (("train", prompts), ("eval", eval_prompts)):
+    splits = {"train": [r.prompt for r in read_prompts(files["prompts"])][: cfg.n_comparison_prompts],
+              "eval": [r.prompt for r in read_prompts(files["prompts_eval"])]}
+    sets: dict[str, tuple[list[str], list[list[str]], list[list[bool]]]] = {}
+    for split, ps in splits.items():
         key = jax.random.PRNGKey(cfg.seed + (0 if split == "train" else 1))
-        sets, ended_sets = [[] for _ in ps], [[] for _ in ps]
-        for j in range(2 * cfg.k):  # candidates; K distinct ones are ranked
+        candidates: list[dict[tuple[str, bool], None]] = [{} for _ in ps]
+        for j in range(cfg.k):
             texts, ended, _ = sample(model, params, tokenizer, ps, max_prompt_len=cfg.prompt_len,
                                      max_new_tokens=cfg.response_len, temperature=1.0, key=jax.random.fold_in(key, j))
-            for i in range(len(ps)):
-                sets[i].append(texts[i])
-                ended_sets[i].append(ended[i])
-        # The readers reject empty responses: a sample that stopped at once is written (and
-        # gold-labelled) as the junk word EMPTY_RESPONSE.  Identical samples are merged (a pair
-        # of equal responses carries no preference) and prompts with fewer than two distinct
-        # samples are dropped; K is ragged, at most cfg.k.
-        records = []
-        for p, texts, ended in zip(ps, sets, ended_sets):
-            distinct = {}
-            for t, e in zip(texts, ended):
-                distinct.setdefault((t if t.strip() else EMPTY_RESPONSE, e), None)
-            if len(distinct) < 2:
-                continue
-            ts, es = zip(*distinct)
-            records += make_comparisons(rng, [p], [list(ts)], [list(es)], k=min(cfg.k, len(ts)), config=cfg.world)
+            for p, distinct, t, e in zip(ps, candidates, texts, ended):
+                t = t if t.strip() else EMPTY_RESPONSE
+                if len(tokenizer.encode(p + t, add_bos=True, add_eos=True)) <= model.config.max_len:
+                    distinct.setdefault((t, e), None)
+        kept = [(p, list(d)) for p, d in zip(ps, candidates) if len(d) >= 2]
+        sets[split] = ([p for p, _ in kept], [[t for t, _ in d] for _, d in kept], [[e for _, e in d] for _, d in kept])
+    noise = cfg.world.labeler_noise
+    if noise is None:
+        noise = calibrate_noise(*sets["train"])
+    rng = np.random.default_rng([cfg.seed, 7])
+    for split, (ps, texts, ended) in sets.items():
+        records = [rec for p, ts, es in zip(ps, texts, ended)
+                   for rec in make_comparisons(rng, [p], [ts], [es], k=len(ts), noise=noise, config=cfg.world)]
         write_jsonl(out / f"{split}.jsonl", records)
-        if split == "train":
-            result["labeler_agreement"], result["labeler_pairs"] = labeler_agreement(
-                rng, [r["prompt"] for r in records], [r["responses"] for r in records], cfg.world.labeler_noise)
-    result.update({"train": str(out / "train.jsonl"), "eval": str(out / "eval.jsonl")})
-    stats_file.write_text(json.dumps(result, indent=2))
-    return result
+    agreement, pairs = labeler_agreement(rng, *sets["train"][:2], noise, sets["train"][2])
+    stats = {"labeler_agreement": agreement, "labeler_pairs": pairs, "labeler_noise": noise,
+             "comparisons": len(sets["train"][0]), "mean_k": float(np.mean([len(t) for t in sets["train"][1]]))}
+    stats_file.write_text(json.dumps(stats, indent=2))
+    return {**stats, **paths}
 
 
 # ------------------------------------------------------------------------------ evaluation
@@ -341,11 +377,11 @@ def _ptx(model, params, tokenizer: Tokenizer, path: Path, seq_len: int) -> float
     return float(ptx_loss(forward(model, params, toks, mask).logits, toks, mask))
 
 
-def _rm_accuracy(reward, reward_params, tokenizer: Tokenizer, path: Path, max_len: int, gold: bool) -> float:
+def _rm_accuracy(reward, reward_params, tokenizer: Tokenizer, path: Path, gold: bool) -> float:
     """Pairwise accuracy of the RM on held-out comparisons: against the labeler's ranking, or
     (``gold``) against the gold labeler's order of each pair."""
     records = read_comparisons(path)
-    arrays = tokenize_comparisons(records, tokenizer, max(len(r.responses) for r in records), max_len)
+    arrays = tokenize_comparisons(records, tokenizer, max(len(r.responses) for r in records), reward.config.max_len)
     scores = np.asarray(k_way_rewards(reward, reward_params, jnp.asarray(arrays["tokens"]), jnp.asarray(arrays["mask"])))
     right = total = 0
     for rec, s in zip(records, scores):
@@ -404,11 +440,12 @@ def evaluate(cfg: PipelineConfig, configs: dict[str, Any], comparisons: dict[str
         "exact_sft": float(np.mean(np.asarray(gold_sft) == 1.0)),
         "exact_ppo": float(np.mean(np.asarray(gold_ppo) == 1.0)),
         "kl_to_sft": kl,
-        "rm_accuracy": _rm_accuracy(reward, reward_params, tokenizer, Path(rm_eval), seq_len, gold=False),
-        "rm_gold_accuracy": _rm_accuracy(reward, reward_params, tokenizer, Path(rm_eval), seq_len, gold=True),
+        "rm_accuracy": _rm_accuracy(reward, reward_params, tokenizer, Path(rm_eval), gold=False),
+        "rm_gold_accuracy": _rm_accuracy(reward, reward_params, tokenizer, Path(rm_eval), gold=True),
         "ptx_loss_sft": _ptx(policy, sft_params, tokenizer, files["pretrain_eval"], seq_len),
         "ptx_loss_ppo": _ptx(policy, ppo_params, tokenizer, files["pretrain_eval"], seq_len),
         "labeler_agreement": comparisons.get("labeler_agreement"),
+        "labeler_noise": comparisons.get("labeler_noise"),
         "best_of_n": best_of_n,
         "best_of_n_matched_kl": matched,
         "eos_rate_ppo": float(np.mean(ppo_ended)),
@@ -419,6 +456,12 @@ def evaluate(cfg: PipelineConfig, configs: dict[str, Any], comparisons: dict[str
 # ------------------------------------------------------------------------------ driver
 
 
+def _cpu_seconds() -> float:
+    """User + system CPU time of this process, all threads (``os.times``)."""
+    t = os.times()
+    return t.user + t.system
+
+
 def run_pipeline(cfg: PipelineConfig, *, log=print) -> dict[str, Any]:
     """Run every stage (skipping complete ones), evaluate, write ``summary.json`` and the report."""
     t0 = time.time()
@@ -427,12 +470,14 @@ def run_pipeline(cfg: PipelineConfig, *, log=print) -> dict[str, Any]:
     (run / "pipeline_config.json").write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
     timings_file = run / "timings.json"
     timings = json.loads(timings_file.read_text()) if timings_file.exists() else {}
+    wall, cpu = timings.setdefault("wall", {}), timings.setdefault("cpu", {})
 
     def timed(stage: str, fn, *args):
         log(f"[pipeline] {stage} ...")
-        start = time.time()
+        start, start_cpu = time.time(), _cpu_seconds()
         result = fn(*args)
-        timings[stage] = timings.get(stage, 0.0) + time.time() - start
+        wall[stage] = wall.get(stage, 0.0) + time.time() - start
+        cpu[stage] = cpu.get(stage, 0.0) + _cpu_seconds() - start_cpu
         timings_file.write_text(json.dumps(timings, indent=2))
         return result
 
@@ -448,9 +493,11 @@ def run_pipeline(cfg: PipelineConfig, *, log=print) -> dict[str, Any]:
     summary: dict[str, Any] = {"name": cfg.name}
     if cfg.task == "synthetic":
         summary.update(timed("evaluate", evaluate, cfg, configs, comparisons))
-    summary["stage_seconds"] = timings
+    summary["stage_seconds"] = wall
+    summary["stage_cpu_seconds"] = cpu
     summary["wall_seconds"] = time.time() - t0
-    summary["wall_seconds_total"] = sum(timings.values())
+    summary["wall_seconds_total"] = sum(wall.values())
+    summary["cpu_seconds_total"] = sum(cpu.values())
     (run / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
     from rlhf_jax.report import write_report
 

@@ -173,7 +173,8 @@ def test_sample_prompts_exclude_and_impossible_exclude():
 
 
 def test_pretraining_texts_use_only_world_words_and_are_not_answers():
-    template = {"the", "eats", "and", "like", "in", "order", ":", ".", "counting"}
+    template = {"the", "eats", "and", "like", "in", "order", ":", ".", ",", "counting", "again", "backwards",
+                "words", "first", "last"}
     texts = pretraining_texts(np.random.default_rng(3), 600)
     assert len(set(texts)) > 300
     for t in texts:

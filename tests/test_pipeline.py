@@ -1,0 +1,190 @@
+"""End-to-end tests of ``rlhf_jax.pipeline`` on a tiny world: every stage runs, the summary and
+report are complete, and a run interrupted inside the PPO stage resumes to the same numbers as a
+straight run."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from rlhf_jax.configs import ConfigError
+from rlhf_jax.model import ModelConfig
+from rlhf_jax.distributed import DistributedConfig
+from rlhf_jax.pipeline import SUMMARY_FILE, DataFiles, PipelineConfig, run_pipeline, stage_configs
+from rlhf_jax.tasks import WorldConfig
+
+REQUIRED = ("win_rate_vs_sft", "gold_score_sft", "gold_score_ppo", "rm_accuracy", "kl_to_sft", "ptx_loss_sft",
+            "ptx_loss_ppo", "labeler_agreement", "wall_seconds")
+TIMING = ("stage_seconds", "stage_cpu_seconds", "wall_seconds", "wall_seconds_total", "cpu_seconds_total")
+PLOTS = ("overoptimization.png", "kl.png", "length.png", "losses.png")
+PPO_STEPS = 4
+
+
+def tiny(runs_dir, **kw) -> PipelineConfig:
+    """A few steps per stage on a 1-layer model and a 9-word world."""
+    loop = {"save_every": 1, "eval_every": 2}
+    return PipelineConfig(
+        name="tiny", runs_dir=str(runs_dir), seed=3,
+        world=WorldConfig(n_words=9, max_len=3),
+        n_pretrain=300, n_demos=48, n_prompts=64, n_comparison_prompts=24, n_eval_prompts=16, n_eval_demos=16,
+        k=3, model=ModelConfig(arch="llama", vocab_size=384, d_model=16, n_layers=1, n_heads=2, max_len=32),
+        prompt_len=12, response_len=6, best_of_n=(1, 2),
+        pretrain={"batch_size": 8, "optimizer": {"warmup_steps": 0}, "loop": {"total_steps": 3, **loop}},
+        sft={"batch_size": 8, "sample_prompts": 2, "optimizer": {"warmup_steps": 0}, "loop": {"total_steps": 3, **loop}},
+        rm={"batch_size": 8, "loop": {"total_steps": 3, **loop}},
+        ppo={"batch_size": 16, "ptx_batch_size": 2, "eval_samples": 4, "ppo": {"num_minibatches": 2, "epochs": 1},
+             "loop": {"total_steps": PPO_STEPS, **loop}},
+        **kw,
+    )
+
+
+def numbers(summary: dict) -> dict:
+    return {k: v for k, v in summary.items() if k not in TIMING}
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    """One uninterrupted tiny run: ``(config, summary)``."""
+    cfg = tiny(tmp_path_factory.mktemp("straight"))
+    return cfg, run_pipeline(cfg, log=lambda *_: None)
+
+
+def test_summary_report_and_plots(straight):
+    cfg, summary = straight
+    on_disk = json.loads((cfg.run_dir / SUMMARY_FILE).read_text())
+    assert on_disk == json.loads(json.dumps(summary))
+    for key in REQUIRED:
+        assert isinstance(on_disk[key], float) and math.isfinite(on_disk[key]), key
+    assert 0.0 <= on_disk["win_rate_vs_sft"] <= 1.0
+    assert 0.0 <= on_disk["rm_accuracy"] <= 1.0 and 0.5 <= on_disk["labeler_agreement"] <= 1.0
+    assert -3.0 <= on_disk["gold_score_sft"] <= 1.0 and -3.0 <= on_disk["gold_score_ppo"] <= 1.0
+    assert on_disk["ptx_loss_sft"] > 0 and on_disk["ptx_loss_ppo"] > 0
+    assert set(on_disk["stage_seconds"]) == set(on_disk["stage_cpu_seconds"]) >= {
+        "pretrain", "sft", "comparisons", "rm", "ppo", "evaluate"}
+    assert [r["n"] for r in on_disk["best_of_n"]] == [1, 2]
+    report = (cfg.run_dir / "report.md").read_text()
+    assert "win rate PPO vs SFT" in report
+    for png in PLOTS:
+        path = cfg.run_dir / png
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
+        assert f"![{png}]({png})" in report
+
+
+def test_comparisons_have_distinct_ranked_responses(straight):
+    cfg, _ = straight
+    stats = json.loads((cfg.run_dir / "comparisons" / "stats.json").read_text())
+    for split in ("train", "eval"):
+        records = [json.loads(line) for line in (cfg.run_dir / "comparisons" / f"{split}.jsonl").open()]
+        assert records
+        for rec in records:
+            assert 2 <= len(rec["responses"]) <= cfg.k
+            assert sorted(rec["ranking"]) == list(range(len(rec["responses"])))
+            assert all(r.strip() for r in rec["responses"])
+    assert stats["comparisons"] == sum(1 for _ in (cfg.run_dir / "comparisons" / "train.jsonl").open())
+    assert stats["labeler_noise"] > 0
+
+
+def test_rerun_of_a_finished_pipeline_skips_every_stage(straight, monkeypatch):
+    cfg, summary = straight
+
+    def fail(*args, **kwargs):
+        raise AssertionError("a finished stage ran again")
+
+    for where in ("rlhf_jax.stages.sft.setup_training", "rlhf_jax.stages.reward.setup_training",
+                  "rlhf_jax.stages.ppo.run_loop", "rlhf_jax.pipeline.calibrate_noise"):
+        monkeypatch.setattr(where, fail)
+    again = run_pipeline(cfg, log=lambda *_: None)
+    assert numbers(again) == numbers(summary)
+
+
+class Interrupted(Exception):
+    pass
+
+
+def _crash_in_loop(monkeypatch, module, call: int, after_steps: int) -> None:
+    """Make the ``call``-th ``run_loop`` of a stage module raise ``Interrupted`` before its
+    ``after_steps + 1``-th step (after the checkpoints of the first steps)."""
+    original = module.run_loop
+    calls = {"loops": 0}
+
+    def run_loop_then_crash(**kw):
+        calls["loops"] += 1
+        if calls["loops"] != call:
+            return original(**kw)
+        step, steps = kw["train_step"], {"n": 0}
+
+        def crashing(*args):
+            steps["n"] += 1
+            if steps["n"] == after_steps + 1:
+                raise Interrupted
+            return step(*args)
+
+        return original(**{**kw, "train_step": crashing})
+
+    monkeypatch.setattr(module, "run_loop", run_loop_then_crash)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", ["pretrain", "sft", "comparisons", "rm", "ppo"])
+def test_interrupted_stage_resumes_to_the_straight_numbers(stage, straight, tmp_path, monkeypatch):
+    """Kill the pipeline inside one stage, re-run the same command: the final numbers equal an
+    uninterrupted run's (training stages resume from their checkpoints; the comparisons stage
+    is redone from the seed)."""
+    import rlhf_jax.pipeline as pipeline
+    import rlhf_jax.stages.ppo as ppo_stage
+    import rlhf_jax.stages.reward as reward_stage
+    import rlhf_jax.stages.sft as sft_stage
+
+    _, expected = straight
+    cfg = tiny(tmp_path)
+    if stage == "comparisons":  # both splits written, statistics not yet
+        def crash(*args, **kwargs):
+            raise Interrupted
+        monkeypatch.setattr(pipeline, "labeler_agreement", crash)
+    else:
+        module, call = {"pretrain": (sft_stage, 1), "sft": (sft_stage, 2), "rm": (reward_stage, 1),
+                        "ppo": (ppo_stage, 1)}[stage]
+        _crash_in_loop(monkeypatch, module, call, after_steps=2)
+    with pytest.raises(Interrupted):
+        run_pipeline(cfg, log=lambda *_: None)
+    assert not (cfg.run_dir / SUMMARY_FILE).exists()
+    if stage != "comparisons":
+        checkpoints = cfg.run_dir / stage / "checkpoints"
+        assert checkpoints.is_dir() and any(checkpoints.iterdir())
+        assert not (cfg.run_dir / stage / "model").exists()
+    monkeypatch.undo()
+    resumed = run_pipeline(cfg, log=lambda *_: None)
+    assert numbers(resumed) == numbers(expected)
+
+
+@pytest.mark.parametrize("field, value, match", [
+    ("k", 10, r"PipelineConfig\.k"),
+    ("name", "a/b", r"PipelineConfig\.name"),
+    ("response_len", 30, r"PipelineConfig\.response_len.*max_len=40"),
+    ("best_of_n", (), r"PipelineConfig\.best_of_n"),
+    ("task", "web", r"PipelineConfig\.task"),
+])
+def test_config_errors_name_the_field(field, value, match):
+    with pytest.raises(ConfigError, match=match):
+        PipelineConfig(**{field: value})
+
+
+def test_files_task_trains_the_rm_on_the_given_comparisons(straight, tmp_path):
+    """``task="files"``: the RM stage reads the user's comparison files, not the run directory."""
+    cfg, _ = straight
+    data = cfg.run_dir / "data"
+    files = {"demos": data / "demos.jsonl", "prompts": data / "prompts.jsonl", "pretrain": data / "pretrain.jsonl",
+             "comparisons": cfg.run_dir / "comparisons" / "train.jsonl",
+             "comparisons_eval": cfg.run_dir / "comparisons" / "eval.jsonl"}
+    mine = tiny(tmp_path, task="files", base_model=str(cfg.run_dir / "sft" / "model"),
+                files=DataFiles(**{k: str(v) for k, v in files.items()}))
+    configs = stage_configs(mine, files, cfg.run_dir / "tokenizer" / "tokenizer.json")
+    assert "pretrain" not in configs
+    assert (configs["rm"].train_data, configs["rm"].eval_data) == (str(files["comparisons"]), str(files["comparisons_eval"]))
+
+
+def test_multi_host_needs_the_files_task():
+    with pytest.raises(ConfigError, match=r"PipelineConfig\.distributed"):
+        PipelineConfig(distributed=DistributedConfig(auto=True))
