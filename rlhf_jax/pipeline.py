@@ -87,15 +87,15 @@ class PipelineConfig:
     task: Literal["synthetic", "files"] = "synthetic"
     world: WorldConfig = WorldConfig()
     files: DataFiles = DataFiles()
-    n_pretrain: int = 6000
-    n_demos: int = 1500
-    n_prompts: int = 2048
-    n_comparison_prompts: int = 768
+    n_pretrain: int = 80000
+    n_demos: int = 6000
+    n_prompts: int = 6144
+    n_comparison_prompts: int = 4096
     n_eval_prompts: int = 256
     n_eval_demos: int = 128
-    k: int = 4
+    k: int = 6
     vocab_size: int = 384
-    model: ModelConfig = ModelConfig(arch="gpt2", vocab_size=384, d_model=96, n_layers=3, n_heads=4, max_len=40)
+    model: ModelConfig = ModelConfig(arch="llama", vocab_size=384, d_model=96, n_layers=3, n_heads=4, d_ff=256, max_len=40)
     base_model: str | None = None
     tokenizer: str | None = None
     mesh: MeshConfig = MeshConfig()
@@ -226,10 +226,10 @@ def stage_configs(cfg: PipelineConfig, files: dict[str, Path], tokenizer: Path) 
         model = to_dict(cfg.model.replace(vocab_size=max(cfg.model.vocab_size, vocab)))
         configs["pretrain"] = _stage(SFTConfig, {
             **_common(cfg, "pretrain", tokenizer), "model": {"init": model},
-            "train_data": str(_pretrain_data(cfg, files, tokenizer)), "batch_size": 32, "buckets": [cfg.model.max_len],
+            "train_data": str(_pretrain_data(cfg, files, tokenizer)), "batch_size": 16, "buckets": [cfg.model.max_len],
             "max_len": cfg.model.max_len, "truncation": "right", "prompt_masking": False, "sample_prompts": 0,
             "optimizer": {"lr": 3e-3, "schedule": "cosine", "warmup_steps": 20, "weight_decay": 0.0},
-            "loop": {"total_steps": 600, "save_every": 200},
+            "loop": {"total_steps": 1500, "save_every": 500},
         }, cfg.pretrain, "pretrain")
         base_source = {"hf_dir": str(cfg.run_dir / "pretrain" / "model")}
     else:
@@ -239,31 +239,31 @@ def stage_configs(cfg: PipelineConfig, files: dict[str, Path], tokenizer: Path) 
     configs["sft"] = _stage(SFTConfig, {
         **_common(cfg, "sft", tokenizer), "model": base_source, "train_data": str(files["demos"]),
         "eval_data": str(files["demos_eval"]) if "demos_eval" in files else None,
-        "batch_size": 32, "buckets": [max_len], "max_len": max_len, "sample_prompts": 4,
+        "batch_size": 16, "buckets": [max_len], "max_len": max_len, "sample_prompts": 4,
         "sample_max_new_tokens": cfg.response_len,
-        "optimizer": {"lr": 2e-3, "schedule": "cosine", "warmup_steps": 20}, "epochs": 12.0,
-        "loop": {"eval_every": 200, "save_every": 200},
+        "optimizer": {"lr": 2e-3, "schedule": "cosine", "warmup_steps": 20}, "epochs": 4.0,
+        "loop": {"eval_every": 500, "save_every": 500},
     }, cfg.sft, "sft")
     configs["rm"] = _stage(RMConfig, {
         **_common(cfg, "rm", tokenizer), "model": sft_model, **_comparison_files(cfg, files), "demos": str(files["demos"]),
         # Sampled responses may be cut without EOS (+1 when the EOS is appended) and re-encode to
         # other tokens: one bucket for the usual lengths, the model's context for the rest.
         "batch_size": 32, "buckets": [max_len + 1], "max_len": None, "epochs": 2.0,
-        "optimizer": {"lr": 5e-4, "schedule": "cosine"}, "loop": {"eval_every": 50, "save_every": 50},
+        "optimizer": {"lr": 1e-3, "schedule": "cosine"}, "loop": {"eval_every": 64, "save_every": 64},
     }, cfg.rm, "rm")
     configs["ppo"] = _stage(PPOStageConfig, {
         **_common(cfg, "ppo", tokenizer), "model": sft_model, "reward_model": str(cfg.run_dir / "rm" / "model"),
         "train_data": str(files["prompts"]),
         "eval_data": str(files["prompts_eval"]) if "prompts_eval" in files else None,
         "ptx_data": str(files["pretrain"]) if "pretrain" in files else None,
-        "batch_size": 64, "epochs": 1.0, "max_prompt_len": cfg.prompt_len, "ptx_batch_size": 8,
+        "batch_size": 256, "epochs": 1.0, "max_prompt_len": cfg.prompt_len, "ptx_batch_size": 8,
         "ptx_seq_len": cfg.prompt_len + cfg.response_len, "eval_samples": 64, "phase_timing": True,
         "ppo": {"generation": {"max_new_tokens": cfg.response_len, "temperature": 1.0},
-                "num_minibatches": 4, "epochs": 2, "ptx_coef": 0.5, "missing_eos_penalty": 1.0,
+                "num_minibatches": 2, "epochs": 1, "ptx_coef": 0.1, "missing_eos_penalty": 1.0,
                 "kl": {"kind": "fixed", "init_kl_coef": 0.05}},
         "optimizer": {"lr": 3e-4, "warmup_steps": 3, "schedule": "constant"},
         "value_optimizer": {"lr": 1e-3, "schedule": "constant"},
-        "loop": {"total_steps": 30, "eval_every": 5, "save_every": 5},
+        "loop": {"total_steps": 60, "eval_every": 10, "save_every": 10},
     }, cfg.ppo, "ppo")
     return configs
 
