@@ -1,0 +1,155 @@
+"""The roofline: the machine's matmul FLOP/s and memory bandwidth, and how close decoding gets.
+
+Measured here, in this run: the matmul peak (``common.measure_matmul_peak``: CPU float32, better
+of JAX and PyTorch; accelerator: the compute dtype at 8192²) and the memory bandwidth
+(``common.measure_bandwidth``: a sum and a copy of a large array, JAX and NumPy).  On a known
+accelerator the data sheet's peak and HBM bandwidth are shown too (``common.DEVICE_SPECS``).
+
+Then, per model and batch, one decode step of ``rlhf_jax.generate`` (greedy, KV cache, no stop):
+its time is ``(t(N new tokens) − t(1 new token)) / (N − 1)``, which removes the prefill, and its
+bound comes from ``flops.decode_bound_tokens_per_s``: every matmul weight read once per step
+(float32 master weights, 4 bytes each: what the code reads) plus the KV cache up to the mean
+context of the decode steps (``P + N/2`` keys), against ``max(FLOPs / peak, bytes / bandwidth)``.
+At batch 1 a step is bandwidth-bound; at batch 32 on a CPU it is compute-bound.  On a CPU the
+weights of a small model stay in the caches, so the DRAM bound is loose (a fraction > 1 is
+possible).
+
+    python -m experiments.benchmarks.roofline [--quick] [--models tiny small] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import statistics
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from experiments.benchmarks.common import (
+    device_spec,
+    format_table,
+    machine_info,
+    measure_bandwidth,
+    measure_matmul_peak,
+    timed,
+    write_json,
+)
+from experiments.benchmarks.flops import decode_bound_tokens_per_s
+from experiments.benchmarks.shapes import CASES
+from rlhf_jax.generation import GenerateConfig, generate
+from rlhf_jax.model import Transformer, init_params
+
+
+@dataclasses.dataclass(frozen=True)
+class Decode:
+    """One decode measurement: ``model`` (a ``train_step.CASES`` key), ``batch`` prompts of
+    ``prompt`` tokens, ``new`` tokens."""
+
+    model: str
+    batch: int
+    prompt: int
+    new: int
+
+    @property
+    def context(self) -> float:
+        """Mean keys attended by the ``new − 1`` decode steps: ``prompt + new / 2``."""
+        return self.prompt + self.new / 2
+
+
+def decode_cases(models: list[str], on_cpu: bool) -> list[Decode]:
+    new, prompt, batches = (32, 32, (1, 32)) if on_cpu else (128, 128, (1, 32))
+    return [Decode(m, b, prompt, new) for m in models for b in batches]
+
+
+def time_decode(case: Decode, dtype: str, repeats: int) -> dict[str, Any]:
+    """Seconds per decode step of ``generate`` (see the module docstring) and the two runs' medians."""
+    model = Transformer(CASES[case.model].model_config("lm", dtype))
+    params = jax.jit(lambda k: init_params(model, k))(jax.random.key(0))
+    rng = np.random.default_rng(0)
+    ids = jnp.asarray(rng.integers(1, model.config.vocab_size, (case.batch, case.prompt)), jnp.int32)
+    mask = jnp.ones_like(ids)
+
+    def run(new: int) -> Any:
+        config = GenerateConfig(new, greedy=True)
+        return lambda: jax.block_until_ready(generate(model, params, ids, mask, jax.random.key(1), config).tokens)
+
+    full, one = run(case.new), run(1)
+    compile_s = timed(full) + timed(one)
+    full_t, one_t = [], []
+    for _ in range(repeats):  # alternate: the load hits both alike
+        full_t.append(timed(full))
+        one_t.append(timed(one))
+    full_s, one_s = statistics.median(full_t), statistics.median(one_t)
+    step_s = max(full_s - one_s, 1e-9) / (case.new - 1)
+    return {"config": dataclasses.asdict(model.config), "full_s": full_s, "one_token_s": one_s, "step_s": step_s,
+            "tok_s": case.batch / step_s, "compile_s": compile_s, "full_times": full_t, "one_times": one_t}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--models", nargs="+", choices=list(CASES), default=None,
+                        help="decode models (default: tiny small on CPU, gpt2-medium gpt2-large llama-1b otherwise)")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
+                        help="compute dtype (default float32 on CPU, bfloat16 otherwise)")
+    parser.add_argument("--quick", action="store_true", help="2 timed runs instead of 3")
+    parser.add_argument("--dry-run", action="store_true", help="the micro model, small arrays, 1 run")
+    parser.add_argument("--json", type=str, default=None, help="write the results here")
+    args = parser.parse_args(argv)
+    on_cpu = jax.default_backend() == "cpu"
+    dtype = args.dtype or ("float32" if on_cpu else "bfloat16")
+    models = args.models or (["tiny", "small"] if on_cpu else ["gpt2-medium", "gpt2-large", "llama-1b"])
+    repeats = 2 if args.quick else 3
+    if args.dry_run:
+        models, repeats = ["micro"], 1
+
+    info = machine_info()
+    n = 512 if args.dry_run else (2048 if on_cpu else 8192)
+    peak = measure_matmul_peak(n, 5, "float32" if on_cpu else dtype)
+    bandwidth = measure_bandwidth((16 if args.dry_run else 256 if on_cpu else 1024) * 2**20)
+    spec = None if on_cpu else device_spec(info["device_kind"])
+    results = []
+    for case in decode_cases(models, on_cpu):
+        r = {**dataclasses.asdict(case), "context": case.context, **time_decode(case, dtype, repeats)}
+        config = CASES[case.model].model_config("lm", dtype)
+        r["bound"] = decode_bound_tokens_per_s(config, case.batch, case.context, peak["median"], bandwidth["median"])
+        r["fraction"] = r["tok_s"] / r["bound"]["bound_tok_s"]
+        if spec:
+            r["bound_spec"] = decode_bound_tokens_per_s(config, case.batch, case.context, spec["bf16_flops"],
+                                                        spec["hbm_bytes_s"])
+            r["fraction_spec"] = r["tok_s"] / r["bound_spec"]["bound_tok_s"]
+        results.append(r)
+    info["load_avg_end"] = list(os.getloadavg())
+
+    ridge = peak["median"] / bandwidth["median"]
+    print(f"jax {info['jax']} on {info['device_kind']}; load average (1 min) {info['load_avg'][0]:.1f} at start, "
+          f"{info['load_avg_end'][0]:.1f} at end")
+    print(f"matmul peak ({peak['dtype']}, {n}², median): {peak['median'] / 1e9:.0f} GFLOP/s "
+          f"(jax {peak['jax']['median'] / 1e9:.0f}"
+          + (f", torch {peak['torch']['median'] / 1e9:.0f}" if peak["torch"] else "") + ")")
+    lib_bw = ", ".join(f"{kind} {lib} {v['median'] / 1e9:.1f}" for kind in ("read", "copy")
+                       for lib, v in bandwidth[kind].items())
+    print(f"memory bandwidth ({bandwidth['n_bytes'] >> 20} MiB, median): {bandwidth['median'] / 1e9:.1f} GB/s "
+          f"({lib_bw}); ridge point {ridge:.1f} FLOP/byte")
+    if spec:
+        print(f"data sheet: {spec['bf16_flops'] / 1e12:.0f} TFLOP/s bf16, {spec['hbm_bytes_s'] / 1e12:.2f} TB/s HBM")
+    print(f"decode steps: greedy, {dtype} compute, float32 weights; step = (t(N) − t(1)) / (N − 1); "
+          f"median of {repeats}\n")
+    rows = [[r["model"], r["batch"], f"{r['prompt']}+{r['new']}", f"{r['bound']['intensity']:.1f}",
+             f"{r['step_s'] * 1e3:.2f}", f"{r['tok_s']:.0f}", f"{r['bound']['compute_tok_s']:.0f}",
+             f"{r['bound']['bandwidth_tok_s']:.0f}", f"{100 * r['fraction']:.0f}%"]
+            + ([f"{r['bound_spec']['bound_tok_s']:.0f}", f"{100 * r['fraction_spec']:.0f}%"] if spec else [])
+            for r in results]
+    print(format_table(["model", "batch", "prompt+new", "FLOP/byte", "ms/step", "tok/s", "compute bound tok/s",
+                        "bandwidth bound tok/s", "of roofline"]
+                       + (["sheet bound tok/s", "of sheet"] if spec else []), rows))
+    if args.json:
+        write_json(args.json, {"machine": info, "matmul_peak": peak, "bandwidth": bandwidth, "spec": spec,
+                               "ridge_flop_per_byte": ridge, "dtype": dtype, "repeats": repeats, "decode": results})
+
+
+if __name__ == "__main__":
+    main()

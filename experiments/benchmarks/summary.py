@@ -1,0 +1,149 @@
+"""The suite's summary: one row per headline number, read back from each benchmark's JSON.
+
+A row holds our number, the peer's (or, for decoding, the roofline bound), their ratio and the
+issue's target (issue 8, "Targets"), and says whether the target is met.  A target applies to
+the ratio (``target_on="ratio"``: "≥ 1.2× torch") or to our number itself (``"ours"``: "≥ 40%
+of peak").  A row whose compared number is missing (the peer skipped) says "n/a", never "yes".
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, Literal
+
+from experiments.benchmarks.common import format_table
+
+# issue 8's CPU targets
+GENERATION_TARGETS = {"tiny": 4.0, "small": 1.5}  # ours / transformers tokens/s
+TRAIN_STEP_TARGET = ("small", 1.2, 0.40)  # model, ours / torch tokens/s, fraction of the matmul peak
+PPO_TARGETS = {1: 2.5, 4: 1.5}  # TRL seconds / ours, by PPO epochs
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+    """One headline number.  ``higher_is_better`` sets the ratio's direction (throughput:
+    ours / peer; seconds: peer / ours), so a ratio > 1 always means we are ahead."""
+
+    benchmark: str
+    metric: str
+    ours: float | None
+    peer: float | None = None
+    target: float | None = None
+    target_on: Literal["ratio", "ours"] = "ratio"
+    unit: Literal["tok/s", "s", "%", ""] = ""
+    higher_is_better: bool = True
+
+    @property
+    def ratio(self) -> float | None:
+        if self.ours is None or self.peer is None or not (self.ours and self.peer):
+            return None
+        return self.ours / self.peer if self.higher_is_better else self.peer / self.ours
+
+    @property
+    def met(self) -> bool | None:
+        """``target`` reached by the ratio or by ``ours`` (see ``target_on``); ``None`` without a
+        target or without the number it applies to."""
+        if self.target is None:
+            return None
+        value = self.ratio if self.target_on == "ratio" else self.ours
+        return None if value is None else value >= self.target
+
+    def cells(self) -> list[str]:
+        def fmt(x: float | None) -> str:
+            if x is None:
+                return "-"
+            return {"tok/s": f"{x:.0f} tok/s", "s": f"{x:.2f} s", "%": f"{100 * x:.1f}%"}.get(self.unit, f"{x:.3f}")
+
+        if self.target is None:
+            target = "-"
+        elif self.target_on == "ratio":
+            target = f"≥ {self.target:g}×"
+        else:
+            target = f"≥ {100 * self.target:g}%" if self.unit == "%" else f"≥ {self.target:g}"
+        met = {None: "n/a" if self.target is not None else "-", True: "yes", False: "NO"}[self.met]
+        ratio = "-" if self.ratio is None else f"{self.ratio:.2f}×"
+        return [self.benchmark, self.metric, fmt(self.ours), fmt(self.peer), ratio, target, met]
+
+
+HEADERS = ["benchmark", "metric", "ours", "peer / bound", "ratio", "target", "met?"]
+
+
+def _generation(d: Mapping[str, Any]) -> Iterator[Row]:
+    for r in d.get("results", []):
+        key = r.get("key")
+        yield Row("generation", f"{key}: decode tokens/s vs transformers", r.get("ours_tok_s"), r.get("hf_tok_s"),
+                  GENERATION_TARGETS.get(key), unit="tok/s")
+        if r.get("ours_peak_frac") is not None:
+            yield Row("generation", f"{key}: % of matmul peak", r["ours_peak_frac"], r.get("hf_peak_frac"), unit="%")
+
+
+def _train_step(d: Mapping[str, Any]) -> Iterator[Row]:
+    model, speed_target, mfu_target = TRAIN_STEP_TARGET
+    for r in d.get("results", []):
+        ours = [s for s in r["sides"] if s["label"].startswith("ours")]
+        peer = min((s for s in r["sides"] if s["label"].startswith("torch")), key=lambda s: s["seconds"], default=None)
+        best = max(ours, key=lambda s: s["tokens_per_s"])
+        on_target = r["key"] == model
+        vs = f" vs {peer['label']}" if peer else ""
+        yield Row("train_step", f"{r['key']} {r['kind'].upper()}: tokens/s ({best['label']}){vs}",
+                  best["tokens_per_s"], peer["tokens_per_s"] if peer else None,
+                  speed_target if on_target else None, unit="tok/s")
+        yield Row("train_step", f"{r['key']} {r['kind'].upper()}: MFU ({best['label']})", best.get("mfu"),
+                  peer.get("mfu") if peer else None, mfu_target if on_target else None, target_on="ours", unit="%")
+        if best.get("mfu_spec") is not None:
+            yield Row("train_step", f"{r['key']} {r['kind'].upper()}: MFU of the data sheet's peak", best["mfu_spec"],
+                      unit="%")
+
+
+def _ppo_step(d: Mapping[str, Any]) -> Iterator[Row]:
+    for r in d.get("results", []):
+        trl = r.get("trl") or {}
+        yield Row("ppo_step", f"{r['epochs']} epoch(s): seconds per iteration vs TRL",
+                  r["ours"]["seconds_per_iter"], trl.get("seconds_per_iter"), PPO_TARGETS.get(r["epochs"]),
+                  unit="s", higher_is_better=False)
+
+
+def _roofline(d: Mapping[str, Any]) -> Iterator[Row]:
+    for r in d.get("decode", []):
+        yield Row("roofline", f"{r['model']} batch {r['batch']}: decode tokens/s vs roofline bound", r["tok_s"],
+                  r["bound"]["bound_tok_s"], unit="tok/s")
+        if r.get("bound_spec"):
+            yield Row("roofline", f"{r['model']} batch {r['batch']}: vs the data sheet's bound", r["tok_s"],
+                      r["bound_spec"]["bound_tok_s"], unit="tok/s")
+
+
+def _scaling(d: Mapping[str, Any]) -> Iterator[Row]:
+    for name, fit in d.get("fits", {}).items():
+        yield Row("scaling", f"s/iteration vs {name}: R² of the linear fit", fit["r2"])
+    devices = d.get("sweeps", {}).get("devices", [])
+    for p in devices[1:]:
+        yield Row("scaling", f"{p['devices']} devices: seconds per iteration vs 1 device", p["seconds"],
+                  devices[0]["seconds"], unit="s", higher_is_better=False)
+
+
+def _gpu_check(d: Mapping[str, Any]) -> Iterator[Row]:
+    if "sft" in d:
+        yield Row("gpu_check", "1.1B Llama SFT step: MFU (data sheet)", d["sft"]["mfu"], unit="%")
+    if "generate" in d:
+        yield Row("gpu_check", "1.1B Llama decode: tokens/s", d["generate"]["tokens_per_s"], unit="tok/s")
+        yield Row("gpu_check", "1.1B Llama decode: fraction of the HBM bound", d["generate"]["hbm_bound_fraction"],
+                  unit="%")
+    if "ppo" in d:
+        yield Row("gpu_check", "1.1B Llama PPO-ptx iteration", d["ppo"]["iteration_s"], unit="s",
+                  higher_is_better=False)
+
+
+EXTRACTORS: dict[str, Callable[[Mapping[str, Any]], Iterator[Row]]] = {
+    "generation": _generation, "train_step": _train_step, "ppo_step": _ppo_step, "roofline": _roofline,
+    "scaling": _scaling, "gpu_check": _gpu_check,
+}
+
+
+def summary_rows(results: Mapping[str, Mapping[str, Any]]) -> list[Row]:
+    """Rows of every benchmark in ``results`` (benchmark name -> its JSON), in the given order."""
+    return [row for name, data in results.items() for row in EXTRACTORS[name](data)]
+
+
+def summary_table(rows: list[Row]) -> str:
+    return format_table(HEADERS, [r.cells() for r in rows])

@@ -1,0 +1,161 @@
+"""The benchmark suite's pure pieces (FLOP and byte counts, the roofline bound, the summary's
+met / not-met logic, the scaling fit) against hand counts, and its dry runs end to end."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from experiments.benchmarks.flops import (
+    block_matmul_params,
+    decode_bound_tokens_per_s,
+    decode_step_bytes,
+    decode_step_flops,
+    forward_flops,
+    head_matmul_params,
+    train_step_flops,
+)
+from experiments.benchmarks.scaling import linear_fit
+from experiments.benchmarks.summary import Row, summary_rows
+from rlhf_jax.model import ModelConfig, Transformer, init_params
+
+REPO = Path(__file__).resolve().parents[1]
+GPT2 = ModelConfig(arch="gpt2", vocab_size=64, d_model=32, n_layers=2, n_heads=2, max_len=16)
+LLAMA = ModelConfig(arch="llama", vocab_size=96, d_model=64, n_layers=3, n_heads=4, n_kv_heads=2, d_ff=80,
+                    max_len=16, tie_embeddings=False)
+
+
+def kernel_sizes(config: ModelConfig) -> tuple[int, int]:
+    """(block matmul weights, head weights) read off the real parameter tree: every ``kernel``
+    inside a layer, and the unembedding (tied: the token embedding) or the scalar head."""
+    shapes = jax.eval_shape(lambda k: init_params(Transformer(config), k), jax.random.key(0))
+    flat = jax.tree_util.tree_flatten_with_path(shapes)[0]
+    names = [(jax.tree_util.keystr(p), int(np.prod(x.shape))) for p, x in flat]
+    blocks = sum(n for name, n in names if "layer_" in name and name.endswith("['kernel']"))
+    head_key = "score_head" if config.head == "scalar" else ("embed" if config.tie_embeddings else "lm_head")
+    head = sum(n for name, n in names if name.startswith(f"['{head_key}']") and not name.endswith("['bias']"))
+    return blocks, head
+
+
+def test_matmul_params_match_hand_count_and_parameter_tree():
+    # GPT-2 d=32, 2 layers: q, k, v, o 4·32² + MLP 2·32·128 per layer; tied unembedding 64·32.
+    assert block_matmul_params(GPT2) == 2 * (4 * 32 * 32 + 2 * 32 * 128) == 24576
+    assert head_matmul_params(GPT2) == 64 * 32
+    # Llama GQA: q, o 64·64; k, v 64·(2 heads · 16); SwiGLU 3·64·80; untied head 96·64.
+    assert block_matmul_params(LLAMA) == 3 * (2 * 64 * 64 + 2 * 64 * 32 + 3 * 64 * 80)
+    for config in (GPT2, LLAMA, GPT2.replace(head="scalar")):
+        assert (block_matmul_params(config), head_matmul_params(config)) == kernel_sizes(config), config
+
+
+def test_forward_and_train_flops_match_hand_count():
+    # batch 3, seq 5: 2·(24576 + 2048)·5 per row, plus attention 4·d·layers per (query, key)
+    # pair over the causal pairs 1 + 2 + 3 + 4 + 5 = 15.
+    per_row = 2 * (24576 + 2048) * 5 + 4 * 32 * 2 * 15
+    assert forward_flops(GPT2, 3, 5) == 3 * per_row == 810240
+    assert train_step_flops(GPT2, 3, 5) == 3 * 810240
+    # one decode step per sequence attending 7 keys
+    assert decode_step_flops(GPT2, 3, 7) == 3 * (2 * (24576 + 2048) + 4 * 32 * 2 * 7)
+
+
+def test_decode_bytes_and_bandwidth_bound():
+    # float32 weights (24576 + 2048)·4 bytes; KV: K and V, 2 layers, 2 heads × 16, 10 keys, 4 bytes
+    weights, cache = 26624 * 4, 2 * 2 * 2 * 16 * 10 * 4
+    assert decode_step_bytes(GPT2, 8, 10) == weights + 8 * cache
+    assert decode_step_bytes(GPT2.replace(dtype="bfloat16"), 8, 10, weight_bytes=2) == 26624 * 2 + 8 * cache / 2
+    # bandwidth-bound: a vast peak leaves bytes / bandwidth
+    r = decode_bound_tokens_per_s(GPT2, 8, 10, peak_flops=1e30, bandwidth=1e9)
+    assert r["bound_tok_s"] == pytest.approx(8 * 1e9 / (weights + 8 * cache))
+    assert r["bound_tok_s"] == pytest.approx(r["bandwidth_tok_s"])
+    # compute-bound: a vast bandwidth leaves FLOPs / peak
+    r = decode_bound_tokens_per_s(GPT2, 8, 10, peak_flops=1e9, bandwidth=1e30)
+    assert r["bound_tok_s"] == pytest.approx(8 * 1e9 / decode_step_flops(GPT2, 8, 10))
+    assert r["intensity"] == pytest.approx(decode_step_flops(GPT2, 8, 10) / (weights + 8 * cache))
+
+
+def test_summary_met_logic():
+    faster = Row("b", "tok/s", ours=300.0, peer=100.0, target=2.5, unit="tok/s")
+    assert faster.ratio == 3.0 and faster.met is True
+    assert Row("b", "tok/s", ours=200.0, peer=100.0, target=2.5).met is False
+    # seconds: lower is better, the ratio is peer / ours
+    slower = Row("b", "s/it", ours=4.0, peer=5.0, target=1.5, unit="s", higher_is_better=False)
+    assert slower.ratio == 1.25 and slower.met is False
+    assert Row("b", "s/it", ours=2.0, peer=5.0, target=1.5, higher_is_better=False).met is True
+    # a target on our own number (a fraction of peak), with or without a peer
+    assert Row("b", "mfu", ours=0.41, peer=0.9, target=0.40, target_on="ours").met is True
+    assert Row("b", "mfu", ours=0.39, target=0.40, target_on="ours").met is False
+    # nothing to compare: n/a, never "yes"; no target: no verdict
+    missing = Row("b", "s/it", ours=2.0, peer=None, target=1.5, higher_is_better=False)
+    assert missing.met is None and missing.cells()[-1] == "n/a"
+    assert Row("b", "x", ours=1.0, peer=1.0).met is None
+    assert faster.cells() == ["b", "tok/s", "300 tok/s", "100 tok/s", "3.00×", "≥ 2.5×", "yes"]
+
+
+def test_summary_rows_from_benchmark_json():
+    ppo = {"results": [{"epochs": 1, "ours": {"seconds_per_iter": 2.0}, "trl": {"seconds_per_iter": 6.0}},
+                       {"epochs": 4, "ours": {"seconds_per_iter": 5.0}, "trl": None}]}
+    train = {"results": [{"key": "small", "kind": "sft", "sides": [
+        {"label": "ours", "seconds": 1.0, "tokens_per_s": 900.0, "mfu": 0.30},
+        {"label": "ours ×2dev", "seconds": 0.7, "tokens_per_s": 1300.0, "mfu": 0.45},
+        {"label": "torch ×2thr", "seconds": 1.5, "tokens_per_s": 600.0, "mfu": 0.2},
+        {"label": "torch ×1thr", "seconds": 0.9, "tokens_per_s": 1000.0, "mfu": 0.35}]}]}
+    rows = summary_rows({"ppo_step": ppo, "train_step": train})
+    assert [(r.ratio, r.met) for r in rows[:2]] == [(3.0, True), (None, None)]  # TRL skipped: n/a
+    speed, mfu = rows[2:]
+    # our fastest side against torch's fastest thread setting
+    assert "ours ×2dev" in speed.metric and "torch ×1thr" in speed.metric
+    assert speed.ratio == pytest.approx(1.3) and speed.met is True
+    assert mfu.ours == 0.45 and mfu.met is True
+
+
+def test_linear_fit():
+    fit = linear_fit([8, 16, 32, 64], [1.0 + 0.5 * x for x in (8, 16, 32, 64)])
+    assert fit["slope"] == pytest.approx(0.5) and fit["intercept"] == pytest.approx(1.0) and fit["r2"] == pytest.approx(1.0)
+    assert linear_fit([1, 2, 3, 4], [1.0, 4.0, 9.0, 16.0])["r2"] < 0.99
+
+
+def _suite(tmp_path: Path, *args: str) -> dict:
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "experiments.benchmarks", *args, "--dry-run", "--out", str(out)],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert "=== summary" in proc.stdout
+    return json.loads((out / "summary.json").read_text())
+
+
+@pytest.mark.slow
+def test_cpu_suite_dry_run_end_to_end(tmp_path):
+    """Every CPU benchmark wired: ours run with micro shapes (JSON written), the peers' scripts
+    parse their command line; a missing TRL interpreter does not fail a dry run."""
+    record = _suite(tmp_path, "--suite", "cpu", "--quick", "--trl-python", str(tmp_path / "no-python"))
+    status = {name: s["status"] for name, s in record["steps"].items()}
+    assert status == {"generation": "checked", "train_step": "ok", "ppo_step": "checked", "roofline": "ok",
+                      "scaling": "ok"}
+    out = tmp_path / "out"
+    for name in ("train_step", "roofline", "scaling"):
+        assert json.loads((out / f"{name}.json").read_text())
+    assert (out / "scaling.png").stat().st_size > 0
+    train = json.loads((out / "train_step.json").read_text())
+    assert [r["kind"] for r in train["results"]] == ["sft", "rm"]
+    for r in train["results"]:  # ours and the torch peer, whose first two losses matched
+        labels = [side["label"] for side in r["sides"]]
+        assert labels[0] == "ours" and len(labels) > 1 and all(x.startswith("torch") for x in labels[1:]), labels
+        for side in r["sides"][1:]:
+            np.testing.assert_allclose(side["first_losses"], r["sides"][0]["first_losses"], rtol=1e-4)
+    assert any(r["benchmark"] == "scaling" for r in record["summary"])
+
+
+@pytest.mark.slow
+def test_gpu_suite_dry_run_on_cpu(tmp_path):
+    """The GPU suite's bf16 path (no torch peer) with micro shapes on the CPU."""
+    record = _suite(tmp_path, "--suite", "gpu")
+    assert {n: s["status"] for n, s in record["steps"].items()} == {
+        "gpu_check": "checked", "train_step": "ok", "roofline": "ok"}
+    train = json.loads((tmp_path / "out" / "train_step.json").read_text())
+    assert train["results"][0]["dtype"] == "bfloat16"
+    assert not any(s["label"].startswith("torch") for r in train["results"] for s in r["sides"])
