@@ -37,8 +37,10 @@ from rlhf_jax.stages.ppo import PPOStageConfig, train_ppo
 from rlhf_jax.stages.reward import RMConfig, k_way_rewards, load_reward_model, train_rm
 from rlhf_jax.stages.sft import SFTConfig, train_sft
 from rlhf_jax.tasks import (
+    TARGET_AGREEMENT,
     WorldConfig,
     calibrate_noise,
+    expected_agreement,
     gold_score,
     labeler_agreement,
     make_comparisons,
@@ -307,7 +309,8 @@ def _comparisons(cfg: PipelineConfig, files: dict[str, Path], tokenizer_path: Pa
     the model's context (undecodable bytes) is left out.  With ``world.labeler_noise=None`` the
     labelers' noise is calibrated on these train sets (``tasks.calibrate_noise``) so that two
     labelers agree on 73% of their pairs, as InstructGPT's did (IG §5.3), whatever the SFT
-    policy's mistakes look like.
+    policy's mistakes look like; where even noise-free labelers agree less (many pairs that the
+    gold score ties), the noise is 0.
     """
     out = cfg.run_dir / "comparisons"
     stats_file = out / "stats.json"
@@ -335,7 +338,8 @@ def _comparisons(cfg: PipelineConfig, files: dict[str, Path], tokenizer_path: Pa
         sets[split] = ([p for p, _ in kept], [[t for t, _ in d] for _, d in kept], [[e for _, e in d] for _, d in kept])
     noise = cfg.world.labeler_noise
     if noise is None:
-        noise = calibrate_noise(*sets["train"])
+        reachable = expected_agreement(*sets["train"][:2], 0.0, sets["train"][2]) > TARGET_AGREEMENT
+        noise = calibrate_noise(*sets["train"]) if reachable else 0.0
     rng = np.random.default_rng([cfg.seed, 7])
     for split, (ps, texts, ended) in sets.items():
         records = [rec for p, ts, es in zip(ps, texts, ended)
