@@ -54,6 +54,28 @@ PRELUDE = textwrap.dedent("""
             np.testing.assert_allclose(metrics[k], ref_metrics[k], rtol=rtol, atol=1e-6, err_msg=f"{shape} {k}")
         jax.tree.map(lambda a, b: np.testing.assert_allclose(b, a, atol=atol, err_msg=str(shape)), ref_trees, trees)
 
+    def train_on_every_mesh(step_fn, params, tx, batch, inspect=None):
+        '''Two updates of `step_fn` from the same state on one device and on every mesh; each
+        mesh's parameters and metrics must equal one device's; on the meshes in INSPECT,
+        `inspect(step, old_state, new_state, metrics, mesh)` runs too.  Returns the one-device
+        `(params, metrics)`.'''
+        ref = None
+        for shape, mesh in meshes():
+            state = init_train_state(params, tx, jax.random.PRNGKey(1), mesh)
+            step = jit_on_mesh(step_fn, mesh, state)
+            start, history = state, []
+            for _ in range(2):
+                state, metrics = step(state, batch)
+                history.append({k: float(v) for k, v in metrics.items()})
+            result = (jax.device_get(state.params), {f"{k}/{i}": v for i, h in enumerate(history) for k, v in h.items()})
+            if ref is None:
+                ref = result
+                continue
+            assert_same(shape, ref, result, rtol=1e-5, atol=1e-6)
+            if inspect is not None and shape in INSPECT:
+                inspect(step, start, state, metrics, mesh)
+        return ref
+
     def leaf(tree, path):
         return next(x for p, x in jax.tree_util.tree_leaves_with_path(tree)
                     if jax.tree_util.keystr(p, simple=True, separator="/") == path)
@@ -102,25 +124,10 @@ def test_sft_step_sharded_equals_single_device():
                  "loss_mask": mask * (np.arange(16)[None] >= 3)}
         opt = OptimizerConfig(lr=1e-3, schedule="cosine", total_steps=4)
         tx = make_optimizer(opt)
-        step_fn = sft_step_fn(model, opt)
-        ref = None
-        for shape, mesh in meshes():
-            state = init_train_state(params, tx, jax.random.PRNGKey(1), mesh)
-            step = jit_on_mesh(step_fn, mesh, state)
-            start, history = state, []
-            for _ in range(2):
-                state, metrics = step(state, batch)
-                history.append({k: float(v) for k, v in metrics.items()})
-            result = (jax.device_get(state.params), {f"{k}/{i}": v for i, h in enumerate(history) for k, v in h.items()})
-            if ref is None:
-                ref = result
-                continue
-            assert_same(shape, ref, result, rtol=1e-5, atol=1e-6)
-            if shape in INSPECT:
-                check_stays_sharded(step, start, state, metrics, batch, mesh,
-                                    ["params/layer_0/attn/q/kernel", "params/layer_0/mlp/fc/kernel",
-                                     "params/layer_0/mlp/proj/kernel", "opt_state/0/mu/layer_0/mlp/fc/kernel"],
-                                    [(32, 128), (128, 32)])
+        split = ["params/layer_0/attn/q/kernel", "params/layer_0/mlp/fc/kernel", "params/layer_0/mlp/proj/kernel",
+                 "opt_state/0/mu/layer_0/mlp/fc/kernel"]
+        ref = train_on_every_mesh(sft_step_fn(model, opt), params, tx, batch, inspect=lambda step, old, new, metrics, mesh:
+                                  check_stays_sharded(step, old, new, metrics, batch, mesh, split, [(32, 128), (128, 32)]))
         print("ok", ref[1]["loss/0"] != ref[1]["loss/1"])
     """)
     assert out.split() == ["ok", "True"]
@@ -141,20 +148,7 @@ def test_rm_step_sharded_equals_single_device():
                  "valid": (lengths > 0).astype(np.int32)}
         opt = OptimizerConfig(lr=1e-3, schedule="cosine", total_steps=4)
         tx = make_optimizer(opt)
-        step_fn = rm_step_fn(model, opt, 0.0, 0.0)
-        ref = None
-        for shape, mesh in meshes():
-            state = init_train_state(params, tx, jax.random.PRNGKey(1), mesh)
-            step = jit_on_mesh(step_fn, mesh, state)
-            history = []
-            for _ in range(2):
-                state, metrics = step(state, batch)
-                history.append({k: float(v) for k, v in metrics.items()})
-            result = (jax.device_get(state.params), {f"{k}/{i}": v for i, h in enumerate(history) for k, v in h.items()})
-            if ref is None:
-                ref = result
-                continue
-            assert_same(shape, ref, result, rtol=1e-5, atol=1e-6)
+        ref = train_on_every_mesh(rm_step_fn(model, opt, 0.0, 0.0), params, tx, batch)
         print("ok", ref[1]["loss/0"] != ref[1]["loss/1"])
     """)
     assert out.split() == ["ok", "True"]
