@@ -32,7 +32,6 @@ from rlhf_jax.hf import load_pretrained
 from rlhf_jax.losses import ptx_loss
 from rlhf_jax.model import ModelConfig, forward
 from rlhf_jax.sharding import MeshConfig
-from rlhf_jax.stages.common import ModelSource
 from rlhf_jax.stages.ppo import PPOStageConfig, train_ppo
 from rlhf_jax.stages.reward import RMConfig, k_way_rewards, load_reward_model, train_rm
 from rlhf_jax.stages.sft import SFTConfig, train_sft

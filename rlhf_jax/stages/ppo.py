@@ -28,7 +28,6 @@ from rlhf_jax.data import (
     tokenize_prompts,
     tokenize_texts,
 )
-from rlhf_jax.generation import GenerateConfig
 from rlhf_jax.ppo import (
     PPOConfig,
     PPOModels,
