@@ -248,8 +248,10 @@ def stage_configs(cfg: PipelineConfig, files: dict[str, Path], tokenizer: Path) 
     configs["rm"] = _stage(RMConfig, {
         **_common(cfg, "rm", tokenizer), "model": sft_model, **_comparison_files(cfg, files), "demos": str(files["demos"]),
         # Sampled responses may be cut without EOS (+1 when the EOS is appended) and re-encode to
-        # other tokens: one bucket for the usual lengths, the model's context for the rest.
-        "batch_size": 32, "buckets": [max_len + 1], "max_len": None, "epochs": 2.0,
+        # other tokens: buckets for the usual short answers (most batches fit prompt + half the
+        # response), the whole length, and the model's context for the rest.
+        "batch_size": 32, "buckets": [cfg.prompt_len + cfg.response_len // 2, max_len + 1], "max_len": None,
+        "epochs": 6.0,
         "optimizer": {"lr": 1e-3, "schedule": "cosine"}, "loop": {"eval_every": 64, "save_every": 64},
     }, cfg.rm, "rm")
     configs["ppo"] = _stage(PPOStageConfig, {
@@ -354,7 +356,7 @@ def _comparisons(cfg: PipelineConfig, files: dict[str, Path], tokenizer_path: Pa
 # ------------------------------------------------------------------------------ evaluation
 
 
-def _win_rate(a: list[float], b: list[float]) -> float:
+def win_rate(a: list[float], b: list[float]) -> float:
     """P(a beats b) per prompt, ties counting one half."""
     a, b = np.asarray(a), np.asarray(b)
     return float(np.mean((a > b) + 0.5 * (a == b)))
@@ -439,7 +441,7 @@ def evaluate(cfg: PipelineConfig, configs: dict[str, Any], comparisons: dict[str
     return {
         "gold_score_sft": float(np.mean(gold_sft)),
         "gold_score_ppo": float(np.mean(gold_ppo)),
-        "win_rate_vs_sft": _win_rate(gold_ppo, gold_sft),
+        "win_rate_vs_sft": win_rate(gold_ppo, gold_sft),
         "exact_sft": float(np.mean(np.asarray(gold_sft) == 1.0)),
         "exact_ppo": float(np.mean(np.asarray(gold_ppo) == 1.0)),
         "kl_to_sft": kl,

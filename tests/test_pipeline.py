@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import pytest
 
 from rlhf_jax.configs import ConfigError
@@ -188,3 +189,30 @@ def test_files_task_trains_the_rm_on_the_given_comparisons(straight, tmp_path):
 def test_multi_host_needs_the_files_task():
     with pytest.raises(ConfigError, match=r"PipelineConfig\.distributed"):
         PipelineConfig(distributed=DistributedConfig(auto=True))
+
+
+def test_rm_diagnostics_tables_match_a_hand_computed_case():
+    """Two prompts, best-of-2 from 3 samples (the third is the SFT baseline), values worked out by hand."""
+    from experiments.rm_diagnostics import report
+
+    s = {"prompts": ["copy: red cat\nanswer:", "first: dog pig\nanswer:"],
+         "texts": [(" red cat", " red pig", " red"), (" pig dog", " dog", " dog")],
+         "gold": np.array([[1.0, 0.0, 0.5], [0.0, 1.0, 1.0]]),
+         "rm": np.array([[0.2, 0.9, 0.0], [0.1, 0.5, 0.3]])}
+    lines = report(s, 2).splitlines()
+    for row in ("| 1 | reward model | 0.500 | 0.500 | 0.500 |",   # samples 0: gold 1, 0 vs baseline 0.5, 1
+                "| 2 | reward model | 0.500 | 0.500 | 0.250 |",   # picks 1, 1: gold 0 (loses), 1 (ties)
+                "| 2 | gold (oracle) | 1.000 | 1.000 | 0.750 |",  # wins, ties
+                "| copy | 1 | 1.00 | 0.00 | 1.00 |", "| first | 1 | 0.00 | 1.00 | 1.00 |",
+                "| same number of words | 1 | 0.000 | 0.700 |",  # copy: RM prefers the wrong " red pig"
+                "| different lengths | 1 | 1.000 | 0.400 |"):
+        assert row in lines, (row, lines)
+
+
+def test_rm_diagnostics_runs_on_a_pipeline_run(straight, capsys):
+    from experiments.rm_diagnostics import main
+
+    cfg, _ = straight
+    assert main([str(cfg.run_dir), "--n", "2"]) == 0
+    rows = [line.split(" | ") for line in capsys.readouterr().out.splitlines() if line.startswith("| 1 | ")]
+    assert len(rows) == 2 and rows[0][2:] == rows[1][2:]  # best-of-1 is sample 0, whoever picks
