@@ -288,12 +288,16 @@ def score(
     gain: float | Array = 1.0,
     bias: float | Array = 0.0,
 ) -> Array:
-    """Reward ``gain · v(index) + bias`` of whole sequences from a scalar-head model.
+    """Reward ``gain · pool(v, index) + bias`` of whole sequences from a scalar-head model.
 
     Where the score is read: by default ``index = last_index(mask)``, the last real token —
     the EOS when the response has one (Stiennon et al. 2020; N+). TRL-style scoring one token
     *after* the EOS is ``index=last_index(mask) + 1`` (it must stay ``< T``); the token at
     ``index`` is always attended as a real token, whatever ``mask`` says there.
+
+    ``pool`` is ``model.config.score_pooling``: ``"last"`` reads ``v(index)``; ``"mean"``
+    averages ``v(t)`` over the real tokens ``t <= index``, prompt tokens included (under causal
+    attention their values depend on the prompt alone).
 
     ``gain``/``bias`` normalise the reward: InstructGPT §3.5 sets a bias so labeler
     demonstrations score 0 on average; Ziegler et al. 2019 fit gain and bias to mean 0, std 1 on
@@ -313,6 +317,10 @@ def score(
     index = index.astype(jnp.int32)
     seg = ((mask != 0) | (jnp.arange(tokens.shape[1])[None, :] == index[:, None])).astype(jnp.int32)
     values = forward(model, params, tokens, seg).values
+    if model.config.score_pooling == "mean":
+        pooled = (seg != 0) & (jnp.arange(tokens.shape[1])[None, :] <= index[:, None])
+        mean = jnp.sum(jnp.where(pooled, values, 0.0), axis=1) / jnp.maximum(jnp.sum(pooled, axis=1), 1)
+        return gain * mean + bias
     return gain * jnp.take_along_axis(values, index[:, None], axis=1)[:, 0] + bias
 
 

@@ -18,6 +18,9 @@ optional on import)::
 ``transformers`` has no slot for the scalar head's bias, so ``save_pretrained`` writes it to the
 side file ``rlhf_jax.json`` (``{"score_bias": [b]}``) and ``load_pretrained`` reads it back; a
 ``transformers`` model loaded from the directory computes our values minus that constant.
+A scalar head that pools by averaging (``ModelConfig.score_pooling="mean"``) is marked by the
+``config.json`` field ``rlhf_jax_score_pooling``; ``transformers`` keeps the field but reads the
+last token's value whatever it says.
 """
 
 from __future__ import annotations
@@ -36,12 +39,13 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from rlhf_jax.model import ModelConfig, Params, Transformer, init_params
+from rlhf_jax.model import SCORE_POOLINGS, ModelConfig, Params, Transformer, init_params
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 SIDE_FILE = "rlhf_jax.json"
+POOLING_FIELD = "rlhf_jax_score_pooling"
 
 _LLAMA_TYPES = ("llama", "mistral", "qwen2")
 _GPT2_ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh")  # both the tanh approximation of GELU
@@ -76,6 +80,9 @@ def config_from_hf(
     def reject(name: str, why: str) -> None:
         raise ValueError(f"{source}: field {name!r} = {hf.get(name)!r} is not supported ({why})")
 
+    pooling = field(POOLING_FIELD, "last") if head == "scalar" else "last"
+    if pooling not in SCORE_POOLINGS:
+        reject(POOLING_FIELD, f"allowed: {', '.join(SCORE_POOLINGS)}")
     model_type = hf.get("model_type")
     if model_type == "gpt2":
         if field("activation_function", "gelu_new") not in _GPT2_ACTIVATIONS:
@@ -97,6 +104,7 @@ def config_from_hf(
             norm_eps=float(field("layer_norm_epsilon", 1e-5)),
             tie_embeddings=bool(field("tie_word_embeddings", True)),
             head=head,
+            score_pooling=pooling,
             dtype=dtype,
         )
     if model_type not in _LLAMA_TYPES:
@@ -139,6 +147,7 @@ def config_from_hf(
         tie_embeddings=bool(field("tie_word_embeddings", False)),
         qkv_bias=model_type == "qwen2",
         head=head,
+        score_pooling=pooling,
         dtype=dtype,
     )
 
@@ -181,6 +190,8 @@ def config_to_hf(config: ModelConfig) -> dict[str, Any]:
             hf.update(use_sliding_window=False, sliding_window=None)
     if c.head == "scalar":
         hf.update(id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0})
+        if c.score_pooling != "last":
+            hf[POOLING_FIELD] = c.score_pooling
         arch_name = f"{prefix}ForSequenceClassification"
     else:
         arch_name = f"{prefix}LMHeadModel" if c.arch == "gpt2" else f"{prefix}ForCausalLM"

@@ -33,6 +33,7 @@ Array = jax.Array
 Params = dict[str, Any]
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+SCORE_POOLINGS = ("last", "mean")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,6 +46,12 @@ class ModelConfig:
 
     ``head="lm"`` ends in the unembedding; ``head="scalar"`` replaces it by a scalar head
     ``[d_model] -> 1`` (reward and value models, InstructGPT §3.5).
+
+    ``score_pooling`` (scalar head only): how ``generation.score`` reads one reward per sequence
+    from the per-token head values ``v_t`` — ``"last"``: ``v`` at the last real token, the EOS
+    (InstructGPT, Stiennon et al. 2020, Hugging Face ``...ForSequenceClassification``);
+    ``"mean"``: the mean of ``v_t`` over the real tokens up to it, so each token adds its own
+    term, whatever the length.
     """
 
     arch: Literal["gpt2", "llama"] = "gpt2"
@@ -60,6 +67,7 @@ class ModelConfig:
     tie_embeddings: bool = True
     qkv_bias: bool = False
     head: Literal["lm", "scalar"] = "lm"
+    score_pooling: Literal["last", "mean"] = "last"
     dtype: str = "float32"
     remat: bool = False
 
@@ -71,6 +79,8 @@ class ModelConfig:
             bad("arch", "must be 'gpt2' or 'llama'")
         if self.head not in ("lm", "scalar"):
             bad("head", "must be 'lm' or 'scalar'")
+        if self.score_pooling not in SCORE_POOLINGS:
+            bad("score_pooling", f"must be one of {SCORE_POOLINGS}")
         if self.dtype not in _DTYPES:
             bad("dtype", f"must be one of {sorted(_DTYPES)}")
         for f in ("vocab_size", "d_model", "n_layers", "n_heads", "max_len"):

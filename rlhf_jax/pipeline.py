@@ -251,7 +251,9 @@ def stage_configs(cfg: PipelineConfig, files: dict[str, Path], tokenizer: Path) 
         # other tokens: buckets for the usual short answers (most batches fit prompt + half the
         # response), the whole length, and the model's context for the rest.
         "batch_size": 32, "buckets": [cfg.prompt_len + cfg.response_len // 2, max_len + 1], "max_len": None,
-        "epochs": 6.0,
+        # The last token of a 3-layer model cannot check a multi-word answer word by word; a mean
+        # over the tokens can (README "Results").
+        "epochs": 6.0, "score_pooling": "mean",
         "optimizer": {"lr": 1e-3, "schedule": "cosine"}, "loop": {"eval_every": 64, "save_every": 64},
     }, cfg.rm, "rm")
     configs["ppo"] = _stage(PPOStageConfig, {

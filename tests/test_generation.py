@@ -250,6 +250,37 @@ def test_score_reads_last_real_token(rm):
     assert not np.allclose(expected_after[[0, 2]], expected[[0, 2]])
 
 
+def test_score_mean_pooling_averages_every_real_tokens_value(rm):
+    """``score_pooling="mean"``: the mean over the real tokens up to ``index`` (and the token at
+    ``index``) of the value each token has when its own prefix (pads dropped) runs alone, one
+    forward pass per prefix."""
+    model, params = rm
+    averaged = Transformer(model.config.replace(score_pooling="mean"))
+    ids, mask = left_padded([3, 5, 2], 5, model.config.vocab_size, seed=4)
+    response = np.array([[9, 2, PAD, PAD], [4, 4, 4, 4], [7, PAD, PAD, PAD]], np.int32)
+    tokens = np.concatenate([ids, response], 1)
+    full_mask = np.concatenate([mask, (response != PAD).astype(np.int32)], 1)
+
+    def ref_means(upto):
+        means = []
+        for row, i in enumerate(upto):
+            real = [t for t in range(i + 1) if full_mask[row, t] or t == i]
+            prefixes = [[tokens[row, t] for t in real[: j + 1]] for j in range(len(real))]
+            out, lengths = unpadded_forward(model, params, prefixes)
+            means.append(float(np.mean(np.asarray(out.values)[np.arange(len(prefixes)), lengths - 1])))
+        return np.array(means)
+
+    expected = ref_means([6, 8, 5])
+    np.testing.assert_allclose(score(averaged, params, tokens, full_mask), expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(score(averaged, params, tokens, full_mask, gain=2.0, bias=-0.5),
+                               2 * expected - 0.5, rtol=1e-5, atol=1e-5)
+    # An index before the last real token stops the mean there; one after the EOS adds that token.
+    for index in ([4, 8, 3], [7, 8, 6]):
+        np.testing.assert_allclose(score(averaged, params, tokens, full_mask, index=jnp.asarray(index)),
+                                   ref_means(index), rtol=1e-5, atol=1e-5)
+    assert not np.allclose(score(model, params, tokens, full_mask), expected)
+
+
 def test_score_rollout_and_sequence_values(rm):
     model, params = rm
     ids, mask = left_padded([2, 4, 1], 4, 128, seed=5)

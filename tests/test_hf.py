@@ -13,7 +13,7 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 from conftest import HF_TINY_CONFIGS, TRANSFORMERS_MISSING, random_params
-from rlhf_jax.hf import load_pretrained, save_pretrained
+from rlhf_jax.hf import config_from_hf, load_pretrained, save_pretrained
 from rlhf_jax.model import Transformer, forward, init_params
 
 torch = pytest.importorskip("torch", reason=TRANSFORMERS_MISSING)
@@ -175,6 +175,25 @@ def test_scalar_head_from_lm_checkpoint_and_export(name, hf_tiny_model_dir, tmp_
     np.testing.assert_allclose(hf_out.logits[:, 0].numpy() + 0.25, out.values[:, -1], atol=1e-4)
     _, rm_params2 = load_pretrained(tmp_path, head="scalar")
     jax.tree.map(np.testing.assert_array_equal, rm_params2, rm_params)
+
+
+def test_mean_pooling_round_trip(hf_tiny_llama_dir, tmp_path):
+    rm, params = load_pretrained(hf_tiny_llama_dir, head="scalar", key=jax.random.PRNGKey(0))
+    assert rm.config.score_pooling == "last"
+    save_pretrained(rm, params, tmp_path / "last")
+    assert "rlhf_jax_score_pooling" not in json.loads((tmp_path / "last/config.json").read_text())
+    averaged = Transformer(rm.config.replace(score_pooling="mean"))
+    save_pretrained(averaged, params, tmp_path / "mean", extra_config={"pad_token_id": 0})
+    assert json.loads((tmp_path / "mean/config.json").read_text())["rlhf_jax_score_pooling"] == "mean"
+    assert load_pretrained(tmp_path / "mean", head="scalar")[0].config.score_pooling == "mean"
+    config = json.loads((tmp_path / "mean/config.json").read_text())
+    assert config_from_hf(config).score_pooling == "last"  # an LM head has no pooling
+    hf_rm = hf_load(tmp_path / "mean", "AutoModelForSequenceClassification")  # transformers still loads it
+    assert hf_rm.config.num_labels == 1
+
+    (tmp_path / "mean/config.json").write_text(json.dumps({**config, "rlhf_jax_score_pooling": "sum"}))
+    with pytest.raises(ValueError, match=r"config\.json.*'rlhf_jax_score_pooling' = 'sum'.*last, mean"):
+        load_pretrained(tmp_path / "mean", head="scalar")
 
 
 # ---------------------------------------------------------------------------------- bad input

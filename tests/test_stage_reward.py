@@ -124,9 +124,10 @@ def float64(monkeypatch):
 # ------------------------------------------------------------------------------------- tests
 
 
-def test_first_step_loss_matches_loop_over_pairs(world, straight):
-    """Step 1's logged loss and accuracy = eq. 1 computed by looping over the pairs of each
-    prompt, on scores read at each sequence's EOS from a flat [ΣK, L] forward pass."""
+def first_step_reference(world: dict[str, Path], pooling: str = "last") -> tuple[float, float, float]:
+    """Step 1's loss, accuracy and mean reward: eq. 1 computed by looping over the pairs of each
+    prompt, on scores read at each sequence's EOS (``pooling="last"``) or averaged over its tokens
+    (``"mean"``) from a flat [ΣK, L] forward pass."""
     tokenizer = Tokenizer.from_file(world["tokenizer"])
     raw = jsonl(world["comparisons"])
     rows = np.random.default_rng([0, 0]).permutation(len(raw))[:8]  # BatchIterator, seed 0
@@ -140,7 +141,10 @@ def test_first_step_loss_matches_loop_over_pairs(world, straight):
     positions = np.maximum(np.cumsum(mask, 1) - 1, 0)
     values = jax.jit(lambda p: model.apply({"params": p}, tokens, positions, mask).values)(params)
     values = np.asarray(values, np.float64)
-    r = values[np.arange(len(texts)), mask.sum(1) - 1]
+    if pooling == "mean":
+        r = np.array([np.mean([values[i, t] for t in range(mask.shape[1]) if mask[i, t]]) for i in range(len(texts))])
+    else:
+        r = values[np.arange(len(texts)), mask.sum(1) - 1]
 
     losses, correct, pairs = [], 0, 0
     for group in groups:
@@ -148,11 +152,39 @@ def test_first_step_loss_matches_loop_over_pairs(world, straight):
         losses.append(np.mean(terms))
         correct += sum(r[a] > r[b] for a, b in itertools.combinations(group, 2))
         pairs += len(terms)
-    first = jsonl(straight / "metrics.jsonl")[0]
+    return float(np.mean(losses)), correct / pairs, float(r.mean())
+
+
+def check_first_step(workdir: Path, reference: tuple[float, float, float]) -> None:
+    first = jsonl(workdir / "metrics.jsonl")[0]
     assert first["step"] == 1
-    np.testing.assert_allclose(first["loss"], np.mean(losses), rtol=1e-5)
-    np.testing.assert_allclose(first["accuracy"], correct / pairs, rtol=1e-6)
-    np.testing.assert_allclose(first["reward_mean"], r.mean(), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(first["loss"], reference[0], rtol=1e-5)
+    np.testing.assert_allclose(first["accuracy"], reference[1], rtol=1e-6)
+    np.testing.assert_allclose(first["reward_mean"], reference[2], rtol=1e-4, atol=1e-6)
+
+
+def test_first_step_loss_matches_loop_over_pairs(world, straight):
+    check_first_step(straight, first_step_reference(world))
+
+
+def test_mean_pooling_trains_exports_and_normalises(world, tmp_path):
+    """``score_pooling="mean"``: step 1 matches the loop over pairs on averaged values; the
+    exported model carries the pooling, so ``load_reward_model`` + ``score`` average too and the
+    demos-mean bias centres the averaged scores."""
+    workdir = tmp_path / "mean"
+    path = train_rm(rm_config(world, workdir, score_pooling="mean", loop=StageLoopConfig(total_steps=2)))
+    check_first_step(workdir, first_step_reference(world, "mean"))
+    assert first_step_reference(world, "mean")[0] != pytest.approx(first_step_reference(world)[0], rel=1e-3)
+    model, params, gain, bias = load_reward_model(path)
+    assert model.config.score_pooling == "mean"
+    tokenizer = Tokenizer.from_file(world["tokenizer"])
+    demos = read_demonstrations(world["demos_eval"])
+    tokens, mask = encode_rows(tokenizer, [d.prompt + d.response for d in demos])
+    rewards = np.asarray(score(model, params, tokens, mask, gain=gain, bias=bias), np.float64)
+    assert abs(rewards.mean()) < 1e-5
+    positions = np.maximum(np.cumsum(mask, 1) - 1, 0)
+    values = np.asarray(model.apply({"params": params}, tokens, positions, mask).values, np.float64)
+    np.testing.assert_allclose(rewards, (values * mask).sum(1) / mask.sum(1) * gain + bias, rtol=1e-4, atol=1e-5)
 
 
 def test_gradient_matches_finite_differences(float64):
@@ -238,6 +270,8 @@ def test_config_and_data_errors(world, tmp_path):
         rm_config(world, tmp_path, demos=None)
     with pytest.raises(ConfigError, match="RMConfig.centering_coef"):
         rm_config(world, tmp_path, centering_coef=-1.0)
+    with pytest.raises(ConfigError, match="RMConfig.score_pooling must be one of"):
+        rm_config(world, tmp_path, score_pooling="sum")
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "p", "responses": [" a", " b"], "ranking": [1, 0]}\n'
                    '{"prompt": "p", "responses": [" a", " b"], "ranking": [0, 0]}\n')

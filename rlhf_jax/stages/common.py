@@ -91,8 +91,14 @@ class ModelSource:
         return f"hf_dir {self.hf_dir}" if self.hf_dir is not None else "a random init"
 
 
-def model_config(source: ModelSource, head: str = "lm") -> ModelConfig:
-    """The ``ModelConfig`` that ``load_model(source, head)`` builds, without reading weights."""
+def model_config(source: ModelSource, head: str = "lm", score_pooling: str | None = None) -> ModelConfig:
+    """The ``ModelConfig`` that ``load_model(source, head, score_pooling=)`` builds, without
+    reading weights."""
+    config = _source_config(source, head)
+    return config if score_pooling is None else config.replace(score_pooling=score_pooling)
+
+
+def _source_config(source: ModelSource, head: str) -> ModelConfig:
     if source.init is not None:
         return source.init.replace(head=head, dtype=source.dtype)
     config_file = Path(source.hf_dir) / hf.CONFIG_FILE
@@ -110,7 +116,9 @@ def _init_params(model: Transformer, key: jax.Array) -> Params:
     return init_params(model, key)
 
 
-def load_model(source: ModelSource, head: str, key: jax.Array) -> tuple[Transformer, Params]:
+def load_model(
+    source: ModelSource, head: str, key: jax.Array, score_pooling: str | None = None
+) -> tuple[Transformer, Params]:
     """``(model, float32 params)`` from ``source`` with ``head`` ``"lm"`` or ``"scalar"``.
 
     ``head="scalar"`` on an LM checkpoint builds a reward/value model: the backbone's weights and
@@ -118,11 +126,15 @@ def load_model(source: ModelSource, head: str, key: jax.Array) -> tuple[Transfor
     the final unembedding layer removed" and a scalar projection added).  A checkpoint that
     already has a scalar head (a reward model) keeps it.  ``init`` sources draw every parameter
     from ``key`` (pass a fresh one per model: no default key is reused silently).
+    ``score_pooling``: set ``ModelConfig.score_pooling`` (None keeps the source's).
     """
     if source.init is not None:
-        model = Transformer(model_config(source, head))
+        model = Transformer(model_config(source, head, score_pooling))
         return model, _init_params(model, key)
-    return hf.load_pretrained(source.hf_dir, dtype=source.dtype, head=head, key=key)
+    model, params = hf.load_pretrained(source.hf_dir, dtype=source.dtype, head=head, key=key)
+    if score_pooling is not None:
+        model = Transformer(model.config.replace(score_pooling=score_pooling))
+    return model, params
 
 
 def load_tokenizer(path: str | os.PathLike | None, source: ModelSource) -> Tokenizer:
@@ -301,14 +313,15 @@ def setup_training(
     head: str,
     steps: int,
     step_fn: Callable[[Transformer, OptimizerConfig], StepFn],
+    score_pooling: str | None = None,
 ) -> Training:
-    """Mesh, model (``load_model(cfg.model, head)``), optimiser resolved for ``steps`` loop steps,
+    """Mesh, model (``load_model(cfg.model, head, score_pooling=)``), optimiser resolved for ``steps`` loop steps,
     train state placed on the mesh, and ``step_fn(model, optimizer)`` jitted on it (old state
     donated).  Keys: ``split(PRNGKey(cfg.seed))`` -> (model init, train-state rng)."""
     mesh = make_mesh(cfg.mesh)
     check_batch_fits_mesh(cfg.batch_size, mesh, type(cfg).__name__)
     init_key, state_key = jax.random.split(jax.random.PRNGKey(cfg.seed))
-    model, params = load_model(cfg.model, head, init_key)
+    model, params = load_model(cfg.model, head, init_key, score_pooling)
     optimizer = cfg.optimizer.resolve(math.ceil(steps / cfg.optimizer.grad_accum_steps))
     state = init_train_state(params, cached_optimizer(optimizer), state_key, mesh)
     train_step = jit_on_mesh(step_fn(model, optimizer), mesh, state, donate=True, process_local=True)

@@ -2,7 +2,8 @@
 
 Each batch element is one prompt with up to K ranked responses, ``[b, K, L]``; all K responses
 are scored in one forward pass (reshaped to ``[b·K, L]``), the scalar head is read at each
-sequence's last real token (the EOS; ``generation.score``), and ``losses.ranking_loss`` averages
+sequence's last real token (the EOS; ``generation.score``) or, with ``score_pooling="mean"``,
+averaged over the tokens (each token adds its own term), and ``losses.ranking_loss`` averages
 ``−log σ(r_w − r_l)`` over all C(K, 2) pairs of a prompt, every prompt weighing the same (IG
 footnote 5: one batch element per prompt keeps the K(K−1)/2 correlated pairs from overfitting).
 
@@ -41,7 +42,7 @@ from rlhf_jax.generation import score
 from rlhf_jax.hf import load_pretrained
 from rlhf_jax.losses import ranking_loss
 from rlhf_jax.masked import masked_mean, masked_var
-from rlhf_jax.model import Params, Transformer
+from rlhf_jax.model import SCORE_POOLINGS, Params, Transformer
 from rlhf_jax.sharding import make_mesh
 from rlhf_jax.stages.common import (
     STAGE_FILE,
@@ -96,6 +97,9 @@ class RMConfig(StageConfig):
     ``margin`` is subtracted from each pair's reward difference; ``centering_coef`` adds
     ``coef · mean(r²)`` (Eisenstein et al. 2023) — both 0 in IG.
     ``normalize``/``demos``: see the module docstring; ``demos`` is a demonstrations JSONL.
+    ``score_pooling``: ``"last"`` reads the scalar head at the EOS (IG §3.5); ``"mean"`` averages
+    it over the tokens (``ModelConfig.score_pooling``), which lets a small model judge answers word
+    by word (README "Results"); saved with the model, so every reader of the RM scores the same way.
     """
 
     batch_size: int = 64  # IG App. C.2: 64 prompts per batch
@@ -108,6 +112,7 @@ class RMConfig(StageConfig):
     k_max: int | None = None
     max_len: int | None = None
     buckets: tuple[int, ...] = DEFAULT_BUCKETS
+    score_pooling: Literal["last", "mean"] = "last"  # IG §3.5: the EOS token
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -115,6 +120,8 @@ class RMConfig(StageConfig):
         def fail(field: str, rule: str) -> None:
             raise ConfigError(f"RMConfig.{field} must be {rule}, got {getattr(self, field)!r}")
 
+        if self.score_pooling not in SCORE_POOLINGS:
+            fail("score_pooling", f"one of {SCORE_POOLINGS}")
         if not math.isfinite(self.margin):
             fail("margin", "finite")
         if not (math.isfinite(self.centering_coef) and self.centering_coef >= 0):
@@ -142,7 +149,8 @@ def k_way_rewards(model: Transformer, params: Params, tokens: jax.Array, mask: j
         all-zero mask row is a missing response; its reward is meaningless and must be masked).
 
     Returns:
-      ``[b, K]`` float32: the scalar head at each row's last real token (``generation.score``).
+      ``[b, K]`` float32: each row's ``generation.score`` (the scalar head at its last real token,
+      or averaged over its tokens, per ``model.config.score_pooling``).
     """
     b, k, length = tokens.shape
     return score(model, params, tokens.reshape(b * k, length), mask.reshape(b * k, length)).reshape(b, k)
@@ -351,7 +359,7 @@ def train_rm(cfg: RMConfig) -> Path:
     """
     workdir = Path(cfg.workdir)
     tokenizer = load_tokenizer(cfg.tokenizer, cfg.model)
-    config = model_config(cfg.model, "scalar")
+    config = model_config(cfg.model, "scalar", cfg.score_pooling)
     check_vocab(tokenizer, config, f"RMConfig.tokenizer vs the model ({cfg.model.describe()})")
     buckets = length_buckets(cfg.buckets, cfg.max_len, config.max_len, "RMConfig")
     max_len = buckets[-1]
@@ -379,7 +387,7 @@ def train_rm(cfg: RMConfig) -> Path:
     write_config(workdir, cfg)
 
     step_fn = functools.partial(rm_step_fn, margin=cfg.margin, centering_coef=cfg.centering_coef)
-    model, state, train_step, mesh, _ = setup_training(cfg, "scalar", steps, step_fn)
+    model, state, train_step, mesh, _ = setup_training(cfg, "scalar", steps, step_fn, cfg.score_pooling)
 
     eval_fn = None
     if held_out is not None:
