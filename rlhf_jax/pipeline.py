@@ -264,7 +264,7 @@ def stage_configs(cfg: PipelineConfig, files: dict[str, Path], tokenizer: Path) 
         "batch_size": 256, "epochs": 1.0, "max_prompt_len": cfg.prompt_len, "ptx_batch_size": 8,
         "ptx_seq_len": cfg.prompt_len + cfg.response_len, "eval_samples": 64, "phase_timing": True,
         "ppo": {"generation": {"max_new_tokens": cfg.response_len, "temperature": 1.0},
-                "num_minibatches": 2, "epochs": 1, "ptx_coef": 0.1, "missing_eos_penalty": 1.0,
+                "num_minibatches": 4, "epochs": 1, "ptx_coef": 0.1, "missing_eos_penalty": 1.0,
                 "kl": {"kind": "fixed", "init_kl_coef": 0.05}},
         "optimizer": {"lr": 3e-4, "warmup_steps": 3, "schedule": "constant"},
         "value_optimizer": {"lr": 1e-3, "schedule": "constant"},
