@@ -253,8 +253,8 @@ def stage_configs(cfg: PipelineConfig, files: dict[str, Path], tokenizer: Path) 
         "batch_size": 32, "buckets": [cfg.prompt_len + cfg.response_len // 2, max_len + 1], "max_len": None,
         # The last token of a 3-layer model cannot check a multi-word answer word by word; a mean
         # over the tokens can (README "Results").
-        "epochs": 6.0, "score_pooling": "mean",
-        "optimizer": {"lr": 1e-3, "schedule": "cosine"}, "loop": {"eval_every": 64, "save_every": 64},
+        "epochs": 9.0, "score_pooling": "mean",
+        "optimizer": {"lr": 1e-3, "schedule": "cosine"}, "loop": {"eval_every": 128, "save_every": 128},
     }, cfg.rm, "rm")
     configs["ppo"] = _stage(PPOStageConfig, {
         **_common(cfg, "ppo", tokenizer), "model": sft_model, "reward_model": str(cfg.run_dir / "rm" / "model"),
@@ -265,7 +265,7 @@ def stage_configs(cfg: PipelineConfig, files: dict[str, Path], tokenizer: Path) 
         "ptx_seq_len": cfg.prompt_len + cfg.response_len, "eval_samples": 64, "phase_timing": True,
         "ppo": {"generation": {"max_new_tokens": cfg.response_len, "temperature": 1.0},
                 "num_minibatches": 4, "epochs": 1, "ptx_coef": 0.1, "missing_eos_penalty": 1.0,
-                "kl": {"kind": "fixed", "init_kl_coef": 0.05}},
+                "kl": {"kind": "fixed", "init_kl_coef": 0.1}},
         "optimizer": {"lr": 3e-4, "warmup_steps": 3, "schedule": "constant"},
         "value_optimizer": {"lr": 1e-3, "schedule": "constant"},
         "loop": {"total_steps": 60, "eval_every": 10, "save_every": 10},
