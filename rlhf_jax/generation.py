@@ -315,10 +315,11 @@ def score(
     if index is None:
         index = last_index(mask)
     index = index.astype(jnp.int32)
-    seg = ((mask != 0) | (jnp.arange(tokens.shape[1])[None, :] == index[:, None])).astype(jnp.int32)
+    cols = jnp.arange(tokens.shape[1])[None, :]
+    seg = ((mask != 0) | (cols == index[:, None])).astype(jnp.int32)
     values = forward(model, params, tokens, seg).values
     if model.config.score_pooling == "mean":
-        pooled = (seg != 0) & (jnp.arange(tokens.shape[1])[None, :] <= index[:, None])
+        pooled = (seg != 0) & (cols <= index[:, None])
         mean = jnp.sum(jnp.where(pooled, values, 0.0), axis=1) / jnp.maximum(jnp.sum(pooled, axis=1), 1)
         return gain * mean + bias
     return gain * jnp.take_along_axis(values, index[:, None], axis=1)[:, 0] + bias

@@ -173,8 +173,9 @@ def test_mean_pooling_trains_exports_and_normalises(world, tmp_path):
     demos-mean bias centres the averaged scores."""
     workdir = tmp_path / "mean"
     path = train_rm(rm_config(world, workdir, score_pooling="mean", loop=StageLoopConfig(total_steps=2)))
-    check_first_step(workdir, first_step_reference(world, "mean"))
-    assert first_step_reference(world, "mean")[0] != pytest.approx(first_step_reference(world)[0], rel=1e-3)
+    reference = first_step_reference(world, "mean")
+    check_first_step(workdir, reference)
+    assert reference[0] != pytest.approx(first_step_reference(world)[0], rel=1e-3)
     model, params, gain, bias = load_reward_model(path)
     assert model.config.score_pooling == "mean"
     tokenizer = Tokenizer.from_file(world["tokenizer"])
