@@ -1,6 +1,7 @@
 """Tests for rlhf_jax.data: readers, tokenised batches, packing and the batch iterator."""
 
 import gzip
+import itertools
 import json
 import logging
 from pathlib import Path
@@ -332,6 +333,62 @@ def test_iterator_bucket_trimming():
     it = BatchIterator(left, 2, seed=0, shuffle=False, buckets=(4, 8), trim_side="left")
     b = next(it)
     assert b["mask"].tolist() == [[0, 0, 0, 0, 0, 1, 1, 1], [0, 0, 0, 1, 1, 1, 1, 1]]
+
+
+def sized(n: int, seed: int = 0, k: int = 6, length: int = 8) -> dict[str, np.ndarray]:
+    """`n` examples of 1..k items (`valid` [n, k], a prefix) of 1..length tokens (`mask` [n, k, length])."""
+    rng = np.random.default_rng(seed)
+    valid = (np.arange(k) < rng.integers(1, k + 1, n)[:, None]).astype(np.int32)
+    mask = (np.arange(length) < rng.integers(1, length + 1, (n, k, 1))).astype(np.int32) * valid[:, :, None]
+    return {"idx": np.arange(n), "valid": valid, "mask": mask, "tokens": mask * 5}
+
+
+def test_iterator_group_by_size():
+    """Windows of whole batches hold the plain permutation's examples; inside a window the batches
+    cut the size-sorted window (ties in permutation order) and come in a shuffled order."""
+    n, size, window = 42, 4, 5
+    arrays = sized(n)
+    sizes = arrays["valid"].sum(1)
+    it = BatchIterator(arrays, size, seed=1, group_by="valid", group_window=window, drop_last=False)
+    dealt_in_order = []
+    for epoch in range(3):
+        batches = [next(it)["idx"] for _ in range(len(it))]
+        assert [len(b) for b in batches] == [size] * 10 + [2]
+        perm = np.random.default_rng([1, epoch]).permutation(n)
+        np.testing.assert_array_equal(batches[-1], perm[40:])  # the partial batch stays last
+        for start in (0, 5):  # windows of 5 batches: examples 0..19 and 20..39 of the permutation
+            got = batches[start : start + window]
+            assert sorted(np.concatenate(got).tolist()) == sorted(perm[start * size : (start + window) * size].tolist())
+            for a, b in itertools.combinations(got, 2):  # sorted then cut: size ranges do not overlap
+                assert sizes[a].max() <= sizes[b].min() or sizes[b].max() <= sizes[a].min()
+            for s in set(sizes[np.concatenate(got)].tolist()):  # equal sizes keep the permutation's order
+                order = [i for b in sorted(got, key=lambda b: (sizes[b].min(), sizes[b].max())) for i in b if sizes[i] == s]
+                assert order == [i for i in perm if i in order]
+            dealt_in_order.append([sizes[b].min() for b in got] == sorted(sizes[b].min() for b in got))
+    assert not all(dealt_in_order)
+
+    resumed = BatchIterator(arrays, size, seed=1, group_by="valid", group_window=window, drop_last=False)
+    straight = BatchIterator(arrays, size, seed=1, group_by="valid", group_window=window, drop_last=False)
+    expected = [next(straight)["idx"].tolist() for _ in range(20)]
+    resumed.set_state({"epoch": 1, "position": 12})
+    assert [next(resumed)["idx"].tolist() for _ in range(6)] == expected[14:]
+
+
+def test_iterator_group_buckets_cut_the_item_axis():
+    arrays = sized(16, seed=3)
+    it = BatchIterator(arrays, 2, seed=0, shuffle=False, group_by="valid", group_buckets=(2, 4), buckets=(4,))
+    for _ in range(8):
+        b = next(it)
+        most, longest = int(b["valid"].sum(1).max()), int(b["mask"].sum(-1).max())
+        items = 2 if most <= 2 else 4 if most <= 4 else 6
+        assert b["valid"].shape == (2, items) and b["mask"].shape == b["tokens"].shape == (2, items, 4 if longest <= 4 else 8)
+        assert b["valid"].sum() == arrays["valid"][b["idx"]].sum() and b["mask"].sum() == arrays["mask"][b["idx"]].sum()
+    with pytest.raises(ValueError, match="group_buckets"):
+        BatchIterator(arrays, 2, seed=0, group_by="mask", group_buckets=(2,))
+    with pytest.raises(ValueError, match="group_by"):
+        BatchIterator(arrays, 2, seed=0, group_by="nope")
+    with pytest.raises(ValueError, match="group_window"):
+        BatchIterator(arrays, 2, seed=0, group_by="valid", group_window=0)
 
 
 def test_iterator_bad_arguments():

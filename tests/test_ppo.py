@@ -90,7 +90,7 @@ def test_experience_matches_numpy(temperature, position, penalty):
     exp = experience_phase(models, cfg, state, ro)
 
     tokens, full = np.asarray(ro.tokens), np.asarray(ro.mask)
-    P, N = ids.shape[1], cfg.generation.max_new_tokens
+    P = ids.shape[1]
     rmask = full[:, P:].astype(bool)
     logits = np.asarray(forward(models.policy, state.ref_params, ro.tokens, ro.mask).logits, np.float64)
     ref = np.take_along_axis(_log_softmax(logits[:, P - 1:-1] / temperature), tokens[:, P:, None], -1)[..., 0]

@@ -20,8 +20,10 @@ import pytest
 from safetensors.numpy import load_file
 
 import rlhf_jax.model as model_module
+import rlhf_jax.stages.common as common
+import rlhf_jax.stages.reward as reward_stage
 from rlhf_jax.configs import ConfigError
-from rlhf_jax.data import DataError, read_demonstrations
+from rlhf_jax.data import BatchIterator, DataError, read_demonstrations
 from rlhf_jax.generation import score
 from rlhf_jax.hf import load_pretrained
 from rlhf_jax.model import ModelConfig, Transformer, init_params
@@ -124,13 +126,16 @@ def float64(monkeypatch):
 # ------------------------------------------------------------------------------------- tests
 
 
-def first_step_reference(world: dict[str, Path], pooling: str = "last") -> tuple[float, float, float]:
+def first_step_reference(world: dict[str, Path], pooling: str = "last",
+                         rows: np.ndarray | None = None) -> tuple[float, float, float]:
     """Step 1's loss, accuracy and mean reward: eq. 1 computed by looping over the pairs of each
-    prompt, on scores read at each sequence's EOS (``pooling="last"``) or averaged over its tokens
+    prompt (``rows`` of the file; default: the first batch of ``BatchIterator`` with seed 0), on
+    scores read at each sequence's EOS (``pooling="last"``) or averaged over its tokens
     (``"mean"``) from a flat [ΣK, L] forward pass."""
     tokenizer = Tokenizer.from_file(world["tokenizer"])
     raw = jsonl(world["comparisons"])
-    rows = np.random.default_rng([0, 0]).permutation(len(raw))[:8]  # BatchIterator, seed 0
+    if rows is None:
+        rows = np.random.default_rng([0, 0]).permutation(len(raw))[:8]
     texts, groups = [], []
     for i in rows:
         best_first = [raw[i]["responses"][j] for j in raw[i]["ranking"]]
@@ -186,6 +191,52 @@ def test_mean_pooling_trains_exports_and_normalises(world, tmp_path):
     positions = np.maximum(np.cumsum(mask, 1) - 1, 0)
     values = np.asarray(model.apply({"params": params}, tokens, positions, mask).values, np.float64)
     np.testing.assert_allclose(rewards, (values * mask).sum(1) / mask.sum(1) * gain + bias, rtol=1e-4, atol=1e-5)
+
+
+def test_k_buckets_group_comparisons_by_k(world, tmp_path, monkeypatch):
+    """``k_buckets``: step 1 is the first size-grouped batch (``BatchIterator(group_by="valid")``),
+    cut to its K bucket, and matches the loop over pairs; the batches' K axis is the bucket."""
+    shapes = []
+    real_step = reward_stage.rm_step_fn
+
+    def recording(*args, **kwargs):
+        step = real_step(*args, **kwargs)
+        def wrapped(state, batch):
+            shapes.append(batch["tokens"].shape)
+            return step(state, batch)
+        return wrapped
+
+    monkeypatch.setattr(reward_stage, "rm_step_fn", recording)
+    workdir = tmp_path / "grouped"
+    train_rm(rm_config(world, workdir, k_buckets=(2, 3, 5), loop=StageLoopConfig(total_steps=2)))
+    ks = np.array([len(r["responses"]) for r in jsonl(world["comparisons"])])
+    valid = (np.arange(ks.max()) < ks[:, None]).astype(np.int32)
+    grouped = BatchIterator({"idx": np.arange(len(ks)), "valid": valid}, 8, seed=0, group_by="valid")
+    rows = next(grouped)["idx"]
+    assert ks[rows].max() - ks[rows].min() <= 1  # 128 comparisons in one window: K nearly uniform per batch
+    check_first_step(workdir, first_step_reference(world, rows=rows))
+    assert rows.tolist() != np.random.default_rng([0, 0]).permutation(len(ks))[:8].tolist()
+    assert shapes[0][:2] == (8, 2 if ks[rows].max() <= 2 else 3 if ks[rows].max() <= 3 else 5)
+    with pytest.raises(ConfigError, match="RMConfig.k_buckets"):
+        rm_config(world, tmp_path, k_buckets=(1, 4))
+
+
+def test_agreed_cut_pads_items_and_time_to_the_widest_process(monkeypatch):
+    """Several processes: each cuts its own batch, then pads the K axis and the time axis to the
+    widest cut of any process (here another process's 5 responses and 8 tokens)."""
+    arrays = {"valid": np.array([[1, 1, 0, 0, 0], [1, 1, 0, 0, 0]], np.int32)}
+    arrays["mask"] = np.zeros((2, 5, 16), np.int32)
+    arrays["mask"][:, :2, :3] = 1
+    arrays["tokens"] = np.where(arrays["mask"] != 0, 4, 9)
+    other = iter([5, 8])  # the other process's K cut, then its width
+    monkeypatch.setattr(common, "across_processes", lambda value, reduce=max: reduce(value, next(other)))
+    it = common._AgreedWidth(BatchIterator(arrays, 2, seed=0, shuffle=False, buckets=(4, 8, 16), group_by="valid",
+                                           group_buckets=(2, 5)), {"tokens": 9})
+    batch = next(it)
+    assert batch["valid"].shape == (2, 5) and batch["mask"].shape == batch["tokens"].shape == (2, 5, 8)
+    np.testing.assert_array_equal(batch["valid"], arrays["valid"])
+    np.testing.assert_array_equal(batch["mask"], arrays["mask"][:, :, :8])
+    np.testing.assert_array_equal(batch["tokens"], arrays["tokens"][:, :, :8])
 
 
 def test_gradient_matches_finite_differences(float64):

@@ -22,6 +22,16 @@ class BatchIterator:
     the same shape as that mask is cut the same way; `trim_side="right"` keeps the first columns
     (right-padded data), "left" the last ones (left-padded prompts).
 
+    With `group_by`, batches hold examples of similar size, so that the cuts waste little padding
+    (Hugging Face's `group_by_length`): each epoch's permutation is split into windows of
+    `group_window` whole batches, each window is ordered by the examples' sizes (the nonzero
+    count of their row of `arrays[group_by]`; a stable sort, so equal sizes stay shuffled) and its
+    batches are dealt in a random order (from the epoch's seed).  Every example is still seen once
+    per epoch and every batch still has `batch_size` examples.  With `group_buckets` as well,
+    `arrays[group_by]` is a 0/1 mask `[n, items]` (e.g. the K responses of a comparison) and each
+    batch's item axis (axis 1 of every array whose first two dims are that mask's) is cut to the
+    smallest group bucket holding its last used item, before the time cut.
+
     Args:
       arrays: equal-length arrays `[n, ...]`.
       batch_size: examples per batch.
@@ -41,6 +51,9 @@ class BatchIterator:
         buckets: Sequence[int] | None = None,
         bucket_key: str = "mask",
         trim_side: str = "right",
+        group_by: str | None = None,
+        group_window: int = 32,
+        group_buckets: Sequence[int] | None = None,
     ):
         if not arrays:
             raise ValueError("arrays must hold at least one array")
@@ -61,6 +74,12 @@ class BatchIterator:
             raise ValueError(f"bucket_key {bucket_key!r} is not one of {sorted(self._arrays)}")
         if trim_side not in _TRIM_SIDES:
             raise ValueError(f"trim_side must be one of {_TRIM_SIDES}, got {trim_side!r}")
+        if group_by is not None and group_by not in self._arrays:
+            raise ValueError(f"group_by {group_by!r} is not one of {sorted(self._arrays)}")
+        if not isinstance(group_window, int) or group_window < 1:
+            raise ValueError(f"group_window must be an int >= 1, got {group_window!r}")
+        if group_buckets is not None and (group_by is None or self._arrays[group_by].ndim != 2):
+            raise ValueError("group_buckets needs group_by naming a 2-D [n, items] mask")
         self.batch_size = batch_size
         self.seed = seed
         self.shuffle = shuffle
@@ -68,6 +87,12 @@ class BatchIterator:
         self.buckets = tuple(buckets) if buckets is not None else None
         self.bucket_key = bucket_key
         self.trim_side = trim_side
+        self.group_by = group_by
+        self.group_window = group_window
+        self.group_buckets = tuple(group_buckets) if group_buckets is not None else None
+        self._sizes = None
+        if group_by is not None:
+            self._sizes = np.count_nonzero(self._arrays[group_by].reshape(self._n, -1), axis=1)
         self._epoch = 0
         self._position = 0
         self._order_epoch = -1
@@ -93,6 +118,8 @@ class BatchIterator:
         idx = self._permutation()[self._position : self._position + self.batch_size]
         self._position += len(idx)
         batch = {k: v[idx] for k, v in self._arrays.items()}
+        if self.group_buckets:
+            batch = self._trim_items(batch)
         return self._trim(batch) if self.buckets else batch
 
     def get_state(self) -> dict[str, Any]:
@@ -111,9 +138,32 @@ class BatchIterator:
 
     def _permutation(self) -> np.ndarray:
         if self.shuffle and self._order_epoch != self._epoch:
-            self._order = np.random.default_rng([self.seed, self._epoch]).permutation(self._n)
+            rng = np.random.default_rng([self.seed, self._epoch])
+            self._order = rng.permutation(self._n)
+            if self._sizes is not None:
+                self._order = self._grouped(self._order, rng)
             self._order_epoch = self._epoch
         return self._order
+
+    def _grouped(self, order: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """``order`` with each window of whole batches sorted by size, its batches dealt in a
+        random order; the epoch's final partial batch (if any) stays last."""
+        size, whole = self.batch_size, (self._n // self.batch_size) * self.batch_size
+        step = size * self.group_window
+        parts = []
+        for start in range(0, whole, step):
+            window = order[start : min(start + step, whole)]
+            batches = window[np.argsort(self._sizes[window], kind="stable")].reshape(-1, size)
+            parts.append(batches[rng.permutation(len(batches))].reshape(-1))
+        return np.concatenate([*parts, order[whole:]])
+
+    def _trim_items(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        valid = batch[self.group_by]
+        used = np.nonzero(np.any(valid != 0, axis=0))[0]
+        count = int(used[-1]) + 1 if used.size else 0
+        fitting = [b for b in self.group_buckets if b >= count]
+        count = min(min(fitting), valid.shape[1]) if fitting else valid.shape[1]
+        return {k: v[:, :count] if v.shape[:2] == valid.shape else v for k, v in batch.items()}
 
     def _trim(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         key_mask = batch[self.bucket_key]

@@ -394,9 +394,11 @@ def local_batch_size(batch_size: int, mesh: Mesh, where: str) -> int:
     return batch_size // count
 
 
-def _pad_last(x: np.ndarray, width: int, value: int) -> np.ndarray:
-    """``x`` right-padded with ``value`` along its last axis to ``width``."""
-    return np.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, width - x.shape[-1])], constant_values=value)
+def _pad_last(x: np.ndarray, width: int, value: int, axis: int = -1) -> np.ndarray:
+    """``x`` right-padded with ``value`` along ``axis`` (the last) to ``width``."""
+    pad = [(0, 0)] * x.ndim
+    pad[axis] = (0, width - x.shape[axis])
+    return np.pad(x, pad, constant_values=value)
 
 
 def even_rows(arrays: Mapping[str, np.ndarray], pad_values: Mapping[str, int] | None = None,
@@ -419,7 +421,8 @@ def even_rows(arrays: Mapping[str, np.ndarray], pad_values: Mapping[str, int] | 
 class _AgreedWidth:
     """A per-process ``BatchIterator`` whose bucket-cut batches are right-padded to the widest
     cut of any process, so that the global batch has one shape: the bucket of its longest
-    sequence, as one process holding every row would cut it (one host all-gather per batch)."""
+    sequence (and, with ``group_buckets``, of its most items), as one process holding every row
+    would cut it (one host all-gather per cut axis and batch)."""
 
     def __init__(self, iterator: BatchIterator, pad_values: Mapping[str, int]):
         self.iterator = iterator
@@ -433,6 +436,11 @@ class _AgreedWidth:
 
     def __next__(self) -> dict[str, np.ndarray]:
         batch = next(self.iterator)
+        if self.iterator.group_buckets:
+            like = batch[self.iterator.group_by].shape
+            count = across_processes(like[1], max)
+            batch = {k: _pad_last(v, count, self.pad_values.get(k, 0), axis=1) if v.shape[:2] == like else v
+                     for k, v in batch.items()}
         like = batch[self.iterator.bucket_key].shape
         width = across_processes(like[-1], max)
         return {k: _pad_last(v, width, self.pad_values.get(k, 0)) if v.shape == like else v
@@ -454,20 +462,24 @@ def process_batches(
     buckets: tuple[int, ...] | None = None,
     pad_values: Mapping[str, int] | None = None,
     where: str = "batch_size",
+    group_by: str | None = None,
+    group_buckets: tuple[int, ...] | None = None,
 ) -> BatchIterator | _AgreedWidth:
     """Training batches of ``batch_size`` rows (global) for a train step jitted with
     ``process_local=True``.
 
-    One process: ``BatchIterator(arrays, batch_size, seed=seed, buckets=buckets)``.  Several:
-    ``arrays`` are this process's rows (read with ``data_shard(mesh)``, made equal with
-    ``even_rows``); each batch takes ``local_batch_size`` of them (every process shuffles its own
-    rows with the same seed, so their iterator states agree and process 0's checkpoint resumes
-    all) and, with ``buckets``, is padded to the width every process agrees on (right-padded
-    data; ``pad_values`` as for ``even_rows``)."""
+    One process: ``BatchIterator(arrays, batch_size, seed=seed, buckets=buckets,
+    group_by=group_by, group_buckets=group_buckets)``.  Several: ``arrays`` are this process's
+    rows (read with ``data_shard(mesh)``, made equal with ``even_rows``); each batch takes
+    ``local_batch_size`` of them (every process shuffles its own rows with the same seed, so their
+    iterator states agree and process 0's checkpoint resumes all) and, with ``buckets`` or
+    ``group_buckets``, is padded to the cut every process agrees on (right-padded data;
+    ``pad_values`` as for ``even_rows``)."""
+    grouping = {"buckets": buckets, "group_by": group_by, "group_buckets": group_buckets}
     if jax.process_count() == 1:
-        return BatchIterator(arrays, batch_size, seed=seed, buckets=buckets)
-    iterator = BatchIterator(arrays, local_batch_size(batch_size, mesh, where), seed=seed, buckets=buckets)
-    return _AgreedWidth(iterator, pad_values or {}) if buckets else iterator
+        return BatchIterator(arrays, batch_size, seed=seed, **grouping)
+    iterator = BatchIterator(arrays, local_batch_size(batch_size, mesh, where), seed=seed, **grouping)
+    return _AgreedWidth(iterator, pad_values or {}) if buckets or group_buckets else iterator
 
 
 def pad_rows(arrays: Mapping[str, np.ndarray], multiple: int) -> dict[str, np.ndarray]:

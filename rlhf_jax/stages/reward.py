@@ -93,7 +93,12 @@ class RMConfig(StageConfig):
     "ranking"}``, pairwise ``{"prompt", "chosen", "rejected"}`` or HH-RLHF dialogues).
     ``batch_size`` counts prompts, each with all its responses.
     ``k_max``: responses per batch element (None: the most any comparison has; fewer are padded
-    and masked).  ``max_len``: longest ``[BOS] prompt response [EOS]`` (None: the model's context).
+    and masked).  ``k_buckets``: None pads every batch to ``k_max``; a list groups comparisons
+    with similar K into the same batches (``BatchIterator(group_by="valid")``, windows of 32
+    batches) and cuts each batch to the smallest bucket holding its largest K, which saves the
+    padded responses' compute when K varies (one compile per bucket used; every prompt still
+    weighs the same in its batch).  ``max_len``: longest ``[BOS] prompt response [EOS]`` (None:
+    the model's context).
     ``margin`` is subtracted from each pair's reward difference; ``centering_coef`` adds
     ``coef · mean(r²)`` (Eisenstein et al. 2023) — both 0 in IG.
     ``normalize``/``demos``: see the module docstring; ``demos`` is a demonstrations JSONL.
@@ -110,6 +115,7 @@ class RMConfig(StageConfig):
     normalize: Literal["demos_mean", "demos_mean_std", "none"] = "demos_mean"  # IG §3.5
     demos: str | None = None
     k_max: int | None = None
+    k_buckets: tuple[int, ...] | None = None
     max_len: int | None = None
     buckets: tuple[int, ...] = DEFAULT_BUCKETS
     score_pooling: Literal["last", "mean"] = "last"  # IG §3.5: the EOS token
@@ -132,6 +138,9 @@ class RMConfig(StageConfig):
             fail("demos", f"a demonstrations file when normalize={self.normalize!r} (or set normalize='none')")
         if self.k_max is not None and not 2 <= self.k_max:
             fail("k_max", "None or an int >= 2")
+        if self.k_buckets is not None and (not self.k_buckets or any(
+                not isinstance(k, int) or isinstance(k, bool) or k < 2 for k in self.k_buckets)):
+            fail("k_buckets", "None or a non-empty list of ints >= 2")
         if self.max_len is not None and self.max_len < 3:
             fail("max_len", "None or an int >= 3")
         if not self.buckets or any(not isinstance(b, int) or b < 3 for b in self.buckets):
@@ -379,7 +388,8 @@ def train_rm(cfg: RMConfig) -> Path:
         raise ConfigError(f"RMConfig.batch_size {cfg.batch_size} exceeds the {n_train} "
                           f"comparisons of {cfg.train_data}")
     batches = process_batches(train, cfg.batch_size, mesh, seed=cfg.seed, buckets=buckets, pad_values=pads,
-                              where="RMConfig.batch_size")
+                              where="RMConfig.batch_size", group_by="valid" if cfg.k_buckets else None,
+                              group_buckets=cfg.k_buckets)
     steps = total_steps(cfg, len(batches))
     done = completed_model(workdir, steps)
     if done is not None:
