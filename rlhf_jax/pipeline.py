@@ -75,7 +75,10 @@ class PipelineConfig:
     ``--set ppo.ppo.ptx_coef=1.0`` or ``--set sft.loop.total_steps=500``).
     ``base_model``: a Hugging Face directory to start SFT from (skips pretraining); otherwise
     ``model`` is initialised randomly and pretrained on the world's corpus.
-    ``k``: responses ranked per comparison (IG §3.5: 4..9). ``best_of_n``: the N of the
+    ``k``: responses ranked per comparison (IG §3.5: 4..9).  ``eval_samples``: responses per
+    held-out prompt and policy for the gold comparison (the win rate averages all
+    ``eval_samples²`` PPO-vs-SFT pairs of a prompt, which lowers its variance; its prompt-level
+    standard error is reported).  ``best_of_n``: the N of the
     best-of-N baseline (its KL to the SFT policy is log N − (N−1)/N).
     ``distributed``: multi-host start-up (``rlhf_jax.distributed``), applied once by the CLI
     before the first stage; only with ``task="files"`` (the built-in world's sampling and
@@ -104,6 +107,7 @@ class PipelineConfig:
     prompt_len: int = 16
     response_len: int = 12
     eval_temperature: float = 1.0
+    eval_samples: int = 4
     best_of_n: tuple[int, ...] = (1, 2, 4, 8, 16)
     pretrain: dict[str, Any] = dataclasses.field(default_factory=dict)
     sft: dict[str, Any] = dataclasses.field(default_factory=dict)
@@ -122,6 +126,8 @@ class PipelineConfig:
             bad("k", "must be in [2, 9] (IG §3.5: 4..9)")
         if self.prompt_len + self.response_len > self.model.max_len and self.base_model is None:
             bad("response_len", f"prompt_len + response_len must fit model.max_len={self.model.max_len}")
+        if not (isinstance(self.eval_samples, int) and self.eval_samples >= 1):
+            bad("eval_samples", "must be an int >= 1")
         if not self.best_of_n or min(self.best_of_n) < 1:
             bad("best_of_n", "must be a non-empty list of ints >= 1")
         if self.task == "files":
@@ -358,10 +364,23 @@ def _comparisons(cfg: PipelineConfig, files: dict[str, Path], tokenizer_path: Pa
 # ------------------------------------------------------------------------------ evaluation
 
 
-def win_rate(a: list[float], b: list[float]) -> float:
-    """P(a beats b) per prompt, ties counting one half."""
-    a, b = np.asarray(a), np.asarray(b)
-    return float(np.mean((a > b) + 0.5 * (a == b)))
+def prompt_win_rates(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Per prompt, the fraction of (a sample, b sample) pairs that a wins, ties counting one half.
+
+    Args:
+      a, b: gold scores ``[prompts]`` (one sample each) or ``[prompts, samples]``.
+
+    Returns:
+      ``[prompts]``: the mean over all ``a``-``b`` sample pairs of the prompt.
+    """
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    a, b = (a[:, :, None] if a.ndim == 2 else a[:, None, None]), (b[:, None, :] if b.ndim == 2 else b[:, None, None])
+    return np.mean((a > b) + 0.5 * (a == b), axis=(1, 2))
+
+
+def win_rate(a: np.ndarray, b: np.ndarray) -> float:
+    """P(a beats b): ``prompt_win_rates`` averaged over the prompts."""
+    return float(np.mean(prompt_win_rates(a, b)))
 
 
 def _kl_per_sequence(policy, policy_params, ref_params, rollouts, temperature: float) -> float:
@@ -415,11 +434,21 @@ def evaluate(cfg: PipelineConfig, configs: dict[str, Any], comparisons: dict[str
     prompts = [r.prompt for r in read_prompts(files["prompts_eval"])]
     kw = dict(max_prompt_len=cfg.prompt_len, max_new_tokens=cfg.response_len, temperature=cfg.eval_temperature)
     key = jax.random.PRNGKey(cfg.seed + 1000)
-    sft_texts, sft_ended, _ = sample(policy, sft_params, tokenizer, prompts, key=key, **kw)
-    ppo_texts, ppo_ended, ppo_rollouts = sample(policy, ppo_params, tokenizer, prompts, key=jax.random.fold_in(key, 1), **kw)
-    gold_sft = [gold_score(p, t, e) for p, t, e in zip(prompts, sft_texts, sft_ended)]
-    gold_ppo = [gold_score(p, t, e) for p, t, e in zip(prompts, ppo_texts, ppo_ended)]
+
+    def draws(params, stream: int) -> tuple[np.ndarray, list[str], list[bool], list[Any]]:
+        """``eval_samples`` responses per prompt: gold scores ``[prompts, samples]``, the first
+        sample's texts, and every sample's ended flags and rollouts."""
+        gold, texts, ended, rollouts = [], [], [], []
+        for j in range(cfg.eval_samples):
+            t, e, ro = sample(policy, params, tokenizer, prompts, key=jax.random.fold_in(jax.random.fold_in(key, stream), j), **kw)
+            gold.append([gold_score(p, x, end) for p, x, end in zip(prompts, t, e)])
+            texts, ended, rollouts = texts or t, ended + e, rollouts + ro
+        return np.asarray(gold).T, texts, ended, rollouts
+
+    gold_sft, sft_texts, _, _ = draws(sft_params, 0)
+    gold_ppo, ppo_texts, ppo_ended, ppo_rollouts = draws(ppo_params, 1)
     kl = _kl_per_sequence(policy, ppo_params, sft_params, ppo_rollouts, cfg.eval_temperature)
+    per_prompt = prompt_win_rates(gold_ppo, gold_sft)
 
     # Best-of-N from the SFT policy, picked by the reward model (KL = log N − (N−1)/N).
     n_max = max(cfg.best_of_n)
@@ -443,9 +472,11 @@ def evaluate(cfg: PipelineConfig, configs: dict[str, Any], comparisons: dict[str
     return {
         "gold_score_sft": float(np.mean(gold_sft)),
         "gold_score_ppo": float(np.mean(gold_ppo)),
-        "win_rate_vs_sft": win_rate(gold_ppo, gold_sft),
-        "exact_sft": float(np.mean(np.asarray(gold_sft) == 1.0)),
-        "exact_ppo": float(np.mean(np.asarray(gold_ppo) == 1.0)),
+        "win_rate_vs_sft": float(np.mean(per_prompt)),
+        "win_rate_stderr": float(np.std(per_prompt, ddof=1) / math.sqrt(len(prompts))) if len(prompts) > 1 else 0.0,
+        "eval_samples": cfg.eval_samples,
+        "exact_sft": float(np.mean(gold_sft == 1.0)),
+        "exact_ppo": float(np.mean(gold_ppo == 1.0)),
         "kl_to_sft": kl,
         "rm_accuracy": _rm_accuracy(reward, reward_params, tokenizer, Path(rm_eval), gold=False),
         "rm_gold_accuracy": _rm_accuracy(reward, reward_params, tokenizer, Path(rm_eval), gold=True),

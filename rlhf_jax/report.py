@@ -21,6 +21,7 @@ TABLE_KEYS = (
     ("gold_score_sft", "gold score, SFT policy"),
     ("gold_score_ppo", "gold score, PPO policy"),
     ("win_rate_vs_sft", "win rate PPO vs SFT (gold)"),
+    ("win_rate_stderr", "  its standard error (prompts)"),
     ("exact_sft", "exact answers, SFT"),
     ("exact_ppo", "exact answers, PPO"),
     ("kl_to_sft", "KL(PPO || SFT) per response"),

@@ -13,7 +13,7 @@ import pytest
 from rlhf_jax.configs import ConfigError
 from rlhf_jax.model import ModelConfig
 from rlhf_jax.distributed import DistributedConfig
-from rlhf_jax.pipeline import SUMMARY_FILE, DataFiles, PipelineConfig, run_pipeline, stage_configs
+from rlhf_jax.pipeline import SUMMARY_FILE, DataFiles, PipelineConfig, prompt_win_rates, run_pipeline, stage_configs, win_rate
 from rlhf_jax.tasks import WorldConfig
 
 REQUIRED = ("win_rate_vs_sft", "gold_score_sft", "gold_score_ppo", "rm_accuracy", "kl_to_sft", "ptx_loss_sft",
@@ -58,7 +58,8 @@ def test_summary_report_and_plots(straight):
     assert on_disk == json.loads(json.dumps(summary))
     for key in REQUIRED:
         assert isinstance(on_disk[key], float) and math.isfinite(on_disk[key]), key
-    assert 0.0 <= on_disk["win_rate_vs_sft"] <= 1.0
+    assert 0.0 <= on_disk["win_rate_vs_sft"] <= 1.0 and on_disk["eval_samples"] == cfg.eval_samples
+    assert 0.0 <= on_disk["win_rate_stderr"] <= 0.5 / math.sqrt(cfg.n_eval_prompts - 1)
     assert 0.0 <= on_disk["rm_accuracy"] <= 1.0 and 0.5 <= on_disk["labeler_agreement"] <= 1.0
     assert -3.0 <= on_disk["gold_score_sft"] <= 1.0 and -3.0 <= on_disk["gold_score_ppo"] <= 1.0
     assert on_disk["ptx_loss_sft"] > 0 and on_disk["ptx_loss_ppo"] > 0
@@ -71,6 +72,16 @@ def test_summary_report_and_plots(straight):
         path = cfg.run_dir / png
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
         assert f"![{png}]({png})" in report
+
+
+def test_win_rate_averages_every_pair_of_samples():
+    """Against a loop over prompts and sample pairs (scores on a coarse grid, so ties occur)."""
+    rng = np.random.default_rng(0)
+    a, b = rng.integers(0, 4, (7, 3)) / 3, rng.integers(0, 4, (7, 5)) / 3
+    want = [np.mean([1.0 if x > y else 0.5 if x == y else 0.0 for x in a[i] for y in b[i]]) for i in range(7)]
+    np.testing.assert_allclose(prompt_win_rates(a, b), want)
+    assert win_rate(a, b) == pytest.approx(np.mean(want))
+    assert win_rate(a[:, 0], b[:, 0]) == pytest.approx(np.mean((a[:, 0] > b[:, 0]) + 0.5 * (a[:, 0] == b[:, 0])))
 
 
 def test_comparisons_have_distinct_ranked_responses(straight):
@@ -165,6 +176,7 @@ def test_interrupted_stage_resumes_to_the_straight_numbers(stage, straight, tmp_
     ("name", "a/b", r"PipelineConfig\.name"),
     ("response_len", 30, r"PipelineConfig\.response_len.*max_len=40"),
     ("best_of_n", (), r"PipelineConfig\.best_of_n"),
+    ("eval_samples", 0, r"PipelineConfig\.eval_samples"),
     ("task", "web", r"PipelineConfig\.task"),
 ])
 def test_config_errors_name_the_field(field, value, match):
