@@ -94,7 +94,7 @@ class PipelineConfig:
     n_pretrain: int = 80000
     n_demos: int = 6000
     n_prompts: int = 6144
-    n_comparison_prompts: int = 4096
+    n_comparison_prompts: int = 6144
     n_eval_prompts: int = 256
     n_eval_demos: int = 128
     k: int = 6
@@ -258,8 +258,9 @@ def stage_configs(cfg: PipelineConfig, files: dict[str, Path], tokenizer: Path) 
         # response), the whole length, and the model's context for the rest.
         "batch_size": 32, "buckets": [cfg.prompt_len + cfg.response_len // 2, max_len + 1], "max_len": None,
         # The last token of a 3-layer model cannot check a multi-word answer word by word; a mean
-        # over the tokens can (README "Results").
-        "epochs": 9.0, "score_pooling": "mean",
+        # over the tokens can (README "Results").  Duplicates are merged, so K is ragged (mean
+        # 3.6 of 6): batches grouped by K skip the padded responses' compute.
+        "epochs": 6.0, "score_pooling": "mean", "k_buckets": list(range(2, cfg.k + 1)),
         "optimizer": {"lr": 1e-3, "schedule": "cosine"}, "loop": {"eval_every": 128, "save_every": 128},
     }, cfg.rm, "rm")
     configs["ppo"] = _stage(PPOStageConfig, {
@@ -271,10 +272,10 @@ def stage_configs(cfg: PipelineConfig, files: dict[str, Path], tokenizer: Path) 
         "ptx_seq_len": cfg.prompt_len + cfg.response_len, "eval_samples": 64, "phase_timing": True,
         "ppo": {"generation": {"max_new_tokens": cfg.response_len, "temperature": 1.0},
                 "num_minibatches": 4, "epochs": 1, "ptx_coef": 0.1, "missing_eos_penalty": 1.0,
-                "kl": {"kind": "fixed", "init_kl_coef": 0.1}},
+                "kl": {"kind": "fixed", "init_kl_coef": 0.2}},
         "optimizer": {"lr": 3e-4, "warmup_steps": 3, "schedule": "constant"},
         "value_optimizer": {"lr": 1e-3, "schedule": "constant"},
-        "loop": {"total_steps": 60, "eval_every": 10, "save_every": 10},
+        "loop": {"total_steps": 80, "eval_every": 10, "save_every": 10},
     }, cfg.ppo, "ppo")
     return configs
 
