@@ -374,8 +374,8 @@ def prompt_win_rates(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     Returns:
       ``[prompts]``: the mean over all ``a``-``b`` sample pairs of the prompt.
     """
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    a, b = (a[:, :, None] if a.ndim == 2 else a[:, None, None]), (b[:, None, :] if b.ndim == 2 else b[:, None, None])
+    a = np.asarray(a, np.float64).reshape(len(a), -1)[:, :, None]
+    b = np.asarray(b, np.float64).reshape(len(b), -1)[:, None, :]
     return np.mean((a > b) + 0.5 * (a == b), axis=(1, 2))
 
 

@@ -394,7 +394,7 @@ def local_batch_size(batch_size: int, mesh: Mesh, where: str) -> int:
     return batch_size // count
 
 
-def _pad_last(x: np.ndarray, width: int, value: int, axis: int = -1) -> np.ndarray:
+def _pad_axis(x: np.ndarray, width: int, value: int, axis: int = -1) -> np.ndarray:
     """``x`` right-padded with ``value`` along ``axis`` (the last) to ``width``."""
     pad = [(0, 0)] * x.ndim
     pad[axis] = (0, width - x.shape[axis])
@@ -414,7 +414,7 @@ def even_rows(arrays: Mapping[str, np.ndarray], pad_values: Mapping[str, int] | 
     width = across_processes(arrays[time_key].shape[-1], max)
     like = arrays[time_key].shape
     pad_values = pad_values or {}
-    return {k: _pad_last(v[:rows], width, pad_values.get(k, 0)) if v.shape == like else v[:rows]
+    return {k: _pad_axis(v[:rows], width, pad_values.get(k, 0)) if v.shape == like else v[:rows]
             for k, v in arrays.items()}
 
 
@@ -439,11 +439,11 @@ class _AgreedWidth:
         if self.iterator.group_buckets:
             like = batch[self.iterator.group_by].shape
             count = across_processes(like[1], max)
-            batch = {k: _pad_last(v, count, self.pad_values.get(k, 0), axis=1) if v.shape[:2] == like else v
+            batch = {k: _pad_axis(v, count, self.pad_values.get(k, 0), axis=1) if v.shape[:2] == like else v
                      for k, v in batch.items()}
         like = batch[self.iterator.bucket_key].shape
         width = across_processes(like[-1], max)
-        return {k: _pad_last(v, width, self.pad_values.get(k, 0)) if v.shape == like else v
+        return {k: _pad_axis(v, width, self.pad_values.get(k, 0)) if v.shape == like else v
                 for k, v in batch.items()}
 
     def get_state(self) -> dict[str, Any]:
