@@ -15,6 +15,7 @@ import pytest
 from experiments.benchmarks.flops import (
     block_matmul_params,
     decode_bound_tokens_per_s,
+    decode_matmul_shapes,
     decode_step_bytes,
     decode_step_flops,
     forward_flops,
@@ -51,6 +52,24 @@ def test_matmul_params_match_hand_count_and_parameter_tree():
     assert block_matmul_params(LLAMA) == 3 * (2 * 64 * 64 + 2 * 64 * 32 + 3 * 64 * 80)
     for config in (GPT2, LLAMA, GPT2.replace(head="scalar")):
         assert (block_matmul_params(config), head_matmul_params(config)) == kernel_sizes(config), config
+
+
+def test_decode_matmul_shapes_are_the_parameter_trees_kernels():
+    """Every matmul weight of the real parameter tree, as ``(k, n)`` (a tied unembedding is the
+    embedding ``[V, d]`` transposed), once per step: the same multiset as ``decode_matmul_shapes``."""
+    for config in (GPT2, LLAMA, GPT2.replace(head="scalar")):
+        shapes = jax.eval_shape(lambda k, c=config: init_params(Transformer(c), k), jax.random.key(0))
+        kernels = []
+        for path, x in jax.tree_util.tree_flatten_with_path(shapes)[0]:
+            name = jax.tree_util.keystr(path)
+            if name.endswith("['kernel']") and ("layer_" in name or "head" in name):
+                kernels.append(tuple(x.shape))
+            elif name == "['embed']['embedding']" and config.tie_embeddings and config.head == "lm":
+                kernels.append(tuple(x.shape[::-1]))
+        expanded = [(k, n) for k, n, count in decode_matmul_shapes(config) for _ in range(count)]
+        assert sorted(expanded) == sorted(kernels), config
+        flops = sum(2 * 5 * k * n * count for k, n, count in decode_matmul_shapes(config))
+        assert flops == decode_step_flops(config, 5, 0)
 
 
 def test_forward_and_train_flops_match_hand_count():
@@ -111,6 +130,12 @@ def test_summary_rows_from_benchmark_json():
     assert "ours ×2dev" in speed.metric and "torch ×1thr" in speed.metric
     assert speed.ratio == pytest.approx(1.3) and speed.met is True
     assert mfu.ours == 0.45 and mfu.met is True
+    roof = {"decode": [{"model": "tiny", "batch": 32, "step_s": 0.006, "tok_s": 5333.0,
+                        "bound": {"bound_tok_s": 8000.0}, "matmuls": {"xla_s": 0.003, "torch_s": 0.002}}]}
+    bound, matmuls = summary_rows({"roofline": roof})
+    assert bound.ratio == pytest.approx(5333.0 / 8000.0)
+    # the step against its matmuls alone: half of it would be matmuls at XLA's rate
+    assert matmuls.ratio == pytest.approx(0.5) and matmuls.cells()[2:4] == ["6.00 ms", "3.00 ms"]
 
 
 def test_linear_fit():

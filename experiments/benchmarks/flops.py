@@ -29,6 +29,21 @@ def block_matmul_params(c: ModelConfig) -> int:
     return c.n_layers * (attn + mlp)
 
 
+def decode_matmul_shapes(c: ModelConfig) -> list[tuple[int, int, int]]:
+    """The weight matmuls of one decode step as ``(k, n, count)``: each multiplies ``[batch, k]``
+    by a ``[k, n]`` weight, ``count`` times per step (once per layer; the head once).  Their
+    ``2·batch·k·n·count`` sum to ``2·batch·(blocks + head)``, the matmul part of ``decode_step_flops``."""
+    d, hd, ff = c.d_model, c.head_dim, c.ff_dim
+    attn = [(d, c.n_heads * hd), (d, c.kv_heads * hd), (d, c.kv_heads * hd), (c.n_heads * hd, d)]  # q, k, v, o
+    mlp = [(d, ff), (d, ff), (ff, d)] if c.arch == "llama" else [(d, ff), (ff, d)]  # gate, up, down | fc, proj
+    per_layer: dict[tuple[int, int], int] = {}
+    for shape in attn + mlp:
+        per_layer[shape] = per_layer.get(shape, 0) + c.n_layers
+    head = (d, c.vocab_size if c.head == "lm" else 1)
+    per_layer[head] = per_layer.get(head, 0) + 1
+    return [(k, n, count) for (k, n), count in per_layer.items()]
+
+
 def head_matmul_params(c: ModelConfig) -> int:
     """The output head's matmul weights: the unembedding ``d·V`` (tied or not) or a scalar head ``d``."""
     return c.d_model * (c.vocab_size if c.head == "lm" else 1)

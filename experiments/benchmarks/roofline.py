@@ -10,7 +10,14 @@ its time is ``(t(N new tokens) − t(1 new token)) / (N − 1)``, which removes 
 bound comes from ``flops.decode_bound_tokens_per_s``: every matmul weight read once per step
 (float32 master weights, 4 bytes each: what the code reads) plus the KV cache up to the mean
 context of the decode steps (``P + N/2`` keys), against ``max(FLOPs / peak, bytes / bandwidth)``.
-At batch 1 a step is bandwidth-bound; at batch 32 on a CPU it is compute-bound.  On a CPU the
+At batch 1 a step is bandwidth-bound; at batch 32 on a CPU it is compute-bound.
+
+Next to it, the step's weight matmuls alone (``flops.decode_matmul_shapes``: ``[batch, k] @ [k,
+n]`` for every weight), each timed in a ``fori_loop`` whose next input depends on its output (so
+XLA cannot hoist it), and on a CPU the same products in PyTorch (its default threads): the time
+a step needs for its matmuls at the rate each library's kernels reach at these thin shapes, with
+nothing else in the step.  A decode-speed target whose step time is below the XLA column cannot
+be met by any change to our program.  On a CPU the
 weights of a small model stay in the caches, so the DRAM bound is loose (a fraction > 1 is
 possible).
 
@@ -35,10 +42,11 @@ from experiments.benchmarks.common import (
     machine_info,
     measure_bandwidth,
     measure_matmul_peak,
+    median_time,
     timed,
     write_json,
 )
-from experiments.benchmarks.flops import decode_bound_tokens_per_s
+from experiments.benchmarks.flops import decode_bound_tokens_per_s, decode_matmul_shapes
 from experiments.benchmarks.shapes import CASES
 from rlhf_jax.generation import GenerateConfig, generate
 from rlhf_jax.model import Transformer, init_params
@@ -89,6 +97,40 @@ def time_decode(case: Decode, dtype: str, repeats: int) -> dict[str, Any]:
             "tok_s": case.batch / step_s, "compile_s": compile_s, "full_times": full_t, "one_times": one_t}
 
 
+def time_matmuls(config: Any, batch: int, dtype: str, repeats: int, loops: int) -> dict[str, Any]:
+    """Seconds per decode step spent in its weight matmuls alone (see the module docstring):
+    ``{"xla_s": ..., "torch_s": ... or None, "flops": ...}``, each the sum over shapes of the
+    median per-product time times its count."""
+    rng = np.random.default_rng(0)
+    xla_s, torch_s, flops = 0.0, 0.0, 0.0
+    try:
+        import torch
+    except ImportError:
+        torch = None
+    with_torch = torch is not None and dtype == "float32" and jax.default_backend() == "cpu"
+    for k, n, count in decode_matmul_shapes(config):
+        x = rng.standard_normal((batch, k), np.float32)
+        w = (rng.standard_normal((k, n), np.float32) * 0.01)
+        xj, wj = jnp.asarray(x, dtype), jnp.asarray(w, dtype)
+
+        def body(_, x, wj=wj):  # the next input depends on this product: nothing to hoist
+            return x + (x @ wj)[:, :1] * 1e-9
+
+        loop = jax.jit(lambda x, body=body: jax.lax.fori_loop(0, loops, body, x))
+        xla_s += count * median_time(lambda: loop(xj).block_until_ready(), repeats)[0] / loops
+        if with_torch:
+            xt, wt = torch.from_numpy(x), torch.from_numpy(w)
+
+            def torch_loop(xt=xt, wt=wt) -> None:
+                with torch.no_grad():
+                    for _ in range(loops):
+                        xt @ wt
+
+            torch_s += count * median_time(torch_loop, repeats)[0] / loops
+        flops += 2 * batch * k * n * count
+    return {"xla_s": xla_s, "torch_s": torch_s if with_torch else None, "flops": flops}
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", nargs="+", choices=list(CASES), default=None,
@@ -117,6 +159,7 @@ def main(argv: list[str] | None = None) -> None:
         config = CASES[case.model].model_config("lm", dtype)
         r["bound"] = decode_bound_tokens_per_s(config, case.batch, case.context, peak["median"], bandwidth["median"])
         r["fraction"] = r["tok_s"] / r["bound"]["bound_tok_s"]
+        r["matmuls"] = time_matmuls(config, case.batch, dtype, repeats, 5 if args.dry_run else 50)
         if spec:
             r["bound_spec"] = decode_bound_tokens_per_s(config, case.batch, case.context, spec["bf16_flops"],
                                                         spec["hbm_bytes_s"])
@@ -142,10 +185,13 @@ def main(argv: list[str] | None = None) -> None:
              f"{r['step_s'] * 1e3:.2f}", f"{r['tok_s']:.0f}", f"{r['bound']['compute_tok_s']:.0f}",
              f"{r['bound']['bandwidth_tok_s']:.0f}", f"{100 * r['fraction']:.0f}%"]
             + ([f"{r['bound_spec']['bound_tok_s']:.0f}", f"{100 * r['fraction_spec']:.0f}%"] if spec else [])
+            + [f"{r['matmuls']['xla_s'] * 1e3:.2f}",
+               "-" if r["matmuls"]["torch_s"] is None else f"{r['matmuls']['torch_s'] * 1e3:.2f}"]
             for r in results]
     print(format_table(["model", "batch", "prompt+new", "FLOP/byte", "ms/step", "tok/s", "compute bound tok/s",
                         "bandwidth bound tok/s", "of roofline"]
-                       + (["sheet bound tok/s", "of sheet"] if spec else []), rows))
+                       + (["sheet bound tok/s", "of sheet"] if spec else [])
+                       + ["its matmuls alone: XLA ms", "torch ms"], rows))
     if args.json:
         write_json(args.json, {"machine": info, "matmul_peak": peak, "bandwidth": bandwidth, "spec": spec,
                                "ridge_flop_per_byte": ridge, "dtype": dtype, "repeats": repeats, "decode": results})

@@ -31,7 +31,7 @@ class Row:
     peer: float | None = None
     target: float | None = None
     target_on: Literal["ratio", "ours"] = "ratio"
-    unit: Literal["tok/s", "s", "%", ""] = ""
+    unit: Literal["tok/s", "s", "ms", "%", ""] = ""
     higher_is_better: bool = True
 
     @property
@@ -53,7 +53,8 @@ class Row:
         def fmt(x: float | None) -> str:
             if x is None:
                 return "-"
-            return {"tok/s": f"{x:.0f} tok/s", "s": f"{x:.2f} s", "%": f"{100 * x:.1f}%"}.get(self.unit, f"{x:.3f}")
+            return {"tok/s": f"{x:.0f} tok/s", "s": f"{x:.2f} s", "ms": f"{1e3 * x:.2f} ms",
+                    "%": f"{100 * x:.1f}%"}.get(self.unit, f"{x:.3f}")
 
         if self.target is None:
             target = "-"
@@ -108,6 +109,9 @@ def _roofline(d: Mapping[str, Any]) -> Iterator[Row]:
     for r in d.get("decode", []):
         yield Row("roofline", f"{r['model']} batch {r['batch']}: decode tokens/s vs roofline bound", r["tok_s"],
                   r["bound"]["bound_tok_s"], unit="tok/s")
+        if r.get("matmuls"):  # ratio: the share of the step its matmuls alone would take
+            yield Row("roofline", f"{r['model']} batch {r['batch']}: decode step vs its matmuls alone (XLA)",
+                      r["step_s"], r["matmuls"]["xla_s"], unit="ms", higher_is_better=False)
         if r.get("bound_spec"):
             yield Row("roofline", f"{r['model']} batch {r['batch']}: vs the data sheet's bound", r["tok_s"],
                       r["bound_spec"]["bound_tok_s"], unit="tok/s")
