@@ -16,12 +16,14 @@ Next to it, the step's weight matmuls alone (``flops.decode_matmul_shapes``: ``[
 n]`` for every weight), each timed in a ``fori_loop`` whose next input depends on its output (so
 XLA cannot hoist it), and on a CPU the same products in PyTorch (its default threads): the time
 a step needs for its matmuls at the rate each library's kernels reach at these thin shapes, with
-nothing else in the step.  A decode-speed target whose step time is below the XLA column cannot
-be met by any change to our program.  On a CPU the
+nothing else in the step.  Then the step's attention alone: the model's two one-query dots and
+the softmax over the whole cache (``prompt + new`` slots, as ``generate`` allocates it), every
+layer.  A decode-speed target whose step time is below the sum of the XLA columns cannot be met
+by any change to our program.  On a CPU the
 weights of a small model stay in the caches, so the DRAM bound is loose (a fraction > 1 is
 possible).
 
-    python -m experiments.benchmarks.roofline [--quick] [--models tiny small] [--json out.json]
+    python -m experiments.benchmarks.roofline [--quick] [--models tiny small] [--new N] [--json out.json]
 """
 
 from __future__ import annotations
@@ -68,9 +70,11 @@ class Decode:
         return self.prompt + self.new / 2
 
 
-def decode_cases(models: list[str], on_cpu: bool) -> list[Decode]:
-    new, prompt, batches = (32, 32, (1, 32)) if on_cpu else (128, 128, (1, 32))
-    return [Decode(m, b, prompt, new) for m in models for b in batches]
+def decode_cases(models: list[str], on_cpu: bool, new: int | None = None) -> list[Decode]:
+    """Batch 1 and 32 of every model; prompts and new tokens 32 + 32 on a CPU (``new`` overrides the
+    latter: 64 is ``generation.py``'s shape), 128 + 128 otherwise."""
+    default_new, prompt, batches = (32, 32, (1, 32)) if on_cpu else (128, 128, (1, 32))
+    return [Decode(m, b, prompt, new or default_new) for m in models for b in batches]
 
 
 def time_decode(case: Decode, dtype: str, repeats: int) -> dict[str, Any]:
@@ -131,12 +135,33 @@ def time_matmuls(config: Any, batch: int, dtype: str, repeats: int, loops: int) 
     return {"xla_s": xla_s, "torch_s": torch_s if with_torch else None, "flops": flops}
 
 
+def time_attention(config: Any, batch: int, slots: int, dtype: str, repeats: int, loops: int) -> float:
+    """Seconds per decode step in the one-query attention alone: the model's two dots
+    (``bqhgd,bhkd->bhgqk`` and back) and the softmax over a ``[batch, kv_heads, slots, head_dim]``
+    K/V cache, in a dependent ``fori_loop`` like ``time_matmuls``, times ``n_layers``."""
+    rng = np.random.default_rng(0)
+    groups = config.n_heads // config.kv_heads
+    q = jnp.asarray(rng.standard_normal((batch, 1, config.kv_heads, groups, config.head_dim)), dtype)
+    k, v = (jnp.asarray(rng.standard_normal((batch, config.kv_heads, slots, config.head_dim)), dtype)
+            for _ in range(2))
+
+    def body(_, q):
+        scores = jnp.einsum("bqhgd,bhkd->bhgqk", q, k).astype(jnp.float32)
+        probs = jax.nn.softmax(scores / np.sqrt(config.head_dim), axis=-1).astype(q.dtype)
+        return q + jnp.einsum("bhgqk,bhkd->bqhgd", probs, v) * 1e-3
+
+    loop = jax.jit(lambda q: jax.lax.fori_loop(0, loops, body, q))
+    return config.n_layers * median_time(lambda: loop(q).block_until_ready(), repeats)[0] / loops
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", nargs="+", choices=list(CASES), default=None,
                         help="decode models (default: tiny small on CPU, gpt2-medium gpt2-large llama-1b otherwise)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
                         help="compute dtype (default float32 on CPU, bfloat16 otherwise)")
+    parser.add_argument("--new", type=int, default=None,
+                        help="new tokens per decode run (default 32 on CPU, 128 otherwise; must be >= 2)")
     parser.add_argument("--quick", action="store_true", help="2 timed runs instead of 3")
     parser.add_argument("--dry-run", action="store_true", help="the micro model, small arrays, 1 run")
     parser.add_argument("--json", type=str, default=None, help="write the results here")
@@ -154,12 +179,16 @@ def main(argv: list[str] | None = None) -> None:
     bandwidth = measure_bandwidth((16 if args.dry_run else 256 if on_cpu else 1024) * 2**20)
     spec = None if on_cpu else device_spec(info["device_kind"])
     results = []
-    for case in decode_cases(models, on_cpu):
+    if args.new is not None and args.new < 2:
+        parser.error(f"--new must be >= 2: a step is (t(N) - t(1)) / (N - 1) (got {args.new})")
+    for case in decode_cases(models, on_cpu, args.new):
         r = {**dataclasses.asdict(case), "context": case.context, **time_decode(case, dtype, repeats)}
         config = CASES[case.model].model_config("lm", dtype)
         r["bound"] = decode_bound_tokens_per_s(config, case.batch, case.context, peak["median"], bandwidth["median"])
         r["fraction"] = r["tok_s"] / r["bound"]["bound_tok_s"]
-        r["matmuls"] = time_matmuls(config, case.batch, dtype, repeats, 5 if args.dry_run else 50)
+        loops = 5 if args.dry_run else 50
+        r["matmuls"] = time_matmuls(config, case.batch, dtype, repeats, loops)
+        r["attention_s"] = time_attention(config, case.batch, case.prompt + case.new, dtype, repeats, loops)
         if spec:
             r["bound_spec"] = decode_bound_tokens_per_s(config, case.batch, case.context, spec["bf16_flops"],
                                                         spec["hbm_bytes_s"])
@@ -186,12 +215,13 @@ def main(argv: list[str] | None = None) -> None:
              f"{r['bound']['bandwidth_tok_s']:.0f}", f"{100 * r['fraction']:.0f}%"]
             + ([f"{r['bound_spec']['bound_tok_s']:.0f}", f"{100 * r['fraction_spec']:.0f}%"] if spec else [])
             + [f"{r['matmuls']['xla_s'] * 1e3:.2f}",
-               "-" if r["matmuls"]["torch_s"] is None else f"{r['matmuls']['torch_s'] * 1e3:.2f}"]
+               "-" if r["matmuls"]["torch_s"] is None else f"{r['matmuls']['torch_s'] * 1e3:.2f}",
+               f"{r['attention_s'] * 1e3:.2f}"]
             for r in results]
     print(format_table(["model", "batch", "prompt+new", "FLOP/byte", "ms/step", "tok/s", "compute bound tok/s",
                         "bandwidth bound tok/s", "of roofline"]
                        + (["sheet bound tok/s", "of sheet"] if spec else [])
-                       + ["its matmuls alone: XLA ms", "torch ms"], rows))
+                       + ["its matmuls alone: XLA ms", "torch ms", "its attention alone: XLA ms"], rows))
     if args.json:
         write_json(args.json, {"machine": info, "matmul_peak": peak, "bandwidth": bandwidth, "spec": spec,
                                "ridge_flop_per_byte": ridge, "dtype": dtype, "repeats": repeats, "decode": results})
