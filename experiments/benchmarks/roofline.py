@@ -10,7 +10,9 @@ its time is ``(t(N new tokens) − t(1 new token)) / (N − 1)``, which removes 
 bound comes from ``flops.decode_bound_tokens_per_s``: every matmul weight read once per step
 (float32 master weights, 4 bytes each: what the code reads) plus the KV cache up to the mean
 context of the decode steps (``P + N/2`` keys), against ``max(FLOPs / peak, bytes / bandwidth)``.
-At batch 1 a step is bandwidth-bound; at batch 32 on a CPU it is compute-bound.
+At batch 1 a step is bandwidth-bound; at batch 32 on a CPU it is compute-bound.  On a CPU the
+weights of a small model stay in the caches, so the DRAM bound is loose (a fraction > 1 is
+possible).
 
 Next to it, the step's weight matmuls alone (``flops.decode_matmul_shapes``: ``[batch, k] @ [k,
 n]`` for every weight), each timed in a ``fori_loop`` whose next input depends on its output (so
@@ -18,10 +20,8 @@ XLA cannot hoist it), and on a CPU the same products in PyTorch (its default thr
 a step needs for its matmuls at the rate each library's kernels reach at these thin shapes, with
 nothing else in the step.  Then the step's attention alone: the model's two one-query dots and
 the softmax over the whole cache (``prompt + new`` slots, as ``generate`` allocates it), every
-layer.  A decode-speed target whose step time is below the sum of the XLA columns cannot be met
-by any change to our program.  On a CPU the
-weights of a small model stay in the caches, so the DRAM bound is loose (a fraction > 1 is
-possible).
+layer.  A decode-speed target whose step budget is below the sum of the XLA columns cannot be met
+by any change to our program.
 
     python -m experiments.benchmarks.roofline [--quick] [--models tiny small] [--new N] [--json out.json]
 """
@@ -114,7 +114,7 @@ def time_matmuls(config: Any, batch: int, dtype: str, repeats: int, loops: int) 
     with_torch = torch is not None and dtype == "float32" and jax.default_backend() == "cpu"
     for k, n, count in decode_matmul_shapes(config):
         x = rng.standard_normal((batch, k), np.float32)
-        w = (rng.standard_normal((k, n), np.float32) * 0.01)
+        w = rng.standard_normal((k, n), np.float32) * 0.01
         xj, wj = jnp.asarray(x, dtype), jnp.asarray(w, dtype)
 
         def body(_, x, wj=wj):  # the next input depends on this product: nothing to hoist
@@ -166,6 +166,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dry-run", action="store_true", help="the micro model, small arrays, 1 run")
     parser.add_argument("--json", type=str, default=None, help="write the results here")
     args = parser.parse_args(argv)
+    if args.new is not None and args.new < 2:
+        parser.error(f"--new must be >= 2: a step is (t(N) - t(1)) / (N - 1) (got {args.new})")
     on_cpu = jax.default_backend() == "cpu"
     dtype = args.dtype or ("float32" if on_cpu else "bfloat16")
     models = args.models or (["tiny", "small"] if on_cpu else ["gpt2-medium", "gpt2-large", "llama-1b"])
@@ -179,8 +181,6 @@ def main(argv: list[str] | None = None) -> None:
     bandwidth = measure_bandwidth((16 if args.dry_run else 256 if on_cpu else 1024) * 2**20)
     spec = None if on_cpu else device_spec(info["device_kind"])
     results = []
-    if args.new is not None and args.new < 2:
-        parser.error(f"--new must be >= 2: a step is (t(N) - t(1)) / (N - 1) (got {args.new})")
     for case in decode_cases(models, on_cpu, args.new):
         r = {**dataclasses.asdict(case), "context": case.context, **time_decode(case, dtype, repeats)}
         config = CASES[case.model].model_config("lm", dtype)
