@@ -101,6 +101,13 @@ def time_decode(case: Decode, dtype: str, repeats: int) -> dict[str, Any]:
             "tok_s": case.batch / step_s, "compile_s": compile_s, "full_times": full_t, "one_times": one_t}
 
 
+def _seconds_per_iteration(body: Any, init: Any, loops: int, repeats: int) -> float:
+    """Median seconds of one ``body`` iteration in a jitted ``fori_loop`` of ``loops`` iterations
+    (``body(x) -> x``: each iteration feeds the next, so XLA cannot hoist the work)."""
+    loop = jax.jit(lambda x: jax.lax.fori_loop(0, loops, lambda _, x: body(x), x))
+    return median_time(lambda: loop(init).block_until_ready(), repeats)[0] / loops
+
+
 def time_matmuls(config: Any, batch: int, dtype: str, repeats: int, loops: int) -> dict[str, Any]:
     """Seconds per decode step spent in its weight matmuls alone (see the module docstring):
     ``{"xla_s": ..., "torch_s": ... or None, "flops": ...}``, each the sum over shapes of the
@@ -117,11 +124,10 @@ def time_matmuls(config: Any, batch: int, dtype: str, repeats: int, loops: int) 
         w = rng.standard_normal((k, n), np.float32) * 0.01
         xj, wj = jnp.asarray(x, dtype), jnp.asarray(w, dtype)
 
-        def body(_, x, wj=wj):  # the next input depends on this product: nothing to hoist
+        def body(x, wj=wj):  # the next input depends on this product: nothing to hoist
             return x + (x @ wj)[:, :1] * 1e-9
 
-        loop = jax.jit(lambda x, body=body: jax.lax.fori_loop(0, loops, body, x))
-        xla_s += count * median_time(lambda: loop(xj).block_until_ready(), repeats)[0] / loops
+        xla_s += count * _seconds_per_iteration(body, xj, loops, repeats)
         if with_torch:
             xt, wt = torch.from_numpy(x), torch.from_numpy(w)
 
@@ -138,20 +144,19 @@ def time_matmuls(config: Any, batch: int, dtype: str, repeats: int, loops: int) 
 def time_attention(config: Any, batch: int, slots: int, dtype: str, repeats: int, loops: int) -> float:
     """Seconds per decode step in the one-query attention alone: the model's two dots
     (``bqhgd,bhkd->bhgqk`` and back) and the softmax over a ``[batch, kv_heads, slots, head_dim]``
-    K/V cache, in a dependent ``fori_loop`` like ``time_matmuls``, times ``n_layers``."""
+    K/V cache, per iteration of a dependent ``fori_loop``, times ``n_layers``."""
     rng = np.random.default_rng(0)
     groups = config.n_heads // config.kv_heads
     q = jnp.asarray(rng.standard_normal((batch, 1, config.kv_heads, groups, config.head_dim)), dtype)
     k, v = (jnp.asarray(rng.standard_normal((batch, config.kv_heads, slots, config.head_dim)), dtype)
             for _ in range(2))
 
-    def body(_, q):
+    def body(q):
         scores = jnp.einsum("bqhgd,bhkd->bhgqk", q, k).astype(jnp.float32)
         probs = jax.nn.softmax(scores / np.sqrt(config.head_dim), axis=-1).astype(q.dtype)
         return q + jnp.einsum("bhgqk,bhkd->bqhgd", probs, v) * 1e-3
 
-    loop = jax.jit(lambda q: jax.lax.fori_loop(0, loops, body, q))
-    return config.n_layers * median_time(lambda: loop(q).block_until_ready(), repeats)[0] / loops
+    return config.n_layers * _seconds_per_iteration(body, q, loops, repeats)
 
 
 def main(argv: list[str] | None = None) -> None:
