@@ -1,9 +1,12 @@
 """Tokenizer: a thin wrapper around Hugging Face `tokenizers` with explicit BOS/EOS/PAD ids.
 
-Three ways in:
+Four ways in:
 
 - `Tokenizer.from_file(path)` — a Hugging Face `tokenizer.json` (or a directory holding one, with
-  optional `tokenizer_config.json` / `special_tokens_map.json` naming bos/eos/pad tokens).
+  optional `tokenizer_config.json` / `special_tokens_map.json` naming bos/eos/pad tokens, and
+  `add_bos_token` and `chat_template`, also from `chat_template.jinja`).
+- `Tokenizer.from_gguf(path)` — the byte-level BPE a GGUF file describes in its
+  `tokenizer.ggml.*` metadata, built as `transformers`' GGUF loader builds it (identical ids).
 - `Tokenizer.from_llama2c(path)` — the llama2.c `tok512.bin` format (score-ranked BPE with byte
   fallback), rebuilt as an equivalent `tokenizers` BPE model.
 - `Tokenizer.train(texts, vocab_size)` — a small byte-level BPE for the synthetic task.
@@ -12,6 +15,12 @@ The pad token is never the EOS token (InstructGPT reproductions' pitfall, see
 shared/instructgpt.md): when a tokenizer has no separate pad token, `<|pad|>` is added as a new
 special token. Its id is then the old vocabulary size, so `vocab_size` can exceed the model's
 embedding size by one; callers must replace pad ids (mask == 0) before the embedding lookup.
+
+SmolLM2's GGUF says pad = EOS (`<|im_end|>`, id 2), so its pad is `<|pad|>` = id 49152, one past
+the 49152-row embedding, which is not resized: the model maps out-of-range ids to row 0, every
+pad position is masked out, and nothing samples it (the logits cover ids 0..49151 only). Its stop
+id is `eos_id` = 2; `save_pretrained` leaves `pad_token_id` out of `config.json` (outside the
+model's vocabulary) while `tokenizer_config.json` names `<|pad|>`.
 """
 
 from __future__ import annotations
@@ -19,12 +28,15 @@ from __future__ import annotations
 import json
 import os
 import struct
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import tokenizers
-from tokenizers import AddedToken, decoders, models, normalizers, pre_tokenizers, trainers
+from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, trainers
+
+from rlhf_jax.chat import apply_chat_template
 
 PAD_TOKEN = "<|pad|>"
 
@@ -46,6 +58,9 @@ class Tokenizer:
       hf: the underlying `tokenizers.Tokenizer` (encodes without adding special tokens; BOS/EOS
         are added here, explicitly, by `encode(..., add_bos, add_eos)`).
       added_pad: True when `<|pad|>` was added because the tokenizer had no pad token.
+      add_bos_token: whether the model expects BOS before a text (from `tokenizer_config.json` or
+        the GGUF's `tokenizer.ggml.add_bos_token`); informational, `encode` adds BOS only when asked.
+      chat_template: the Jinja2 chat template, or None.
     """
 
     def __init__(
@@ -55,9 +70,13 @@ class Tokenizer:
         bos_token: str | None = None,
         eos_token: str | None = None,
         pad_token: str | None = None,
+        add_bos_token: bool = False,
+        chat_template: str | None = None,
     ):
         """Wraps `hf`; tokens not named are looked up among common names (`<s>`, `</s>`, ...)."""
         self.hf = hf
+        self.add_bos_token = bool(add_bos_token)
+        self.chat_template = chat_template
         self._bos_id = _find_id(hf, bos_token, _BOS_CANDIDATES, "bos_token")
         self._eos_id = _find_id(hf, eos_token, _EOS_CANDIDATES, "eos_token")
         pad_id = _find_id(hf, pad_token, _PAD_CANDIDATES, "pad_token")
@@ -112,7 +131,95 @@ class Tokenizer:
             bos_token=bos_token or names.get("bos_token"),
             eos_token=eos_token or names.get("eos_token"),
             pad_token=pad_token or names.get("pad_token"),
+            add_bos_token=names.get("add_bos_token", False),
+            chat_template=names.get("chat_template"),
         )
+
+    @classmethod
+    def from_gguf(cls, path: str | os.PathLike) -> Tokenizer:
+        """The tokenizer described by a GGUF file's `tokenizer.ggml.*` metadata.
+
+        Only `tokenizer.ggml.model = "gpt2"` (byte-level BPE: GPT-2, SmolLM2, Llama 3, Qwen2) is
+        supported. It is built as `transformers`' GGUF loader builds it (`gguf_tokenizer_mapping`:
+        `byte_level_tokenizer`, `add_gguf_special_tokens`, `set_split_regex`), so the ids are
+        identical: the vocabulary `tokens` (a token not spelled in GPT-2's byte alphabet is
+        respelled byte by byte), the `merges`, GPT-2's byte-level pre-tokenizer, or the split
+        regex named by `tokenizer.ggml.pre` for the Llama 3 and Qwen2 families; tokens of
+        `token_type` 3 (control) become special added tokens, type 4 (user-defined) plain added
+        tokens. BOS/EOS/pad come from `tokenizer.ggml.{bos,eos,padding}_token_id` (pad = EOS is
+        replaced by an added `<|pad|>`, module docstring), `add_bos_token` from
+        `tokenizer.ggml.add_bos_token`, the template from `tokenizer.chat_template`.
+
+        Raises:
+          FileNotFoundError: no file at `path`.
+          GGUFError (a ValueError): not a GGUF file, or a tokenizer model, pre-tokenizer or merge
+            that is not supported, naming the file and the key.
+        """
+        from rlhf_jax.gguf import GGUFError, gguf_metadata
+
+        path = Path(path)
+        meta = gguf_metadata(path)
+
+        def key(name: str, default: Any = ...) -> Any:
+            if name in meta:
+                return meta[name]
+            if default is ...:
+                raise GGUFError(f"{path}: metadata {name!r} is missing")
+            return default
+
+        model_type = key("tokenizer.ggml.model")
+        if model_type != "gpt2":
+            raise GGUFError(f"{path}: metadata 'tokenizer.ggml.model' = {model_type!r} is not "
+                            "supported (only 'gpt2', byte-level BPE)")
+        pre = key("tokenizer.ggml.pre", "default")
+        if pre in _GGUF_UNSUPPORTED_PRE:
+            raise GGUFError(f"{path}: metadata 'tokenizer.ggml.pre' = {pre!r} is not supported")
+        tokens = key("tokenizer.ggml.tokens")
+        spelling = _byte_spelling()
+        alphabet = set(spelling.values())
+        vocab = {
+            tok if set(tok) <= alphabet else "".join(spelling[b] for b in tok.encode("utf-8")): i
+            for i, tok in enumerate(tokens)
+        }
+        merges = []
+        for i, merge in enumerate(key("tokenizer.ggml.merges")):
+            pair = merge.split(" ")
+            if len(pair) != 2:
+                raise GGUFError(f"{path}: metadata 'tokenizer.ggml.merges'[{i}] = {merge!r} is not "
+                                "two tokens separated by one space")
+            merges.append(tuple(pair))
+        hf = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=merges, dropout=None,
+                                             continuing_subword_prefix="", end_of_word_suffix="",
+                                             fuse_unk=False))
+        split = _GGUF_PRE_SPLITS.get(pre)
+        if split is None:
+            hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        else:
+            hf.pre_tokenizer = pre_tokenizers.Sequence([
+                pre_tokenizers.Split(Regex(split), behavior="isolated"),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ])
+        hf.decoder = decoders.ByteLevel()
+        types = key("tokenizer.ggml.token_type", [])
+        # A control token spelled outside the byte alphabet is a llama.cpp mislabel (transformers
+        # skips it too: adding it would grow the vocabulary past the embedding).
+        hf.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                               for t, kind in zip(tokens, types) if kind == 3 and set(t) <= alphabet])
+        hf.add_tokens([AddedToken(t, special=False, normalized=False)
+                       for t, kind in zip(tokens, types) if kind == 4 and t in vocab])
+
+        def name(field: str) -> str | None:
+            i = meta.get(f"tokenizer.ggml.{field}_token_id")
+            if i is None:
+                return None
+            if not 0 <= i < len(tokens):
+                raise GGUFError(f"{path}: metadata 'tokenizer.ggml.{field}_token_id' = {i} is outside "
+                                f"the {len(tokens)} tokens")
+            return tokens[i]
+
+        return cls(hf, bos_token=name("bos"), eos_token=name("eos"), pad_token=name("padding"),
+                   add_bos_token=key("tokenizer.ggml.add_bos_token", False),
+                   chat_template=key("tokenizer.chat_template", None))
 
     @classmethod
     def from_llama2c(cls, path: str | os.PathLike) -> Tokenizer:
@@ -200,17 +307,23 @@ class Tokenizer:
         """Writes `tokenizer.json` (the pad token included) and returns its path.
 
         `path` is the file, or a directory; for a directory a `tokenizer_config.json` naming the
-        bos/eos/pad tokens is written beside it, so `from_file(directory)` restores the same ids.
+        bos/eos/pad tokens, `add_bos_token` and `chat_template` is written beside it, so
+        `from_file(directory)` restores the same tokenizer and `transformers`' `AutoTokenizer`
+        loads it as a `PreTrainedTokenizerFast` with the same ids and template.
         """
         path = Path(path)
         if path.is_dir() or not path.suffix:
             path.mkdir(parents=True, exist_ok=True)
-            names = {
+            config: dict[str, Any] = {
                 f"{k}_token": self.hf.id_to_token(i)
                 for k, i in (("bos", self._bos_id), ("eos", self._eos_id), ("pad", self._pad_id))
                 if i is not None
             }
-            (path / "tokenizer_config.json").write_text(json.dumps(names, indent=2))
+            config.update(tokenizer_class="PreTrainedTokenizerFast", add_bos_token=self.add_bos_token)
+            if self.chat_template is not None:
+                config["chat_template"] = self.chat_template
+            (path / "chat_template.jinja").unlink(missing_ok=True)  # would shadow ours
+            (path / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
             path = path / "tokenizer.json"
         self.hf.save(str(path))
         return path
@@ -241,6 +354,31 @@ class Tokenizer:
     def special_ids(self) -> frozenset[int]:
         """Ids dropped by `decode(..., skip_special=True)`."""
         return self._special_ids
+
+    # ------------------------------------------------------------------------------------- chat
+
+    def apply_chat_template(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        *,
+        add_generation_prompt: bool = False,
+        tokenize: bool = False,
+        **extra: Any,
+    ) -> str | list[int]:
+        """`messages` rendered by this tokenizer's `chat_template` (`rlhf_jax.chat`), as text, or
+        with `tokenize=True` as ids (the text encoded with no BOS/EOS added: the template writes
+        any it wants), exactly as `transformers`' `apply_chat_template`. `extra` are more template
+        variables. Raises ValueError when the tokenizer has no template, and
+        `chat.ChatTemplateError` for bad messages or a template that raises."""
+        if self.chat_template is None:
+            raise ValueError("this tokenizer has no chat_template")
+        token = lambda i: None if i is None else self.hf.id_to_token(i)  # noqa: E731
+        text = apply_chat_template(
+            self.chat_template, messages, add_generation_prompt=add_generation_prompt,
+            bos_token=token(self._bos_id), eos_token=token(self._eos_id),
+            **{"pad_token": token(self._pad_id), **extra},
+        )
+        return self.encode(text) if tokenize else text
 
     # --------------------------------------------------------------------------------- encoding
 
@@ -333,9 +471,11 @@ def _find_id(
     return None
 
 
-def _special_names_beside(file: Path) -> dict[str, str]:
-    """bos/eos/pad token names from `special_tokens_map.json` then `tokenizer_config.json`."""
-    names: dict[str, str] = {}
+def _special_names_beside(file: Path) -> dict[str, Any]:
+    """bos/eos/pad token names from `special_tokens_map.json` then `tokenizer_config.json`; from
+    the latter also `add_bos_token` and `chat_template` (a `chat_template.jinja` file wins, as in
+    `transformers`; of a list of named templates, the one named "default")."""
+    names: dict[str, Any] = {}
     for cfg_name in ("special_tokens_map.json", "tokenizer_config.json"):
         cfg_file = file.parent / cfg_name
         if not cfg_file.is_file():
@@ -350,7 +490,44 @@ def _special_names_beside(file: Path) -> dict[str, str]:
                 value = value.get("content")
             if isinstance(value, str) and key not in names:
                 names[key] = value
+        if isinstance(cfg.get("add_bos_token"), bool):
+            names["add_bos_token"] = cfg["add_bos_token"]
+        template = cfg.get("chat_template")
+        if isinstance(template, list):  # [{"name": "default", "template": "..."}, ...]
+            template = next((t.get("template") for t in template
+                             if isinstance(t, dict) and t.get("name") == "default"), None)
+        if isinstance(template, str):
+            names["chat_template"] = template
+    jinja = file.parent / "chat_template.jinja"
+    if jinja.is_file():
+        names["chat_template"] = jinja.read_text(encoding="utf-8")
     return names
+
+
+def _byte_spelling() -> dict[int, str]:
+    """GPT-2's `bytes_to_unicode`: each byte's printable stand-in in byte-level BPE vocabularies
+    (printable Latin-1 bytes as themselves, the other 68 as chr(256 + k) in byte order)."""
+    keep = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    extra = [b for b in range(256) if b not in keep]
+    return {**{b: chr(b) for b in keep}, **{b: chr(256 + k) for k, b in enumerate(extra)}}
+
+
+# `tokenizer.ggml.pre` values whose split regex differs from GPT-2's, as in transformers'
+# `GGUF_PRE_TOKENIZER_SPLITS` (Llama 3 and Qwen2 families); the remaining ones there are refused.
+_LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_QWEN2_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_GGUF_PRE_SPLITS = {
+    **dict.fromkeys(("llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral",
+                     "midm-2.0", "lfm2", "jina-v5-nano", "dbrx", "smaug-bpe"), _LLAMA3_SPLIT),
+    **dict.fromkeys(("qwen2", "deepseek-r1-qwen", "kormo", "f2llmv2", "megrez"), _QWEN2_SPLIT),
+}
+_GGUF_UNSUPPORTED_PRE = ("tekken", "qwen35", "gpt-4o", "llama4", "kanana2", "talkie", "minimax-m2")
 
 
 def _read_llama2c(path: Path) -> tuple[list[str], list[float]]:
