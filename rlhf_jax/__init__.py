@@ -16,6 +16,7 @@ from rlhf_jax.generation import (
     sequence_logprobs,
     sequence_values,
 )
+from rlhf_jax.gguf import load_gguf
 from rlhf_jax.hf import load_pretrained, save_pretrained
 from rlhf_jax.kl_control import KLControllerConfig, KLState, init_kl_state, update_kl
 from rlhf_jax.llama2c import load_llama2c
