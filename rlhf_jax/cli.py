@@ -21,6 +21,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from rlhf_jax.assets import main as fetch_main
 from rlhf_jax.configs import ConfigError, load_config, to_dict
 from rlhf_jax.data import DataError
 from rlhf_jax.distributed import DistributedConfig, initialize as initialize_distributed
@@ -80,6 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
                            help="start from another implementation's PPO defaults (before --set)")
     # `plan` parses its own arguments (rlhf_jax.plan.main); listed here for --help only.
     sub.add_parser("plan", help="per-device memory plan of a config, before any training", add_help=False)
+    # `fetch` likewise (rlhf_jax.assets.main): `rlhf-jax fetch smollm2 [--dir DIR]`.
+    sub.add_parser("fetch", help="download a model file, e.g. `fetch smollm2` (prints its path)", add_help=False)
     return parser
 
 
@@ -88,6 +91,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["plan"]:
         return plan_main(argv[1:])
+    if argv[:1] == ["fetch"]:
+        return fetch_main(argv[1:])
     parser = build_parser()
     try:
         args = parser.parse_args(argv)

