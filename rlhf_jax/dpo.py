@@ -1,0 +1,107 @@
+"""Direct preference optimisation losses on sequence log-probabilities: DPO, IPO, hinge and robust.
+
+Every variant is a function of the implicit reward margin
+
+    h = [log π_θ(y_w|x) − log π_ref(y_w|x)] − [log π_θ(y_l|x) − log π_ref(y_l|x)]
+
+of a preferred response ``y_w`` ("chosen") over a dispreferred ``y_l`` ("rejected"). The
+formulas follow TRL 1.16.0's ``DPOTrainer._compute_loss`` (``f_divergence_type="reverse_kl"``),
+checked by ``tests/test_dpo.py`` against golden numbers made by running that code.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import chex
+import jax
+import jax.numpy as jnp
+
+DPOLossType = Literal["sigmoid", "ipo", "hinge", "robust"]
+DPO_LOSS_TYPES: tuple[str, ...] = ("sigmoid", "ipo", "hinge", "robust")
+
+
+def dpo_loss(
+    chosen_logps: jax.Array,
+    rejected_logps: jax.Array,
+    ref_chosen_logps: jax.Array,
+    ref_rejected_logps: jax.Array,
+    *,
+    beta: float | jax.Array,
+    loss_type: DPOLossType = "sigmoid",
+    label_smoothing: float = 0.0,
+    chosen_lengths: jax.Array | None = None,
+    rejected_lengths: jax.Array | None = None,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Preference loss of a batch of pairs, the mean over pairs of one of (``loss_type``, static):
+
+    * ``"sigmoid"``: ``−log σ(β·h)`` (DPO, Rafailov et al. 2023, eq. 7). With
+      ``label_smoothing = ε > 0`` it is conservative DPO, ``−(1 − ε)·log σ(β·h) − ε·log σ(−β·h)``
+      (Mitchell 2023, "A note on DPO with noisy preferences"; the DPO authors' reference code and
+      TRL before 1.0). **TRL 1.16.0's "sigmoid" ignores ``label_smoothing``**; there it only enters
+      ``"robust"`` (and losses not provided here).
+    * ``"ipo"``: ``(h̄ − 1/(2β))²`` (IPO, Azar et al. 2023, eq. 17, with β as τ). TRL 1.16.0 (and the
+      IPO authors' runs) use the *per-token average* log-ratios ``h̄ = Δ_w/|y_w| − Δ_l/|y_l|``: pass
+      ``chosen_lengths``/``rejected_lengths`` (response token counts, floored at 1) for that, or
+      leave them ``None`` for the paper's sequence sums.
+    * ``"hinge"``: ``max(0, 1 − β·h)`` (SLiC-HF, Zhao et al. 2023, eq. 2, divided by its margin δ = 1/β).
+    * ``"robust"``: ``[−(1 − ε)·log σ(β·h) + ε·log σ(−β·h)] / (1 − 2ε)``, an unbiased loss under
+      preference labels flipped with probability ε (rDPO, Chowdhury et al. 2024, eq. 8; TRL 1.16.0
+      "robust"). Needs ``0 ≤ ε < 0.5``.
+
+    Args:
+      chosen_logps, rejected_logps: ``[B]`` log π_θ(y|x) of each response, summed over its tokens
+        (``sequence_logprobs`` summed under the response mask).
+      ref_chosen_logps, ref_rejected_logps: ``[B]`` the same under the frozen reference.
+      beta: β, the KL-regularisation strength (DPO: 0.1; TRL's default 0.1).
+      loss_type: see above.
+      label_smoothing: ε, the assumed label-noise rate (``"sigmoid"`` and ``"robust"`` only).
+      chosen_lengths, rejected_lengths: ``[B]`` response token counts (``"ipo"`` only), or ``None``.
+
+    Returns:
+      ``(loss, stats)``; stats (no gradient, TRL's metric names): ``rewards_chosen`` and
+      ``rewards_rejected`` (mean implicit rewards ``β·(log π_θ − log π_ref)``), ``margin`` (their
+      mean difference) and ``accuracy`` (fraction of pairs with a strictly larger chosen reward).
+    """
+    if loss_type not in DPO_LOSS_TYPES:
+        raise ValueError(f"dpo_loss: loss_type must be one of {DPO_LOSS_TYPES}, got {loss_type!r}")
+    if label_smoothing and loss_type not in ("sigmoid", "robust"):
+        raise ValueError(f"dpo_loss: label_smoothing applies to 'sigmoid' and 'robust' only, got "
+                         f"label_smoothing={label_smoothing!r} with loss_type={loss_type!r}")
+    if not 0 <= label_smoothing < 0.5:
+        raise ValueError(f"dpo_loss: label_smoothing must be in [0, 0.5), got {label_smoothing!r}")
+    if (chosen_lengths is None) != (rejected_lengths is None) or (chosen_lengths is not None and loss_type != "ipo"):
+        raise ValueError("dpo_loss: chosen_lengths and rejected_lengths go together, and only with loss_type='ipo'")
+    logps = [chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps]
+    chex.assert_rank(chosen_logps, 1, custom_message="dpo_loss: `chosen_logps` must be [B]")
+    chex.assert_equal_shape(logps, custom_message="dpo_loss: the four log-prob arrays must share one shape [B]")
+    dtype = jnp.promote_types(jnp.result_type(*logps), jnp.float32)
+    chosen = (chosen_logps - ref_chosen_logps).astype(dtype)
+    rejected = (rejected_logps - ref_rejected_logps).astype(dtype)
+    eps = label_smoothing
+
+    if loss_type == "ipo":
+        if chosen_lengths is not None:
+            chex.assert_equal_shape([chosen_logps, chosen_lengths, rejected_lengths],
+                                    custom_message="dpo_loss: the lengths must be [B] like the log-probs")
+            chosen = chosen / jnp.maximum(chosen_lengths, 1)
+            rejected = rejected / jnp.maximum(rejected_lengths, 1)
+        per_pair = jnp.square(chosen - rejected - 1 / (2 * beta))
+    else:
+        logits = beta * (chosen - rejected)
+        if loss_type == "hinge":
+            per_pair = jax.nn.relu(1 - logits)
+        elif loss_type == "sigmoid":
+            per_pair = -(1 - eps) * jax.nn.log_sigmoid(logits) - eps * jax.nn.log_sigmoid(-logits)
+        else:
+            per_pair = (-(1 - eps) * jax.nn.log_sigmoid(logits) + eps * jax.nn.log_sigmoid(-logits)) / (1 - 2 * eps)
+
+    rewards_chosen = beta * (chosen_logps - ref_chosen_logps).astype(dtype)
+    rewards_rejected = beta * (rejected_logps - ref_rejected_logps).astype(dtype)
+    stats = {
+        "rewards_chosen": jnp.mean(rewards_chosen),
+        "rewards_rejected": jnp.mean(rewards_rejected),
+        "margin": jnp.mean(rewards_chosen - rewards_rejected),
+        "accuracy": jnp.mean((rewards_chosen > rewards_rejected).astype(dtype)),
+    }
+    return jnp.mean(per_pair), jax.lax.stop_gradient(stats)

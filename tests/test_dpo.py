@@ -1,0 +1,77 @@
+"""DPO-family losses: parity with TRL 1.16.0 (golden numbers made by running TRL's own
+``DPOTrainer._compute_loss``, ``tests/golden/make_trl116_golden.py``) and closed forms."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from golden import trl116, x64  # noqa: F401  (x64 is a fixture)
+
+from rlhf_jax.dpo import dpo_loss
+
+TOL = 1e-6
+DPO = trl116()["dpo"]
+
+
+def _sequence_inputs():
+    """Chosen/rejected sequence log-probs (sums over the response) and response lengths."""
+    token_logps = np.asarray(DPO["inputs"]["token_logps"])
+    lengths = np.asarray(DPO["inputs"]["completion_mask"]).sum(axis=1)
+    n = token_logps.shape[0] // 2
+    seq = token_logps.sum(axis=1)
+    ref_c, ref_r = (jnp.asarray(DPO["inputs"][k]) for k in ("ref_chosen_logps", "ref_rejected_logps"))
+    return jnp.asarray(seq[:n]), jnp.asarray(seq[n:]), ref_c, ref_r, jnp.asarray(lengths[:n]), jnp.asarray(lengths[n:])
+
+
+@pytest.mark.parametrize("case", DPO["cases"],
+                         ids=lambda c: f"{c['loss_type']}-beta{c['beta']}-ls{c['label_smoothing']}")
+def test_dpo_loss_matches_trl(x64, case):
+    chosen, rejected, ref_c, ref_r, len_c, len_r = _sequence_inputs()
+    lengths = dict(chosen_lengths=len_c, rejected_lengths=len_r) if case["loss_type"] == "ipo" else {}
+
+    def loss_fn(c, r):
+        return dpo_loss(c, r, ref_c, ref_r, beta=case["beta"], loss_type=case["loss_type"],
+                        label_smoothing=case["label_smoothing"], **lengths)
+
+    (loss, stats), (g_c, g_r) = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)(chosen, rejected)
+    assert loss.dtype == jnp.float64
+    for got, key in ((loss, "loss"), (g_c, "grad_chosen"), (g_r, "grad_rejected"),
+                     (stats["rewards_chosen"], "rewards_chosen"), (stats["rewards_rejected"], "rewards_rejected"),
+                     (stats["margin"], "margin"), (stats["accuracy"], "accuracy")):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(case[key]), rtol=0, atol=TOL, err_msg=key)
+
+
+def test_closed_forms():
+    """Each variant against its formula on hand-picked margins; cDPO label smoothing included."""
+    c, r = jnp.array([-3.0, -1.0]), jnp.array([-2.0, -4.0])
+    rc, rr = jnp.array([-2.5, -2.0]), jnp.array([-2.5, -2.0])
+    h = np.array([(-3.0 + 2.5) - (-2.0 + 2.5), (-1.0 + 2.0) - (-4.0 + 2.0)])  # [-1, 3]
+    beta, eps = 0.5, 0.2
+    log_sig = lambda z: -np.log1p(np.exp(-z))  # noqa: E731
+    want = {
+        "sigmoid": np.mean(-(1 - eps) * log_sig(beta * h) - eps * log_sig(-beta * h)),
+        "robust": np.mean((-(1 - eps) * log_sig(beta * h) + eps * log_sig(-beta * h)) / (1 - 2 * eps)),
+    }
+    for loss_type, value in want.items():
+        fn = jax.jit(lambda *a, lt=loss_type: dpo_loss(*a, beta=beta, loss_type=lt, label_smoothing=eps))
+        loss, _ = fn(c, r, rc, rr)
+        np.testing.assert_allclose(loss, value, rtol=1e-6, err_msg=loss_type)
+    np.testing.assert_allclose(dpo_loss(c, r, rc, rr, beta=beta, loss_type="hinge")[0],
+                               np.mean(np.maximum(0, 1 - beta * h)), rtol=1e-6)
+    np.testing.assert_allclose(dpo_loss(c, r, rc, rr, beta=beta, loss_type="ipo")[0],
+                               np.mean((h - 1 / (2 * beta)) ** 2), rtol=1e-6)
+    _, stats = dpo_loss(c, r, rc, rr, beta=beta)
+    np.testing.assert_allclose(stats["accuracy"], 0.5)
+    np.testing.assert_allclose(stats["margin"], beta * h.mean(), rtol=1e-6)
+
+
+def test_bad_arguments_are_named():
+    x = jnp.zeros(3)
+    with pytest.raises(ValueError, match="loss_type"):
+        dpo_loss(x, x, x, x, beta=0.1, loss_type="kto")
+    with pytest.raises(ValueError, match="label_smoothing"):
+        dpo_loss(x, x, x, x, beta=0.1, loss_type="ipo", label_smoothing=0.1)
+    with pytest.raises(ValueError, match="label_smoothing"):
+        dpo_loss(x, x, x, x, beta=0.1, loss_type="robust", label_smoothing=0.5)
+    with pytest.raises(ValueError, match="lengths"):
+        dpo_loss(x, x, x, x, beta=0.1, chosen_lengths=x, rejected_lengths=x)

@@ -1,0 +1,147 @@
+"""GRPO-family losses and group advantages: parity with TRL 1.16.0 (golden numbers made by running
+TRL's own trainer code, ``tests/golden/make_trl116_golden.py``) and independent checks."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from golden import trl116, x64  # noqa: F401  (x64 is a fixture)
+
+from rlhf_jax.advantages import kl_penalty
+from rlhf_jax.group_advantages import group_advantages, rloo_advantages
+from rlhf_jax.grpo import grpo_loss
+from rlhf_jax.losses import ppo_policy_loss
+
+TOL = 1e-6
+GRPO = trl116()["grpo"]
+ADV = trl116()["advantages"]
+
+
+def _grpo_inputs() -> dict:
+    inputs = {k: jnp.asarray(v) for k, v in GRPO["inputs"].items() if k not in ("clip_low", "clip_high")}
+    return dict(inputs, clip_low=GRPO["inputs"]["clip_low"], clip_high=GRPO["inputs"]["clip_high"])
+
+
+def _close(got, want, what: str) -> None:
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want, dtype=np.float64), rtol=0, atol=TOL, err_msg=what)
+
+
+@pytest.mark.parametrize("case", GRPO["cases"],
+                         ids=lambda c: f"{c['loss_type']}-{c['importance_level']}-beta{c['beta']}")
+def test_grpo_loss_matches_trl(x64, case):
+    x = _grpo_inputs()
+
+    def loss_fn(logprobs):
+        return grpo_loss(logprobs, x["old_logprobs"], x["ref_logprobs"], x["advantages"], x["mask"],
+                         clip_low=x["clip_low"], clip_high=x["clip_high"], beta=case["beta"],
+                         loss_type=case["loss_type"], importance_level=case["importance_level"],
+                         max_len=case["max_completion_length"], num_items=case["num_items_in_batch"])
+
+    (loss, stats), grad = jax.value_and_grad(loss_fn, has_aux=True)(x["logprobs"])
+    assert loss.dtype == jnp.float64
+    _close(loss, case["loss"], "loss")
+    _close(grad, case["grad"], "grad")  # TRL's gradient is 0 at padded positions, as ours
+    for key in ("kl", "clip_low_frac", "clip_high_frac", "clip_frac"):
+        _close(stats[key], case[key], key)
+
+
+def test_rloo_loss_matches_trl(x64):
+    """TRL's RLOO loss is the sequence-sum ratio's clipped surrogate, averaged over responses."""
+    x, want = _grpo_inputs(), GRPO["rloo_loss"]
+
+    def loss_fn(logprobs):
+        return grpo_loss(logprobs, x["old_logprobs"], None, x["advantages"], x["mask"], clip_low=x["clip_low"],
+                         clip_high=x["clip_high"], beta=0.0, importance_level="sequence_sum")
+
+    (loss, stats), grad = jax.value_and_grad(loss_fn, has_aux=True)(x["logprobs"])
+    _close(loss, want["loss"], "loss")
+    _close(grad, want["grad"], "grad")
+    for key in ("clip_low_frac", "clip_high_frac", "clip_frac"):
+        _close(stats[key], want[key], key)
+
+
+def _rewards():
+    """The golden rewards with TRL's unscorable (NaN) entry as a mask."""
+    r = np.array([np.nan if v is None else v for v in ADV["inputs"]["rewards"]])
+    return jnp.asarray(np.nan_to_num(r, nan=123.0)), jnp.asarray(~np.isnan(r))
+
+
+@pytest.mark.parametrize("case", ADV["grpo"], ids=lambda c: c["scale"])
+def test_group_advantages_match_trl(x64, case):
+    rewards, valid = _rewards()
+    adv = group_advantages(rewards, case["group_size"], scale=case["scale"], mask=valid)
+    _close(adv, case["advantages"], case["scale"])
+
+
+@pytest.mark.parametrize("case", ADV["rloo"], ids=lambda c: f"beta{c['beta']}-norm{c['normalize']}")
+def test_rloo_advantages_match_trl(x64, case):
+    """TRL folds β·Σ_t k1 (old vs ref log-probs) into the reward, then takes the leave-one-out baseline."""
+    rewards, valid = _rewards()
+    mask = jnp.asarray(ADV["inputs"]["mask"])
+    old, ref = (jnp.asarray(ADV["inputs"][k]) for k in ("old_logprobs", "ref_logprobs"))
+    kl = jnp.sum(jnp.where(mask != 0, kl_penalty(old, ref, "k1"), 0), axis=1)
+    adv = rloo_advantages(rewards - case["beta"] * kl, case["group_size"], normalize=case["normalize"], mask=valid)
+    _close(adv, case["advantages"], "advantages")
+
+
+def test_group_advantages_numpy_loop():
+    rng = np.random.default_rng(0)
+    rewards = rng.normal(size=12).astype(np.float32)
+    g = 3
+    want_group, want_none, want_rloo = (np.zeros(12) for _ in range(3))
+    for start in range(0, 12, g):
+        grp = rewards[start:start + g].astype(np.float64)
+        for i in range(g):
+            want_none[start + i] = grp[i] - grp.mean()
+            want_group[start + i] = (grp[i] - grp.mean()) / (grp.std(ddof=1) + 1e-4)
+            want_rloo[start + i] = grp[i] - (grp.sum() - grp[i]) / (g - 1)
+    want_batch = want_none / (rewards.astype(np.float64).std(ddof=1) + 1e-4)
+    for scale, want in (("group", want_group), ("none", want_none), ("batch", want_batch)):
+        np.testing.assert_allclose(group_advantages(jnp.asarray(rewards), g, scale=scale), want, atol=1e-5)
+    np.testing.assert_allclose(rloo_advantages(jnp.asarray(rewards), g), want_rloo, atol=1e-5)
+    # jittable with the static arguments closed over; one response per prompt has no baseline
+    np.testing.assert_allclose(jax.jit(lambda r: rloo_advantages(r, g))(jnp.asarray(rewards)), want_rloo, atol=1e-5)
+    np.testing.assert_array_equal(group_advantages(jnp.asarray(rewards), 1), 0)
+    np.testing.assert_array_equal(rloo_advantages(jnp.asarray(rewards), 1), 0)
+
+
+def test_grpo_loss_with_symmetric_clip_is_ppo():
+    """Token ratio, β = 0, ε_low = ε_high, bnpo (one token mean): the PPO clipped surrogate."""
+    rng = np.random.default_rng(1)
+    old = jnp.asarray(-rng.uniform(0.1, 2, (4, 6)), jnp.float32)
+    new = old + jnp.asarray(rng.normal(0, 0.3, (4, 6)), jnp.float32)
+    adv = jnp.asarray(rng.normal(size=4), jnp.float32)
+    mask = jnp.asarray(np.arange(6)[None] < np.array([6, 2, 4, 1])[:, None])
+    loss, stats = jax.jit(lambda n: grpo_loss(n, old, None, adv, mask, clip_low=0.2, clip_high=0.2, beta=0.0,
+                                              loss_type="bnpo"))(new)
+    want, ppo_stats = ppo_policy_loss(new, old, jnp.broadcast_to(adv[:, None], (4, 6)), mask, clip_eps=0.2)
+    np.testing.assert_allclose(loss, want, rtol=1e-6)
+    np.testing.assert_allclose(stats["ratio_mean"], ppo_stats["ratio_mean"], rtol=1e-6)
+
+
+def test_grpo_loss_ignores_padding_and_traced_beta():
+    """Non-finite values at padded positions change nothing; β may be a traced scalar."""
+    x = _grpo_inputs()
+    pad = x["mask"] == 0
+    args = dict(clip_low=0.2, clip_high=0.28, loss_type="grpo")
+    clean = grpo_loss(x["logprobs"], x["old_logprobs"], x["ref_logprobs"], x["advantages"], x["mask"],
+                      beta=0.04, **args)
+    dirty_inputs = (jnp.where(pad, jnp.nan, x["logprobs"]), jnp.where(pad, jnp.inf, x["old_logprobs"]),
+                    jnp.where(pad, -jnp.inf, x["ref_logprobs"]), x["advantages"], x["mask"])
+    dirty = jax.jit(lambda beta: grpo_loss(*dirty_inputs, beta=beta, **args))(jnp.float32(0.04))
+    for a, b in zip(jax.tree_util.tree_leaves(clean), jax.tree_util.tree_leaves(dirty)):
+        np.testing.assert_allclose(a, b, rtol=1e-5)
+
+
+def test_bad_arguments_are_named():
+    x = _grpo_inputs()
+    with pytest.raises(ValueError, match="loss_type"):
+        grpo_loss(x["logprobs"], x["old_logprobs"], None, x["advantages"], x["mask"], clip_low=0.2,
+                  clip_high=0.2, beta=0.0, loss_type="ppo")
+    with pytest.raises(ValueError, match="ref_logprobs"):
+        grpo_loss(x["logprobs"], x["old_logprobs"], None, x["advantages"], x["mask"], clip_low=0.2,
+                  clip_high=0.2, beta=0.1)
+    with pytest.raises(ValueError, match="group_size=5"):
+        group_advantages(jnp.zeros(12), 5)
+    with pytest.raises(ValueError, match="scale"):
+        group_advantages(jnp.zeros(12), 4, scale="prompt")
