@@ -1,12 +1,15 @@
 """rlhf_jax: the InstructGPT recipe (SFT, K-way reward model, PPO-ptx) as a pure-JAX library.
 
 The pure core is importable from here: the model (``forward``, ``init_params``), generation
-(``generate``, ``score``, ``sequence_logprobs``), the losses and advantages, the KL controller
-and the PPO-ptx iteration. Stages live in ``rlhf_jax.stages``, the built-in synthetic world in
-``rlhf_jax.tasks``, the end-to-end driver in ``rlhf_jax.pipeline``.
+(``generate``, ``score``, ``sequence_logprobs``), the losses and advantages, the KL controller,
+the PPO-ptx iteration, the GRPO/RLOO/DPO losses and the policy EMA. Stages live in
+``rlhf_jax.stages``, the built-in synthetic world in ``rlhf_jax.tasks``, the end-to-end driver in
+``rlhf_jax.pipeline``.
 """
 
 from rlhf_jax.advantages import KL_ESTIMATORS, gae, kl_penalty, last_index, per_token_rewards, whiten
+from rlhf_jax.dpo import dpo_loss
+from rlhf_jax.ema import ema_update
 from rlhf_jax.generation import (
     GenerateConfig,
     Rollout,
@@ -17,6 +20,8 @@ from rlhf_jax.generation import (
     sequence_values,
 )
 from rlhf_jax.gguf import load_gguf
+from rlhf_jax.group_advantages import group_advantages, rloo_advantages
+from rlhf_jax.grpo import grpo_loss
 from rlhf_jax.hf import load_pretrained, save_pretrained
 from rlhf_jax.kl_control import KLControllerConfig, KLState, init_kl_state, update_kl
 from rlhf_jax.llama2c import load_llama2c
