@@ -174,7 +174,7 @@ _VALUE_TYPES: dict[int, tuple[str, str | None]] = {
     8: ("STRING", None), 9: ("ARRAY", None), 10: ("UINT64", "<u8"), 11: ("INT64", "<i8"),
     12: ("FLOAT64", "<f8"),
 }
-_BOOL, _STRING, _ARRAY = 7, 8, 9
+_FLOAT32, _BOOL, _STRING, _ARRAY = 6, 7, 8, 9
 
 
 @dataclasses.dataclass(frozen=True)
@@ -233,8 +233,11 @@ class _Cursor:
             dtype = self._dtype(item_type, what)
             items = self.take(count * np.dtype(dtype).itemsize, what).view(dtype)
             return (items != 0).tolist() if item_type == _BOOL else items.tolist()
-        value = self.scalar(self._dtype(type_id, what), what)
-        return bool(value) if type_id == _BOOL else value
+        dtype = self._dtype(type_id, what)
+        value = self.take(np.dtype(dtype).itemsize, what).view(dtype)[0]
+        if type_id == _FLOAT32:  # the shortest decimal that is this float32: 1e-05, not 9.99e-06
+            return float(str(value))
+        return bool(value) if type_id == _BOOL else value.item()
 
     def _dtype(self, type_id: int, what: str) -> str:
         if type_id not in _VALUE_TYPES or _VALUE_TYPES[type_id][1] is None:
@@ -244,7 +247,8 @@ class _Cursor:
 
 @dataclasses.dataclass(frozen=True)
 class GGUFFile:
-    """A parsed GGUF file: ``metadata`` (key -> Python value; arrays are lists) and ``tensors``
+    """A parsed GGUF file: ``metadata`` (key -> Python value; arrays are lists; a FLOAT32 scalar is
+    the shortest decimal that rounds to it) and ``tensors``
     (name -> ``TensorInfo``, in file order).  The data is memory-mapped, read by ``tensor``."""
 
     path: Path
