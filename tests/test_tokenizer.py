@@ -243,3 +243,116 @@ def test_llama2c_save_load_round_trip(tmp_path):
     text = "Once upon a time, there was a little girl named Lily."
     assert loaded.encode(text) == tok.encode(text)
     assert loaded.decode(loaded.encode(text)) == text
+
+
+# ------------------------------------------------------------------ tokenizer_config, GGUF
+
+
+def test_config_add_bos_token_and_chat_template(trained, tmp_path):
+    """`tokenizer_config.json` as transformers writes it (special tokens as dicts, a list of
+    named templates, or a `chat_template.jinja` beside it), and our own `save` round trip."""
+    trained.save(tmp_path)
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({
+        "add_bos_token": True, "eos_token": {"content": "<|eos|>", "special": True},
+        "chat_template": [{"name": "tool_use", "template": "T"}, {"name": "default", "template": "D"}]}))
+    tok = Tokenizer.from_file(tmp_path)
+    assert tok.add_bos_token and tok.chat_template == "D" and tok.eos_id == trained.eos_id
+    (tmp_path / "chat_template.jinja").write_text("{{ messages[0]['content'] }}!")
+    tok = Tokenizer.from_file(tmp_path)
+    assert tok.apply_chat_template([{"role": "user", "content": "the cat"}]) == "the cat!"
+    assert tok.apply_chat_template([{"role": "user", "content": "the cat"}], tokenize=True) == \
+        trained.encode("the cat!")
+    tok.save(tmp_path)  # rewrites the config with the template and drops the .jinja file
+    assert not (tmp_path / "chat_template.jinja").exists()
+    loaded = Tokenizer.from_file(tmp_path)
+    assert (loaded.add_bos_token, loaded.chat_template) == (True, "{{ messages[0]['content'] }}!")
+    assert Tokenizer.from_file(tmp_path / "tokenizer.json").add_bos_token  # beside the file too
+
+
+@pytest.fixture(scope="module")
+def gguf_tokenizer_file(tmp_path_factory):
+    """Factory: (pre, pad_is_eos) -> a tiny llama GGUF carrying a byte-level BPE tokenizer
+    (trained here; `<|endoftext|>` (pad), `<|im_start|>` (bos), `<|im_end|>` (eos) control
+    tokens, "the" user-defined)."""
+    _gguf = pytest.importorskip("_gguf", reason="the `gguf` package is needed for the GGUF tests")
+    from conftest import random_params
+    from rlhf_jax.model import ModelConfig, Transformer
+
+    trained = Tokenizer.train(CORPUS, vocab_size=300,
+                              special_tokens=("<|endoftext|>", "<|im_start|>", "<|im_end|>"))
+    tok = Tokenizer(trained.hf, bos_token="<|im_start|>", eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    model = Transformer(ModelConfig(arch="llama", vocab_size=300, d_model=32, n_layers=1,
+                                    n_heads=2, d_ff=32, max_len=32, tie_embeddings=True))
+    params = random_params(model)
+    cache = {}
+
+    def get(pre: str, pad_is_eos: bool) -> Path:
+        if (pre, pad_is_eos) not in cache:
+            path = tmp_path_factory.mktemp("gguf_tok") / "tok.gguf"
+            _gguf.write_model_gguf(
+                path, model, params, tokenizer=tok, pre=pre, pad_is_eos=pad_is_eos,
+                user_defined=("the",),
+                template="{% for m in messages %}<|im_start|>{{ m.content }}<|im_end|>{% endfor %}")
+            cache[pre, pad_is_eos] = path
+        return cache[pre, pad_is_eos]
+
+    return get
+
+
+GGUF_TEXTS = ["the cat sat on the mat.", "<|im_start|>hi<|im_end|>other", "naïve café — 123 4567",
+              "  two  spaces\n\nthen\tthe end", "theme", ""]
+
+
+@pytest.mark.parametrize("pre", ["smollm", "llama-bpe", "qwen2"])
+def test_from_gguf_matches_transformers(pre, gguf_tokenizer_file):
+    transformers = pytest.importorskip("transformers", reason="transformers is the reference")
+    path = gguf_tokenizer_file(pre, False)
+    tok = Tokenizer.from_gguf(path)
+    ref = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    assert (tok.bos_id, tok.eos_id, tok.pad_id, tok.vocab_size) == (1, 2, 0, 300)
+    assert (ref.bos_token_id, ref.eos_token_id, ref.pad_token_id) == (1, 2, 0)
+    assert tok.chat_template == ref.chat_template and not tok.add_bos_token
+    for text in GGUF_TEXTS:
+        ids = tok.encode(text)
+        assert ids == ref.encode(text, add_special_tokens=False), text
+        assert tok.decode(ids, skip_special=False) == text
+    assert tok.encode("<|im_start|>")[0] == 1  # control tokens stay whole
+    assert tok.encode("theme")[0] == tok.hf.token_to_id("the")  # user-defined token matched whole
+
+
+def test_from_gguf_pad_equal_to_eos_is_replaced(gguf_tokenizer_file):
+    """A GGUF whose pad is its EOS (as SmolLM2's): `<|pad|>` is added as id = the number of
+    tokens (= the embedding size; the model maps it to row 0 and it is always masked)."""
+    tok = Tokenizer.from_gguf(gguf_tokenizer_file("smollm", True))
+    assert tok.eos_id == 2 and tok.added_pad
+    assert (tok.pad_id, tok.vocab_size) == (300, 301)
+    assert tok.hf.id_to_token(300) == PAD_TOKEN
+    ids, mask = tok.encode_batch(["the cat", "a"], 4, side="left")
+    assert ids[1].tolist()[:3] == [300] * 3 and mask[1].tolist() == [0, 0, 0, 1]
+    assert tok.decode(ids[1]) == "a"
+
+
+def test_from_gguf_errors(tmp_path):
+    gguf = pytest.importorskip("gguf", reason="the `gguf` package is needed for the GGUF tests")
+    from rlhf_jax.gguf import GGUFError
+
+    def write(name: str, **kv) -> Path:
+        w = gguf.GGUFWriter(tmp_path / name, "llama")
+        w.add_tokenizer_model(kv.pop("model", "gpt2"))
+        w.add_token_list(["a", "b", "ab"])
+        w.add_token_merges(kv.pop("merges", ["a b"]))
+        for key, value in kv.items():
+            w.add_string(key, value)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        return tmp_path / name
+
+    assert Tokenizer.from_gguf(write("ok.gguf")).encode("ab") == [2]
+    with pytest.raises(GGUFError, match=r"spm\.gguf: metadata 'tokenizer.ggml.model' = 'llama'"):
+        Tokenizer.from_gguf(write("spm.gguf", model="llama"))
+    with pytest.raises(GGUFError, match=r"pre\.gguf: metadata 'tokenizer.ggml.pre' = 'tekken'"):
+        Tokenizer.from_gguf(write("pre.gguf", **{"tokenizer.ggml.pre": "tekken"}))
+    with pytest.raises(GGUFError, match=r"merge\.gguf: metadata 'tokenizer.ggml.merges'\[0\]"):
+        Tokenizer.from_gguf(write("merge.gguf", merges=["a b c"]))
