@@ -23,8 +23,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from rlhf_jax.advantages import last_index
-from rlhf_jax.losses import logprobs_of, token_entropy
-from rlhf_jax.model import Params, Transformer, decode_step, forward, init_cache, positions_from_mask
+from rlhf_jax.losses import chunked_logprobs, logprobs_of, sft_loss, token_entropy
+from rlhf_jax.masked import masked_mean
+from rlhf_jax.model import (Params, Transformer, decode_step, forward, init_cache, positions_from_mask, stack_layers,
+                            unembed_fn)
 from rlhf_jax.sampling import greedy_token, sample_token
 
 Array = jax.Array
@@ -183,6 +185,8 @@ def _generate_impl(
     prompt_mask = (prompt_mask != 0).astype(jnp.int32)
     prompt_len = prompt_mask.sum(axis=1)
 
+    if model.config.scan_layers:  # stack the layers once, not in every decode step
+        params = stack_layers(params, model.config.n_layers)
     cache = init_cache(model.config, b, p + n)
     if p > 1:  # the prefill's logits are unused, so XLA drops the unembedding
         cache = decode_step(model, params, prompt_ids[:, :-1], positions_from_mask(prompt_mask[:, :-1]),
@@ -363,11 +367,47 @@ def sequence_logprobs(
     """
     _check_head("sequence_logprobs", model, "lm")
     _check_sequences("sequence_logprobs", tokens, mask, response_start)
-    logits = forward(model, params, tokens, mask, logits_slice=(response_start - 1, -1)).logits
+    targets = tokens[:, response_start:]
+    if model.config.logits_chunk:
+        hidden = forward(model, params, tokens, mask, unembed=False).hidden[:, response_start - 1:-1]
+        logprobs, entropy = chunked_logprobs(unembed_fn(model.config, params), hidden, targets,
+                                             model.config.logits_chunk, temperature)
+    else:
+        logits = forward(model, params, tokens, mask, logits_slice=(response_start - 1, -1)).logits
+        logprobs, entropy = logprobs_of(logits, targets, temperature), token_entropy(logits, temperature)
     keep = mask[:, response_start:] != 0
-    logprobs = jnp.where(keep, logprobs_of(logits, tokens[:, response_start:], temperature), 0.0)
-    entropy = jnp.where(keep, token_entropy(logits, temperature), 0.0)
-    return logprobs, entropy
+    return jnp.where(keep, logprobs, 0.0), jnp.where(keep, entropy, 0.0)
+
+
+def next_token_nll(
+    model: Transformer,
+    params: Params,
+    tokens: Array,
+    mask: Array,
+    loss_mask: Array,
+    *,
+    positions: Array | None = None,
+    segment_ids: Array | None = None,
+) -> Array:
+    """``losses.sft_loss`` (= ``ptx_loss``) of ``model`` on ``tokens``: the mean next-token NLL over
+    the targets ``loss_mask`` marks (aligned with ``tokens``; ``loss_mask[:, 0]`` is unused).
+
+    With ``ModelConfig.logits_chunk > 0`` the log-probs come from ``losses.chunked_logprobs`` and
+    the ``[b, T, V]`` logits are never held whole; otherwise from the full logits.
+
+    Args:
+      tokens, mask, loss_mask: ``[b, T]``; positions, segment_ids: optional ``[b, T]`` (packing).
+
+    Returns:
+      A float32 scalar.
+    """
+    chunk = model.config.logits_chunk
+    out = forward(model, params, tokens, mask, positions=positions, segment_ids=segment_ids, unembed=not chunk)
+    if not chunk:
+        return sft_loss(out.logits, tokens, loss_mask)
+    logprobs, _ = chunked_logprobs(unembed_fn(model.config, params), out.hidden[:, :-1], tokens[:, 1:], chunk,
+                                   with_entropy=False)
+    return -masked_mean(logprobs, loss_mask[:, 1:])
 
 
 @functools.partial(jax.jit, static_argnames=("model", "response_start"))

@@ -6,6 +6,8 @@ float64); every loss is a masked mean with its mask explicit.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -59,6 +61,53 @@ def token_entropy(logits: jax.Array, temperature: float | jax.Array = 1.0) -> ja
     chex.assert_rank(logits, 3, custom_message="token_entropy: `logits` must be [batch, n, vocab]")
     logp = _log_softmax(logits, temperature)
     return -jnp.sum(jnp.exp(logp) * logp, axis=-1)
+
+
+def chunked_logprobs(
+    logits_fn: Callable[[jax.Array], jax.Array],
+    hidden: jax.Array,
+    targets: jax.Array,
+    chunk: int,
+    temperature: float | jax.Array = 1.0,
+    *,
+    with_entropy: bool = True,
+) -> tuple[jax.Array, jax.Array | None]:
+    """``logprobs_of`` / ``token_entropy`` of ``logits_fn(hidden)`` computed ``chunk`` time steps at
+    a time, so the ``[batch, n, vocab]`` float32 logits are never held whole.
+
+    Each chunk's body is rematerialised (``jax.checkpoint``), so under ``grad`` the backward
+    pass recomputes one chunk's logits at a time too, and only ``hidden`` is saved.  Equal to
+    ``logprobs_of(logits_fn(hidden), targets)`` up to float rounding (tests/test_losses.py).
+
+    Args:
+      logits_fn: ``[batch, c, d] -> [batch, c, vocab]`` float32 (``model.unembed_fn``).
+      hidden: ``[batch, n, d]`` final hidden states aligned with ``targets``.
+      targets: ``[batch, n]`` int.
+      chunk: time steps per chunk (``n`` is padded up to a multiple).
+
+    Returns:
+      ``(logprobs [batch, n], entropy [batch, n] or None)`` float32.
+    """
+    chex.assert_rank(hidden, 3, custom_message="chunked_logprobs: `hidden` must be [batch, n, d]")
+    chex.assert_shape(targets, hidden.shape[:2],
+                      custom_message="chunked_logprobs: `targets` must be [batch, n] matching `hidden`")
+    if not isinstance(chunk, int) or chunk < 1:
+        raise ValueError(f"chunked_logprobs: chunk must be an int >= 1 (got {chunk!r})")
+    b, n, d = hidden.shape
+    n_chunks = -(-n // chunk)
+    pad = n_chunks * chunk - n
+    h = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0))).reshape(b, n_chunks, chunk, d).swapaxes(0, 1)
+    t = jnp.pad(targets, ((0, 0), (0, pad))).reshape(b, n_chunks, chunk).swapaxes(0, 1)
+
+    @jax.checkpoint
+    def one(args):
+        logits = logits_fn(args[0])
+        logp = logprobs_of(logits, args[1], temperature)
+        return logp, (token_entropy(logits, temperature) if with_entropy else None)
+
+    logp, entropy = jax.lax.map(one, (h, t))
+    unchunk = lambda x: None if x is None else x.swapaxes(0, 1).reshape(b, n_chunks * chunk)[:, :n]  # noqa: E731
+    return unchunk(logp), unchunk(entropy)
 
 
 def _next_token_nll(fn: str, logits: jax.Array, tokens: jax.Array, mask: jax.Array) -> jax.Array:

@@ -13,7 +13,13 @@ batch they are ``cumsum(mask) - 1`` (clipped at 0), which makes left padding exa
 The KV cache is an explicit pytree (no mutable Linen collections), so decoding is a pure
 function: ``prefill`` writes the prompt's keys/values at slots ``[0, prompt_len)`` and each decode
 step writes one slot.  The cache holds the segment id of each slot so the same masking rule
-applies.
+applies.  Its keys and values are stacked over the layers (``[L, b, kv_heads, slots, d]``) and each
+layer writes its slots in place at its layer index, unrolled or scanned alike.
+
+``ModelConfig.scan_layers`` runs the blocks as one ``jax.lax.scan`` over parameters stacked at
+trace time, so compile time stops growing with depth; the stored parameter tree stays
+``layer_{i}/...`` either way (Hugging Face / GGUF import, partition rules and checkpoints are
+unchanged).
 """
 
 from __future__ import annotations
@@ -34,6 +40,8 @@ Params = dict[str, Any]
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 SCORE_POOLINGS = ("last", "mean")
+REMAT_POLICIES = ("none", "dots", "full")
+ATTENTION_IMPLS = ("xla", "cudnn", "auto")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,6 +60,21 @@ class ModelConfig:
     (InstructGPT, Stiennon et al. 2020, Hugging Face ``...ForSequenceClassification``);
     ``"mean"``: the mean of ``v_t`` over the real tokens up to it, so each token adds its own
     term, whatever the length.
+
+    Execution switches (the parameters and the outputs do not depend on them):
+
+    - ``dtype``: the compute dtype (parameters stay float32).
+    - ``scan_layers``: run the blocks as one ``lax.scan`` over per-layer parameters stacked at
+      trace time (compile time independent of depth) instead of unrolling them.
+    - ``remat_policy``: what a block keeps for the backward pass — ``"none"`` (everything),
+      ``"dots"`` (the matmul outputs, ``dots_with_no_batch_dims_saveable``; the rest is
+      recomputed), ``"full"`` (only the block's input; ``remat=True`` is the old spelling of it).
+    - ``attention_impl``: training / prefill attention — ``"xla"`` (our einsum with the
+      segment-id mask), ``"cudnn"`` (``jax.nn.dot_product_attention`` with cuDNN flash attention:
+      bf16/fp16 and GPU only, without a cache), ``"auto"`` (cuDNN where it applies, else XLA).
+    - ``logits_chunk``: ``> 0`` computes the log-probs of chosen tokens (``sequence_logprobs``,
+      the SFT and ptx losses) ``logits_chunk`` time steps at a time, so the ``[b, T, V]`` float32
+      logits are never held whole (0: all at once).
     """
 
     arch: Literal["gpt2", "llama"] = "gpt2"
@@ -70,6 +93,10 @@ class ModelConfig:
     score_pooling: Literal["last", "mean"] = "last"
     dtype: str = "float32"
     remat: bool = False
+    scan_layers: bool = False
+    remat_policy: Literal["none", "dots", "full"] = "none"
+    attention_impl: Literal["xla", "cudnn", "auto"] = "xla"
+    logits_chunk: int = 0
 
     def __post_init__(self) -> None:
         def bad(field: str, why: str) -> None:
@@ -94,6 +121,16 @@ class ModelConfig:
             bad("d_model", "head_dim must be even for RoPE")
         if self.norm_eps <= 0:
             bad("norm_eps", "must be > 0")
+        if not isinstance(self.scan_layers, bool):
+            bad("scan_layers", "must be a bool")
+        if self.remat_policy not in REMAT_POLICIES:
+            bad("remat_policy", f"must be one of {REMAT_POLICIES}")
+        if self.remat and self.remat_policy not in ("none", "full"):
+            bad("remat_policy", "conflicts with remat=True (which means 'full'); set one of them")
+        if self.attention_impl not in ATTENTION_IMPLS:
+            bad("attention_impl", f"must be one of {ATTENTION_IMPLS}")
+        if not isinstance(self.logits_chunk, int) or self.logits_chunk < 0:
+            bad("logits_chunk", "must be an int >= 0 (0 = off)")
 
     @property
     def kv_heads(self) -> int:
@@ -110,6 +147,11 @@ class ModelConfig:
     @property
     def compute_dtype(self) -> Any:
         return _DTYPES[self.dtype]
+
+    @property
+    def remat_mode(self) -> str:
+        """The effective remat policy: ``remat_policy``, or ``"full"`` when ``remat=True``."""
+        return "full" if self.remat else self.remat_policy
 
     def replace(self, **changes: Any) -> "ModelConfig":
         return dataclasses.replace(self, **changes)
@@ -139,18 +181,33 @@ def positions_from_mask(mask: Array) -> Array:
 
 
 def init_cache(config: ModelConfig, batch: int, length: int, dtype: Any = None) -> dict[str, Any]:
-    """An empty KV cache of ``length`` slots: per layer ``k``/``v`` ``[batch, kv_heads, length, head_dim]``
-    (heads before slots, so a decode step attends without transposing the cache) and ``seg``
-    ``[batch, length]`` (0 = empty slot)."""
+    """An empty KV cache of ``length`` slots: ``k``/``v`` ``[n_layers, batch, kv_heads, length,
+    head_dim]`` (stacked over the layers; heads before slots, so a decode step attends without
+    transposing the cache) and ``seg`` ``[batch, length]`` (0 = empty slot)."""
     dtype = dtype or config.compute_dtype
-    shape = (batch, config.kv_heads, length, config.head_dim)
-    return {
-        "layers": [
-            {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
-            for _ in range(config.n_layers)
-        ],
-        "seg": jnp.zeros((batch, length), jnp.int32),
-    }
+    shape = (config.n_layers, batch, config.kv_heads, length, config.head_dim)
+    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype), "seg": jnp.zeros((batch, length), jnp.int32)}
+
+
+def stack_layers(params: Params, n_layers: int) -> Params:
+    """``params`` with ``layer_0 .. layer_{n-1}`` replaced by one ``layers`` subtree whose leaves
+    are the per-layer leaves stacked on a new leading axis ``[n_layers, ...]`` (the scanned
+    form's layout).  Already stacked params are returned as they are.  ``Transformer`` with
+    ``scan_layers=True`` accepts either form; stacking once outside a decode loop spares a copy
+    of the weights per step."""
+    if "layers" in params:
+        return params
+    names = [f"layer_{i}" for i in range(n_layers)]
+    missing = [n for n in names if n not in params]
+    if missing:
+        raise ValueError(f"stack_layers: params lack {missing[:3]} (ModelConfig.n_layers={n_layers})")
+    rest = {k: v for k, v in params.items() if k not in names}
+    return {**rest, "layers": jax.tree.map(lambda *xs: jnp.stack(xs), *[params[n] for n in names])}
+
+
+def cast_floating(tree: Any, dtype: Any) -> Any:
+    """Every floating leaf of ``tree`` cast to ``dtype`` (e.g. bf16 rollout weights)."""
+    return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
 
 
 def _keep_batch_sharded(x: Array) -> Array:
@@ -205,13 +262,57 @@ def _dense(config: ModelConfig, features: int, name: str, bias: bool) -> nn.Dens
     )
 
 
+def _attention_xla(q: Array, k: Array, v: Array, allowed: Array, config: ModelConfig) -> Array:
+    """Softmax attention with an explicit mask.  q ``[b, tq, H, d]``; k, v ``[b, kv_heads, tk, d]``;
+    ``allowed`` ``[b, tq, tk]`` bool.  Returns ``[b, tq, H·d]`` in the compute dtype.  Scores and
+    softmax are float32; a fully masked row gives the uniform average (never NaN)."""
+    c = config
+    b, t = q.shape[:2]
+    groups = c.n_heads // c.kv_heads
+    q = q.reshape(b, t, c.kv_heads, groups, c.head_dim)
+    scores = jnp.einsum("bqhgd,bhkd->bhgqk", q, k.astype(q.dtype)).astype(jnp.float32)
+    scores = scores / math.sqrt(c.head_dim)
+    scores = jnp.where(allowed[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(c.compute_dtype)
+    out = jnp.einsum("bhgqk,bhkd->bqhgd", probs, v.astype(c.compute_dtype))
+    return out.reshape(b, t, c.n_heads * c.head_dim)
+
+
+def _attention_dpa(q: Array, k: Array, v: Array, allowed: Array, config: ModelConfig, implementation: str) -> Array:
+    """``jax.nn.dot_product_attention`` (``implementation`` ``"xla"`` or ``"cudnn"``) with our mask,
+    for a forward without a cache (queries and keys are the same ``t`` columns).  Causality goes
+    in as ``is_causal`` (cuDNN skips the masked blocks); ``allowed`` (segments, padding) as the
+    mask.  A query row with no allowed key (a padding column) attends to itself instead, so no
+    row is empty: its output differs from ``_attention_xla``'s uniform average there, and such
+    columns are never read.  Shapes as in ``_attention_xla``."""
+    b, t = q.shape[:2]
+    dt = config.compute_dtype
+    eye = jnp.eye(t, dtype=bool)[None]
+    allowed = allowed | (eye & ~jnp.any(allowed, axis=-1, keepdims=True))
+    out = jax.nn.dot_product_attention(
+        q.astype(dt), k.transpose(0, 2, 1, 3).astype(dt), v.transpose(0, 2, 1, 3).astype(dt),
+        mask=allowed[:, None], is_causal=True, implementation=implementation)
+    return out.reshape(b, t, config.n_heads * config.head_dim)
+
+
+def _cudnn_applies(config: ModelConfig, cached: bool) -> bool:
+    """Whether ``attention_impl="auto"`` picks cuDNN flash attention: a GPU backend, a 16-bit
+    compute dtype, no KV cache (training and full forwards; decode and prefill stay on XLA), and
+    head_dim a multiple of 8 up to 128."""
+    return (not cached and config.dtype in ("bfloat16", "float16") and jax.default_backend() == "gpu"
+            and config.head_dim % 8 == 0 and config.head_dim <= 128)
+
+
 class Attention(nn.Module):
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, x, positions, seg, k_seg, cache, cache_index):
+    def __call__(self, x, positions, seg, k_seg, cache, cache_index, layer):
         """x ``[b, t, d]``; ``seg`` the queries' segment ids ``[b, t]``; ``k_seg`` the keys' segment ids
-        (``seg`` itself without a cache, the whole cache's ``[b, slots]`` with one)."""
+        (``seg`` itself without a cache, the whole cache's ``[b, slots]`` with one).  ``cache``:
+        ``{"k", "v"}`` stacked ``[L, b, kv_heads, slots, d]``; this layer (index ``layer``, an int
+        or a traced scalar) writes its keys/values at ``[layer, :, :, cache_index:cache_index + t]``
+        in place and attends to ``cache[layer]``."""
         c = self.config
         b, t, _ = x.shape
         bias = c.arch == "gpt2" or c.qkv_bias
@@ -225,9 +326,12 @@ class Attention(nn.Module):
         k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [b, kv_heads, t, d]
         q_slots = jnp.arange(t)
         if cache is not None:
-            k = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), cache_index, 2)
-            v = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), cache_index, 2)
-            cache = {"k": k, "v": v}
+            zero = jnp.zeros((), jnp.int32)
+            at = (jnp.asarray(layer, jnp.int32), zero, zero, jnp.asarray(cache_index, jnp.int32), zero)
+            cache = {name: jax.lax.dynamic_update_slice(cache[name], new[None].astype(cache[name].dtype), at)
+                     for name, new in (("k", k), ("v", v))}
+            k = jax.lax.dynamic_index_in_dim(cache["k"], layer, 0, keepdims=False)
+            v = jax.lax.dynamic_index_in_dim(cache["v"], layer, 0, keepdims=False)
             q_slots = q_slots + cache_index
         k_slots = jnp.arange(k.shape[2])
 
@@ -236,14 +340,12 @@ class Attention(nn.Module):
             & (k_seg[:, None, :] != 0)
             & (k_slots[None, None, :] <= q_slots[None, :, None])
         )  # [b, tq, tk]
-        groups = c.n_heads // c.kv_heads
-        q = q.reshape(b, t, c.kv_heads, groups, c.head_dim)
-        scores = jnp.einsum("bqhgd,bhkd->bhgqk", q, k.astype(q.dtype)).astype(jnp.float32)
-        scores = scores / math.sqrt(c.head_dim)
-        scores = jnp.where(allowed[:, None, None], scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(c.compute_dtype)
-        out = jnp.einsum("bhgqk,bhkd->bqhgd", probs, v.astype(c.compute_dtype))
-        out = out.reshape(b, t, c.n_heads * c.head_dim)
+        use_cudnn = cache is None and (c.attention_impl == "cudnn" or (
+            c.attention_impl == "auto" and _cudnn_applies(c, cached=False)))
+        if use_cudnn:
+            out = _attention_dpa(q, k, v, allowed, c, "cudnn")
+        else:
+            out = _attention_xla(q, k, v, allowed, c)
         return _dense(c, c.d_model, "o", c.arch == "gpt2")(out), cache
 
 
@@ -265,13 +367,40 @@ class Block(nn.Module):
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, x, positions, seg, k_seg, cache, cache_index):
+    def __call__(self, x, positions, seg, k_seg, cache, cache_index, layer):
         h, cache = Attention(self.config, name="attn")(
-            _norm(self.config, "attn_norm")(x), positions, seg, k_seg, cache, cache_index
+            _norm(self.config, "attn_norm")(x), positions, seg, k_seg, cache, cache_index, layer
         )
         x = x + h
         x = x + MLP(self.config, name="mlp")(_norm(self.config, "mlp_norm")(x))
         return x, cache
+
+
+_NO_REMAT = object()
+_REMAT_POLICY = {"none": _NO_REMAT, "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable, "full": None}
+
+
+def _scan_blocks(config: ModelConfig, params: Params, x: Array, positions: Array, seg: Array, k_seg: Array,
+                 kv: dict[str, Array] | None, cache_index: Array | int) -> tuple[Array, dict[str, Array] | None]:
+    """The blocks as one ``lax.scan`` over the layer-stacked parameters (``stack_layers``): one
+    block body is traced and compiled whatever the depth.  The stacked KV cache rides in the
+    carry and each step writes its layer's slots in place (no per-step copy of the cache as scan
+    outputs).  Remat (``config.remat_mode``) wraps the body."""
+    stacked = stack_layers(params, config.n_layers)["layers"]
+    block = Block(config, parent=None)
+
+    def body(carry, xs):
+        h, kv = carry
+        layer_params, layer = xs
+        h = _keep_batch_sharded(h)
+        h, kv = block.apply({"params": layer_params}, h, positions, seg, k_seg, kv, cache_index, layer)
+        return (h, kv), None
+
+    policy = _REMAT_POLICY[config.remat_mode]
+    if policy is not _NO_REMAT:
+        body = jax.checkpoint(body, policy=policy, prevent_cse=False)
+    (x, kv), _ = jax.lax.scan(body, (x, kv), (stacked, jnp.arange(config.n_layers, dtype=jnp.int32)))
+    return x, kv
 
 
 class Transformer(nn.Module):
@@ -293,6 +422,7 @@ class Transformer(nn.Module):
         cache: dict[str, Any] | None = None,
         cache_index: Array | int = 0,
         logits_slice: tuple[int, int] | None = None,
+        unembed: bool = True,
     ) -> Output:
         c = self.config
         # Out-of-range ids (e.g. an added pad token) would be clamped silently by the gather.
@@ -307,27 +437,29 @@ class Transformer(nn.Module):
 
         segment_ids = segment_ids.astype(jnp.int32)
         if cache is None:
-            k_seg, layer_caches = segment_ids, [None] * c.n_layers
+            k_seg, kv = segment_ids, None
         else:
             k_seg = jax.lax.dynamic_update_slice_in_dim(cache["seg"], segment_ids, cache_index, 1)
-            layer_caches = cache["layers"]
+            kv = {"k": cache["k"], "v": cache["v"]}
 
-        block_cls = nn.remat(Block) if c.remat else Block
-        new_caches = []
-        for i in range(c.n_layers):
-            x = _keep_batch_sharded(x)
-            x, layer_cache = block_cls(c, name=f"layer_{i}")(
-                x, positions, segment_ids, k_seg, layer_caches[i], cache_index
-            )
-            new_caches.append(layer_cache)
+        if c.scan_layers and not self.is_initializing():
+            x, kv = _scan_blocks(c, self.variables["params"], x, positions, segment_ids, k_seg, kv, cache_index)
+        else:  # unrolled (and always under init, which creates the stored layer_{i} parameters)
+            policy = _REMAT_POLICY[c.remat_mode]
+            block_cls = Block if policy is _NO_REMAT else nn.remat(Block, policy=policy)
+            for i in range(c.n_layers):
+                x = _keep_batch_sharded(x)
+                x, kv = block_cls(c, name=f"layer_{i}")(x, positions, segment_ids, k_seg, kv, cache_index, i)
         hidden = _norm(c, "final_norm")(x)
-        new_cache = None if cache is None else {"layers": new_caches, "seg": k_seg}
+        new_cache = None if cache is None else {**kv, "seg": k_seg}
 
         if c.head == "scalar":
             values = nn.Dense(1, dtype=jnp.float32, param_dtype=jnp.float32,
                               kernel_init=nn.initializers.normal(1.0 / math.sqrt(c.d_model + 1)),
                               name="score_head")(hidden.astype(jnp.float32))[..., 0]
             return Output(logits=None, hidden=hidden, values=values, cache=new_cache)
+        if not unembed:  # the caller unembeds (``unembed_fn``), e.g. in chunks
+            return Output(logits=None, hidden=hidden, cache=new_cache)
         # Unembed only the columns asked for: slicing the [b, t, V] logits afterwards would not
         # spare the matmul (nor, under grad, the full-size logits gradient).
         to_unembed = hidden if logits_slice is None else hidden[:, logits_slice[0]:logits_slice[1]]
@@ -338,6 +470,20 @@ class Transformer(nn.Module):
                               param_dtype=jnp.float32, kernel_init=nn.initializers.normal(0.02),
                               name="lm_head")(to_unembed)
         return Output(logits=logits.astype(jnp.float32), hidden=hidden, cache=new_cache)
+
+
+def unembed_fn(config: ModelConfig, params: Params):
+    """``hidden [..., d] -> float32 logits [..., V]``: the LM head of ``Transformer`` as a function
+    of ``params`` (tied: ``hidden·Eᵀ`` in float32, as ``nn.Embed.attend``; untied: the
+    ``lm_head`` kernel in the compute dtype, as ``nn.Dense``), for callers that unembed a few
+    columns at a time (``losses.chunked_logprobs``)."""
+    if config.head != "lm":
+        raise ValueError(f"unembed_fn: needs ModelConfig.head='lm' (got {config.head!r})")
+    if config.tie_embeddings:
+        embedding = params["embed"]["embedding"]
+        return lambda h: jnp.dot(h.astype(jnp.float32), embedding.T).astype(jnp.float32)
+    kernel, dt = params["lm_head"]["kernel"], config.compute_dtype
+    return lambda h: jnp.dot(h.astype(dt), kernel.astype(dt)).astype(jnp.float32)
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -358,16 +504,18 @@ def forward(
     positions: Array | None = None,
     segment_ids: Array | None = None,
     logits_slice: tuple[int, int] | None = None,
+    unembed: bool = True,
 ) -> Output:
     """Full forward pass.  ``tokens``, ``mask`` ``[batch, time]``; positions default to
     ``cumsum(mask) - 1`` so left padding is exact; ``segment_ids`` (packing) default to ``mask``.
     ``logits_slice=(start, stop)`` (static ints, Python slice semantics) unembeds only the columns
-    ``hidden[:, start:stop]``, so ``logits`` holds those columns only."""
+    ``hidden[:, start:stop]``, so ``logits`` holds those columns only; ``unembed=False`` skips the
+    unembedding (``logits`` is None; see ``unembed_fn``)."""
     if positions is None:
         positions = positions_from_mask(mask)
     if segment_ids is None:
         segment_ids = mask
-    return model.apply({"params": params}, tokens, positions, segment_ids, logits_slice=logits_slice)
+    return model.apply({"params": params}, tokens, positions, segment_ids, logits_slice=logits_slice, unembed=unembed)
 
 
 def decode_step(

@@ -28,11 +28,12 @@ import jax
 import jax.numpy as jnp
 
 from rlhf_jax.advantages import gae, last_index, per_token_rewards, whiten
-from rlhf_jax.generation import GenerateConfig, Rollout, _generate_impl, score, sequence_logprobs, sequence_values
+from rlhf_jax.generation import (GenerateConfig, Rollout, _generate_impl, next_token_nll, score, sequence_logprobs,
+                                 sequence_values)
 from rlhf_jax.kl_control import KLControllerConfig, KLState, init_kl_state, update_kl
-from rlhf_jax.losses import explained_variance, ppo_policy_loss, ptx_loss, value_loss
+from rlhf_jax.losses import explained_variance, ppo_policy_loss, value_loss
 from rlhf_jax.masked import masked_mean
-from rlhf_jax.model import Params, Transformer, forward
+from rlhf_jax.model import Params, Transformer, cast_floating
 from rlhf_jax.train.state import TrainState
 
 Array = jax.Array
@@ -66,6 +67,9 @@ class PPOConfig:
     missing_eos_penalty: float | None = None  # Z19 / N+: −1 on responses that never stop
     stop_token_id: int | None = None  # truncate responses after this token (besides EOS)
     score_position: Literal["last", "after_last"] = "last"  # S20/N+: the EOS; TRL: one after
+    # Decode from a copy of the policy weights cast to the compute dtype (made once per iteration
+    # inside the compiled program) when that dtype is not float32: half the bytes per decode step.
+    cast_rollout_weights: bool = True
 
     def __post_init__(self) -> None:
         def bad(field: str, why: str) -> None:
@@ -86,6 +90,8 @@ class PPOConfig:
             bad("gamma", "must be in [0, 1]")
         if not 0 <= self.lam <= 1:
             bad("lam", "must be in [0, 1]")
+        if not isinstance(self.cast_rollout_weights, bool):
+            bad("cast_rollout_weights", "must be a bool")
         for f in ("epochs", "num_minibatches"):
             if not isinstance(getattr(self, f), int) or getattr(self, f) < 1:
                 bad(f, "must be an int >= 1")
@@ -206,10 +212,22 @@ def truncate_at(rollout: Rollout, stop_token_id: int, pad_id: int) -> Rollout:
     )
 
 
+def rollout_params(models: PPOModels, cfg: PPOConfig, params: Params) -> Params:
+    """The weights the rollout decodes from: ``params`` cast to the policy's compute dtype when
+    ``cfg.cast_rollout_weights`` and that dtype is not float32 (the matmuls run in it anyway, so
+    only the norm scales and a tied unembedding are rounded differently), else ``params``."""
+    dtype = models.policy.config.compute_dtype
+    if not cfg.cast_rollout_weights or dtype == jnp.float32:
+        return params
+    return cast_floating(params, dtype)
+
+
 def rollout_phase(models: PPOModels, cfg: PPOConfig, state: PPOState, prompt_ids: Array,
                   prompt_mask: Array, key: Array) -> Rollout:
-    """Sample responses from the current policy (stop-token truncation applied)."""
-    rollout = _generate_impl(models.policy, state.policy.params, prompt_ids, prompt_mask, key, cfg.generation)
+    """Sample responses from the current policy (stop-token truncation applied), decoding from
+    ``rollout_params`` (a compute-dtype copy made once per call)."""
+    params = rollout_params(models, cfg, state.policy.params)
+    rollout = _generate_impl(models.policy, params, prompt_ids, prompt_mask, key, cfg.generation)
     if cfg.stop_token_id is not None:
         rollout = truncate_at(rollout, cfg.stop_token_id, cfg.generation.pad_id)
     return rollout
@@ -271,7 +289,7 @@ def update_phase(models: PPOModels, cfg: PPOConfig, state: PPOState, exp: Experi
         loss = pg - cfg.ent_coef * ent
         stats = dict(stats, pg_loss=pg, entropy=ent)
         if use_ptx:
-            lm = ptx_loss(forward(models.policy, params, ptx_toks, ptx_m).logits, ptx_toks, ptx_m)
+            lm = next_token_nll(models.policy, params, ptx_toks, ptx_m, ptx_m)  # = ptx_loss
             loss = loss + cfg.ptx_coef * lm
             stats["ptx_loss"] = lm
         return loss, stats

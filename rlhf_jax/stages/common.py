@@ -64,11 +64,17 @@ class ModelSource:
       the compute dtype.
 
     ``dtype`` is the compute dtype (``ModelConfig.dtype``); parameters are always float32.
+    ``scan_layers``, ``remat_policy``, ``attention_impl`` and ``logits_chunk`` set the
+    ``ModelConfig`` execution switches of the same names (see there; the weights do not change).
     """
 
     hf_dir: str | None = None
     init: ModelConfig | None = None
     dtype: str = "float32"
+    scan_layers: bool = False
+    remat_policy: str = "none"
+    attention_impl: str = "xla"
+    logits_chunk: int = 0
 
     def __post_init__(self) -> None:
         if (self.hf_dir is None) == (self.init is None):
@@ -94,8 +100,17 @@ class ModelSource:
 def model_config(source: ModelSource, head: str = "lm", score_pooling: str | None = None) -> ModelConfig:
     """The ``ModelConfig`` that ``load_model(source, head, score_pooling=)`` builds, without
     reading weights."""
-    config = _source_config(source, head)
+    config = _execution(source, _source_config(source, head))
     return config if score_pooling is None else config.replace(score_pooling=score_pooling)
+
+
+def _execution(source: ModelSource, config: ModelConfig) -> ModelConfig:
+    """``config`` with ``source``'s execution switches (a bad value is a ConfigError naming it)."""
+    try:
+        return config.replace(scan_layers=source.scan_layers, remat_policy=source.remat_policy,
+                              attention_impl=source.attention_impl, logits_chunk=source.logits_chunk)
+    except ValueError as e:
+        raise ConfigError(f"ModelSource: {e}") from e
 
 
 def _source_config(source: ModelSource, head: str) -> ModelConfig:
@@ -132,6 +147,7 @@ def load_model(
         model = Transformer(model_config(source, head, score_pooling))
         return model, _init_params(model, key)
     model, params = hf.load_pretrained(source.hf_dir, dtype=source.dtype, head=head, key=key)
+    model = Transformer(_execution(source, model.config))
     if score_pooling is not None:
         model = Transformer(model.config.replace(score_pooling=score_pooling))
     return model, params

@@ -33,8 +33,8 @@ from rlhf_jax.data import (
     tokenize_demonstrations,
     tokenize_prompts,
 )
-from rlhf_jax.generation import GenerateConfig, generate
-from rlhf_jax.losses import sft_loss, token_logprobs
+from rlhf_jax.generation import GenerateConfig, generate, next_token_nll
+from rlhf_jax.losses import token_logprobs
 from rlhf_jax.model import Params, Transformer, forward
 from rlhf_jax.sharding import make_mesh
 from rlhf_jax.stages.common import (
@@ -124,9 +124,8 @@ def sft_batch_loss(model: Transformer, params: Params, batch: dict[str, jax.Arra
     (``loss_mask`` marks targets, ``data.batching`` conventions), plus ``positions`` and
     ``segment_ids`` ``[b, T]`` for packed rows.  A scalar: the mean next-token NLL over all
     targets of the batch."""
-    logits = forward(model, params, batch["tokens"], batch["mask"],
-                     positions=batch.get("positions"), segment_ids=batch.get("segment_ids")).logits
-    return sft_loss(logits, batch["tokens"], batch["loss_mask"])
+    return next_token_nll(model, params, batch["tokens"], batch["mask"], batch["loss_mask"],
+                          positions=batch.get("positions"), segment_ids=batch.get("segment_ids"))
 
 
 @functools.lru_cache(maxsize=None)
