@@ -1,5 +1,6 @@
-"""The GRPO family of clipped policy losses: GRPO, BNPO, Dr. GRPO, DAPO and GSPO, plus RLOO's
-sequence-level ratio, as one pure function.
+"""The GRPO family of clipped policy losses (GRPO, BNPO, Dr. GRPO, DAPO, GSPO, and RLOO's
+sequence-level ratio) as one pure function, and a whole GRPO or RLOO iteration as one compiled
+program.
 
 All of them share the clipped surrogate of PPO with a per-*response* advantage (no value model):
 
@@ -15,14 +16,25 @@ running that code (``tests/golden/make_trl116_golden.py``).
 
 from __future__ import annotations
 
-from typing import Literal
+import dataclasses
+from typing import Any, Literal, NamedTuple
 
 import chex
+import flax.struct
 import jax
 import jax.numpy as jnp
 
-from rlhf_jax.advantages import kl_penalty
+from rlhf_jax.advantages import kl_penalty, last_index
+from rlhf_jax.ema import ema_update
+from rlhf_jax.generation import GenerateConfig, generate, score, sequence_logprobs
+from rlhf_jax.group_advantages import GROUP_SCALES, GroupScale, group_advantages, rloo_advantages
+from rlhf_jax.losses import ptx_loss
 from rlhf_jax.masked import masked_mean
+from rlhf_jax.model import Params, Transformer, forward
+from rlhf_jax.ppo import RewardFn, truncate_at
+from rlhf_jax.train.state import TrainState
+
+Array = jax.Array
 
 LossType = Literal["grpo", "bnpo", "dr_grpo", "dapo"]
 ImportanceLevel = Literal["token", "sequence", "sequence_sum"]
@@ -160,3 +172,253 @@ def grpo_loss(
         "ratio_mean": mean(ratio),
     }
     return loss, jax.lax.stop_gradient(stats)
+
+
+# ---------------------------------------------------------------------------------------------
+# One GRPO / RLOO iteration as one compiled program (the PPO core's pattern, without a value model):
+#
+#   rollout    = generate(policy, each prompt repeated G times)
+#   experience = reference log-probs, rewards, group (GRPO) or leave-one-out (RLOO) advantages
+#   for epoch in epochs:  for minibatch in permutation(batch):   # one lax.scan
+#       policy ← optimiser(∇[grpo_loss + γ·ptx_loss])
+#   ema ← ema_update(ema, policy)                                # when ema_decay is set
+
+
+@dataclasses.dataclass(frozen=True)
+class GRPOConfig:
+    """GRPO / RLOO hyper-parameters. Defaults are TRL 1.16.0's ``GRPOConfig`` unless marked;
+    ``GRPO_PRESETS`` holds the published variants.
+
+    ``algorithm="grpo"``: group advantages (``scale``), β·k3 KL in the loss (DeepSeekMath).
+    ``algorithm="rloo"``: leave-one-out advantages of ``score − β·Σ_t k1`` (the KL in the reward,
+    Ahmadian et al. 2024; TRL's ``RLOOTrainer``), so ``grpo_loss`` runs with β = 0.
+    """
+
+    generation: GenerateConfig = GenerateConfig(max_new_tokens=32)
+    algorithm: Literal["grpo", "rloo"] = "grpo"
+    group_size: int = 8  # G; TRL num_generations 8 (DeepSeekMath: 64)
+    scale: GroupScale = "group"  # GRPO only; "none" = Dr. GRPO
+    normalize_advantages: bool = False  # RLOO only (TRL RLOOConfig)
+    loss_type: LossType = "dapo"  # TRL 1.16.0's default
+    importance_level: ImportanceLevel = "token"
+    clip_low: float = 0.2  # TRL epsilon
+    clip_high: float = 0.2  # TRL epsilon_high (defaults to epsilon); DAPO: 0.28
+    beta: float = 0.0  # TRL GRPO 0.0 (DeepSeekMath 0.04); TRL RLOO 0.05
+    ptx_coef: float = 0.0  # γ of InstructGPT's ptx term (per-token mean, as in PPOConfig)
+    epochs: int = 1  # TRL num_iterations
+    num_minibatches: int = 1  # TRL steps_per_generation / gradient_accumulation_steps
+    ema_decay: float | None = None  # InstructGPT App. C.4: 0.992
+    missing_eos_penalty: float | None = None
+    stop_token_id: int | None = None
+
+    def __post_init__(self) -> None:
+        def bad(field: str, why: str) -> None:
+            raise ValueError(f"GRPOConfig.{field}: {why} (got {getattr(self, field)!r})")
+
+        if self.algorithm not in ("grpo", "rloo"):
+            bad("algorithm", "must be 'grpo' or 'rloo'")
+        if self.scale not in GROUP_SCALES:
+            bad("scale", f"must be one of {GROUP_SCALES}")
+        if self.loss_type not in LOSS_TYPES:
+            bad("loss_type", f"must be one of {LOSS_TYPES}")
+        if self.importance_level not in IMPORTANCE_LEVELS:
+            bad("importance_level", f"must be one of {IMPORTANCE_LEVELS}")
+        for f in ("group_size", "epochs", "num_minibatches"):
+            if not isinstance(getattr(self, f), int) or getattr(self, f) < 1:
+                bad(f, "must be an int >= 1")
+        if self.group_size < 2:
+            bad("group_size", "must be >= 2 (one sample per prompt has no group baseline)")
+        for f in ("clip_low", "clip_high"):
+            if not 0 < getattr(self, f) < 1:
+                bad(f, "must be in (0, 1)")
+        for f in ("beta", "ptx_coef"):
+            if not getattr(self, f) >= 0:
+                bad(f, "must be >= 0")
+        if self.ema_decay is not None and not 0 <= self.ema_decay <= 1:
+            bad("ema_decay", "must be None or in [0, 1]")
+
+
+GRPO_PRESETS: dict[str, dict[str, Any]] = {
+    # DeepSeekMath (Shao et al. 2024): per-response token mean, β = 0.04, std-scaled advantages.
+    "grpo": {"loss_type": "grpo", "beta": 0.04},
+    # Dr. GRPO (Liu et al. 2025): no std scaling, constant normaliser, no KL.
+    "dr_grpo": {"loss_type": "dr_grpo", "scale": "none", "beta": 0.0},
+    # DAPO (Yu et al. 2025): clip-higher 0.28, token-level loss, no KL.
+    "dapo": {"loss_type": "dapo", "clip_high": 0.28, "beta": 0.0},
+    # GSPO (Zheng et al. 2025): sequence-level ratio with its narrow clip range (3e-4, 4e-4).
+    "gspo": {"loss_type": "grpo", "importance_level": "sequence", "clip_low": 3e-4, "clip_high": 4e-4},
+    # RLOO as in TRL 1.16.0's RLOOTrainer: k1 KL in the reward (β 0.05), sequence-sum ratio.
+    "rloo": {"algorithm": "rloo", "loss_type": "grpo", "importance_level": "sequence_sum", "beta": 0.05},
+}
+
+
+class GRPOModels(NamedTuple):
+    """The static model definitions: an LM-head policy (also the reference) and the reward, a
+    scalar-head ``Transformer`` or any pure ``reward(reward_params, tokens [b, T], mask [b, T],
+    index [b]) -> [b]`` (a verifiable reward; hashable, e.g. a module-level function)."""
+
+    policy: Transformer
+    reward: Transformer | RewardFn
+
+
+@flax.struct.dataclass
+class GRPOState:
+    """Everything an iteration reads and writes. ``ref_params`` and ``reward_params`` are frozen;
+    ``ema_params`` is the policy's EMA (``None`` unless ``GRPOConfig.ema_decay`` is set)."""
+
+    policy: TrainState
+    ref_params: Params
+    reward_params: Params
+    reward_gain: Array
+    reward_bias: Array
+    ema_params: Params | None
+    rng: Array
+    iteration: Array
+
+
+@flax.struct.dataclass
+class GroupExperience:
+    """A scored group rollout, ``[B, N]`` per token unless noted, ``B = n_prompts · G``."""
+
+    tokens: Array  # [B, P + N]
+    mask: Array  # [B, P + N]
+    response_mask: Array
+    old_logprobs: Array
+    ref_logprobs: Array
+    advantages: Array  # [B]
+    scores: Array  # [B] reward (normalised RM score or reward function, after the no-EOS penalty)
+    ended: Array  # [B]
+
+
+def init_grpo_state(cfg: GRPOConfig, policy_params: Params, reward_params: Params, policy_tx: Any, rng: Array,
+                    *, ref_params: Params | None = None, reward_gain: float = 1.0,
+                    reward_bias: float = 0.0) -> GRPOState:
+    """A fresh state: policy, reference and EMA all start from ``policy_params`` (unless
+    ``ref_params`` is given); every field is its own copy (the iteration donates its state)."""
+    copy = lambda tree: jax.tree_util.tree_map(jnp.array, tree)  # noqa: E731
+    return GRPOState(
+        policy=TrainState.create(copy(policy_params), policy_tx, jax.random.fold_in(rng, 1)),
+        ref_params=copy(policy_params if ref_params is None else ref_params),
+        reward_params=copy(reward_params),
+        reward_gain=jnp.asarray(reward_gain, jnp.float32),
+        reward_bias=jnp.asarray(reward_bias, jnp.float32),
+        ema_params=None if cfg.ema_decay is None else copy(policy_params),
+        rng=rng,
+        iteration=jnp.zeros((), jnp.int32),
+    )
+
+
+def group_experience(models: GRPOModels, cfg: GRPOConfig, state: GRPOState, prompt_ids: Array,
+                     prompt_mask: Array, key: Array) -> GroupExperience:
+    """Sample G responses per prompt from the current policy, score them, and compute the
+    advantages. ``prompt_ids``/``prompt_mask``: ``[n_prompts, P]``, left-padded."""
+    ids = jnp.repeat(prompt_ids, cfg.group_size, axis=0)
+    pmask = jnp.repeat(prompt_mask, cfg.group_size, axis=0)
+    rollout = generate(models.policy, state.policy.params, ids, pmask, key, cfg.generation)
+    if cfg.stop_token_id is not None:
+        rollout = truncate_at(rollout, cfg.stop_token_id, cfg.generation.pad_id)
+    p, mask, rmask = rollout.response_start, rollout.mask, rollout.response_mask
+    ref_logprobs, _ = sequence_logprobs(models.policy, state.ref_params, rollout.tokens, mask, p,
+                                        temperature=cfg.generation.logprob_temperature)
+    index = last_index(mask)
+    if isinstance(models.reward, Transformer):
+        raw = score(models.reward, state.reward_params, rollout.tokens, mask, index=index)
+    else:
+        raw = models.reward(state.reward_params, rollout.tokens, mask, index)
+    scores = state.reward_gain * raw + state.reward_bias
+    if cfg.missing_eos_penalty is not None:
+        scores = jnp.where(rollout.ended, scores, scores - cfg.missing_eos_penalty)
+    if cfg.algorithm == "grpo":
+        advantages = group_advantages(scores, cfg.group_size, scale=cfg.scale)
+    else:
+        kl = jnp.sum(jnp.where(rmask != 0, kl_penalty(rollout.logprobs, ref_logprobs, "k1"), 0), axis=1)
+        advantages = rloo_advantages(scores - cfg.beta * kl, cfg.group_size, normalize=cfg.normalize_advantages)
+    return GroupExperience(tokens=rollout.tokens, mask=mask, response_mask=rmask, old_logprobs=rollout.logprobs,
+                           ref_logprobs=ref_logprobs, advantages=advantages, scores=scores, ended=rollout.ended)
+
+
+def group_update(models: GRPOModels, cfg: GRPOConfig, state: GRPOState, exp: GroupExperience,
+                 ptx_tokens: Array | None, ptx_mask: Array | None, key: Array) -> tuple[GRPOState, dict[str, Array]]:
+    """``epochs × num_minibatches`` policy updates on ``grpo_loss`` (+ γ·ptx), one ``lax.scan``;
+    then the EMA step. Minibatches are drawn over responses, as TRL shuffles them.
+
+    ``"dapo"`` divides each minibatch's token sum by the *average* minibatch token count of the
+    whole rollout (TRL's ``num_items_in_batch`` over ``steps_per_generation``).
+    ``ptx_tokens``/``ptx_mask``: ``[epochs · num_minibatches, ptx_batch, L]`` or ``None``.
+    """
+    b, n = exp.response_mask.shape
+    n_mb = cfg.num_minibatches
+    if b % n_mb:
+        raise ValueError(f"GRPO: rollout batch {b} is not divisible by GRPOConfig.num_minibatches={n_mb}")
+    p = exp.tokens.shape[1] - n
+    perms = jnp.stack([jax.random.permutation(k, b) for k in jax.random.split(key, cfg.epochs)])
+    indices = perms.reshape(cfg.epochs * n_mb, b // n_mb)
+    use_ptx = ptx_tokens is not None and cfg.ptx_coef > 0
+    xs = (indices, ptx_tokens, ptx_mask) if use_ptx else (indices, None, None)
+    num_items = jnp.sum(exp.response_mask != 0) / n_mb
+    beta = cfg.beta if cfg.algorithm == "grpo" else 0.0
+
+    def loss_fn(params, mb: GroupExperience, ptx_toks, ptx_m):
+        logprobs, entropy = sequence_logprobs(models.policy, params, mb.tokens, mb.mask, p,
+                                              temperature=cfg.generation.logprob_temperature)
+        pg, stats = grpo_loss(logprobs, mb.old_logprobs, mb.ref_logprobs, mb.advantages, mb.response_mask,
+                              clip_low=cfg.clip_low, clip_high=cfg.clip_high, beta=beta, loss_type=cfg.loss_type,
+                              importance_level=cfg.importance_level, max_len=n, num_items=num_items)
+        stats = dict(stats, pg_loss=pg, entropy=masked_mean(entropy, mb.response_mask))
+        loss = pg
+        if use_ptx:
+            lm = ptx_loss(forward(models.policy, params, ptx_toks, ptx_m).logits, ptx_toks, ptx_m)
+            loss = loss + cfg.ptx_coef * lm
+            stats["ptx_loss"] = lm
+        return loss, stats
+
+    def step(policy: TrainState, x):
+        idx, ptx_toks, ptx_m = x
+        mb = jax.tree_util.tree_map(lambda a: a[idx], exp)
+        (_, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(policy.params, mb, ptx_toks, ptx_m)
+        return policy.apply_gradients(grads), stats
+
+    policy, stats = jax.lax.scan(step, state.policy, xs)
+    ema = None if cfg.ema_decay is None else ema_update(state.ema_params, policy.params, cfg.ema_decay)
+    return state.replace(policy=policy, ema_params=ema), jax.tree_util.tree_map(jnp.mean, stats)
+
+
+def grpo_iteration(models: GRPOModels, cfg: GRPOConfig, state: GRPOState, prompt_ids: Array, prompt_mask: Array,
+                   ptx_tokens: Array | None = None,
+                   ptx_mask: Array | None = None) -> tuple[GRPOState, dict[str, Array]]:
+    """One whole GRPO or RLOO iteration (group rollout → advantages → updates → EMA).
+
+    Args:
+      models, cfg: static.
+      state: the ``GRPOState``.
+      prompt_ids, prompt_mask: ``[n_prompts, P]`` left-padded; each prompt is sampled G times.
+      ptx_tokens, ptx_mask: ``[epochs · num_minibatches, ptx_batch, L]`` or ``None``.
+
+    Returns:
+      ``(new_state, metrics)``: ``score`` (mean reward), ``kl`` (mean over responses of the summed
+      k1 KL to the reference, as PPO's), ``response_length``, ``eos_rate``, ``frac_zero_std``
+      (groups whose rewards are all equal: no learning signal), and the update's means of
+      ``grpo_loss``'s stats, ``pg_loss``, ``entropy`` (and ``ptx_loss``).
+    """
+    rng, k_roll, k_perm = jax.random.split(state.rng, 3)
+    exp = group_experience(models, cfg, state, prompt_ids, prompt_mask, k_roll)
+    new_state, stats = group_update(models, cfg, state, exp, ptx_tokens, ptx_mask, k_perm)
+    m = exp.response_mask != 0
+    grouped = exp.scores.reshape(-1, cfg.group_size)
+    metrics = {
+        "score": exp.scores.mean(),
+        "kl": jnp.sum(jnp.where(m, kl_penalty(exp.old_logprobs, exp.ref_logprobs, "k1"), 0), axis=1).mean(),
+        "response_length": m.sum(axis=1).astype(jnp.float32).mean(),
+        "eos_rate": exp.ended.astype(jnp.float32).mean(),
+        "frac_zero_std": jnp.mean(jnp.all(grouped == grouped[:, :1], axis=1).astype(jnp.float32)),
+        **stats,
+    }
+    return new_state.replace(rng=rng, iteration=state.iteration + 1), metrics
+
+
+def make_grpo_iteration(models: GRPOModels, cfg: GRPOConfig):
+    """``jax.jit``-compiled ``grpo_iteration`` closed over the static models and config; the state
+    argument is donated."""
+    return jax.jit(lambda state, prompt_ids, prompt_mask, ptx_tokens=None, ptx_mask=None:
+                   grpo_iteration(models, cfg, state, prompt_ids, prompt_mask, ptx_tokens, ptx_mask),
+                   donate_argnums=(0,))

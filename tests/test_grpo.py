@@ -1,16 +1,30 @@
 """GRPO-family losses and group advantages: parity with TRL 1.16.0 (golden numbers made by running
 TRL's own trainer code, ``tests/golden/make_trl116_golden.py``) and independent checks."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from golden import trl116, x64  # noqa: F401  (x64 is a fixture)
 
 from rlhf_jax.advantages import kl_penalty
+from rlhf_jax.ema import ema_update
+from rlhf_jax.generation import GenerateConfig
 from rlhf_jax.group_advantages import group_advantages, rloo_advantages
-from rlhf_jax.grpo import grpo_loss
+from rlhf_jax.grpo import (
+    GRPO_PRESETS,
+    GRPOConfig,
+    GRPOModels,
+    group_experience,
+    grpo_loss,
+    init_grpo_state,
+    make_grpo_iteration,
+)
 from rlhf_jax.losses import ppo_policy_loss
+from rlhf_jax.model import ModelConfig, Transformer, init_params
 
 TOL = 1e-6
 GRPO = trl116()["grpo"]
@@ -145,3 +159,78 @@ def test_bad_arguments_are_named():
         group_advantages(jnp.zeros(12), 5)
     with pytest.raises(ValueError, match="scale"):
         group_advantages(jnp.zeros(12), 4, scale="prompt")
+
+
+# ------------------------------------------------------------------ the compiled iteration
+
+VOCAB, TARGET, PAD = 16, 3, 0
+TINY = ModelConfig(arch="gpt2", vocab_size=VOCAB, d_model=32, n_layers=1, n_heads=2, max_len=16)
+
+
+def target_reward(params, tokens, mask, index):
+    """Fraction of real tokens equal to TARGET (prompts never contain it): a verifiable reward."""
+    return ((tokens == TARGET) & (mask != 0)).sum(axis=1).astype(jnp.float32) / 8.0
+
+
+def _grpo_setup(preset: str, **overrides):
+    cfg = GRPOConfig(**{"generation": GenerateConfig(max_new_tokens=8, pad_id=PAD), "group_size": 4,
+                        **GRPO_PRESETS[preset], **overrides})
+    models = GRPOModels(Transformer(TINY), target_reward)
+    params = init_params(models.policy, jax.random.PRNGKey(0))
+    return cfg, models, init_grpo_state(cfg, params, None, optax.adam(3e-3), jax.random.PRNGKey(1))
+
+
+def _prompt_batch(rng, n=8):
+    ids = jnp.asarray(rng.integers(4, VOCAB, size=(n, 4)), jnp.int32)
+    return ids, jnp.ones_like(ids)
+
+
+@pytest.mark.parametrize("preset", ["dapo", "rloo"])
+def test_group_experience(preset):
+    cfg, models, state = _grpo_setup(preset)
+    ids, mask = _prompt_batch(np.random.default_rng(0), n=2)
+    exp = group_experience(models, cfg, state, ids, mask, jax.random.PRNGKey(2))
+    # each prompt is sampled G = 4 times, in consecutive rows
+    np.testing.assert_array_equal(exp.tokens[:, :4], np.repeat(np.asarray(ids), 4, axis=0))
+    scores = np.asarray(target_reward(None, exp.tokens, exp.mask, None))
+    np.testing.assert_allclose(exp.scores, scores)
+    if cfg.algorithm == "grpo":
+        want = group_advantages(jnp.asarray(scores), 4)
+    else:  # the k1 KL folded into the reward before the leave-one-out baseline
+        kl = np.where(exp.response_mask, exp.old_logprobs - exp.ref_logprobs, 0).sum(1)
+        want = rloo_advantages(jnp.asarray(scores - cfg.beta * kl), 4)
+    np.testing.assert_allclose(exp.advantages, want, atol=1e-6)
+
+
+def test_iteration_updates_policy_and_ema():
+    cfg, models, state = _grpo_setup("dapo", num_minibatches=2, ema_decay=0.9)
+    ids, mask = _prompt_batch(np.random.default_rng(0), n=2)
+    before = jax.tree_util.tree_map(np.asarray, state)
+    new, metrics = make_grpo_iteration(models, cfg)(state, ids, mask)
+    assert all(np.isfinite(float(v)) for v in metrics.values()), metrics
+    assert int(new.policy.step) == 2 and int(new.iteration) == 1
+    want_ema = ema_update(before.ema_params, new.policy.params, 0.9)
+    for got, ref in zip(jax.tree_util.tree_leaves(new.ema_params), jax.tree_util.tree_leaves(want_ema)):
+        np.testing.assert_allclose(got, ref, rtol=1e-6, atol=1e-7)
+
+
+def test_grpo_config_rejects_bad_values():
+    with pytest.raises(ValueError, match="GRPOConfig.group_size"):
+        GRPOConfig(group_size=1)
+    with pytest.raises(ValueError, match="GRPOConfig.loss_type"):
+        GRPOConfig(loss_type="ppo")
+    with pytest.raises(ValueError, match="GRPOConfig.ema_decay"):
+        dataclasses.replace(GRPOConfig(), ema_decay=1.5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset", ["dapo", "rloo"])
+def test_grpo_and_rloo_raise_a_verifiable_reward(preset):
+    cfg, models, state = _grpo_setup(preset)
+    step = make_grpo_iteration(models, cfg)
+    rng = np.random.default_rng(0)
+    scores = []
+    for _ in range(30):
+        state, metrics = step(state, *_prompt_batch(rng))
+        scores.append(float(metrics["score"]))
+    assert np.mean(scores[-5:]) > np.mean(scores[:3]) + 0.3, scores
