@@ -2,9 +2,9 @@
 
 The pure core is importable from here: the model (``forward``, ``init_params``), generation
 (``generate``, ``score``, ``sequence_logprobs``), the losses and advantages, the KL controller,
-the PPO-ptx iteration, the GRPO/RLOO/DPO losses and the policy EMA. Stages live in
-``rlhf_jax.stages``, the built-in synthetic world in ``rlhf_jax.tasks``, the end-to-end driver in
-``rlhf_jax.pipeline``.
+the PPO-ptx iteration, the GRPO/RLOO/DPO losses, the GRPO/RLOO iteration and the policy EMA.
+Stages live in ``rlhf_jax.stages``, the built-in synthetic world in ``rlhf_jax.tasks``, the
+end-to-end driver in ``rlhf_jax.pipeline``.
 """
 
 from rlhf_jax.advantages import KL_ESTIMATORS, gae, kl_penalty, last_index, per_token_rewards, whiten
@@ -21,7 +21,16 @@ from rlhf_jax.generation import (
 )
 from rlhf_jax.gguf import load_gguf
 from rlhf_jax.group_advantages import group_advantages, rloo_advantages
-from rlhf_jax.grpo import grpo_loss
+from rlhf_jax.grpo import (
+    GRPO_PRESETS,
+    GRPOConfig,
+    GRPOModels,
+    GRPOState,
+    grpo_iteration,
+    grpo_loss,
+    init_grpo_state,
+    make_grpo_iteration,
+)
 from rlhf_jax.hf import load_pretrained, save_pretrained
 from rlhf_jax.kl_control import KLControllerConfig, KLState, init_kl_state, update_kl
 from rlhf_jax.llama2c import load_llama2c
