@@ -16,6 +16,9 @@ from typing import Literal
 import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+from rlhf_jax.masked import masked_mean
 
 DPOLossType = Literal["sigmoid", "ipo", "hinge", "robust"]
 DPO_LOSS_TYPES: tuple[str, ...] = ("sigmoid", "ipo", "hinge", "robust")
@@ -32,8 +35,9 @@ def dpo_loss(
     label_smoothing: float = 0.0,
     chosen_lengths: jax.Array | None = None,
     rejected_lengths: jax.Array | None = None,
+    mask: jax.Array | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Preference loss of a batch of pairs, the mean over pairs of one of (``loss_type``, static):
+    """Preference loss of a batch of pairs, the mean over (unmasked) pairs of one of (``loss_type``, static):
 
     * ``"sigmoid"``: ``−log σ(β·h)`` (DPO, Rafailov et al. 2023, eq. 7). With
       ``label_smoothing = ε > 0`` it is conservative DPO, ``−(1 − ε)·log σ(β·h) − ε·log σ(−β·h)``
@@ -57,6 +61,8 @@ def dpo_loss(
       loss_type: see above.
       label_smoothing: ε, the assumed label-noise rate (``"sigmoid"`` and ``"robust"`` only).
       chosen_lengths, rejected_lengths: ``[B]`` response token counts (``"ipo"`` only), or ``None``.
+      mask: optional ``[B]``; 0 drops a pair (padding, e.g. from ``ranked_pairs``) from the loss and
+        the stats, even if its log-probs are not finite. With no pair left the loss is 0.
 
     Returns:
       ``(loss, stats)``; stats (no gradient, TRL's metric names): ``rewards_chosen`` and
@@ -76,17 +82,24 @@ def dpo_loss(
     chex.assert_rank(chosen_logps, 1, custom_message="dpo_loss: `chosen_logps` must be [B]")
     chex.assert_equal_shape(logps, custom_message="dpo_loss: the four log-prob arrays must share one shape [B]")
     dtype = jnp.promote_types(jnp.result_type(*logps), jnp.float32)
-    chosen = (chosen_logps - ref_chosen_logps).astype(dtype)
-    rejected = (rejected_logps - ref_rejected_logps).astype(dtype)
+    if mask is None:
+        keep = jnp.ones(chosen_logps.shape, dtype)
+    else:
+        chex.assert_equal_shape([chosen_logps, mask], custom_message="dpo_loss: `mask` must be [B] like the log-probs")
+        keep = (jnp.asarray(mask) != 0).astype(dtype)
+    # log π_θ − log π_ref of each response, 0 for a dropped pair (so no NaN reaches a gradient)
+    chosen = jnp.where(keep != 0, chosen_logps - ref_chosen_logps, 0).astype(dtype)
+    rejected = jnp.where(keep != 0, rejected_logps - ref_rejected_logps, 0).astype(dtype)
     eps = label_smoothing
 
     if loss_type == "ipo":
-        if chosen_lengths is not None:
+        if chosen_lengths is None:
+            h = chosen - rejected
+        else:
             chex.assert_equal_shape([chosen_logps, chosen_lengths, rejected_lengths],
                                     custom_message="dpo_loss: the lengths must be [B] like the log-probs")
-            chosen = chosen / jnp.maximum(chosen_lengths, 1)
-            rejected = rejected / jnp.maximum(rejected_lengths, 1)
-        per_pair = jnp.square(chosen - rejected - 1 / (2 * beta))
+            h = chosen / jnp.maximum(chosen_lengths, 1) - rejected / jnp.maximum(rejected_lengths, 1)
+        per_pair = jnp.square(h - 1 / (2 * beta))
     else:
         logits = beta * (chosen - rejected)
         if loss_type == "hinge":
@@ -96,12 +109,47 @@ def dpo_loss(
         else:
             per_pair = (-(1 - eps) * jax.nn.log_sigmoid(logits) + eps * jax.nn.log_sigmoid(-logits)) / (1 - 2 * eps)
 
-    rewards_chosen = beta * (chosen_logps - ref_chosen_logps).astype(dtype)
-    rewards_rejected = beta * (rejected_logps - ref_rejected_logps).astype(dtype)
+    rewards_chosen = beta * chosen
+    rewards_rejected = beta * rejected
     stats = {
-        "rewards_chosen": jnp.mean(rewards_chosen),
-        "rewards_rejected": jnp.mean(rewards_rejected),
-        "margin": jnp.mean(rewards_chosen - rewards_rejected),
-        "accuracy": jnp.mean((rewards_chosen > rewards_rejected).astype(dtype)),
+        "rewards_chosen": masked_mean(rewards_chosen, keep),
+        "rewards_rejected": masked_mean(rewards_rejected, keep),
+        "margin": masked_mean(rewards_chosen - rewards_rejected, keep),
+        "accuracy": masked_mean((rewards_chosen > rewards_rejected).astype(dtype), keep),
     }
-    return jnp.mean(per_pair), jax.lax.stop_gradient(stats)
+    return masked_mean(per_pair, keep), jax.lax.stop_gradient(stats)
+
+
+def ranked_pairs(
+    x: jax.Array,
+    mask: jax.Array,
+    *,
+    best_vs_rest: bool = False,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The preference pairs of K-way rankings, for ``dpo_loss``.
+
+    Responses are best-first (as the comparison readers give them), so response ``i`` is preferred
+    to ``j`` when ``i < j``. All C(K, 2) pairs of each prompt are taken (InstructGPT §3.5 trains
+    its reward model on all of them), or with ``best_vs_rest=True`` only the K − 1 pairs of the
+    best response against each other one. Each pair then weighs the same in ``dpo_loss`` (not each
+    prompt, as in ``ranking_loss``).
+
+    Args:
+      x: ``[b, K]`` per-response values, e.g. sequence log-probs (call once for the policy's and
+        once for the reference's).
+      mask: ``[b, K]`` 1 for a real response, 0 for padding.
+      best_vs_rest: static.
+
+    Returns:
+      ``(chosen, rejected, pair_mask)``, each ``[b · P]`` with ``P`` = C(K, 2) or K − 1, pairs of
+      one prompt consecutive; ``pair_mask`` is 1 where both responses are real.
+    """
+    chex.assert_rank(x, 2, custom_message="ranked_pairs: `x` must be [b, K]")
+    chex.assert_equal_shape([x, mask], custom_message="ranked_pairs: `mask` must be [b, K] like `x`")
+    k = x.shape[1]
+    if best_vs_rest:
+        i, j = np.zeros(k - 1, int), np.arange(1, k)
+    else:
+        i, j = np.triu_indices(k, 1)
+    keep = (jnp.asarray(mask) != 0)
+    return x[:, i].reshape(-1), x[:, j].reshape(-1), (keep[:, i] & keep[:, j]).reshape(-1)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from golden import trl116, x64  # noqa: F401  (x64 is a fixture)
 
-from rlhf_jax.dpo import dpo_loss
+from rlhf_jax.dpo import dpo_loss, ranked_pairs
 
 TOL = 1e-6
 DPO = trl116()["dpo"]
@@ -63,6 +63,31 @@ def test_closed_forms():
     _, stats = dpo_loss(c, r, rc, rr, beta=beta)
     np.testing.assert_allclose(stats["accuracy"], 0.5)
     np.testing.assert_allclose(stats["margin"], beta * h.mean(), rtol=1e-6)
+
+
+def test_ranked_pairs_and_masked_loss():
+    """K-way rankings (best-first, padded) become all their pairs, or best vs. rest; padded pairs
+    change neither the loss nor its gradient, even when their log-probs are NaN."""
+    logps = jnp.array([[-1.0, -2.0, -3.0, jnp.nan], [-4.0, -1.5, -6.0, -2.0]])
+    ref = jnp.array([[-1.5, -1.0, -2.0, jnp.nan], [-3.0, -2.0, -5.0, -2.5]])
+    mask = jnp.array([[1, 1, 1, 0], [1, 1, 1, 1]])
+    want_all = [(b, i, j) for b in range(2) for i in range(4) for j in range(i + 1, 4) if mask[b, j]]
+    want_best = [(b, 0, j) for b in range(2) for j in range(1, 4) if mask[b, j]]
+    for best_vs_rest, want in ((False, want_all), (True, want_best)):
+        c, r, pm = ranked_pairs(logps, mask, best_vs_rest=best_vs_rest)
+        rc, rr, _ = ranked_pairs(ref, mask, best_vs_rest=best_vs_rest)
+        assert c.shape == ((2 * 6,) if not best_vs_rest else (2 * 3,)) and int(pm.sum()) == len(want)
+        got = {(float(c[n]), float(r[n])) for n in np.flatnonzero(pm)}
+        assert got == {(float(logps[b, i]), float(logps[b, j])) for b, i, j in want}
+
+        def loss_fn(c, r, pm=pm, rc=rc, rr=rr):
+            return dpo_loss(c, r, rc, rr, beta=0.5, mask=pm)[0]
+
+        loss, grad = jax.value_and_grad(loss_fn)(c, r)
+        keep = np.flatnonzero(pm)
+        want_loss = dpo_loss(c[keep], r[keep], rc[keep], rr[keep], beta=0.5)[0]
+        np.testing.assert_allclose(loss, want_loss, rtol=1e-6)
+        assert np.all(np.isfinite(grad)) and np.all(np.asarray(grad)[~np.asarray(pm)] == 0)
 
 
 def test_bad_arguments_are_named():
