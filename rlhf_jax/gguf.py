@@ -245,7 +245,7 @@ class _Cursor:
         return _VALUE_TYPES[type_id][1]
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)
 class GGUFFile:
     """A parsed GGUF file: ``metadata`` (key -> Python value; arrays are lists; a FLOAT32 scalar is
     the shortest decimal that rounds to it) and ``tensors``
