@@ -8,7 +8,7 @@ end-to-end driver in ``rlhf_jax.pipeline``.
 """
 
 from rlhf_jax.advantages import KL_ESTIMATORS, gae, kl_penalty, last_index, per_token_rewards, whiten
-from rlhf_jax.dpo import dpo_loss, ranked_pairs
+from rlhf_jax.dpo import dpo_batch_loss, dpo_loss, ranked_pairs
 from rlhf_jax.ema import ema_update
 from rlhf_jax.generation import (
     GenerateConfig,

@@ -1,4 +1,5 @@
-"""Direct preference optimisation losses on sequence log-probabilities: DPO, IPO, hinge and robust.
+"""Direct preference optimisation: losses on sequence log-probabilities (DPO, IPO, hinge,
+robust), K-way rankings as pairs, and the loss of a batch of ranked comparisons under a model.
 
 Every variant is a function of the implicit reward margin
 
@@ -18,7 +19,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rlhf_jax.losses import token_logprobs
 from rlhf_jax.masked import masked_mean
+from rlhf_jax.model import Params, Transformer, forward
 
 DPOLossType = Literal["sigmoid", "ipo", "hinge", "robust"]
 DPO_LOSS_TYPES: tuple[str, ...] = ("sigmoid", "ipo", "hinge", "robust")
@@ -153,3 +156,53 @@ def ranked_pairs(
         i, j = np.triu_indices(k, 1)
     keep = (jnp.asarray(mask) != 0)
     return x[:, i].reshape(-1), x[:, j].reshape(-1), (keep[:, i] & keep[:, j]).reshape(-1)
+
+
+def response_logprobs(model: Transformer, params: Params, tokens: jax.Array, mask: jax.Array,
+                      loss_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Summed log-probs of the response tokens of each sequence, and their count.
+
+    Args:
+      tokens, mask: ``[n, L]`` right-padded ``prompt response`` rows.
+      loss_mask: ``[n, L]`` 1 at the response tokens (aligned with ``tokens``, as ``sft_loss``'s:
+        ``loss_mask[:, t] = 1`` counts ``log p(tokens[:, t] | tokens[:, :t])``).
+
+    Returns:
+      ``(logps, lengths)``, both ``[n]`` float32: ``Σ_t loss_mask_t · log π(tokens_t | ·)`` and
+      ``Σ_t loss_mask_t``. The full ``[n, L, V]`` logits are built (no ``logits_chunk`` path).
+    """
+    logits = forward(model, params, tokens, mask).logits
+    keep = loss_mask[:, 1:] != 0
+    logps = jnp.sum(jnp.where(keep, token_logprobs(logits, tokens), 0), axis=1)
+    return logps, jnp.sum(keep, axis=1).astype(logps.dtype)
+
+
+def dpo_batch_loss(
+    model: Transformer,
+    params: Params,
+    ref_params: Params,
+    batch: dict[str, jax.Array],
+    *,
+    beta: float | jax.Array,
+    loss_type: DPOLossType = "sigmoid",
+    label_smoothing: float = 0.0,
+    best_vs_rest: bool = False,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """``dpo_loss`` of a batch of K-way comparisons under the policy ``params`` and the frozen
+    reference ``ref_params``, over all pairs of each ranking (or best vs. rest, ``ranked_pairs``).
+
+    ``batch``: ``tokens``, ``mask``, ``loss_mask`` ``[b, K, L]`` (each response as a right-padded
+    ``prompt response`` row, ``loss_mask`` marking the response tokens) and ``valid`` ``[b, K]``
+    (responses best-first, padding 0). ``"ipo"`` averages the log-ratios per response token, as TRL.
+    The reference pass carries no gradient.
+    """
+    b, k, length = batch["tokens"].shape
+    flat = [batch[key].reshape(b * k, length) for key in ("tokens", "mask", "loss_mask")]
+    logps, lengths = response_logprobs(model, params, *flat)
+    ref_logps, _ = jax.lax.stop_gradient(response_logprobs(model, ref_params, *flat))
+    pairs = [ranked_pairs(x.reshape(b, k), batch["valid"], best_vs_rest=best_vs_rest)
+             for x in (logps, ref_logps, lengths)]
+    (chosen, rejected, pair_mask), (ref_chosen, ref_rejected, _), (len_chosen, len_rejected, _) = pairs
+    lengths_kw = {"chosen_lengths": len_chosen, "rejected_lengths": len_rejected} if loss_type == "ipo" else {}
+    return dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta=beta, loss_type=loss_type,
+                    label_smoothing=label_smoothing, mask=pair_mask, **lengths_kw)
