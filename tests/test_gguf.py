@@ -38,12 +38,15 @@ def write(path: Path, tensors: dict[str, tuple[np.ndarray, object]], arch: str =
     return path
 
 
+# Byte offsets of the fp16 scale fields of each k-quant block (ggml-common.h block_q*_K).
+KQUANT_SCALES = {Q.Q2_K: (80, 82), Q.Q3_K: (108,), Q.Q4_K: (0, 2), Q.Q5_K: (0, 2), Q.Q6_K: (208,)}
+
+
 def random_kquant_blocks(rng, qtype, n_blocks: int) -> np.ndarray:
     """Random raw k-quant blocks whose fp16 scale fields hold sane values (|d| ~ 0.01..1)."""
     size = gguf.GGML_QUANT_SIZES[qtype][1]
     raw = rng.integers(0, 256, (n_blocks, size), dtype=np.uint8)
-    scale_offsets = {Q.Q4_K: (0, 2), Q.Q6_K: (208,)}[qtype]
-    for off in scale_offsets:
+    for off in KQUANT_SCALES[qtype]:
         d = rng.uniform(0.01, 1.0, n_blocks).astype(np.float16) * rng.choice([-1, 1], n_blocks)
         raw[:, off:off + 2] = d.astype("<f2").view(np.uint8).reshape(n_blocks, 2)
     return raw
@@ -52,14 +55,15 @@ def random_kquant_blocks(rng, qtype, n_blocks: int) -> np.ndarray:
 # ----------------------------------------------------------------------------- dequantisers
 
 
-@pytest.mark.parametrize("qtype", [Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q4_K, Q.Q6_K])
+@pytest.mark.parametrize("qtype", [Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1,
+                                   *KQUANT_SCALES])
 def test_dequantizers_match_gguf_package(qtype, tmp_path):
     """Our reader + dequantiser against gguf-py's `GGUFReader` + `quants.dequantize`, on a file
     gguf-py wrote (quantised by `gguf.quants.quantize`, or random k-quant blocks), non-default
     alignment included."""
     rng = np.random.default_rng(int(qtype))
     shape = (3, 512)
-    if qtype in (Q.Q4_K, Q.Q6_K):
+    if qtype in KQUANT_SCALES:
         raw = random_kquant_blocks(rng, qtype, 6).reshape(3, -1)
         tensors = {"w": (raw, qtype)}
     elif qtype in (Q.F32, Q.F16):
@@ -203,14 +207,14 @@ def test_scalar_head(tiny, tmp_path):
 
 def test_unsupported_quant_and_arch(tiny, tmp_path):
     rng = np.random.default_rng(0)
-    q5 = gguf.quants.quantize(rng.standard_normal((2, 256)).astype(np.float32), Q.Q5_0)
-    path = write(tmp_path / "q5.gguf", {"w": (q5, Q.Q5_0)})
-    with pytest.raises(GGUFError, match=r"q5\.gguf: tensor 'w': Q5_0 \(ggml type 6\) is not supported"):
+    fp4 = gguf.quants.quantize(rng.standard_normal((2, 256)).astype(np.float32), Q.MXFP4)
+    path = write(tmp_path / "fp4.gguf", {"w": (fp4, Q.MXFP4)})
+    with pytest.raises(GGUFError, match=r"fp4\.gguf: tensor 'w': MXFP4 \(ggml type 39\) is not supported"):
         read_gguf(path).tensor("w")
     # load_gguf of a model whose weights use it
     model, params = tiny()
-    path = write_model_gguf(tmp_path / "m5.gguf", model, params, qtype=Q.Q5_0)
-    with pytest.raises(GGUFError, match=r"m5\.gguf: tensor 'token_embd.weight': Q5_0"):
+    path = write_model_gguf(tmp_path / "m4.gguf", model, params, qtype=Q.MXFP4)
+    with pytest.raises(GGUFError, match=r"m4\.gguf: tensor 'token_embd.weight': MXFP4"):
         load_gguf(path)
     # an id the format does not know at all: patch the tensor's type field
     path = write(tmp_path / "t.gguf", {"w": (np.ones(32, np.float32), None)})
