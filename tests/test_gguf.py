@@ -172,15 +172,16 @@ def test_tiny_model_round_trip(arch, tied, tiny, tmp_path):
                                np.asarray(forward(model, params, ids, mask).logits), atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("qtype", [Q.F16, Q.Q8_0, Q.Q4_1])
-def test_tiny_quantised_model_matches_transformers(qtype, tiny, tmp_path):
-    """The same file through `transformers`' GGUF loader (its own dequantisers and its
-    `_reverse_permute_weights`): equal logits."""
+@pytest.mark.parametrize("arch,qtype", [("llama", Q.F16), ("llama", Q.Q8_0), ("llama", Q.Q4_1),
+                                        ("qwen2", Q.Q5_0)])
+def test_tiny_quantised_model_matches_transformers(arch, qtype, tiny, tmp_path):
+    """The same file through `transformers`' GGUF loader (its own dequantisers, its
+    `_reverse_permute_weights` for llama, none for qwen2): equal logits."""
     torch = pytest.importorskip("torch", reason=TRANSFORMERS_MISSING)
     transformers = pytest.importorskip("transformers", reason=TRANSFORMERS_MISSING)
     pytest.importorskip("accelerate", reason="transformers' GGUF loader needs accelerate")
-    model, params = tiny()
-    path = write_model_gguf(tmp_path / "m.gguf", model, params, qtype=qtype)
+    model, params = tiny(qkv_bias=arch == "qwen2")
+    path = write_model_gguf(tmp_path / "m.gguf", model, params, qtype=qtype, arch=arch)
     ours_model, ours = load_gguf(path)
     ref = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=path.name,
                                                            dtype=torch.float32).eval()
