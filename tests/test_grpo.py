@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from _multidevice import run_on_devices
 from golden import trl116, x64  # noqa: F401  (x64 is a fixture)
 
 from rlhf_jax.advantages import kl_penalty
@@ -234,3 +235,56 @@ def test_grpo_and_rloo_raise_a_verifiable_reward(preset):
         state, metrics = step(state, *_prompt_batch(rng))
         scores.append(float(metrics["score"]))
     assert np.mean(scores[-5:]) > np.mean(scores[:3]) + 0.3, scores
+
+
+@pytest.mark.slow
+def test_grpo_iteration_sharded_equals_single_device():
+    """One GRPO iteration with ptx and EMA (2 epochs x 2 minibatches) on (2,2,2) and (1,4,2) meshes
+    equals one device's; the EMA weights stay sharded like the policy's."""
+    out = run_on_devices("""
+        import jax, numpy as np
+        from rlhf_jax.generation import GenerateConfig
+        from rlhf_jax.grpo import GRPOConfig, GRPOModels, grpo_iteration, init_grpo_state
+        from rlhf_jax.model import ModelConfig, Transformer, init_params
+        from rlhf_jax.sharding import MeshConfig, make_mesh, state_shardings
+        from rlhf_jax.stages.common import jit_on_mesh
+        from rlhf_jax.train import OptimizerConfig, make_optimizer
+
+        cfg = ModelConfig(arch="llama", vocab_size=64, d_model=32, n_layers=1, n_heads=4, n_kv_heads=2, d_ff=96,
+                          max_len=16)
+        policy, rm = Transformer(cfg), Transformer(cfg.replace(head="scalar"))
+        models = GRPOModels(policy, rm)
+        grpo = GRPOConfig(generation=GenerateConfig(max_new_tokens=6, eos_id=5, pad_id=0), group_size=4,
+                          num_minibatches=2, epochs=2, ptx_coef=0.5, beta=0.04, ema_decay=0.9)
+        rng = np.random.default_rng(0)
+        mask = (np.arange(8)[None] >= 8 - rng.integers(3, 9, 4)[:, None]).astype(np.int32)
+        batch = {"prompt_tokens": np.where(mask, rng.integers(6, 64, (4, 8)), 0).astype(np.int32),
+                 "prompt_mask": mask, "ptx_tokens": rng.integers(1, 64, (16, 12)).astype(np.int32),
+                 "ptx_mask": np.ones((16, 12), np.int32)}
+
+        def step(state, b):
+            ptx = b["ptx_tokens"].reshape(4, 4, 12), b["ptx_mask"].reshape(4, 4, 12)
+            return grpo_iteration(models, grpo, state, b["prompt_tokens"], b["prompt_mask"], *ptx)
+
+        pp, rp = init_params(policy, jax.random.PRNGKey(0)), init_params(rm, jax.random.PRNGKey(1))
+        ref = None
+        meshes = [make_mesh(MeshConfig(fsdp=1), devices=jax.devices()[:1]), make_mesh(MeshConfig(2, 2, 2)),
+                  make_mesh(MeshConfig(1, 4, 2))]
+        for mesh in meshes:
+            state = init_grpo_state(grpo, pp, rp, make_optimizer(OptimizerConfig(lr=1e-2)), jax.random.PRNGKey(2))
+            state = jax.device_put(state, state_shardings(state, mesh))
+            new, metrics = jit_on_mesh(step, mesh, state)(state, batch)
+            kernel = new.ema_params["layer_0"]["mlp"]["up"]["kernel"]
+            if mesh.size > 1:
+                assert kernel.addressable_shards[0].data.size < kernel.size, "EMA kernel is not sharded"
+                assert kernel.sharding == new.policy.params["layer_0"]["mlp"]["up"]["kernel"].sharding
+            result = jax.device_get((new.policy.params, new.ema_params)), {k: float(v) for k, v in metrics.items()}
+            if ref is None:
+                ref = result
+                continue
+            for k in ref[1]:
+                np.testing.assert_allclose(result[1][k], ref[1][k], rtol=1e-5, atol=1e-6, err_msg=k)
+            jax.tree.map(lambda a, b: np.testing.assert_allclose(b, a, atol=1e-6), ref[0], result[0])
+        print("ok", ref[1]["response_length"] > 0)
+    """, timeout=600)
+    assert out.split() == ["ok", "True"]
