@@ -83,7 +83,7 @@ def chunked_logprobs(
       logits_fn: ``[batch, c, d] -> [batch, c, vocab]`` float32 (``model.unembed_fn``).
       hidden: ``[batch, n, d]`` final hidden states aligned with ``targets``.
       targets: ``[batch, n]`` int.
-      chunk: time steps per chunk (``n`` is padded up to a multiple).
+      chunk: time steps per chunk (at most ``n``; ``n`` is padded up to a multiple).
 
     Returns:
       ``(logprobs [batch, n], entropy [batch, n] or None)`` float32.
@@ -94,6 +94,7 @@ def chunked_logprobs(
     if not isinstance(chunk, int) or chunk < 1:
         raise ValueError(f"chunked_logprobs: chunk must be an int >= 1 (got {chunk!r})")
     b, n, d = hidden.shape
+    chunk = min(chunk, n)
     n_chunks = -(-n // chunk)
     pad = n_chunks * chunk - n
     h = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0))).reshape(b, n_chunks, chunk, d).swapaxes(0, 1)

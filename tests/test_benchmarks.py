@@ -108,6 +108,10 @@ def test_summary_met_logic():
     # a target on our own number (a fraction of peak), with or without a peer
     assert Row("b", "mfu", ours=0.41, peer=0.9, target=0.40, target_on="ours").met is True
     assert Row("b", "mfu", ours=0.39, target=0.40, target_on="ours").met is False
+    # a ceiling on our own number (seconds): met when at or below it
+    ceiling = Row("b", "s/it", ours=0.7, target=0.8, target_on="ours", unit="s", higher_is_better=False)
+    assert ceiling.met is True and ceiling.cells()[-2:] == ["≤ 0.8 s", "yes"]
+    assert Row("b", "s/it", ours=0.9, target=0.8, target_on="ours", unit="s", higher_is_better=False).met is False
     # nothing to compare: n/a, never "yes"; no target: no verdict
     missing = Row("b", "s/it", ours=2.0, peer=None, target=1.5, higher_is_better=False)
     assert missing.met is None and missing.cells()[-1] == "n/a"
@@ -177,10 +181,17 @@ def test_cpu_suite_dry_run_end_to_end(tmp_path):
 
 @pytest.mark.slow
 def test_gpu_suite_dry_run_on_cpu(tmp_path):
-    """The GPU suite's bf16 path (no torch peer) with micro shapes on the CPU."""
+    """The GPU suite's gpu_check (scanned layers, bf16, SFT / decode sweep / PPO-ptx with its
+    phase split) with micro shapes on the CPU, and its summary rows with issue 18's targets."""
     record = _suite(tmp_path, "--suite", "gpu")
-    assert {n: s["status"] for n, s in record["steps"].items()} == {
-        "gpu_check": "checked", "train_step": "ok", "roofline": "ok"}
-    train = json.loads((tmp_path / "out" / "train_step.json").read_text())
-    assert train["results"][0]["dtype"] == "bfloat16"
-    assert not any(s["label"].startswith("torch") for r in train["results"] for s in r["sides"])
+    assert {n: s["status"] for n, s in record["steps"].items()} == {"gpu_check": "ok"}
+    check = json.loads((tmp_path / "out" / "gpu_check.json").read_text())
+    assert check["errors"] == {} and check["skipped"] == [], (check["errors"], check["skipped"])
+    assert check["config"]["scan_layers"] and check["config"]["dtype"] == "bfloat16"
+    assert [d["batch"] for d in check["decode"]] == [4, 2]
+    assert set(check["ppo"]["phases_s"]) == {"rollout", "experience", "update"}
+    metrics = [r["metric"] for r in record["summary"]]
+    for needle in ("SFT step", "fraction of the HBM bound", "PPO-ptx iteration", "PPO-ptx iteration: compile",
+                   "PPO phase rollout"):
+        assert any(needle in m for m in metrics), (needle, metrics)
+    assert sum(r["target"] is not None for r in record["summary"]) == 4

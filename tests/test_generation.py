@@ -344,3 +344,31 @@ def test_bad_inputs_fail_before_compiling(lm, rm):
         sequence_logprobs(model, params, ids, mask, 4)
     with pytest.raises(ValueError, match="head='scalar'"):
         score(model, params, ids, mask)
+
+
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+def test_chunked_logprobs_paths_equal_the_full_logits(tiny_llama_config, tied):
+    """``ModelConfig.logits_chunk``: ``sequence_logprobs`` and ``next_token_nll`` (the SFT / ptx
+    loss) from chunks of the hidden states equal the whole-logits path, values and gradients,
+    for a tied unembedding and an untied ``lm_head``."""
+    from rlhf_jax.generation import next_token_nll
+    from rlhf_jax.losses import sft_loss
+
+    full = Transformer(tiny_llama_config.replace(tie_embeddings=tied))
+    chunked = Transformer(full.config.replace(logits_chunk=3))
+    params = random_params(full, 3)
+    ids, mask = left_padded([4, 6, 2], 6, full.config.vocab_size, seed=2)
+    tokens = np.concatenate([ids, ids[:, ::-1]], axis=1)
+    mask = np.concatenate([mask, np.ones_like(mask)], axis=1)
+    mask[2, -2:] = 0
+    a, b = (sequence_logprobs(m, params, tokens, mask, 6, temperature=0.8) for m in (full, chunked))
+    for x, y in zip(a, b):
+        np.testing.assert_allclose(np.asarray(y), np.asarray(x), rtol=1e-5, atol=1e-6)
+    loss_mask = mask.copy()
+    loss_mask[:, :6] = 0
+    reference = sft_loss(_forward(full, params, tokens, mask).logits, tokens, loss_mask)
+    nll = jax.jit(jax.value_and_grad(next_token_nll, argnums=1), static_argnums=0)
+    (la, ga), (lb, gb) = (nll(m, params, tokens, mask, loss_mask) for m in (full, chunked))
+    np.testing.assert_allclose(float(la), float(reference), rtol=1e-6)
+    np.testing.assert_allclose(float(lb), float(la), rtol=1e-5)
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(y, x, rtol=1e-4, atol=1e-6), ga, gb)

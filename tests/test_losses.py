@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from rlhf_jax.losses import (
+    chunked_logprobs,
     explained_variance,
     logprobs_of,
     ppo_policy_loss,
@@ -283,3 +284,32 @@ def test_ppo_losses_bad_shapes():
         value_loss(x, x, y, x, clip_eps=0.2)
     with pytest.raises(AssertionError, match="explained_variance"):
         explained_variance(x, y, x)
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 7, 16])
+def test_chunked_logprobs_equal_the_full_logits_values_and_gradients(chunk):
+    """``chunked_logprobs`` (chunks of the time axis, each rematerialised) against ``logprobs_of`` /
+    ``token_entropy`` of the whole ``[b, n, V]`` logits: values and gradients w.r.t. the hidden
+    states and the unembedding, with a ragged last chunk."""
+    rng = np.random.default_rng(0)
+    hidden = jnp.asarray(rng.normal(size=(3, 7, 8)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(8, 11)), jnp.float32)
+    targets = jnp.asarray(rng.integers(0, 11, size=(3, 7)))
+    weights = jnp.asarray(rng.normal(size=(3, 7)), jnp.float32)
+
+    def full(h, w):
+        logits = h @ w
+        return logprobs_of(logits, targets, 0.7), token_entropy(logits, 0.7)
+
+    def chunked(h, w):
+        return chunked_logprobs(lambda x: x @ w, h, targets, chunk, 0.7)
+
+    for a, b in zip(full(hidden, w), chunked(hidden, w)):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-6)
+    objective = lambda fn: lambda h, w: jnp.sum(weights * (fn(h, w)[0] + 0.3 * fn(h, w)[1]))  # noqa: E731
+    g_full = jax.grad(objective(full), argnums=(0, 1))(hidden, w)
+    g_chunk = jax.jit(jax.grad(objective(chunked), argnums=(0, 1)))(hidden, w)
+    for a, b in zip(g_full, g_chunk):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-6)
+    lp, ent = chunked_logprobs(lambda x: x @ w, hidden, targets, chunk, with_entropy=False)
+    assert ent is None and lp.shape == (3, 7)

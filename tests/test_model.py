@@ -17,7 +17,7 @@ import pytest
 
 from conftest import random_params
 from rlhf_jax.llama2c import load_llama2c
-from rlhf_jax.model import Transformer, decode_step, forward, init_cache, init_params
+from rlhf_jax.model import ModelConfig, Transformer, decode_step, forward, init_cache, init_params
 from rlhf_jax.tokenizer import Tokenizer
 
 jit_forward = jax.jit(forward, static_argnums=0)
@@ -153,3 +153,24 @@ def test_llama2c_bad_size(tmp_path):
     bad.write_bytes(np.array([64, 172, 5, 8, 4, 512, 512], "<i4").tobytes() + b"\0" * 400)
     with pytest.raises(ValueError, match=r"bad\.bin.*428 bytes.*implies"):
         load_llama2c(bad)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_dot_product_attention_with_our_mask_equals_the_einsum_path(arch):
+    """``jax.nn.dot_product_attention`` (XLA implementation; cuDNN takes the same arguments on a
+    GPU) with our segment-id mask, left padding and packing, equals our einsum attention on every
+    column that has a key to attend to."""
+    from rlhf_jax.model import _attention_dpa, _attention_xla
+
+    config = ModelConfig(arch=arch, d_model=32, n_heads=4, n_kv_heads=2 if arch == "llama" else None)
+    b, t, rng = 3, 7, np.random.default_rng(0)
+    q = jnp.asarray(rng.normal(size=(b, t, 4, 8)), jnp.float32)
+    k, v = (jnp.asarray(rng.normal(size=(b, config.kv_heads, t, 8)), jnp.float32) for _ in range(2))
+    seg = jnp.asarray([[0, 0, 1, 1, 1, 1, 1], [1, 1, 1, 2, 2, 3, 3], [1, 1, 1, 1, 1, 0, 0]], jnp.int32)
+    slots = jnp.arange(t)
+    allowed = (seg[:, :, None] == seg[:, None, :]) & (seg[:, None, :] != 0) & (slots[None, None, :] <= slots[None, :, None])
+    ours = _attention_xla(q, k, v, allowed, config)
+    theirs = _attention_dpa(q, k, v, allowed, config, "xla")
+    live = np.asarray(seg != 0)
+    np.testing.assert_allclose(np.asarray(theirs)[live], np.asarray(ours)[live], rtol=1e-5, atol=1e-6)
+    assert np.isfinite(np.asarray(theirs)).all()

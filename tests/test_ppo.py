@@ -271,3 +271,31 @@ def test_ptx_term_limits_the_alignment_tax():
     assert drift_free > 0.5, results
     assert drift_ptx < 0.35 * drift_free, results
     assert results[GAMMAS[1]][1] > 0.5 * results[0.0][1] > 0.05, results  # it still learns the reward
+
+
+def test_rollout_decodes_from_compute_dtype_weights():
+    """float32 compute: the rollout decodes from the policy params as they are; bfloat16 compute:
+    from the params cast to bfloat16 (equal to ``generate`` from explicitly cast params); with
+    ``cast_rollout_weights=False`` from the float32 params."""
+    from rlhf_jax.generation import generate
+    from rlhf_jax.model import cast_floating
+    from rlhf_jax.ppo import rollout_params
+
+    cfg = PPOConfig(generation=GenerateConfig(max_new_tokens=6, eos_id=EOS, pad_id=PAD), num_minibatches=2)
+    models, state = _setup(cfg)
+    ids, mask = _prompts()
+    key = jax.random.PRNGKey(5)
+    ro = jax.jit(rollout_phase, static_argnums=(0, 1))(models, cfg, state, ids, mask, key)
+    assert rollout_params(models, cfg, state.policy.params) is state.policy.params
+    ref = generate(models.policy, state.policy.params, ids, mask, key, cfg.generation)
+    np.testing.assert_array_equal(np.asarray(ro.tokens), np.asarray(ref.tokens))
+
+    bf16 = models._replace(policy=Transformer(TINY.replace(dtype="bfloat16")))
+    cast = rollout_params(bf16, cfg, state.policy.params)
+    assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(cast))
+    ro16 = jax.jit(rollout_phase, static_argnums=(0, 1))(bf16, cfg, state, ids, mask, key)
+    ref16 = generate(bf16.policy, cast_floating(state.policy.params, jnp.bfloat16), ids, mask, key, cfg.generation)
+    np.testing.assert_array_equal(np.asarray(ro16.tokens), np.asarray(ref16.tokens))
+    np.testing.assert_allclose(np.asarray(ro16.logprobs), np.asarray(ref16.logprobs), rtol=1e-6, atol=1e-6)
+    off = PPOConfig(generation=cfg.generation, num_minibatches=2, cast_rollout_weights=False)
+    assert rollout_params(bf16, off, state.policy.params) is state.policy.params

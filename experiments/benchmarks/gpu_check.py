@@ -1,127 +1,256 @@
-"""bf16 checks on one accelerator: a ~1B Llama's SFT step (MFU), generation (tokens/s against the
-HBM bandwidth bound) and one PPO-ptx iteration, all with float32 master weights and bfloat16
-compute.  Writes JSON to ``--json`` and prints a table.
+"""The accelerator checks of issue 18 on one device, bf16 compute and float32 master weights, the
+1.1B TinyLlama-shaped Llama with the layers as a scan:
 
-    python -m experiments.benchmarks.gpu_check --json out.json [--budget-s 300]
+1. **SFT step** at 8 × 2048 tokens: MFU (``flops.train_step_flops`` against the device's dense
+   bf16 peak) and its compile time.  Tried with cuDNN attention and no remat first, then the XLA
+   attention with the ``dots`` remat policy, then ``full`` remat (the first that runs counts).
+2. **Decode** from a bf16 copy of the weights, batch 64 then 32, 128, 256 (prompt 128, 128 new
+   tokens, greedy): seconds per step ``(t(128 new) − t(1 new)) / 127`` (prefill removed) against
+   the HBM bound (every matmul weight, 2 bytes, plus the KV cache at the mean context, per step).
+3. **One PPO-ptx iteration**, 64 prompts × (128 + 128), 4 minibatches, ptx 4 × 8 × 256: its
+   compile time and run time, then (budget allowing) the phase split — rollout, experience,
+   update, each its own compiled program — against each phase's floor (rollout: prefill FLOPs /
+   peak + 128 steps at the HBM bound; experience and update: their FLOPs / peak).
 
-MFU counts 6·N·tokens plus the attention score/value FLOPs (forward + backward) against the
-device's dense bf16 peak (``--peak-tflops``, default 989 for H100/H200 SXM).
+Each part is skipped once ``--budget-s`` is spent (the skipped parts are listed in the JSON), and
+a part that fails records its error and the rest still run.
+
+    python -m experiments.benchmarks.gpu_check --json out.json [--budget-s 200] [--dry-run]
+
+``--dry-run``: micro shapes on any backend (checks the wiring; its numbers mean nothing).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import dataclasses
+import statistics
 import time
+import traceback
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
+from experiments.benchmarks.common import device_spec, machine_info, timed, write_json
+from experiments.benchmarks.flops import decode_step_bytes, forward_flops, train_step_flops
 from rlhf_jax.generation import GenerateConfig, generate
-from rlhf_jax.model import ModelConfig, Transformer, init_params
-from rlhf_jax.ppo import PPOConfig, PPOModels, init_ppo_state, make_ppo_iteration
+from rlhf_jax.model import ModelConfig, Transformer, cast_floating, init_params
+from rlhf_jax.ppo import (PPOConfig, PPOModels, experience_phase, init_ppo_state, make_ppo_iteration, rollout_phase,
+                          update_phase)
 from rlhf_jax.stages.sft import sft_step_fn
 from rlhf_jax.train import OptimizerConfig, TrainState, make_optimizer
 
 LLAMA_1B = ModelConfig(arch="llama", vocab_size=32000, d_model=2048, n_layers=22, n_heads=32, n_kv_heads=4,
-                       d_ff=5632, max_len=2048, tie_embeddings=False, dtype="bfloat16", remat=True)
+                       d_ff=5632, max_len=2048, tie_embeddings=False, dtype="bfloat16", scan_layers=True,
+                       logits_chunk=512)
+MICRO = ModelConfig(arch="llama", vocab_size=256, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=96,
+                    max_len=64, tie_embeddings=False, dtype="bfloat16", scan_layers=True, logits_chunk=8)
+
+# (attention_impl, remat_policy) of the SFT step, best first
+SFT_SETTINGS = (("auto", "none"), ("xla", "dots"), ("xla", "full"))
+# issue 18's targets
+TARGETS = {"sft_mfu": 0.45, "decode_hbm_fraction": 0.60, "ppo_iteration_s": 0.8, "ppo_compile_s": 30.0}
 
 
-def n_params(tree) -> int:
+@dataclasses.dataclass(frozen=True)
+class Shapes:
+    sft: tuple[int, int]  # batch, seq
+    prompt: int
+    new: int
+    decode_batches: tuple[int, ...]  # the first is the headline
+    ppo_prompts: int
+    minibatches: int
+    ptx: tuple[int, int, int]  # updates, batch, seq
+
+
+FULL = Shapes(sft=(8, 2048), prompt=128, new=128, decode_batches=(64, 32, 128, 256), ppo_prompts=64, minibatches=4,
+              ptx=(4, 8, 256))
+DRY = Shapes(sft=(2, 32), prompt=8, new=8, decode_batches=(4, 2), ppo_prompts=8, minibatches=2, ptx=(2, 2, 16))
+
+
+def n_params(tree: Any) -> int:
     return sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(tree))
 
 
-def timed(fn, *args, repeats: int = 3):
-    out = jax.block_until_ready(fn(*args))  # compile + warm-up
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        out = jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t)
-    return out, float(np.median(times))
+def _compile(fn: Callable, *args: Any) -> tuple[Any, float]:
+    """``(compiled, seconds)`` of lowering and compiling the jitted ``fn`` for ``args``."""
+    start = time.perf_counter()
+    compiled = fn.lower(*args).compile()
+    return compiled, time.perf_counter() - start
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--json", default=None)
-    ap.add_argument("--peak-tflops", type=float, default=989.0)
-    ap.add_argument("--hbm-tbps", type=float, default=4.8)  # H200; H100 SXM: 3.35
-    ap.add_argument("--budget-s", type=float, default=300.0)
-    args = ap.parse_args()
-    start = time.time()
-    cfg = LLAMA_1B
-    model = Transformer(cfg)
-    params = init_params(model, jax.random.PRNGKey(0))
-    n = n_params(params)
-    result = {"device": str(jax.devices()[0]), "jax": jax.__version__, "params": n}
-    print(result, flush=True)
-
-    # SFT step: batch 8 x 1024, AdamW, bf16 compute, f32 master weights, remat per layer.
-    b, t = 8, 1024
+def sft_check(config: ModelConfig, params: Any, shapes: Shapes, peak: float, repeats: int) -> dict[str, Any]:
+    """One SFT setting: compile time, median step time and MFU."""
+    model = Transformer(config)
+    b, t = shapes.sft
     opt = OptimizerConfig(lr=1e-5)
     state = TrainState.create(jax.tree_util.tree_map(jnp.copy, params), make_optimizer(opt), jax.random.PRNGKey(1))
-    toks = jax.random.randint(jax.random.PRNGKey(2), (b, t), 0, cfg.vocab_size)
+    toks = jax.random.randint(jax.random.PRNGKey(2), (b, t), 0, config.vocab_size)
     batch = {"tokens": toks, "mask": jnp.ones_like(toks), "loss_mask": jnp.ones_like(toks)}
-    step = jax.jit(sft_step_fn(model, opt), donate_argnums=0)
-    t0 = time.perf_counter()
-    state, m = step(state, batch)
+    step, compile_s = _compile(jax.jit(sft_step_fn(model, opt), donate_argnums=0), state, batch)
+    state, m = step(state, batch)  # warm-up
     jax.block_until_ready(m)
-    compile_s = time.perf_counter() - t0
     times = []
-    for _ in range(3):
-        t1 = time.perf_counter()
+    for _ in range(repeats):
+        start = time.perf_counter()
         state, m = step(state, batch)
         jax.block_until_ready(m)
-        times.append(time.perf_counter() - t1)
-    step_s = float(np.median(times))
-    flops = 6 * n * b * t + 12 * cfg.n_layers * cfg.d_model * t * t * b / 2  # causal attention, fwd+bwd
-    result["sft"] = {"batch": b, "seq": t, "step_s": step_s, "compile_s": compile_s, "tokens_per_s": b * t / step_s,
-                     "mfu": flops / step_s / (args.peak_tflops * 1e12), "loss": float(m["loss"])}
-    print("sft", result["sft"], flush=True)
-    del state
+        times.append(time.perf_counter() - start)
+    step_s = statistics.median(times)
+    flops = train_step_flops(config, b, t)
+    return {"batch": b, "seq": t, "attention_impl": config.attention_impl, "remat_policy": config.remat_policy,
+            "step_s": step_s, "times": times, "compile_s": compile_s, "tokens_per_s": b * t / step_s,
+            "flops": flops, "mfu": flops / step_s / peak, "loss": float(m["loss"])}
 
-    # Generation: batch 32, prompt 128, 128 new tokens, greedy, no EOS.
-    gen = GenerateConfig(max_new_tokens=128, greedy=True)
-    prompts = jax.random.randint(jax.random.PRNGKey(3), (32, 128), 0, cfg.vocab_size)
-    run = lambda: generate(model, params, prompts, jnp.ones_like(prompts), jax.random.PRNGKey(4), gen)  # noqa: E731
-    t0 = time.perf_counter()
-    jax.block_until_ready(run().tokens)
-    gcompile = time.perf_counter() - t0
-    _, gen_s = timed(lambda: run().tokens)
-    # Bound: each decode step reads the (f32 master) weights once, plus the KV cache.
-    weight_bytes = 4 * n
-    cache_bytes = 2 * cfg.n_layers * 32 * 256 * cfg.kv_heads * cfg.head_dim * 2
-    bound_s = 128 * (weight_bytes + cache_bytes) / (args.hbm_tbps * 1e12)
-    result["generate"] = {"batch": 32, "prompt": 128, "new": 128, "s": gen_s, "compile_s": gcompile,
-                          "tokens_per_s": 32 * 128 / gen_s, "hbm_bound_fraction": bound_s / gen_s}
-    print("generate", result["generate"], flush=True)
 
-    # One PPO-ptx iteration, if the budget allows: 64 prompts of 128, 128 new, 4 minibatches.
-    if time.time() - start < args.budget_s * 0.5:
-        value = Transformer(cfg.replace(head="scalar"))
-        vparams = init_params(value, jax.random.PRNGKey(5))
-        ppo = PPOConfig(generation=GenerateConfig(max_new_tokens=128), num_minibatches=4, ptx_coef=1.0)
-        tx = optax.adam(1e-6)
-        pstate = init_ppo_state(ppo, params, vparams, vparams, tx, tx, jax.random.PRNGKey(6))
-        del params
-        it = make_ppo_iteration(PPOModels(model, value, value), ppo)
-        ids = jax.random.randint(jax.random.PRNGKey(7), (64, 128), 0, cfg.vocab_size)
-        ptx = jax.random.randint(jax.random.PRNGKey(8), (4, 8, 256), 0, cfg.vocab_size)
-        t0 = time.perf_counter()
-        pstate, pm = it(pstate, ids, jnp.ones_like(ids), ptx, jnp.ones_like(ptx))
-        jax.block_until_ready(pm)
-        pcompile = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        pstate, pm = it(pstate, ids, jnp.ones_like(ids), ptx, jnp.ones_like(ptx))
-        jax.block_until_ready(pm)
-        result["ppo"] = {"prompts": 64, "new": 128, "iteration_s": time.perf_counter() - t0,
-                         "first_call_s": pcompile, "kl": float(pm["kl"]), "vf_loss": float(pm["vf_loss"])}
-        print("ppo", result["ppo"], flush=True)
+def decode_check(config: ModelConfig, params16: Any, batch: int, shapes: Shapes, bandwidth: float,
+                 repeats: int) -> dict[str, Any]:
+    """Seconds per decode step from bf16 weights (prefill removed) against the HBM bound."""
+    model = Transformer(config)
+    ids = jax.random.randint(jax.random.PRNGKey(3), (batch, shapes.prompt), 0, config.vocab_size)
+    mask = jnp.ones_like(ids)
+
+    def run(new: int) -> Callable[[], Any]:
+        gen = GenerateConfig(max_new_tokens=new, greedy=True)
+        return lambda: jax.block_until_ready(generate(model, params16, ids, mask, jax.random.PRNGKey(4), gen).tokens)
+
+    full, one = run(shapes.new), run(1)
+    compile_s = timed(full) + timed(one)
+    full_t, one_t = [], []
+    for _ in range(repeats):
+        full_t.append(timed(full))
+        one_t.append(timed(one))
+    full_s, one_s = statistics.median(full_t), statistics.median(one_t)
+    step_s = max(full_s - one_s, 1e-9) / (shapes.new - 1)
+    context = shapes.prompt + shapes.new / 2
+    step_bytes = decode_step_bytes(config, batch, context, weight_bytes=2)
+    bound_s = step_bytes / bandwidth
+    return {"batch": batch, "prompt": shapes.prompt, "new": shapes.new, "step_s": step_s, "full_s": full_s,
+            "one_token_s": one_s, "tokens_per_s": batch / step_s, "compile_s": compile_s, "step_bytes": step_bytes,
+            "hbm_bound_step_s": bound_s, "hbm_bound_fraction": bound_s / step_s, "weights": "bfloat16 copy"}
+
+
+def ppo_check(config: ModelConfig, params: Any, shapes: Shapes, peak: float, bandwidth: float,
+              budget_left: Callable[[], float]) -> dict[str, Any]:
+    """Compile and run one PPO-ptx iteration; then, budget allowing, the phase split."""
+    model = Transformer(config)
+    value = Transformer(config.replace(head="scalar"))
+    vparams = init_params(value, jax.random.PRNGKey(5))
+    ppo = PPOConfig(generation=GenerateConfig(max_new_tokens=shapes.new), num_minibatches=shapes.minibatches,
+                    ptx_coef=1.0)
+    tx = optax.adam(1e-6)
+    models = PPOModels(model, value, value)
+    state = init_ppo_state(ppo, params, vparams, vparams, tx, tx, jax.random.PRNGKey(6))
+    b, p, n = shapes.ppo_prompts, shapes.prompt, shapes.new
+    ids = jax.random.randint(jax.random.PRNGKey(7), (b, p), 0, config.vocab_size)
+    ones = jnp.ones_like(ids)
+    ptx = jax.random.randint(jax.random.PRNGKey(8), shapes.ptx, 0, config.vocab_size)
+    it, compile_s = _compile(make_ppo_iteration(models, ppo), state, ids, ones, ptx, jnp.ones_like(ptx))
+    state, m = it(state, ids, ones, ptx, jnp.ones_like(ptx))  # warm-up
+    jax.block_until_ready(m)
+    times = []
+    for _ in range(2):
+        start = time.perf_counter()
+        state, m = it(state, ids, ones, ptx, jnp.ones_like(ptx))
+        jax.block_until_ready(m)
+        times.append(time.perf_counter() - start)
+    t = p + n
+    floors = {  # seconds no implementation can beat on this device
+        "rollout": forward_flops(config, b, p) / peak + n * decode_step_bytes(config, b, p + n / 2, 2) / bandwidth,
+        "experience": (2 * forward_flops(config, b, t) + forward_flops(config.replace(head="scalar"), b, t)) / peak,
+        "update": (train_step_flops(config, b, t) + train_step_flops(config, *shapes.ptx[1:]) * shapes.ptx[0]
+                   + train_step_flops(config.replace(head="scalar"), b, t)) / peak,
+    }
+    result = {"prompts": b, "prompt": p, "new": n, "minibatches": shapes.minibatches, "ptx": list(shapes.ptx),
+              "compile_s": compile_s, "iteration_s": statistics.median(times), "times": times,
+              "kl": float(m["kl"]), "vf_loss": float(m["vf_loss"]), "floors_s": floors,
+              "floor_s": sum(floors.values())}
+    if budget_left() < 60:
+        result["phases"] = "skipped: budget"
+        return result
+    key = jax.random.PRNGKey(9)
+    roll = jax.jit(rollout_phase, static_argnums=(0, 1))
+    expf = jax.jit(experience_phase, static_argnums=(0, 1))
+    upd = jax.jit(update_phase, static_argnums=(0, 1))
+    ro = jax.block_until_ready(roll(models, ppo, state, ids, ones, key))
+    exp = jax.block_until_ready(expf(models, ppo, state, ro))
+    jax.block_until_ready(upd(models, ppo, state, exp, ptx, jnp.ones_like(ptx), key))
+    phases = {
+        "rollout": timed(lambda: jax.block_until_ready(roll(models, ppo, state, ids, ones, key))),
+        "experience": timed(lambda: jax.block_until_ready(expf(models, ppo, state, ro))),
+        "update": timed(lambda: jax.block_until_ready(upd(models, ppo, state, exp, ptx, jnp.ones_like(ptx), key))),
+    }
+    result["phases_s"] = phases
+    result["phase_vs_floor"] = {k: floors[k] / v for k, v in phases.items()}
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--peak-tflops", type=float, default=None, help="dense bf16 peak (default: the data sheet's)")
+    ap.add_argument("--hbm-tbps", type=float, default=None, help="HBM bandwidth (default: the data sheet's)")
+    ap.add_argument("--budget-s", type=float, default=None,
+                    help="skip the parts left once this is spent (default 200 s; a dry run: no limit)")
+    ap.add_argument("--dry-run", action="store_true", help="micro shapes (any backend): checks the wiring")
+    args = ap.parse_args(argv)
+    start = time.time()
+    budget = args.budget_s if args.budget_s is not None else float("inf") if args.dry_run else 200.0
+    budget_left = lambda: budget - (time.time() - start)  # noqa: E731
+    spec = device_spec(jax.devices()[0].device_kind) or {"bf16_flops": 989e12, "hbm_bytes_s": 4.8e12}
+    peak = 1e12 * args.peak_tflops if args.peak_tflops else spec["bf16_flops"]
+    bandwidth = 1e12 * args.hbm_tbps if args.hbm_tbps else spec["hbm_bytes_s"]
+    config, shapes, repeats = (MICRO, DRY, 1) if args.dry_run else (LLAMA_1B, FULL, 3)
+    params = init_params(Transformer(config), jax.random.PRNGKey(0))
+    result: dict[str, Any] = {"machine": machine_info(), "dry_run": args.dry_run, "params": n_params(params),
+                              "config": dataclasses.asdict(config), "peak_flops": peak, "hbm_bytes_s": bandwidth,
+                              "targets": TARGETS, "errors": {}, "skipped": []}
+    print({k: result[k] for k in ("params", "peak_flops", "hbm_bytes_s")}, result["machine"]["devices"], flush=True)
+
+    def part(name: str, fn: Callable[[], Any], min_left: float) -> Any:
+        if budget_left() < min_left:
+            result["skipped"].append(name)
+            print(f"{name}: skipped (budget)", flush=True)
+            return None
+        try:
+            out = fn()
+        except Exception as e:  # noqa: BLE001 - record it and go on with the other parts
+            result["errors"][name] = f"{type(e).__name__}: {e}"[:2000]
+            print(f"{name}: FAILED\n{traceback.format_exc()[-3000:]}", flush=True)
+            return None
+        print(name, {k: v for k, v in out.items() if not isinstance(v, (list, dict))}, flush=True)
+        return out
+
+    for impl, policy in SFT_SETTINGS:
+        sft = part(f"sft[{impl},{policy}]",
+                   lambda: sft_check(config.replace(attention_impl=impl, remat_policy=policy), params, shapes, peak,
+                                     repeats), 0)
+        if sft is not None:
+            result["sft"] = sft
+            break
+
+    params16 = cast_floating(params, jnp.bfloat16)
+    sweep = []
+    for i, batch in enumerate(shapes.decode_batches):
+        d = part(f"decode[{batch}]", lambda: decode_check(config, params16, batch, shapes, bandwidth, 2 if i else 3),
+                 0 if i == 0 else 75)
+        if d is not None:
+            sweep.append(d)
+        if i == 0:  # the PPO iteration matters more than the rest of the sweep
+            del params16
+            ppo = part("ppo", lambda: ppo_check(config, params, shapes, peak, bandwidth, budget_left), 0)
+            if ppo is not None:
+                result["ppo"] = ppo
+            params16 = cast_floating(params, jnp.bfloat16)
+    result["decode"] = sweep
+    result["seconds"] = time.time() - start
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+        write_json(args.json, result)
+    print(f"gpu_check done in {result['seconds']:.0f} s; skipped {result['skipped']}, failed {list(result['errors'])}",
+          flush=True)
 
 
 if __name__ == "__main__":

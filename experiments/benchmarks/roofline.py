@@ -20,8 +20,10 @@ XLA cannot hoist it), and on a CPU the same products in PyTorch (its default thr
 a step needs for its matmuls at the rate each library's kernels reach at these thin shapes, with
 nothing else in the step.  Then the step's attention alone: the model's two one-query dots and
 the softmax over the whole cache (``prompt + new`` slots, as ``generate`` allocates it), every
-layer.  A decode-speed target whose step budget is below the sum of the XLA columns cannot be met
-by any change to our program.
+layer, as dots (the model's form) and as broadcast multiplies and sums (the multiply-and-reduce
+form; on the 2-core CPU it was ~100× slower at batch 32, so the model keeps the dots).  A
+decode-speed target whose step budget is below the sum of the XLA columns cannot be met by any
+change to our program.
 
     python -m experiments.benchmarks.roofline [--quick] [--models tiny small] [--new N] [--json out.json]
 """
@@ -141,10 +143,12 @@ def time_matmuls(config: Any, batch: int, dtype: str, repeats: int, loops: int) 
     return {"xla_s": xla_s, "torch_s": torch_s if with_torch else None, "flops": flops}
 
 
-def time_attention(config: Any, batch: int, slots: int, dtype: str, repeats: int, loops: int) -> float:
-    """Seconds per decode step in the one-query attention alone: the model's two dots
-    (``bqhgd,bhkd->bhgqk`` and back) and the softmax over a ``[batch, kv_heads, slots, head_dim]``
-    K/V cache, per iteration of a dependent ``fori_loop``, times ``n_layers``."""
+def time_attention(config: Any, batch: int, slots: int, dtype: str, repeats: int, loops: int,
+                   form: str = "dot") -> float:
+    """Seconds per decode step in the one-query attention alone, per iteration of a dependent
+    ``fori_loop``, times ``n_layers``, over a ``[batch, kv_heads, slots, head_dim]`` K/V cache.
+    ``form="dot"``: the model's two dots (``bqhgd,bhkd->bhgqk`` and back) and the softmax;
+    ``"reduce"``: the same as broadcast multiplies and sums (the multiply-and-reduce form)."""
     rng = np.random.default_rng(0)
     groups = config.n_heads // config.kv_heads
     q = jnp.asarray(rng.standard_normal((batch, 1, config.kv_heads, groups, config.head_dim)), dtype)
@@ -152,9 +156,16 @@ def time_attention(config: Any, batch: int, slots: int, dtype: str, repeats: int
             for _ in range(2))
 
     def body(q):
-        scores = jnp.einsum("bqhgd,bhkd->bhgqk", q, k).astype(jnp.float32)
+        if form == "dot":
+            scores = jnp.einsum("bqhgd,bhkd->bhgqk", q, k).astype(jnp.float32)
+        else:
+            scores = jnp.sum(q[:, 0, :, :, None, :] * k[:, :, None], axis=-1)[:, :, :, None].astype(jnp.float32)
         probs = jax.nn.softmax(scores / np.sqrt(config.head_dim), axis=-1).astype(q.dtype)
-        return q + jnp.einsum("bhgqk,bhkd->bqhgd", probs, v) * 1e-3
+        if form == "dot":
+            out = jnp.einsum("bhgqk,bhkd->bqhgd", probs, v)
+        else:
+            out = jnp.sum(probs[:, :, :, 0, :, None] * v[:, :, None], axis=-2)[:, None]
+        return q + out * 1e-3
 
     return config.n_layers * _seconds_per_iteration(body, q, loops, repeats)
 
@@ -194,6 +205,8 @@ def main(argv: list[str] | None = None) -> None:
         loops = 5 if args.dry_run else 50
         r["matmuls"] = time_matmuls(config, case.batch, dtype, repeats, loops)
         r["attention_s"] = time_attention(config, case.batch, case.prompt + case.new, dtype, repeats, loops)
+        r["attention_reduce_s"] = time_attention(config, case.batch, case.prompt + case.new, dtype, repeats, loops,
+                                                 form="reduce")
         if spec:
             r["bound_spec"] = decode_bound_tokens_per_s(config, case.batch, case.context, spec["bf16_flops"],
                                                         spec["hbm_bytes_s"])
@@ -221,12 +234,13 @@ def main(argv: list[str] | None = None) -> None:
             + ([f"{r['bound_spec']['bound_tok_s']:.0f}", f"{100 * r['fraction_spec']:.0f}%"] if spec else [])
             + [f"{r['matmuls']['xla_s'] * 1e3:.2f}",
                "-" if r["matmuls"]["torch_s"] is None else f"{r['matmuls']['torch_s'] * 1e3:.2f}",
-               f"{r['attention_s'] * 1e3:.2f}"]
+               f"{r['attention_s'] * 1e3:.2f}", f"{r['attention_reduce_s'] * 1e3:.2f}"]
             for r in results]
     print(format_table(["model", "batch", "prompt+new", "FLOP/byte", "ms/step", "tok/s", "compute bound tok/s",
                         "bandwidth bound tok/s", "of roofline"]
                        + (["sheet bound tok/s", "of sheet"] if spec else [])
-                       + ["its matmuls alone: XLA ms", "torch ms", "its attention alone: XLA ms"], rows))
+                       + ["its matmuls alone: XLA ms", "torch ms", "its attention alone: XLA ms",
+                          "as multiply-and-reduce ms"], rows))
     if args.json:
         write_json(args.json, {"machine": info, "matmul_peak": peak, "bandwidth": bandwidth, "spec": spec,
                                "ridge_flop_per_byte": ridge, "dtype": dtype, "repeats": repeats, "decode": results})

@@ -47,7 +47,11 @@ class Row:
         if self.target is None:
             return None
         value = self.ratio if self.target_on == "ratio" else self.ours
-        return None if value is None else value >= self.target
+        if value is None:
+            return None
+        if self.target_on == "ours" and not self.higher_is_better:  # a ceiling on our own number
+            return value <= self.target
+        return value >= self.target
 
     def cells(self) -> list[str]:
         def fmt(x: float | None) -> str:
@@ -61,7 +65,9 @@ class Row:
         elif self.target_on == "ratio":
             target = f"≥ {self.target:g}×"
         else:
-            target = f"≥ {100 * self.target:g}%" if self.unit == "%" else f"≥ {self.target:g}"
+            sign = "≥" if self.higher_is_better else "≤"
+            target = f"{sign} {100 * self.target:g}%" if self.unit == "%" else f"{sign} {self.target:g}"
+            target += " s" if self.unit == "s" else ""
         met = {None: "n/a" if self.target is not None else "-", True: "yes", False: "NO"}[self.met]
         ratio = "-" if self.ratio is None else f"{self.ratio:.2f}×"
         return [self.benchmark, self.metric, fmt(self.ours), fmt(self.peer), ratio, target, met]
@@ -127,15 +133,30 @@ def _scaling(d: Mapping[str, Any]) -> Iterator[Row]:
 
 
 def _gpu_check(d: Mapping[str, Any]) -> Iterator[Row]:
-    if "sft" in d:
-        yield Row("gpu_check", "1.1B Llama SFT step: MFU (data sheet)", d["sft"]["mfu"], unit="%")
-    if "generate" in d:
-        yield Row("gpu_check", "1.1B Llama decode: tokens/s", d["generate"]["tokens_per_s"], unit="tok/s")
-        yield Row("gpu_check", "1.1B Llama decode: fraction of the HBM bound", d["generate"]["hbm_bound_fraction"],
+    """Issue 18's targets on the 1.1B Llama (``gpu_check.TARGETS``), then the figures around them."""
+    targets = d.get("targets", {})
+    sft = d.get("sft")
+    if sft:
+        yield Row("gpu_check", f"1.1B SFT step {sft['batch']}×{sft['seq']}: MFU ({sft['attention_impl']} attention, "
+                  f"remat {sft['remat_policy']})", sft["mfu"], target=targets.get("sft_mfu"), target_on="ours",
                   unit="%")
-    if "ppo" in d:
-        yield Row("gpu_check", "1.1B Llama PPO-ptx iteration", d["ppo"]["iteration_s"], unit="s",
-                  higher_is_better=False)
+        yield Row("gpu_check", "1.1B SFT step: compile", sft["compile_s"], unit="s", higher_is_better=False)
+    for i, r in enumerate(d.get("decode", [])):
+        headline = i == 0
+        yield Row("gpu_check", f"1.1B decode batch {r['batch']} (bf16 weights): fraction of the HBM bound",
+                  r["hbm_bound_fraction"], target=targets.get("decode_hbm_fraction") if headline else None,
+                  target_on="ours", unit="%")
+        yield Row("gpu_check", f"1.1B decode batch {r['batch']}: tokens/s", r["tokens_per_s"], unit="tok/s")
+    ppo = d.get("ppo")
+    if ppo:
+        shape = f"{ppo['prompts']}×({ppo['prompt']}+{ppo['new']}), {ppo['minibatches']} minibatches"
+        yield Row("gpu_check", f"1.1B PPO-ptx iteration {shape} vs its floor", ppo["iteration_s"], ppo["floor_s"],
+                  target=targets.get("ppo_iteration_s"), target_on="ours", unit="s", higher_is_better=False)
+        yield Row("gpu_check", "1.1B PPO-ptx iteration: compile", ppo["compile_s"],
+                  target=targets.get("ppo_compile_s"), target_on="ours", unit="s", higher_is_better=False)
+        for phase, seconds in (ppo.get("phases_s") or {}).items():
+            yield Row("gpu_check", f"1.1B PPO phase {phase} vs its floor", seconds, ppo["floors_s"][phase], unit="s",
+                      higher_is_better=False)
 
 
 EXTRACTORS: dict[str, Callable[[Mapping[str, Any]], Iterator[Row]]] = {
