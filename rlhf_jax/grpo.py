@@ -26,11 +26,10 @@ import jax.numpy as jnp
 
 from rlhf_jax.advantages import kl_penalty, last_index
 from rlhf_jax.ema import ema_update
-from rlhf_jax.generation import GenerateConfig, generate, score, sequence_logprobs
+from rlhf_jax.generation import GenerateConfig, generate, next_token_nll, score, sequence_logprobs
 from rlhf_jax.group_advantages import GROUP_SCALES, GroupScale, group_advantages, rloo_advantages
-from rlhf_jax.losses import ptx_loss
 from rlhf_jax.masked import masked_mean
-from rlhf_jax.model import Params, Transformer, forward
+from rlhf_jax.model import Params, Transformer
 from rlhf_jax.ppo import RewardFn, truncate_at
 from rlhf_jax.train.state import TrainState
 
@@ -367,7 +366,7 @@ def group_update(models: GRPOModels, cfg: GRPOConfig, state: GRPOState, exp: Gro
         stats = dict(stats, pg_loss=pg, entropy=masked_mean(entropy, mb.response_mask))
         loss = pg
         if use_ptx:
-            lm = ptx_loss(forward(models.policy, params, ptx_toks, ptx_m).logits, ptx_toks, ptx_m)
+            lm = next_token_nll(models.policy, params, ptx_toks, ptx_m, ptx_m)  # = ptx_loss
             loss = loss + cfg.ptx_coef * lm
             stats["ptx_loss"] = lm
         return loss, stats
