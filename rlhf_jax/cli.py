@@ -22,7 +22,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from rlhf_jax.assets import main as fetch_main
-from rlhf_jax.configs import ConfigError, load_config, to_dict
+from rlhf_jax.configs import ConfigError, load_config, read_config_file, to_dict
 from rlhf_jax.data import DataError
 from rlhf_jax.distributed import DistributedConfig, initialize as initialize_distributed
 from rlhf_jax.pipeline import PipelineConfig, run_pipeline
@@ -65,6 +65,20 @@ def preset_overrides(name: str) -> list[str]:
     return flat("ppo", PRESETS[name])
 
 
+def pipeline_command(path: str | None) -> Command:
+    """``pipeline``'s command: the built-in pipeline, or the named recipe (``rlhf_jax.recipes``)
+    when the config file has a ``"recipe"`` field."""
+    name = read_config_file(path).get("recipe") if path is not None else None
+    if name is None:
+        return COMMANDS["pipeline"]
+    from rlhf_jax.recipes import RECIPES
+
+    if name not in RECIPES:
+        raise ConfigError(f"config ({path}): unknown recipe {name!r}; choose one of {sorted(RECIPES)}")
+    config, run = RECIPES[name]
+    return Command(config, run, f"the {name} recipe")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with one subparser per ``COMMANDS`` entry."""
     parser = argparse.ArgumentParser(prog="rlhf-jax", description="The InstructGPT recipe in JAX.")
@@ -100,6 +114,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(e.code or 0)
     command = COMMANDS[args.command]
     try:
+        if args.command == "pipeline":
+            command = pipeline_command(args.config)
         overrides = preset_overrides(args.preset) if getattr(args, "preset", None) else []
         cfg = load_config(command.config, args.config, overrides + args.overrides)
     except ConfigError as e:

@@ -26,7 +26,7 @@ except ModuleNotFoundError:  # Python 3.10: `pip install tomli` for TOML configs
     except ModuleNotFoundError:
         tomllib = None  # type: ignore[assignment]
 
-__all__ = ["ConfigError", "from_dict", "to_dict", "load_config", "merge_dicts"]
+__all__ = ["ConfigError", "from_dict", "to_dict", "load_config", "merge_dicts", "read_config_file"]
 
 T = TypeVar("T")
 
@@ -95,20 +95,25 @@ def load_config(cls: type[T], path: str | Path | None, overrides: Sequence[str] 
     """Read `path` (.json or .toml; None = all defaults), apply `a.b.c=value` overrides, build `cls`.
 
     An override's value is parsed as JSON (`1e-5`, `true`, `null`, `[1, 2]`, `"x"`), falling back to
-    the raw string (`schedule=cosine`); a str-typed field always takes the raw string.
+    the raw string (`schedule=cosine`); a str-typed field always takes the raw string.  Inside a
+    `dict[str, Any]` field (a free-form table such as the pipeline's per-stage overrides) the rest
+    of the key nests as tables (`sft.loop.total_steps=2`), checked when that table is used.
 
     Raises:
       ConfigError: unreadable or malformed file (naming the file, and the line for JSON/TOML), an
         override without `=` or with an unknown key (naming the override), or any `from_dict` error.
     """
-    data: dict[str, Any] = {} if path is None else _read_file(Path(path))
+    data: dict[str, Any] = {} if path is None else read_config_file(path)
     for override in overrides:
         _apply_override(cls, data, override)
     where = "config" if path is None else f"config ({path})"
     return from_dict(cls, data, where=where)
 
 
-def _read_file(path: Path) -> dict[str, Any]:
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """The top-level table of a .json or .toml config file (``ConfigError`` naming the file, and
+    the line, when it is unreadable or malformed)."""
+    path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as e:
@@ -152,6 +157,14 @@ def _apply_override(cls: type, data: dict[str, Any], override: str) -> None:
         hint = hints[part]
         if i == len(parts) - 1:
             node[part] = _parse_value(raw, hint)
+            return
+        if typing.get_origin(hint) is dict:  # a free-form table (per-stage overrides): nest the rest
+            node[part] = dict(node.get(part) or {})
+            table = node[part]
+            for sub in parts[i + 1 : -1]:
+                table[sub] = dict(table.get(sub) or {})
+                table = table[sub]
+            table[parts[-1]] = _parse_value(raw, None)
             return
         sub_cls = _dataclass_in(hint)
         if sub_cls is None:

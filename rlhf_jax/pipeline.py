@@ -384,7 +384,7 @@ def win_rate(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.mean(prompt_win_rates(a, b)))
 
 
-def _kl_per_sequence(policy, policy_params, ref_params, rollouts, temperature: float) -> float:
+def kl_per_sequence(policy, policy_params, ref_params, rollouts, temperature: float) -> float:
     """Mean over sampled responses of Σ_t log π(y_t)/π_SFT(y_t) (the k1 estimate of KL)."""
     total, count = 0.0, 0
     for ro, keep in rollouts:
@@ -396,7 +396,8 @@ def _kl_per_sequence(policy, policy_params, ref_params, rollouts, temperature: f
     return total / max(count, 1)
 
 
-def _ptx(model, params, tokenizer: Tokenizer, path: Path, seq_len: int) -> float:
+def heldout_ptx_loss(model, params, tokenizer: Tokenizer, path: Path, seq_len: int) -> float:
+    """``losses.ptx_loss`` of a pretraining JSONL file cut into ``seq_len`` blocks, in one forward."""
     from rlhf_jax.data import read_pretrain_texts, tokenize_texts
 
     blocks = tokenize_texts([r.text for r in read_pretrain_texts(path)], tokenizer, seq_len)
@@ -448,7 +449,7 @@ def evaluate(cfg: PipelineConfig, configs: dict[str, Any], comparisons: dict[str
 
     gold_sft, sft_texts, _, _ = draws(sft_params, 0)
     gold_ppo, ppo_texts, ppo_ended, ppo_rollouts = draws(ppo_params, 1)
-    kl = _kl_per_sequence(policy, ppo_params, sft_params, ppo_rollouts, cfg.eval_temperature)
+    kl = kl_per_sequence(policy, ppo_params, sft_params, ppo_rollouts, cfg.eval_temperature)
     per_prompt = prompt_win_rates(gold_ppo, gold_sft)
 
     # Best-of-N from the SFT policy, picked by the reward model (KL = log N − (N−1)/N).
@@ -481,8 +482,8 @@ def evaluate(cfg: PipelineConfig, configs: dict[str, Any], comparisons: dict[str
         "kl_to_sft": kl,
         "rm_accuracy": _rm_accuracy(reward, reward_params, tokenizer, Path(rm_eval), gold=False),
         "rm_gold_accuracy": _rm_accuracy(reward, reward_params, tokenizer, Path(rm_eval), gold=True),
-        "ptx_loss_sft": _ptx(policy, sft_params, tokenizer, files["pretrain_eval"], seq_len),
-        "ptx_loss_ppo": _ptx(policy, ppo_params, tokenizer, files["pretrain_eval"], seq_len),
+        "ptx_loss_sft": heldout_ptx_loss(policy, sft_params, tokenizer, files["pretrain_eval"], seq_len),
+        "ptx_loss_ppo": heldout_ptx_loss(policy, ppo_params, tokenizer, files["pretrain_eval"], seq_len),
         "labeler_agreement": comparisons.get("labeler_agreement"),
         "labeler_noise": comparisons.get("labeler_noise"),
         "best_of_n": best_of_n,
@@ -501,24 +502,39 @@ def _cpu_seconds() -> float:
     return t.user + t.system
 
 
+class StageTimer:
+    """Runs a driver's stages, adding each one's wall and CPU seconds to ``run/timings.json``
+    (kept across resumed runs: a stage's time is the sum over the runs that worked on it).
+
+    ``timer(stage, fn, *args)`` logs the stage, returns ``fn(*args)``; ``wall``/``cpu``: seconds
+    per stage so far."""
+
+    def __init__(self, run: Path, log=print, prefix: str = "pipeline"):
+        self.file = Path(run) / "timings.json"
+        timings = json.loads(self.file.read_text()) if self.file.exists() else {}
+        self.timings = timings
+        self.wall: dict[str, float] = timings.setdefault("wall", {})
+        self.cpu: dict[str, float] = timings.setdefault("cpu", {})
+        self.log, self.prefix = log, prefix
+
+    def __call__(self, stage: str, fn, *args):
+        self.log(f"[{self.prefix}] {stage} ...")
+        start, start_cpu = time.time(), _cpu_seconds()
+        result = fn(*args)
+        self.wall[stage] = self.wall.get(stage, 0.0) + time.time() - start
+        self.cpu[stage] = self.cpu.get(stage, 0.0) + _cpu_seconds() - start_cpu
+        self.file.write_text(json.dumps(self.timings, indent=2))
+        return result
+
+
 def run_pipeline(cfg: PipelineConfig, *, log=print) -> dict[str, Any]:
     """Run every stage (skipping complete ones), evaluate, write ``summary.json`` and the report."""
     t0 = time.time()
     run = cfg.run_dir
     run.mkdir(parents=True, exist_ok=True)
     (run / "pipeline_config.json").write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
-    timings_file = run / "timings.json"
-    timings = json.loads(timings_file.read_text()) if timings_file.exists() else {}
-    wall, cpu = timings.setdefault("wall", {}), timings.setdefault("cpu", {})
-
-    def timed(stage: str, fn, *args):
-        log(f"[pipeline] {stage} ...")
-        start, start_cpu = time.time(), _cpu_seconds()
-        result = fn(*args)
-        wall[stage] = wall.get(stage, 0.0) + time.time() - start
-        cpu[stage] = cpu.get(stage, 0.0) + _cpu_seconds() - start_cpu
-        timings_file.write_text(json.dumps(timings, indent=2))
-        return result
+    timed = StageTimer(run, log=log)
+    wall, cpu = timed.wall, timed.cpu
 
     files = timed("data", _world, cfg)
     tokenizer = timed("tokenizer", _tokenizer, cfg, files)

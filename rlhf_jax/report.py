@@ -49,8 +49,9 @@ def gold_curve(ppo_dir: Path) -> list[dict[str, float]]:
     return [{"step": s, "gold": sum(v) / len(v)} for s, v in sorted(by_step.items())]
 
 
-def format_table(summary: dict[str, Any]) -> str:
-    rows = [(label, summary[key]) for key, label in TABLE_KEYS if summary.get(key) is not None]
+def format_table(summary: dict[str, Any], keys: tuple[tuple[str, str], ...] = TABLE_KEYS) -> str:
+    """A markdown table of the ``(summary key, label)`` rows of ``keys`` that ``summary`` has."""
+    rows = [(label, summary[key]) for key, label in keys if summary.get(key) is not None]
     width = max(len(label) for label, _ in rows) if rows else 0
     lines = [f"| {'metric':<{width}} | value |", f"|{'-' * (width + 2)}|-------|"]
     lines += [f"| {label:<{width}} | {value:.3f} |" for label, value in rows]
