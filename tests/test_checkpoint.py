@@ -1,17 +1,70 @@
-"""Checkpointer: round trip, cadence, retention, shardings, crash atomicity; guard_finite."""
+"""Checkpointer: round trip, cadence, retention, shardings, crash atomicity; checksums and the
+fallback past damaged checkpoints; failed saves end promptly; guard_finite.
+
+`damage(step_dir, mode)` (the damage modes of a finished checkpoint seen in the field) is shared
+with test_loop.py and test_workdir.py."""
 
 from __future__ import annotations
 
+import logging
+import os
+import shlex
 import shutil
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from rlhf_jax.train import Checkpointer, NonFiniteError, OptimizerConfig, TrainState, guard_finite, make_optimizer
+from rlhf_jax.train import (
+    CheckpointError,
+    Checkpointer,
+    NonFiniteError,
+    OptimizerConfig,
+    TrainState,
+    guard_finite,
+    make_optimizer,
+)
+from rlhf_jax.train.checkpoint import checksums
+
+REPO = Path(__file__).resolve().parents[1]
+DAMAGE_MODES = ("truncate", "delete", "manifest", "metadata", "meta", "flip")
+NOISE = ("Traceback", "Exception ignored", "Event loop is closed", "was never awaited")
+
+
+def damage(step_dir: Path, mode: str) -> None:
+    """Damage a finished checkpoint `<dir>/<step>` as a disk, a copy or a sync tool might:
+    truncate the largest data blob to half, delete the largest file, overwrite the OCDBT manifest
+    or the tree's `_METADATA` with garbage, delete the `meta` item, or flip one bit in the middle
+    of the largest data blob."""
+    def largest(pattern: str) -> Path:
+        return max((p for p in (step_dir / "state").rglob(pattern) if p.is_file()), key=lambda p: p.stat().st_size)
+
+    blob = largest("d/*")  # OCDBT data files hold the arrays' (compressed) bytes
+    if mode == "truncate":
+        blob.write_bytes(blob.read_bytes()[: blob.stat().st_size // 2])
+    elif mode == "delete":
+        largest("*").unlink()
+    elif mode == "manifest":
+        (step_dir / "state" / "manifest.ocdbt").write_bytes(b"\x00garbage" * 8)
+    elif mode == "metadata":
+        (step_dir / "state" / "_METADATA").write_text('{"tree_metadata": {"params"', encoding="utf-8")
+    elif mode == "meta":
+        (step_dir / "meta" / "metadata").unlink()
+    elif mode == "flip":
+        data = bytearray(blob.read_bytes())
+        data[len(data) // 2] ^= 0x10
+        blob.write_bytes(bytes(data))
+    else:
+        raise ValueError(mode)
 
 
 def make_state(seed: int) -> TrainState:
@@ -165,6 +218,159 @@ def test_step_dir_without_commit_marker_is_ignored(tmp_path):
         assert ckpt.all_steps() == [4, 6]
         assert ckpt.restore(6, target=make_state(5))[1] == {"step": 6}
     assert any(p.name.startswith("6.incomplete-") for p in tmp_path.iterdir())
+
+
+def big_state(seed: int) -> dict:
+    """Large enough that its data blob is mostly array bytes (a flipped bit lands in an array)."""
+    rng = np.random.default_rng(seed)
+    return {"w": jnp.asarray(rng.normal(size=(128, 96)), jnp.float32), "b": jnp.arange(7, dtype=jnp.int32) * seed,
+            "rng": jax.random.key(seed)}
+
+
+@pytest.mark.parametrize("mode", DAMAGE_MODES)
+def test_damaged_newest_checkpoint_falls_back_to_the_previous(tmp_path, mode, caplog, capfd):
+    with Checkpointer(tmp_path) as ckpt:
+        for step in (1, 2, 3):
+            ckpt.save(step, big_state(step), {"step": step})
+    damage(tmp_path / "3", mode)
+    with Checkpointer(tmp_path) as ckpt, caplog.at_level(logging.WARNING):
+        state, meta = ckpt.restore_newest_valid(big_state(0))
+        assert ckpt.all_steps() == [1, 2]
+    assert meta == {"step": 2}
+    assert_trees_equal(state, big_state(2))
+    assert (tmp_path / "3.corrupt").is_dir() and not (tmp_path / "3").exists()  # kept, not deleted
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and f"{tmp_path / '3'} does not restore" in warnings[0]
+    assert "moved it to 3.corrupt" in warnings[0] and "resuming from step 2" in warnings[0]
+    if mode == "flip":  # orbax reads the flipped bit without complaint; the checksum catches it
+        assert "checksum mismatch in 1 array(s) of step 3: w" in warnings[0]
+    out, err = capfd.readouterr()
+    assert not [n for n in NOISE if n in out + err], err[-2000:]
+
+
+def test_no_checkpoint_restores_names_each_and_moves_none(tmp_path):
+    with Checkpointer(tmp_path) as ckpt:
+        for step in (1, 2):
+            ckpt.save(step, big_state(step), {"step": step})
+    damage(tmp_path / "2", "meta")
+    damage(tmp_path / "1", "flip")
+    with Checkpointer(tmp_path) as ckpt:
+        with pytest.raises(CheckpointError, match=r"no checkpoint in .* restores \(step 2: .*metadata.*; step 1: "
+                                                  r"checksum mismatch .*\); move them away to start over"):
+            ckpt.restore_newest_valid(big_state(0))
+        assert ckpt.all_steps() == [1, 2]
+    with Checkpointer(tmp_path / "empty") as ckpt:
+        assert ckpt.restore_newest_valid(big_state(0)) is None
+
+
+def reference_checksum(x: np.ndarray) -> int:
+    """The documented formula in NumPy: uint32 words of the bits (narrow dtypes widened), weights
+    2654435761·i + 1 | 1, sum mod 2**32 (Python integers: no overflow to trust)."""
+    x = np.asarray(x)
+    if x.dtype == np.bool_:
+        x = x.astype(np.uint8)
+    if x.dtype.itemsize < 4:
+        words = x.view(f"uint{8 * x.dtype.itemsize}").astype(np.uint32)
+    else:
+        words = x.view(np.uint32)
+    words = [int(w) for w in words.reshape(-1)]
+    return sum(w * ((2654435761 * i + 1) % 2**32 | 1) for i, w in enumerate(words)) % 2**32
+
+
+def test_checksums_match_numpy_and_see_every_single_bit():
+    rng = np.random.default_rng(0)
+    tree = {
+        "f32": rng.normal(size=(5, 3)).astype(np.float32),
+        "bf16": rng.normal(size=(4,)).astype(ml_dtypes.bfloat16),
+        "i8": rng.integers(-128, 127, size=(6,)).astype(np.int8),
+        "mask": rng.integers(0, 2, size=(3, 2)).astype(bool),
+        "step": np.int32(7),
+    }
+    got = checksums({k: jnp.asarray(v) for k, v in tree.items()})
+    assert got == {k: reference_checksum(v) for k, v in tree.items()}
+    key = jax.random.key(3)
+    assert checksums({"rng": key}) == {"rng": reference_checksum(np.asarray(jax.random.key_data(key)))}
+    x = tree["f32"]
+    bits = x.view(np.uint32).reshape(-1)
+    original = reference_checksum(x)
+    for i in range(bits.size):  # every element, every bit: one flip always changes the sum
+        for b in range(32):
+            flipped = bits.copy()
+            flipped[i] ^= np.uint32(1 << b)
+            assert reference_checksum(flipped.view(np.float32)) != original, (i, b)
+
+
+def run_script(body: str, timeout: float = 120) -> tuple[subprocess.CompletedProcess, float]:
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO)}
+    start = time.monotonic()
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(body)], capture_output=True, text=True,
+                          timeout=timeout, env=env, cwd=REPO)
+    return proc, time.monotonic() - start
+
+
+def test_failed_save_ends_the_process_promptly(tmp_path):
+    """A save whose step directory cannot be created (here: orbax's mkdir fails as on a read-only
+    disk) raises one CheckpointError, and the process exits at once: without releasing orbax's
+    waiting threads it stays alive for orbax's 300 s timeout."""
+    proc, seconds = run_script(f"""
+        import errno, jax.numpy as jnp, orbax.checkpoint as ocp
+        from rlhf_jax.train import CheckpointError, Checkpointer
+
+        async def read_only(self, *args, **kwargs):
+            raise OSError(errno.EROFS, "Read-only file system", str(self.get()))
+
+        ocp.path.atomicity.AtomicRenameTemporaryPath.create = read_only
+        ckpt = Checkpointer({str(tmp_path)!r})
+        try:
+            ckpt.save(1, {{"x": jnp.ones(3)}}, {{}})
+            ckpt.close()
+        except CheckpointError as e:
+            print("ERROR:", e)
+        print("exiting")
+    """)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"ERROR: saving a checkpoint in {tmp_path} failed: Read-only file system" in proc.stdout
+    assert proc.stdout.strip().endswith("exiting") and "never awaited" not in proc.stderr
+    assert seconds < 60, seconds
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="a read-only bind mount needs Linux")
+def test_read_only_checkpoint_dir_is_one_error(tmp_path):
+    """A really read-only checkpoint directory (a read-only bind mount when root, else chmod):
+    the save is refused before orbax starts, and the process exits promptly."""
+    ckpts = tmp_path / "checkpoints"
+    ckpts.mkdir()
+    body = f"""
+        import jax.numpy as jnp
+        from rlhf_jax.train import CheckpointError, Checkpointer
+        ckpt = Checkpointer({str(ckpts)!r})
+        try:
+            ckpt.save(1, {{"x": jnp.ones(3)}}, {{}})
+        except CheckpointError as e:
+            print("ERROR:", e)
+        ckpt.close()
+    """
+    if os.geteuid() == 0:
+        if shutil.which("unshare") is None:
+            pytest.skip("root without unshare: cannot make a directory read-only")
+        mount = (f"mount --bind {ckpts} {ckpts} && mount -o remount,bind,ro {ckpts} && "
+                 f"{sys.executable} -c {shlex.quote(textwrap.dedent(body))}")
+        probe = subprocess.run(["unshare", "-m", "true"], capture_output=True)
+        if probe.returncode != 0:
+            pytest.skip("unshare -m is not permitted here")
+        env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO)}
+        start = time.monotonic()
+        proc = subprocess.run(["unshare", "-m", "sh", "-c", mount], capture_output=True, text=True, timeout=120,
+                              env=env, cwd=REPO)
+        seconds = time.monotonic() - start
+    else:
+        ckpts.chmod(0o555)
+        proc, seconds = run_script(body)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"ERROR: cannot write checkpoint step 1 in {ckpts}" in proc.stdout
+    assert "Read-only file system" in proc.stdout or "Permission denied" in proc.stdout
+    assert "Traceback" not in proc.stderr
+    assert seconds < 60, seconds
 
 
 def test_guard_finite():

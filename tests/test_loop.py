@@ -1,25 +1,35 @@
-"""run_loop: resume determinism, NaN stop before saving, eval/save/log cadence, DONE marker."""
+"""run_loop: resume determinism, NaN stop before saving, eval/save/log cadence, DONE marker;
+the fallback past a damaged checkpoint, fingerprints on resume, force, the lock, failed saves."""
 
 from __future__ import annotations
 
+import gc
 import json
+import logging
+import threading
+import warnings
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 from rlhf_jax.configs import ConfigError
 from rlhf_jax.train import (
     DONE_FILE,
+    CheckpointError,
     Checkpointer,
     LoopConfig,
     NonFiniteError,
     OptimizerConfig,
     TrainState,
+    WorkdirError,
     make_optimizer,
     run_loop,
 )
+from rlhf_jax.train.workdir import fingerprint
+from test_checkpoint import DAMAGE_MODES, NOISE, damage
 
 DATA_RNG = np.random.default_rng(0)
 X = DATA_RNG.normal(size=(24, 3)).astype(np.float32)
@@ -95,16 +105,18 @@ def eval_fn(state):
     return _eval(state.params)
 
 
-def run(workdir, total, batches=None, **cfg):
+def run(workdir, total, batches=None, step=train_step, **cfg):
     cfg = {"eval_every": 3, "save_every": 3, **cfg}
     batches = FakeBatches() if batches is None else batches
+    extra = {k: cfg.pop(k) for k in ("fingerprint", "config") if k in cfg}
     state, history = run_loop(
         state=fresh_state(),
-        train_step=train_step,
+        train_step=step,
         batches=batches,
         loop_cfg=LoopConfig(total_steps=total, **cfg),
         workdir=workdir,
         eval_fn=eval_fn,
+        **extra,
     )
     return state, history, batches
 
@@ -263,3 +275,166 @@ def test_batches_running_out_raises(tmp_path):
 def test_loop_config_validation(kwargs, pattern):
     with pytest.raises(ConfigError, match=pattern):
         LoopConfig(**{"total_steps": 5, "eval_every": 1, "save_every": 1, **kwargs})
+
+
+# ------------------------------------------------------------------- fallback past damage
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    """12 steps in one go (checkpoints at 3, 6, 9, 12): what every interrupted run must equal."""
+    workdir = tmp_path_factory.mktemp("straight")
+    state, history, batches = run(workdir, total=12)
+    return workdir, state, history, batches
+
+
+def assert_same_run(workdir, straight) -> None:
+    ref_dir, ref_state, _, _ = straight
+    with Checkpointer(workdir / "checkpoints") as ckpt:
+        state, _ = ckpt.restore(12, target=fresh_state())
+    for a, b in zip(jax.tree.leaves(ref_state), jax.tree.leaves(state)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert (workdir / "metrics.jsonl").read_text() == (ref_dir / "metrics.jsonl").read_text()
+    done, want = (json.loads((d / DONE_FILE).read_text()) for d in (workdir, ref_dir))
+    assert {k: done[k] for k in want} == want
+
+
+@pytest.mark.parametrize("mode", DAMAGE_MODES)
+def test_damaged_checkpoint_resumes_from_the_previous_one(tmp_path, straight, mode, caplog, capfd):
+    """Killed at step 11 (checkpoints 3, 6, 9), the step-9 checkpoint damaged: the re-run
+    resumes from step 6, with step 6's data position and RNG, and ends bitwise equal."""
+    with pytest.raises(CrashAt):
+        run(tmp_path, total=12, step=crashing_step(11))
+    damage(tmp_path / "checkpoints" / "9", mode)
+    capfd.readouterr()
+    with caplog.at_level(logging.WARNING):
+        state, history, batches = run(tmp_path, total=12)
+    assert batches.served == straight[3].served[6:]  # step 6's data position
+    assert_same_run(tmp_path, straight)
+    assert history == straight[2]
+    assert (tmp_path / "checkpoints" / "9.corrupt").is_dir()
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and "checkpoints/9 does not restore" in warnings[0], warnings
+    out, err = capfd.readouterr()
+    assert not [n for n in NOISE if n in out + err], err[-2000:]
+
+
+def test_no_good_checkpoint_is_one_error(tmp_path):
+    with pytest.raises(CrashAt):
+        run(tmp_path, total=12, step=crashing_step(8))  # checkpoints 3 and 6
+    damage(tmp_path / "checkpoints" / "6", "truncate")
+    damage(tmp_path / "checkpoints" / "3", "metadata")
+    before = (tmp_path / "metrics.jsonl").read_text()
+    with pytest.raises(CheckpointError, match=r"no checkpoint in .*checkpoints restores \(step 6: .*; step 3: .*\)"):
+        run(tmp_path, total=12)
+    assert (tmp_path / "metrics.jsonl").read_text() == before
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["3", "6"]
+
+
+# ------------------------------------------------------------------------ fingerprints
+
+
+def identity(tmp_path, lr=0.05, data="abc"):
+    path = tmp_path / "data.txt"
+    path.write_text(data)
+    return fingerprint({"optimizer": {"lr": lr}}, {"train_data": path})
+
+
+def test_resume_with_another_fingerprint_is_refused(tmp_path):
+    workdir = tmp_path / "run"
+    with pytest.raises(CrashAt):
+        run(workdir, total=12, step=crashing_step(8), fingerprint=identity(tmp_path), config={"lr": 0.05})
+    before = {p: (workdir / p).read_text() for p in ("metrics.jsonl", "config.json")}
+    with pytest.raises(WorkdirError, match=r"has a checkpoint \(step 6\) of a run with another config or input: "
+                                           r"optimizer\.lr 0\.05 -> 0\.1; use a new workdir, set loop\.force=true "
+                                           r"to start over here, or loop\.allow_config_change=true to continue from "
+                                           r"step 6 with the new config"):
+        run(workdir, total=12, fingerprint=identity(tmp_path, lr=0.1), config={"lr": 0.1})
+    with pytest.raises(WorkdirError, match=r"another config or input: train_data \(.*data\.txt\) content changed"):
+        run(workdir, total=12, fingerprint=identity(tmp_path, data="abd"), config={"lr": 0.05})
+    assert {p: (workdir / p).read_text() for p in before} == before  # nothing rewritten
+    # The same fingerprint, with the input moved elsewhere (same content): resumes.
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    (moved / "data.txt").write_text("abc")
+    _, history, _ = run(workdir, total=12, fingerprint=fingerprint({"optimizer": {"lr": 0.05}},
+                                                                  {"train_data": moved / "data.txt"}))
+    assert history[-1]["step"] == 12
+
+
+def test_allowed_config_change_records_the_change_point(tmp_path):
+    workdir = tmp_path / "run"
+    with pytest.raises(CrashAt):
+        run(workdir, total=12, step=crashing_step(8), fingerprint=identity(tmp_path), config={"lr": 0.05})
+    new = identity(tmp_path, lr=0.1)
+    run(workdir, total=12, allow_config_change=True, fingerprint=new, config={"lr": 0.1})
+    change = {"step": 6, "changes": ["optimizer.lr 0.05 -> 0.1"]}
+    assert json.loads((workdir / "config.json").read_text()) == {"lr": 0.1, "config_changes": [change]}
+    records = lines(workdir)
+    assert {"step": 6, "config_changes": change["changes"]} in records
+    assert [r["step"] for r in records] == sorted(r["step"] for r in records)
+    done = json.loads((workdir / DONE_FILE).read_text())
+    assert done["fingerprint"] == new and done["config_changes"] == [change]
+    with Checkpointer(workdir / "checkpoints") as ckpt:
+        assert ckpt.restore(12, target=fresh_state())[1]["config_changes"] == [change]
+    # Resuming again with the new config: no new change, the history stays.
+    run(workdir, total=15, fingerprint=new, config={"lr": 0.1})
+    assert json.loads((workdir / "config.json").read_text())["config_changes"] == [change]
+
+
+def test_finished_run_with_another_fingerprint_is_refused(tmp_path):
+    run(tmp_path, total=3, fingerprint=identity(tmp_path))
+    with pytest.raises(WorkdirError, match=r"optimizer\.lr 0\.05 -> 0\.2"):
+        run(tmp_path, total=3, fingerprint=identity(tmp_path, lr=0.2))
+
+
+def test_force_starts_over_and_keeps_the_previous_run(tmp_path, straight):
+    with pytest.raises(CrashAt):
+        run(tmp_path, total=12, step=crashing_step(8), fingerprint=identity(tmp_path, lr=0.3))
+    run(tmp_path, total=12, force=True, fingerprint=identity(tmp_path))
+    assert_same_run(tmp_path, straight)
+    (kept,) = tmp_path.glob("replaced-*")
+    assert sorted(p.name for p in kept.iterdir()) == ["checkpoints", "metrics.jsonl"]
+    assert [r["step"] for r in lines(kept)][-1] == 7
+
+
+# ------------------------------------------------------------------- lock, failed saves
+
+
+def test_second_writer_is_refused(tmp_path):
+    """While one run holds the workdir (here: its first step starts another on the same
+    workdir), the other stops with one line naming the holder."""
+    seen = []
+
+    def step(state, batch):
+        if not seen:
+            with pytest.raises(WorkdirError) as e:
+                import subprocess, sys  # noqa: E401  (a real second process)
+
+                code = ("from rlhf_jax.train import workdir_lock\n"
+                        f"with workdir_lock({str(tmp_path)!r}): pass")
+                proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+                raise WorkdirError(proc.stderr.strip().splitlines()[-1])
+            seen.append(str(e.value))
+        return train_step(state, batch)
+
+    run(tmp_path, total=2, step=step)
+    assert "is in use by pid" in seen[0] and "wait for it to finish or use another workdir" in seen[0]
+    assert not (tmp_path / ".lock").exists()
+
+
+def test_failed_save_raises_and_releases_orbax(tmp_path, monkeypatch):
+    async def read_only(self, *args, **kwargs):
+        raise OSError(30, "Read-only file system", str(self.get()))
+
+    monkeypatch.setattr(ocp.path.atomicity.AtomicRenameTemporaryPath, "create", read_only)
+    with pytest.raises(CheckpointError, match=r"saving .* failed: Read-only file system"):
+        run(tmp_path, total=3)
+    assert not (tmp_path / DONE_FILE).exists()
+    from orbax.checkpoint._src.futures.future import _SignalingThread
+
+    assert not [t for t in threading.enumerate() if isinstance(t, _SignalingThread) and t.is_alive()]
+    with warnings.catch_warnings(record=True) as caught:  # no "coroutine ... was never awaited"
+        warnings.simplefilter("always")
+        gc.collect()
+    assert not [str(w.message) for w in caught if "never awaited" in str(w.message)]

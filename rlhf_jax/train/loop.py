@@ -1,27 +1,43 @@
 """The loop every stage runs: feed batches, check, log, evaluate, checkpoint, resume.
 
 Files under `workdir`: `checkpoints/<step>/` (orbax; state + meta), `metrics.jsonl`,
-`samples.jsonl`, TensorBoard events if available, and `DONE` (JSON of the final metrics) once the
-last step is saved, so a pipeline can skip a finished stage.
+`samples.jsonl`, TensorBoard events if available, `config.json` (the run's config, when given),
+the lock `.lock` while running, and `DONE` (JSON of the final metrics and the run's fingerprint)
+once the last step is saved, so a pipeline can skip a finished stage.
+
+The workdir is guarded (`train.workdir`): one process at a time, orphaned temporaries removed at
+start, a damaged newest checkpoint set aside for the newest good one
+(`Checkpointer.restore_newest_valid`), and a resumed run whose fingerprint (config and inputs)
+differs from the checkpoint's refused unless `LoopConfig.allow_config_change`, which records the
+change point.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import logging
 import os
+import shutil
+import time
 from pathlib import Path
 from typing import Any, Callable, Mapping, Protocol
 
 import jax
+from jax.experimental import multihost_utils
 
-from rlhf_jax.configs import ConfigError
+from rlhf_jax.configs import ConfigError, to_dict
 from rlhf_jax.train.checkpoint import Checkpointer, NonFiniteError, guard_finite
-from rlhf_jax.train.metrics import MetricsWriter, ProgressBar
+from rlhf_jax.train.metrics import METRICS_FILE, SAMPLES_FILE, MetricsWriter, ProgressBar
+from rlhf_jax.train.workdir import WorkdirError, describe_changes, fingerprint_changes, workdir_lock
 
-__all__ = ["LoopConfig", "StatefulIterator", "run_loop", "DONE_FILE"]
+__all__ = ["CONFIG_FILE", "DONE_FILE", "LoopConfig", "StatefulIterator", "run_loop"]
 
 DONE_FILE = "DONE"
+CONFIG_FILE = "config.json"
+
+log = logging.getLogger(__name__)
 
 Metrics = Mapping[str, Any]
 
@@ -38,14 +54,23 @@ class StatefulIterator(Protocol):
 
 @dataclasses.dataclass(frozen=True)
 class LoopConfig:
-    """Cadences are in loop steps (one `train_step` call each); 0 means "only at the last step"."""
+    """Cadences are in loop steps (one `train_step` call each); 0 means "only at the last step".
+
+    `resume`: continue from the newest good checkpoint in `workdir/checkpoints`.
+    `force`: start over; the previous run's files are moved to `workdir/replaced-<time>/`.
+    `allow_config_change`: resume even though the run's fingerprint differs from the
+    checkpoint's; the change point (step, what changed) goes into `config.json`, `metrics.jsonl`,
+    later checkpoints and `DONE`.
+    """
 
     total_steps: int
     eval_every: int
     save_every: int
     keep_checkpoints: int = 3
     log_every: int = 1
-    resume: bool = True  # continue from the newest checkpoint in workdir/checkpoints
+    resume: bool = True
+    force: bool = False
+    allow_config_change: bool = False
 
     def __post_init__(self) -> None:
         rules = {
@@ -58,6 +83,9 @@ class LoopConfig:
         for name, (low, value) in rules.items():
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ConfigError(f"LoopConfig.{name} must be an int >= {low}, got {value!r}")
+        for name in ("resume", "force", "allow_config_change"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"LoopConfig.{name} must be true or false, got {getattr(self, name)!r}")
 
 
 def run_loop(
@@ -70,6 +98,8 @@ def run_loop(
     eval_fn: Callable[[Any], Metrics] | None = None,
     tokens_in_batch: int | Callable[[dict[str, Any]], int] | None = None,
     on_log: Callable[[int, dict[str, Any]], None] | None = None,
+    fingerprint: Mapping[str, Any] | None = None,
+    config: Any = None,
 ) -> tuple[Any, list[dict[str, Any]]]:
     """Run `train_step` from the current (or resumed) step to `loop_cfg.total_steps`.
 
@@ -79,11 +109,16 @@ def run_loop(
       train_step: `(state, batch) -> (state, metrics)`, jitted by the caller; metrics are scalars.
       batches: `next(batches)` gives a batch; `get_state()`/`set_state()` carry its position,
         saved with each checkpoint so a resumed run sees the same data in the same order.
-      loop_cfg: cadences and total steps.
-      workdir: the stage's output directory.
+      loop_cfg: cadences, total steps, and how to treat an existing run (`resume`, `force`,
+        `allow_config_change`).
+      workdir: the stage's output directory, locked for the call (`train.workdir.workdir_lock`).
       eval_fn: `state -> metrics`, run every `eval_every` steps and at the end; logged as `eval/<k>`.
       tokens_in_batch: tokens per batch (int, or a function of the batch) for the tokens/s display.
       on_log: called as `on_log(step, record)` after each metrics line is written.
+      fingerprint: what defines the run's result (`train.workdir.fingerprint`), saved in every
+        checkpoint and in `DONE`; a resume compares it with the restored checkpoint's.
+      config: the run's config (a config dataclass or a dict), written to `workdir/config.json`
+        once the run is known to start or resume (with its `config_changes`, if any).
 
     Returns:
       The final state and the history: every record of metrics.jsonl (train and eval lines,
@@ -92,33 +127,61 @@ def run_loop(
     Raises:
       NonFiniteError: a train or eval metric is NaN/inf; raised before that step is saved, and the
         message names the step and the newest checkpoint still on disk.
+      WorkdirError: another process holds the workdir, or the checkpoint to resume was written
+        under a different fingerprint (and `allow_config_change` is off).
+      CheckpointError: no checkpoint restores (each named with its reason), or a save failed.
       ValueError: `resume=False` but workdir already has checkpoints.
       RuntimeError: `batches` ran out before `total_steps`.
     """
     workdir = Path(workdir)
+    with workdir_lock(workdir):
+        if loop_cfg.force:
+            _set_previous_run_aside(workdir)
+        return _run(state, train_step, batches, loop_cfg, workdir, eval_fn, tokens_in_batch, on_log,
+                    fingerprint, config)
+
+
+def _run(state, train_step, batches, loop_cfg, workdir, eval_fn, tokens_in_batch, on_log, fingerprint, config):
+    """`run_loop`'s body, run holding the workdir lock."""
     primary = jax.process_index() == 0
     total = loop_cfg.total_steps
     ckpt = Checkpointer(workdir / "checkpoints", keep=loop_cfg.keep_checkpoints)
     writer = MetricsWriter(workdir)
     progress = None
+    ok = False
     try:
-        start, last_train, last_eval = 0, {}, {}
+        start, last_train, last_eval, changes, config_changes = 0, {}, {}, [], []
         latest = ckpt.latest_step()
         if latest is not None and not loop_cfg.resume:
             raise ValueError(
                 f"{workdir / 'checkpoints'} already has checkpoints (newest: step {latest}) and "
                 "LoopConfig.resume is False; resume or use a fresh workdir"
             )
-        if latest is not None:
-            state, meta = ckpt.restore(latest, target=state)
+        restored = None if latest is None else ckpt.restore_newest_valid(state)
+        if restored is not None:
+            state, meta = restored
+            changes = _resume_changes(meta, fingerprint, loop_cfg, workdir)
             batches.set_state(meta["data"])
             start, last_train, last_eval = meta["step"], meta["metrics"], meta["eval"]
+            config_changes = list(meta.get("config_changes", []))
         writer.rewind(start)
+        if changes:
+            log.warning("%s: continuing from step %d with a changed config (loop.allow_config_change): %s",
+                        workdir, start, "; ".join(changes))
+            config_changes.append({"step": start, "changes": changes})
+            if primary:
+                _append_jsonl(workdir / METRICS_FILE, {"step": start, "config_changes": changes})
+        if config is not None and primary:
+            data = dict(config) if isinstance(config, Mapping) else to_dict(config)
+            changed = {"config_changes": config_changes} if config_changes else {}
+            _write_json_atomic(workdir / CONFIG_FILE, {**data, **changed}, indent=2)
         history = writer.read()
+        identity = {} if fingerprint is None else {"fingerprint": fingerprint, "config_changes": config_changes}
         done_path = workdir / DONE_FILE
         if start >= total:  # finished before (maybe killed between the last save and DONE)
             if primary and not done_path.exists():
-                _write_json_atomic(done_path, {"step": start, "metrics": last_train, "eval": last_eval})
+                _write_json_atomic(done_path, {"step": start, "metrics": last_train, "eval": last_eval, **identity})
+            ok = True
             return state, history
         if primary and done_path.exists():
             done_path.unlink()  # total_steps grew since the stage last finished
@@ -135,7 +198,7 @@ def run_loop(
                 ) from None
             return host
 
-        def log(step: int, metrics: Mapping[str, Any]) -> None:
+        def log_line(step: int, metrics: Mapping[str, Any]) -> None:
             record = writer.write(step, metrics)
             history.append(record)
             if on_log is not None:
@@ -159,23 +222,70 @@ def run_loop(
                     last_train = checked(s, m)
                 pending.clear()
             if log_due:
-                log(step, last_train)
+                log_line(step, last_train)
             if eval_due:
                 last_eval = checked(step, {f"eval/{k}": v for k, v in eval_fn(state).items()})
-                log(step, last_eval)
+                log_line(step, last_eval)
             if save_due:
-                meta = {"step": step, "data": batches.get_state(), "metrics": last_train, "eval": last_eval}
+                meta = {"step": step, "data": batches.get_state(), "metrics": last_train, "eval": last_eval,
+                        **identity}
                 ckpt.save(step, state, meta, force=True)
             progress.update(step, _count_tokens(tokens_in_batch, batch))
         ckpt.wait()
         if primary:
-            _write_json_atomic(done_path, {"step": total, "metrics": last_train, "eval": last_eval})
+            _write_json_atomic(done_path, {"step": total, "metrics": last_train, "eval": last_eval, **identity})
+        ok = True
         return state, history
     finally:
         if progress is not None:
             progress.close()
         writer.close()
-        ckpt.close()
+        if ok:
+            ckpt.close()
+        else:  # already failing: close without letting a second error hide the first
+            with contextlib.suppress(Exception):
+                ckpt.close()
+
+
+def _resume_changes(meta: Mapping[str, Any], fingerprint: Mapping[str, Any] | None, loop_cfg: LoopConfig,
+                    workdir: Path) -> list[str]:
+    """What differs between the restored checkpoint's fingerprint and this run's; WorkdirError
+    unless nothing or `allow_config_change`."""
+    if fingerprint is None:
+        return []
+    saved = meta.get("fingerprint")
+    if saved is None:
+        log.warning("%s: checkpoint step %s records no fingerprint (an older version wrote it); resuming "
+                    "without checking the config", workdir, meta.get("step"))
+        return []
+    changes = fingerprint_changes(saved, fingerprint)
+    if changes and not loop_cfg.allow_config_change:
+        raise WorkdirError(
+            f"{workdir} has a checkpoint (step {meta['step']}) of a run with another config or input: "
+            f"{describe_changes(changes)}; use a new workdir, set loop.force=true to start over here, or "
+            f"loop.allow_config_change=true to continue from step {meta['step']} with the new config"
+        )
+    return changes
+
+
+def _set_previous_run_aside(workdir: Path) -> None:
+    """`loop.force`: move an earlier run's files into `workdir/replaced-<time>/` (nothing is
+    deleted), so the run starts over."""
+    names = ["checkpoints", DONE_FILE, METRICS_FILE, SAMPLES_FILE, CONFIG_FILE, "model"]
+    found = [workdir / n for n in names if (workdir / n).exists()] + sorted(workdir.glob("events.out.tfevents.*"))
+    if found and jax.process_index() == 0:
+        target = workdir / f"replaced-{time.strftime('%Y%m%d-%H%M%S')}"
+        n = 1
+        while target.exists():
+            n += 1
+            target = workdir / f"replaced-{time.strftime('%Y%m%d-%H%M%S')}-{n}"
+        target.mkdir()
+        for path in found:
+            shutil.move(str(path), str(target / path.name))
+        log.warning("loop.force: moved the previous run in %s to %s (delete it when no longer needed)",
+                    workdir, target.name)
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("rlhf_jax loop.force")
 
 
 def _every(step: int, every: int) -> bool:
@@ -188,9 +298,14 @@ def _count_tokens(tokens_in_batch: int | Callable[[dict[str, Any]], int] | None,
     return int(tokens_in_batch(batch))
 
 
-def _write_json_atomic(path: Path, data: Any) -> None:
+def _append_jsonl(path: Path, record: Mapping[str, Any]) -> None:
+    with path.open("a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def _write_json_atomic(path: Path, data: Any, indent: int | None = None) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(jax.tree.map(_python, data)) + "\n", encoding="utf-8")
+    tmp.write_text(json.dumps(jax.tree.map(_python, data), indent=indent) + "\n", encoding="utf-8")
     os.replace(tmp, path)
 
 
