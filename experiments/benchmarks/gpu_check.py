@@ -7,13 +7,16 @@
 2. **Decode** from a bf16 copy of the weights, batch 64 then 32, 128, 256 (prompt 128, 128 new
    tokens, greedy): seconds per step ``(t(128 new) − t(1 new)) / 127`` (prefill removed) against
    the HBM bound (every matmul weight, 2 bytes, plus the KV cache at the mean context, per step).
-3. **One PPO-ptx iteration**, 64 prompts × (128 + 128), 4 minibatches, ptx 4 × 8 × 256: its
-   compile time and run time, then (budget allowing) the phase split — rollout, experience,
-   update, each its own compiled program — against each phase's floor (rollout: prefill FLOPs /
-   peak + 128 steps at the HBM bound; experience and update: their FLOPs / peak).
+3. **One PPO-ptx iteration**, 64 prompts × (128 + 128), 4 minibatches, ptx 4 × 8 × 256, with
+   the SFT step's attention and remat setting and bf16 rollout weights: its compile time and
+   run time; then (after the rest of the decode sweep, budget allowing) the phase split —
+   rollout, experience, update, each its own compiled program — against each phase's floor
+   (rollout: prefill FLOPs / peak + 128 steps at the HBM bound; experience and update: their
+   FLOPs / peak).
 
-Each part is skipped once ``--budget-s`` is spent (the skipped parts are listed in the JSON), and
-a part that fails records its error and the rest still run.
+Order: SFT, decode at batch 64, the PPO iteration, the other decode batches, the phase split.
+A part is skipped when less of ``--budget-s`` is left than it needs (the skipped parts are
+listed in the JSON), and a part that fails records its error and the rest still run.
 
     python -m experiments.benchmarks.gpu_check --json out.json [--budget-s 200] [--dry-run]
 
@@ -133,9 +136,9 @@ def decode_check(config: ModelConfig, params16: Any, batch: int, shapes: Shapes,
             "hbm_bound_step_s": bound_s, "hbm_bound_fraction": bound_s / step_s, "weights": "bfloat16 copy"}
 
 
-def ppo_check(config: ModelConfig, params: Any, shapes: Shapes, peak: float, bandwidth: float,
-              budget_left: Callable[[], float]) -> dict[str, Any]:
-    """Compile and run one PPO-ptx iteration; then, budget allowing, the phase split."""
+def ppo_check(config: ModelConfig, params: Any, shapes: Shapes, peak: float, bandwidth: float) -> dict[str, Any]:
+    """Compile and run one PPO-ptx iteration.  The returned ``"run"`` entry (not written to the
+    JSON) holds what ``ppo_phases`` needs."""
     model = Transformer(config)
     value = Transformer(config.replace(head="scalar"))
     vparams = init_params(value, jax.random.PRNGKey(5))
@@ -164,28 +167,33 @@ def ppo_check(config: ModelConfig, params: Any, shapes: Shapes, peak: float, ban
         "update": (train_step_flops(config, b, t) + train_step_flops(config, *shapes.ptx[1:]) * shapes.ptx[0]
                    + train_step_flops(config.replace(head="scalar"), b, t)) / peak,
     }
-    result = {"prompts": b, "prompt": p, "new": n, "minibatches": shapes.minibatches, "ptx": list(shapes.ptx),
-              "compile_s": compile_s, "iteration_s": statistics.median(times), "times": times,
-              "kl": float(m["kl"]), "vf_loss": float(m["vf_loss"]), "floors_s": floors,
-              "floor_s": sum(floors.values())}
-    if budget_left() < 60:
-        result["phases"] = "skipped: budget"
-        return result
-    key = jax.random.PRNGKey(9)
+    return {"prompts": b, "prompt": p, "new": n, "minibatches": shapes.minibatches, "ptx": list(shapes.ptx),
+            "attention_impl": config.attention_impl, "remat_policy": config.remat_policy,
+            "compile_s": compile_s, "iteration_s": statistics.median(times), "times": times,
+            "kl": float(m["kl"]), "vf_loss": float(m["vf_loss"]), "floors_s": floors,
+            "floor_s": sum(floors.values()), "run": (models, ppo, state, ids, ptx)}
+
+
+def ppo_phases(run: tuple, floors: dict[str, float]) -> dict[str, Any]:
+    """The iteration's phases as three compiled programs (rollout, experience, update): their
+    compile-inclusive first call, then one timed call each, against each phase's floor."""
+    models, ppo, state, ids, ptx = run
+    ones, ptx_mask, key = jnp.ones_like(ids), jnp.ones_like(ptx), jax.random.PRNGKey(9)
     roll = jax.jit(rollout_phase, static_argnums=(0, 1))
     expf = jax.jit(experience_phase, static_argnums=(0, 1))
     upd = jax.jit(update_phase, static_argnums=(0, 1))
+    start = time.perf_counter()
     ro = jax.block_until_ready(roll(models, ppo, state, ids, ones, key))
     exp = jax.block_until_ready(expf(models, ppo, state, ro))
-    jax.block_until_ready(upd(models, ppo, state, exp, ptx, jnp.ones_like(ptx), key))
+    jax.block_until_ready(upd(models, ppo, state, exp, ptx, ptx_mask, key))
+    compile_s = time.perf_counter() - start
     phases = {
         "rollout": timed(lambda: jax.block_until_ready(roll(models, ppo, state, ids, ones, key))),
         "experience": timed(lambda: jax.block_until_ready(expf(models, ppo, state, ro))),
-        "update": timed(lambda: jax.block_until_ready(upd(models, ppo, state, exp, ptx, jnp.ones_like(ptx), key))),
+        "update": timed(lambda: jax.block_until_ready(upd(models, ppo, state, exp, ptx, ptx_mask, key))),
     }
-    result["phases_s"] = phases
-    result["phase_vs_floor"] = {k: floors[k] / v for k, v in phases.items()}
-    return result
+    return {"phases_s": phases, "phase_vs_floor": {k: floors[k] / v for k, v in phases.items()},
+            "first_calls_s": compile_s}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -221,31 +229,33 @@ def main(argv: list[str] | None = None) -> None:
             result["errors"][name] = f"{type(e).__name__}: {e}"[:2000]
             print(f"{name}: FAILED\n{traceback.format_exc()[-3000:]}", flush=True)
             return None
-        print(name, {k: v for k, v in out.items() if not isinstance(v, (list, dict))}, flush=True)
+        print(name, {k: v for k, v in out.items() if not isinstance(v, (list, dict, tuple))}, flush=True)
         return out
 
+    settings = {"attention_impl": "xla", "remat_policy": "dots"}  # for PPO when no SFT setting ran
     for impl, policy in SFT_SETTINGS:
         sft = part(f"sft[{impl},{policy}]",
                    lambda: sft_check(config.replace(attention_impl=impl, remat_policy=policy), params, shapes, peak,
                                      repeats), 0)
         if sft is not None:
             result["sft"] = sft
+            settings = {"attention_impl": impl, "remat_policy": policy}
             break
 
     params16 = cast_floating(params, jnp.bfloat16)
-    sweep = []
-    for i, batch in enumerate(shapes.decode_batches):
-        d = part(f"decode[{batch}]", lambda: decode_check(config, params16, batch, shapes, bandwidth, 2 if i else 3),
-                 0 if i == 0 else 75)
-        if d is not None:
-            sweep.append(d)
-        if i == 0:  # the PPO iteration matters more than the rest of the sweep
-            del params16
-            ppo = part("ppo", lambda: ppo_check(config, params, shapes, peak, bandwidth, budget_left), 0)
-            if ppo is not None:
-                result["ppo"] = ppo
-            params16 = cast_floating(params, jnp.bfloat16)
-    result["decode"] = sweep
+    batches = shapes.decode_batches
+    decode = [part(f"decode[{batches[0]}]", lambda: decode_check(config, params16, batches[0], shapes, bandwidth,
+                                                                 repeats), 0)]
+    ppo = part("ppo", lambda: ppo_check(config.replace(**settings), params, shapes, peak, bandwidth), 0)
+    run = ppo.pop("run") if ppo else None
+    for batch in batches[1:]:  # the rest of the sweep, then the phase split, while the budget lasts
+        decode.append(part(f"decode[{batch}]", lambda: decode_check(config, params16, batch, shapes, bandwidth, 2),
+                           30))
+    result["decode"] = [d for d in decode if d is not None]
+    result["headline_decode_batch"] = batches[0]
+    if ppo is not None:
+        phases = part("ppo_phases", lambda: ppo_phases(run, ppo["floors_s"]), 40)
+        result["ppo"] = {**ppo, **(phases or {})}
     result["seconds"] = time.time() - start
     if args.json:
         write_json(args.json, result)

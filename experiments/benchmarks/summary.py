@@ -141,8 +141,8 @@ def _gpu_check(d: Mapping[str, Any]) -> Iterator[Row]:
                   f"remat {sft['remat_policy']})", sft["mfu"], target=targets.get("sft_mfu"), target_on="ours",
                   unit="%")
         yield Row("gpu_check", "1.1B SFT step: compile", sft["compile_s"], unit="s", higher_is_better=False)
-    for i, r in enumerate(d.get("decode", [])):
-        headline = i == 0
+    for r in d.get("decode", []):
+        headline = r["batch"] == d.get("headline_decode_batch")
         yield Row("gpu_check", f"1.1B decode batch {r['batch']} (bf16 weights): fraction of the HBM bound",
                   r["hbm_bound_fraction"], target=targets.get("decode_hbm_fraction") if headline else None,
                   target_on="ours", unit="%")
