@@ -36,7 +36,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from rlhf_jax import hf
 from rlhf_jax.configs import ConfigError, to_dict
 from rlhf_jax.distributed import DistributedConfig
-from rlhf_jax.model import ModelConfig, Params, Transformer, init_params
+from rlhf_jax.model import ATTENTION_IMPLS, REMAT_POLICIES, ModelConfig, Params, Transformer, init_params
 from rlhf_jax.data import BatchIterator
 from rlhf_jax.sharding import BATCH_AXES, MeshConfig, make_mesh, place_batch, process_data_shard, state_shardings
 from rlhf_jax.tokenizer import Tokenizer
@@ -87,6 +87,16 @@ class ModelSource:
             raise ConfigError(
                 f"ModelSource.dtype must be one of float32, bfloat16, float16, got {self.dtype!r}"
             )
+        if not isinstance(self.scan_layers, bool):
+            raise ConfigError(f"ModelSource.scan_layers must be true or false, got {self.scan_layers!r}")
+        if self.remat_policy not in REMAT_POLICIES:
+            raise ConfigError(f"ModelSource.remat_policy must be one of {', '.join(REMAT_POLICIES)}, "
+                              f"got {self.remat_policy!r}")
+        if self.attention_impl not in ATTENTION_IMPLS:
+            raise ConfigError(f"ModelSource.attention_impl must be one of {', '.join(ATTENTION_IMPLS)}, "
+                              f"got {self.attention_impl!r}")
+        if isinstance(self.logits_chunk, bool) or not isinstance(self.logits_chunk, int) or self.logits_chunk < 0:
+            raise ConfigError(f"ModelSource.logits_chunk must be an int >= 0 (0 = off), got {self.logits_chunk!r}")
         if self.init is not None and (self.init.head != "lm" or self.init.dtype != "float32"):
             raise ConfigError(
                 "ModelSource.init.head/dtype must stay at their defaults ('lm', 'float32'): the "
