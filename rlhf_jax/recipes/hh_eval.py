@@ -27,6 +27,7 @@ import numpy as np
 from rlhf_jax.data import Prompt, tokenize_prompts
 from rlhf_jax.generation import score
 from rlhf_jax.hf import load_pretrained
+from rlhf_jax.model import Transformer
 from rlhf_jax.pipeline import heldout_ptx_loss, kl_per_sequence, prompt_win_rates, sample
 from rlhf_jax.report import format_table
 from rlhf_jax.stages.reward import load_reward_model
@@ -60,11 +61,18 @@ def _last_eval(stage_dir: Path, key: str) -> float | None:
     return values[-1] if values else None
 
 
+def _load_policy(cfg: Any, path: Path) -> tuple[Transformer, Any]:
+    """An exported policy with the recipe's compute dtype and ``scan_layers``."""
+    model, params = load_pretrained(path, dtype=cfg.dtype)
+    return Transformer(model.config.replace(scan_layers=cfg.scan_layers)), params
+
+
 class _Scorer:
     """A reward model's normalised score of ``[b, P + N]`` rollouts: ``[b]`` numpy floats."""
 
-    def __init__(self, path: Path, dtype: str):
-        self.model, self.params, self.gain, self.bias = load_reward_model(path, dtype=dtype)
+    def __init__(self, path: Path, cfg: Any):
+        model, self.params, self.gain, self.bias = load_reward_model(path, dtype=cfg.dtype)
+        self.model = Transformer(model.config.replace(scan_layers=cfg.scan_layers))
 
     def __call__(self, tokens: Any, mask: Any) -> np.ndarray:
         return np.asarray(score(self.model, self.params, tokens, mask, gain=self.gain, bias=self.bias))
@@ -136,9 +144,9 @@ def evaluate_hh(cfg: Any, configs: dict[str, Any], data: dict[str, Any]) -> dict
         return json.loads(out.read_text())
     run = cfg.run_dir
     tokenizer = Tokenizer.from_file(configs["sft"].tokenizer)
-    policy, sft_params = load_pretrained(run / "sft" / "model", dtype=cfg.dtype)
-    _, ppo_params = load_pretrained(run / "ppo" / "model", dtype=cfg.dtype)
-    scorers = {"proxy": _Scorer(run / "rm_proxy" / "model", cfg.dtype), "judge": _Scorer(run / "rm_judge" / "model", cfg.dtype)}
+    policy, sft_params = _load_policy(cfg, run / "sft" / "model")
+    _, ppo_params = _load_policy(cfg, run / "ppo" / "model")
+    scorers = {"proxy": _Scorer(run / "rm_proxy" / "model", cfg), "judge": _Scorer(run / "rm_judge" / "model", cfg)}
     rows = _eval_prompts(data)
     prompts = [r["prompt"] for r in rows]
     key = jax.random.PRNGKey(cfg.seed + 1000)
@@ -190,8 +198,8 @@ def evaluate_gamma0(cfg: Any, configs: dict[str, Any], data: dict[str, Any]) -> 
         return json.loads(out.read_text())
     run = cfg.run_dir
     tokenizer = Tokenizer.from_file(configs["sft"].tokenizer)
-    policy, sft_params = load_pretrained(run / "sft" / "model", dtype=cfg.dtype)
-    _, params = load_pretrained(run / "ppo_gamma0" / "model", dtype=cfg.dtype)
+    policy, sft_params = _load_policy(cfg, run / "sft" / "model")
+    _, params = _load_policy(cfg, run / "ppo_gamma0" / "model")
     prompts = [r["prompt"] for r in _eval_prompts(data)]
     _, _, rollouts = sample(policy, params, tokenizer, prompts, max_prompt_len=cfg.max_prompt_len,
                             max_new_tokens=cfg.max_response_len, temperature=cfg.eval_temperature,
