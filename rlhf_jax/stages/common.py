@@ -110,11 +110,11 @@ class ModelSource:
 def model_config(source: ModelSource, head: str = "lm", score_pooling: str | None = None) -> ModelConfig:
     """The ``ModelConfig`` that ``load_model(source, head, score_pooling=)`` builds, without
     reading weights."""
-    config = _execution(source, _source_config(source, head))
+    config = with_execution(source, _source_config(source, head))
     return config if score_pooling is None else config.replace(score_pooling=score_pooling)
 
 
-def _execution(source: ModelSource, config: ModelConfig) -> ModelConfig:
+def with_execution(source: ModelSource, config: ModelConfig) -> ModelConfig:
     """``config`` with ``source``'s execution switches (a bad value is a ConfigError naming it)."""
     try:
         return config.replace(scan_layers=source.scan_layers, remat_policy=source.remat_policy,
@@ -157,7 +157,7 @@ def load_model(
         model = Transformer(model_config(source, head, score_pooling))
         return model, _init_params(model, key)
     model, params = hf.load_pretrained(source.hf_dir, dtype=source.dtype, head=head, key=key)
-    model = Transformer(_execution(source, model.config))
+    model = Transformer(with_execution(source, model.config))
     if score_pooling is not None:
         model = Transformer(model.config.replace(score_pooling=score_pooling))
     return model, params

@@ -41,9 +41,9 @@ from rlhf_jax.ppo import (
 )
 from rlhf_jax.kl_control import update_kl
 from rlhf_jax.sharding import make_mesh, place_batch, state_shardings
+from rlhf_jax.model import Transformer
 from rlhf_jax.stages.common import (
     STAGE_FILE,
-    ModelSource,
     StageConfig,
     StageOptimizerConfig,
     cached_optimizer,
@@ -61,6 +61,7 @@ from rlhf_jax.stages.common import (
     stage_record,
     total_steps,
     write_config,
+    with_execution,
 )
 from rlhf_jax.stages.reward import load_reward_model
 from rlhf_jax.tokenizer import Tokenizer
@@ -246,7 +247,8 @@ def load_ppo_models(cfg: PPOStageConfig, key: jax.Array) -> tuple[PPOModels, dic
     k_policy, k_value = jax.random.split(key)
     policy, policy_params = load_model(cfg.model, "lm", k_policy)
     reward, reward_params, gain, bias = load_reward_model(cfg.reward_model, dtype=cfg.model.dtype)
-    value_source = ModelSource(hf_dir=cfg.value_model or cfg.reward_model, dtype=cfg.model.dtype)
+    reward = Transformer(with_execution(cfg.model, reward.config))  # the policy's scan / remat / attention
+    value_source = dataclasses.replace(cfg.model, hf_dir=cfg.value_model or cfg.reward_model, init=None)
     value, value_params = load_model(value_source, "scalar", k_value)
     parts = {"policy": policy_params, "value": value_params, "reward": reward_params, "gain": gain, "bias": bias}
     return PPOModels(policy, value, reward), parts
