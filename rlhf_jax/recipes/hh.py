@@ -300,9 +300,11 @@ def stage_configs(cfg: HHRecipeConfig, base: Path, files: dict[str, str]) -> dic
         "batch_size": PPO_BATCH, "max_prompt_len": cfg.max_prompt_len, "ptx_batch_size": 8, "ptx_seq_len": cfg.ptx_seq_len,
         "eval_samples": 64,
         "ppo": {"generation": {"max_new_tokens": cfg.max_response_len, "temperature": 1.0},
-                "num_minibatches": 2, "epochs": 1, "ptx_coef": 1.0,
+                # γ: enough to hold the ptx loss near SFT's, not so much that it trains on the
+                # text (which would move the loss the other way); β small for a 40-iteration run.
+                "num_minibatches": 2, "epochs": 1, "ptx_coef": 0.3,
                 "kl": {"kind": "fixed", "init_kl_coef": 0.05}},
-        "optimizer": {"lr": 1e-5, "warmup_steps": 3, "schedule": "constant"},
+        "optimizer": {"lr": 2e-5, "warmup_steps": 3, "schedule": "constant"},
         "value_optimizer": {"lr": 3e-5, "schedule": "constant"},
         "loop": {"total_steps": 40, "eval_every": 10, "save_every": 20},
     }
