@@ -26,7 +26,12 @@ from test_stage_sft import jsonl, random_model_dir
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("ppo_world")
+    return make_ppo_world(tmp_path_factory.mktemp("ppo_world"))
+
+
+def make_ppo_world(root: Path) -> dict[str, Path]:
+    """Prompts, pretraining text, a BPE tokenizer, a random SFT model and a random reward model
+    (gain 2, bias -0.5): keys of make_world_files plus sft, rm (shared with test_workdir.py)."""
     files = make_world_files(root, 0, n_pretrain=200, n_demos=0, n_prompts=64, n_eval_prompts=16)
     texts = [r["text"] for r in jsonl(files["pretrain"])] + [r["prompt"] for r in jsonl(files["prompts"])]
     tokenizer = Tokenizer.train(texts, 320)

@@ -1,12 +1,14 @@
 """What every training stage shares: model sources, tokenizer loading, the config fields common to
 SFT / reward model / PPO, train-state placement on a device mesh, mesh-jitted steps, model export.
 
-A stage's directory (``workdir``) holds ``config.json`` (the resolved config), what ``run_loop``
-writes (``checkpoints/``, ``metrics.jsonl``, ``samples.jsonl``, ``DONE``) and, once finished,
+A stage's directory (``workdir``) holds what ``run_loop`` writes (``config.json``, the resolved
+config; ``checkpoints/``, ``metrics.jsonl``, ``samples.jsonl``, ``DONE``) and, once finished,
 ``model/``: the final model in Hugging Face format (``save_pretrained`` + ``tokenizer.json`` +
 stage side files such as ``reward_normalization.json``).  The next stage loads that directory as
 its ``ModelSource(hf_dir=...)``.  A stage is complete when ``model/`` exists and records the same
-number of steps as ``DONE`` (``completed_model``).
+number of steps as ``DONE`` (``completed_model``); it is reused only if its fingerprint
+(``stage_fingerprint``: the config without operational fields, and the content of its input files
+and models) is unchanged.  A stage holds its workdir's lock while it runs (``guarded``).
 
 Data loading is per process (``process_batches``): with several processes each reads only its
 part of the training file (``sharding.process_data_shard``) and its rows become its devices'
@@ -20,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import logging
 import math
 import os
 import shutil
@@ -41,9 +44,11 @@ from rlhf_jax.data import BatchIterator
 from rlhf_jax.sharding import BATCH_AXES, MeshConfig, make_mesh, place_batch, process_data_shard, state_shardings
 from rlhf_jax.tokenizer import Tokenizer
 from rlhf_jax.train import DONE_FILE, LoopConfig, OptimizerConfig, TrainState, make_optimizer
+from rlhf_jax.train.workdir import WorkdirError, describe_changes, fingerprint, fingerprint_changes, workdir_lock
+
+log = logging.getLogger(__name__)
 
 MODEL_DIR = "model"
-CONFIG_FILE = "config.json"
 STAGE_FILE = "rlhf_jax_stage.json"  # inside model/: which stage wrote it, after how many steps
 
 Batch = Mapping[str, Any]
@@ -303,13 +308,61 @@ def check_batch_fits_mesh(batch_size: int, mesh: Mesh, where: str) -> None:
         )
 
 
-def write_config(workdir: str | os.PathLike, cfg: Any) -> None:
-    """``workdir/config.json``: the resolved config of this run (process 0 only)."""
-    if jax.process_index() != 0:
-        return
-    workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    _write_json_atomic(workdir / CONFIG_FILE, to_dict(cfg))
+# Config fields that change how a stage runs or reports, not what it computes: left out of its
+# fingerprint.  (Its length, ``epochs``/``loop.total_steps``, may grow on resume; a schedule that
+# follows it shows up as a changed ``optimizer.total_steps``, see ``stage_optimizer``.)  Input
+# paths are left out too: the inputs' content stands for them.
+OPERATIONAL_FIELDS = (
+    "workdir", "epochs", "loop", "eval_data", "eval_batches", "mesh", "distributed",
+    "sample_prompts", "sample_max_new_tokens", "eval_samples", "phase_timing",
+    "model.scan_layers", "model.remat_policy", "model.attention_impl", "model.logits_chunk",
+)
+
+
+def stage_optimizer(cfg: StageConfig, steps: int) -> OptimizerConfig:
+    """``cfg.optimizer`` resolved for a stage of ``steps`` loop steps (one update per
+    ``grad_accum_steps`` of them): a decaying schedule without its own ``total_steps`` decays
+    over the whole stage."""
+    return cfg.optimizer.resolve(math.ceil(steps / cfg.optimizer.grad_accum_steps))
+
+
+def stage_fingerprint(cfg: StageConfig, inputs: tuple[str, ...], resolved: Mapping[str, Any]) -> dict[str, Any]:
+    """What defines the stage's result (``train.workdir.fingerprint``): ``cfg`` without
+    ``OPERATIONAL_FIELDS`` and without the ``inputs`` fields (dotted keys such as
+    ``"model.hf_dir"``, ``"train_data"``), whose files or directories are hashed instead, and
+    with the fields of ``resolved`` (e.g. ``{"optimizer": stage_optimizer(cfg, steps)}``)
+    replaced by those values.  The hashes recorded in ``workdir/DONE`` are reused for inputs
+    whose size and modification time are unchanged."""
+    data = to_dict(cfg)
+    paths = {key: _pop(data, key) for key in inputs}
+    for key in OPERATIONAL_FIELDS:
+        _pop(data, key)
+    data.update({key: to_dict(value) for key, value in resolved.items()})
+    done = _read_json(Path(cfg.workdir) / DONE_FILE) or {}
+    return fingerprint(data, paths, previous=done.get("fingerprint"))
+
+
+def _pop(data: dict[str, Any], dotted: str) -> Any:
+    """Remove ``data[a][b]`` for ``"a.b"`` and return it (None if absent)."""
+    *parents, last = dotted.split(".")
+    for key in parents:
+        data = data.get(key)
+        if not isinstance(data, dict):
+            return None
+    return data.pop(last, None)
+
+
+def guarded(train: Callable[[Any], Path]) -> Callable[[Any], Path]:
+    """A stage's ``train_*(cfg)`` run holding ``cfg.workdir``'s lock (``train.workdir``): a
+    second process on the same workdir stops with a ``WorkdirError``; temporaries of an
+    interrupted run are removed first."""
+
+    @functools.wraps(train)
+    def run(cfg: Any) -> Path:
+        with workdir_lock(cfg.workdir):
+            return train(cfg)
+
+    return run
 
 
 # ------------------------------------------------------------------------------------- devices
@@ -348,7 +401,7 @@ def setup_training(
     check_batch_fits_mesh(cfg.batch_size, mesh, type(cfg).__name__)
     init_key, state_key = jax.random.split(jax.random.PRNGKey(cfg.seed))
     model, params = load_model(cfg.model, head, init_key, score_pooling)
-    optimizer = cfg.optimizer.resolve(math.ceil(steps / cfg.optimizer.grad_accum_steps))
+    optimizer = stage_optimizer(cfg, steps)
     state = init_train_state(params, cached_optimizer(optimizer), state_key, mesh)
     train_step = jit_on_mesh(step_fn(model, optimizer), mesh, state, donate=True, process_local=True)
     return Training(model, state, train_step, mesh, optimizer)
@@ -566,19 +619,45 @@ def export_model(
 
 
 def stage_record(stage: str, steps: int, cfg: Any) -> dict[str, Any]:
-    """The ``STAGE_FILE`` content ``completed_model`` checks: stage name, steps, config."""
-    return {"stage": stage, "steps": int(steps), "config": to_dict(cfg)}
+    """The ``STAGE_FILE`` content ``completed_model`` checks: stage name, steps, config, and from
+    ``DONE`` the inputs' hashes and, if the config changed during the run, ``config_changes``."""
+    done = _read_json(Path(cfg.workdir) / DONE_FILE) or {}
+    record = {"stage": stage, "steps": int(steps), "config": to_dict(cfg)}
+    if done.get("fingerprint"):
+        record["inputs"] = done["fingerprint"].get("inputs", {})
+    if done.get("config_changes"):
+        record["config_changes"] = done["config_changes"]
+    return record
 
 
-def completed_model(workdir: str | os.PathLike, steps: int) -> Path | None:
+def completed_model(workdir: str | os.PathLike, steps: int, fingerprint: Mapping[str, Any] | None = None,
+                    force: bool = False) -> Path | None:
     """``workdir/model`` when the stage ran ``steps`` steps (``DONE``) and exported them, else
-    None (not started, interrupted, exported before ``steps`` grew, or killed before export)."""
+    None (not started, interrupted, exported before ``steps`` grew, or killed before export).
+
+    With ``fingerprint`` (``stage_fingerprint``) a complete stage is reused only if ``DONE``
+    records the same one; ``force`` (``loop.force``) always gives None, to train it again.
+
+    Raises:
+      WorkdirError: the stage is complete but its fingerprint differs, naming what changed.
+    """
     workdir = Path(workdir)
     done, record = _read_json(workdir / DONE_FILE), _read_json(model_dir(workdir) / STAGE_FILE)
-    if done is None or record is None:
+    if done is None or record is None or force:
         return None
     if done.get("step") != steps or record.get("steps") != steps:
         return None
+    if fingerprint is None:
+        return model_dir(workdir)
+    if done.get("fingerprint") is None:
+        log.warning("%s: DONE records no fingerprint (an older version wrote it); reusing the stage unchecked",
+                    workdir)
+        return model_dir(workdir)
+    changes = fingerprint_changes(done["fingerprint"], fingerprint)
+    if changes:
+        raise WorkdirError(f"{workdir} holds a finished run with another config or input: "
+                           f"{describe_changes(changes)}; use a new workdir, or set loop.force=true to train "
+                           "it again here")
     return model_dir(workdir)
 
 
@@ -589,9 +668,4 @@ def _read_json(path: Path) -> dict[str, Any] | None:
         return None
     return data if isinstance(data, dict) else None
 
-
-def _write_json_atomic(path: Path, data: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
 

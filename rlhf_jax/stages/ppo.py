@@ -53,14 +53,15 @@ from rlhf_jax.stages.common import (
     data_shard,
     even_rows,
     export_model,
+    guarded,
     jit_on_mesh,
     load_model,
     load_tokenizer,
     model_config,
     process_batches,
+    stage_fingerprint,
     stage_record,
     total_steps,
-    write_config,
     with_execution,
 )
 from rlhf_jax.stages.reward import load_reward_model
@@ -264,6 +265,7 @@ def initial_state(cfg: PPOStageConfig, ppo_cfg: PPOConfig, parts: dict[str, Any]
                           reward_bias=parts["bias"])
 
 
+@guarded
 def train_ppo(cfg: PPOStageConfig) -> Path:
     """Run (or resume, or skip if complete) the PPO-ptx stage; returns ``workdir/model`` (the
     final policy in Hugging Face format)."""
@@ -278,18 +280,20 @@ def train_ppo(cfg: PPOStageConfig) -> Path:
     mesh = make_mesh(cfg.mesh)
     batches, n_prompts = train_batches(cfg, ppo_cfg, tokenizer, mesh)
     steps = total_steps(cfg, n_prompts // cfg.batch_size)
-    done = completed_model(workdir, steps)
+    # Optimiser steps per iteration: epochs × minibatches.
+    updates = steps * ppo_cfg.epochs * ppo_cfg.num_minibatches
+    optimizers = {"optimizer": cfg.optimizer.resolve(updates), "value_optimizer": cfg.value_optimizer.resolve(updates)}
+    fingerprint = stage_fingerprint(
+        cfg, ("model.hf_dir", "reward_model", "value_model", "train_data", "ptx_data", "tokenizer"), optimizers)
+    done = completed_model(workdir, steps, fingerprint, force=cfg.loop.force)
     if done is not None:
         return done
-    write_config(workdir, cfg)
 
     check_batch_fits_mesh(cfg.batch_size, mesh, "PPOStageConfig")
     key, state_key = jax.random.split(jax.random.PRNGKey(cfg.seed))
     models, parts = load_ppo_models(cfg, key)
-    # Optimiser steps per iteration: epochs × minibatches.
-    updates = steps * ppo_cfg.epochs * ppo_cfg.num_minibatches
-    policy_tx = cached_optimizer(cfg.optimizer.resolve(updates))
-    value_tx = cached_optimizer(cfg.value_optimizer.resolve(updates))
+    policy_tx = cached_optimizer(optimizers["optimizer"])
+    value_tx = cached_optimizer(optimizers["value_optimizer"])
     state = initial_state(cfg, ppo_cfg, parts, policy_tx, value_tx, state_key)
     state = jax.device_put(state, state_shardings(state, mesh))
     if cfg.phase_timing:
@@ -313,6 +317,8 @@ def train_ppo(cfg: PPOStageConfig) -> Path:
             eval_fn=eval_fn,
             tokens_in_batch=lambda batch: int(batch["prompt_mask"].sum())
             + cfg.batch_size * ppo_cfg.generation.max_new_tokens,
+            fingerprint=fingerprint,
+            config=cfg,
         )
     finally:
         samples.close()

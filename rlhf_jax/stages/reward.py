@@ -56,15 +56,17 @@ from rlhf_jax.stages.common import (
     completed_model,
     export_model,
     fixed_batches,
+    guarded,
     jit_on_mesh,
     length_buckets,
     load_tokenizer,
     model_config,
     process_batches,
     setup_training,
+    stage_fingerprint,
+    stage_optimizer,
     stage_record,
     total_steps,
-    write_config,
 )
 from rlhf_jax.tokenizer import Tokenizer
 from rlhf_jax.train import OptimizerConfig, TrainState, make_schedule, run_loop
@@ -359,6 +361,7 @@ def load_reward_model(path: str | Path, dtype: str = "float32") -> tuple[Transfo
 # --------------------------------------------------------------------------------- the stage
 
 
+@guarded
 def train_rm(cfg: RMConfig) -> Path:
     """Run (or resume, or skip if complete) the reward-model stage; returns ``workdir/model``.
 
@@ -375,8 +378,8 @@ def train_rm(cfg: RMConfig) -> Path:
     mesh = make_mesh(cfg.mesh)
     train_records = _read_comparisons(cfg.train_data, **data_shard(mesh))  # this process's part
     eval_records = None if cfg.eval_data is None else _read_comparisons(cfg.eval_data)
-    k_max = cfg.k_max or max(across_processes(max(len(r.responses) for r in train_records)),
-                             *(len(r.responses) for r in eval_records or []))
+    k_max = cfg.k_max or max([across_processes(max(len(r.responses) for r in train_records)),
+                              *(len(r.responses) for r in eval_records or [])])
     pads = {"tokens": tokenizer.pad_id}
     train = even_rows(comparison_arrays(cfg.train_data, train_records, tokenizer, k_max, max_len, buckets), pads)
     n_train = len(train["tokens"]) * data_shard(mesh)["shard_count"]
@@ -391,10 +394,11 @@ def train_rm(cfg: RMConfig) -> Path:
                               where="RMConfig.batch_size", group_by="valid" if cfg.k_buckets else None,
                               group_buckets=cfg.k_buckets)
     steps = total_steps(cfg, len(batches))
-    done = completed_model(workdir, steps)
+    fingerprint = stage_fingerprint(cfg, ("model.hf_dir", "train_data", "tokenizer", "demos"),
+                                    {"optimizer": stage_optimizer(cfg, steps)})
+    done = completed_model(workdir, steps, fingerprint, force=cfg.loop.force)
     if done is not None:
         return done
-    write_config(workdir, cfg)
 
     step_fn = functools.partial(rm_step_fn, margin=cfg.margin, centering_coef=cfg.centering_coef)
     model, state, train_step, mesh, _ = setup_training(cfg, "scalar", steps, step_fn, cfg.score_pooling)
@@ -410,6 +414,8 @@ def train_rm(cfg: RMConfig) -> Path:
         workdir=workdir,
         eval_fn=eval_fn,
         tokens_in_batch=lambda batch: int(batch["mask"].sum()),
+        fingerprint=fingerprint,
+        config=cfg,
     )
 
     norm = normalization(np.zeros(0), "none")

@@ -48,15 +48,17 @@ from rlhf_jax.stages.common import (
     completed_model,
     export_model,
     fixed_batches,
+    guarded,
     jit_on_mesh,
     length_buckets,
     load_tokenizer,
     model_config,
     process_batches,
     setup_training,
+    stage_fingerprint,
+    stage_optimizer,
     stage_record,
     total_steps,
-    write_config,
 )
 from rlhf_jax.tokenizer import Tokenizer
 from rlhf_jax.train import MetricsWriter, OptimizerConfig, TrainState, make_schedule, run_loop
@@ -229,6 +231,7 @@ def train_batches(cfg: SFTConfig, tokenizer: Tokenizer, buckets: tuple[int, ...]
 # --------------------------------------------------------------------------------- the stage
 
 
+@guarded
 def train_sft(cfg: SFTConfig) -> Path:
     """Run (or resume, or skip if complete) the SFT stage; returns ``workdir/model``.
 
@@ -247,10 +250,11 @@ def train_sft(cfg: SFTConfig) -> Path:
         held_out = demonstration_arrays(cfg.eval_data, tokenizer, buckets, prompt_masking=cfg.prompt_masking,
                                         truncation=cfg.truncation)
     steps = total_steps(cfg, len(batches))
-    done = completed_model(workdir, steps)
+    fingerprint = stage_fingerprint(cfg, ("model.hf_dir", "train_data", "tokenizer"),
+                                    {"optimizer": stage_optimizer(cfg, steps)})
+    done = completed_model(workdir, steps, fingerprint, force=cfg.loop.force)
     if done is not None:
         return done
-    write_config(workdir, cfg)
 
     model, state, train_step, mesh, _ = setup_training(cfg, "lm", steps, sft_step_fn)
 
@@ -265,6 +269,8 @@ def train_sft(cfg: SFTConfig) -> Path:
             workdir=workdir,
             eval_fn=eval_fn,
             tokens_in_batch=lambda batch: int(batch["mask"].sum()),
+            fingerprint=fingerprint,
+            config=cfg,
         )
     finally:
         samples.close()
