@@ -88,6 +88,13 @@ def test_stale_lock_is_taken_over_with_a_warning(tmp_path, holder, caplog):
     assert not (tmp_path / ".lock").exists()
 
 
+def test_unwritable_workdir_is_one_error(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(WorkdirError, match=rf"^cannot use {tmp_path}/file/run as a workdir: Not a directory$"):
+        with workdir_lock(tmp_path / "file" / "run"):
+            pass
+
+
 def test_lock_is_reentrant_and_leaves_no_empty_workdir(tmp_path):
     workdir = tmp_path / "new"
     with workdir_lock(workdir):

@@ -77,7 +77,8 @@ def workdir_lock(workdir: str | os.PathLike) -> Iterator[Path]:
 
     Raises:
       WorkdirError: another live process holds the lock (on this host, or on another host, which
-        cannot be checked), naming its pid and host.
+        cannot be checked), naming its pid and host; or the workdir or its lock cannot be created
+        (e.g. a read-only file system).
     """
     path = Path(workdir).absolute()
     if jax.process_index() != 0:
@@ -92,8 +93,11 @@ def workdir_lock(workdir: str | os.PathLike) -> Iterator[Path]:
             held.count -= 1
         return
     created = not path.exists()
-    path.mkdir(parents=True, exist_ok=True)
-    _acquire(path / LOCK_FILE)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        _acquire(path / LOCK_FILE)
+    except OSError as e:
+        raise WorkdirError(f"cannot use {path} as a workdir: {e.strerror or e}") from e
     _HELD[path] = _Held(1, created)
     try:
         clean_orphans(path)
