@@ -16,7 +16,10 @@
 
 Order: SFT, decode at batch 64, the PPO iteration, the other decode batches, the phase split.
 A part is skipped when less of ``--budget-s`` is left than it needs (the skipped parts are
-listed in the JSON), and a part that fails records its error and the rest still run.
+listed in the JSON), and a part that fails records its error and the rest still run.  The JSON
+is rewritten after every part; at ``--hard-limit-s`` (default: the budget + 40 s) a watchdog
+writes it and exits with code 3 even in the middle of a compile, so the suite's wall time is
+bounded and what was measured is kept.
 
     python -m experiments.benchmarks.gpu_check --json out.json [--budget-s 200] [--dry-run]
 
@@ -27,7 +30,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import statistics
+import threading
 import time
 import traceback
 from typing import Any, Callable
@@ -202,11 +207,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--peak-tflops", type=float, default=None, help="dense bf16 peak (default: the data sheet's)")
     ap.add_argument("--hbm-tbps", type=float, default=None, help="HBM bandwidth (default: the data sheet's)")
     ap.add_argument("--budget-s", type=float, default=None,
-                    help="skip the parts left once this is spent (default 200 s; a dry run: no limit)")
+                    help="skip the parts left once this is spent (default 170 s; a dry run: no limit)")
+    ap.add_argument("--hard-limit-s", type=float, default=None,
+                    help="write what was measured and exit (code 3) at this many seconds, even inside a compile "
+                         "(default: the budget + 40 s)")
     ap.add_argument("--dry-run", action="store_true", help="micro shapes (any backend): checks the wiring")
     args = ap.parse_args(argv)
     start = time.time()
-    budget = args.budget_s if args.budget_s is not None else float("inf") if args.dry_run else 200.0
+    budget = args.budget_s if args.budget_s is not None else float("inf") if args.dry_run else 170.0
     budget_left = lambda: budget - (time.time() - start)  # noqa: E731
     spec = device_spec(jax.devices()[0].device_kind) or {"bf16_flops": 989e12, "hbm_bytes_s": 4.8e12}
     peak = 1e12 * args.peak_tflops if args.peak_tflops else spec["bf16_flops"]
@@ -217,8 +225,27 @@ def main(argv: list[str] | None = None) -> None:
                               "config": dataclasses.asdict(config), "peak_flops": peak, "hbm_bytes_s": bandwidth,
                               "targets": TARGETS, "errors": {}, "skipped": []}
     print({k: result[k] for k in ("params", "peak_flops", "hbm_bytes_s")}, result["machine"]["devices"], flush=True)
+    if args.json:  # rewritten after every part, so a run cut short still leaves its figures
+        write_json(args.json, result)
+    hard_limit = args.hard_limit_s if args.hard_limit_s is not None else budget + 40
 
-    def part(name: str, fn: Callable[[], Any], min_left: float) -> Any:
+    def watchdog() -> None:
+        time.sleep(max(hard_limit - (time.time() - start), 0))
+        result["killed_at_s"] = time.time() - start
+        print(f"gpu_check: hard limit of {hard_limit:.0f} s reached; writing what was measured and exiting", flush=True)
+        if args.json:
+            write_json(args.json, result)
+        os._exit(3)
+
+    if hard_limit != float("inf"):
+        threading.Thread(target=watchdog, daemon=True).start()
+
+    def save() -> None:
+        if args.json:
+            write_json(args.json, result)
+
+    def part(name: str, fn: Callable[[], Any], min_left: float, store: Callable[[Any], None]) -> Any:
+        """Run one part unless the budget is spent; ``store`` its result into ``result``, then save."""
         if budget_left() < min_left:
             result["skipped"].append(name)
             print(f"{name}: skipped (budget)", flush=True)
@@ -230,35 +257,34 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{name}: FAILED\n{traceback.format_exc()[-3000:]}", flush=True)
             return None
         print(name, {k: v for k, v in out.items() if not isinstance(v, (list, dict, tuple))}, flush=True)
+        store(out)
+        save()
         return out
 
     settings = {"attention_impl": "xla", "remat_policy": "dots"}  # for PPO when no SFT setting ran
     for impl, policy in SFT_SETTINGS:
         sft = part(f"sft[{impl},{policy}]",
                    lambda: sft_check(config.replace(attention_impl=impl, remat_policy=policy), params, shapes, peak,
-                                     repeats), 0)
+                                     repeats), 0, lambda out: result.update(sft=out))
         if sft is not None:
-            result["sft"] = sft
             settings = {"attention_impl": impl, "remat_policy": policy}
             break
 
     params16 = cast_floating(params, jnp.bfloat16)
     batches = shapes.decode_batches
-    decode = [part(f"decode[{batches[0]}]", lambda: decode_check(config, params16, batches[0], shapes, bandwidth,
-                                                                 repeats), 0)]
-    ppo = part("ppo", lambda: ppo_check(config.replace(**settings), params, shapes, peak, bandwidth), 0)
-    run = ppo.pop("run") if ppo else None
+    result["decode"], result["headline_decode_batch"] = [], batches[0]
+    part(f"decode[{batches[0]}]", lambda: decode_check(config, params16, batches[0], shapes, bandwidth, repeats), 0,
+         result["decode"].append)
+    run: list[Any] = []
+    ppo = part("ppo", lambda: ppo_check(config.replace(**settings), params, shapes, peak, bandwidth), 0,
+               lambda out: (run.append(out.pop("run")), result.update(ppo=out)))
     for batch in batches[1:]:  # the rest of the sweep, then the phase split, while the budget lasts
-        decode.append(part(f"decode[{batch}]", lambda: decode_check(config, params16, batch, shapes, bandwidth, 2),
-                           30))
-    result["decode"] = [d for d in decode if d is not None]
-    result["headline_decode_batch"] = batches[0]
+        part(f"decode[{batch}]", lambda: decode_check(config, params16, batch, shapes, bandwidth, 2), 30,
+             result["decode"].append)
     if ppo is not None:
-        phases = part("ppo_phases", lambda: ppo_phases(run, ppo["floors_s"]), 40)
-        result["ppo"] = {**ppo, **(phases or {})}
+        part("ppo_phases", lambda: ppo_phases(run[0], ppo["floors_s"]), 40, result["ppo"].update)
     result["seconds"] = time.time() - start
-    if args.json:
-        write_json(args.json, result)
+    save()
     print(f"gpu_check done in {result['seconds']:.0f} s; skipped {result['skipped']}, failed {list(result['errors'])}",
           flush=True)
 
