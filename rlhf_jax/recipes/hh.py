@@ -68,7 +68,7 @@ class HHRecipeConfig:
     max(best_of_n))``, the best-of-N candidates); the win rate averages all PPO×SFT pairs of a
     prompt.  ``ptx_contrast``: also train PPO with γ = 0 (same settings otherwise) and report its
     ptx loss and KL.  ``compile_cache``: a persistent XLA compilation cache directory (None: off);
-    same-shaped programs (the two RMs' steps, a re-run) then compile once.
+    a re-run then compiles nothing it compiled before.
     ``sft``/``rm``/``judge``/``ppo``: dicts merged over the stage configs this driver builds
     (``rm`` applies to both reward models, ``judge`` then to the judge alone).
     """
@@ -285,15 +285,16 @@ def stage_configs(cfg: HHRecipeConfig, base: Path, files: dict[str, str]) -> dic
     rm = {
         "model": model(sft_model), "eval_data": files["eval_pairs"], "demos": files["rm_demos"],
         "batch_size": 32, "buckets": [length], "max_len": length, "score_pooling": "last",
-        "optimizer": {"lr": 1e-5, "schedule": "cosine", "warmup_steps": 5},
-        # Both RMs run the same number of steps in the same shapes: one compiled step for both
-        # (with compile_cache).  80 × 32 pairs: ~2 epochs of A's pairs, ~4 of B's.
-        "loop": {"total_steps": 80, "save_every": 40},
+        "optimizer": {"lr": 2e-5, "schedule": "cosine", "warmup_steps": 5},
+        "loop": {"save_every": 40},
     }
+    # About two epochs each: 80 × 32 of A's ~1,280 pairs, 40 × 32 of B's ~590 (one length bucket,
+    # so one compiled step per RM; the judge needs no normalisation, only its ranking counts).
     configs["rm_proxy"] = build(RMConfig, {**common("rm_proxy"), **rm, "train_data": files["proxy_pairs"]},
-                                cfg.rm, where="rm")
+                                {"loop": {"total_steps": 80}}, cfg.rm, where="rm")
     configs["rm_judge"] = build(RMConfig, {**common("rm_judge"), **rm, "train_data": files["judge_pairs"],
-                                           "normalize": "none"}, cfg.rm, cfg.judge, where="judge")
+                                           "normalize": "none"}, {"loop": {"total_steps": 40}}, cfg.rm, cfg.judge,
+                                where="judge")
     ppo = {
         **common("ppo"), "model": model(sft_model), "reward_model": str(run / "rm_proxy" / "model"),
         "train_data": files["ppo_prompts"], "eval_data": files["ppo_eval_prompts"], "ptx_data": files["ptx_train"],
