@@ -220,8 +220,7 @@ def chat_formatting_matches(render: Render, messages: list[Message], answer: str
     template's rendering of the whole dialogue ``messages + [answer]``."""
     prompt = strip_bos(render(messages, True), bos_text)
     full = render([*messages, {"role": "assistant", "content": answer}], False)
-    return full.startswith((bos_text or "") + prompt + answer + eos_text) or (
-        not bos_text and full.startswith(prompt + answer + eos_text))
+    return full.startswith((bos_text or "") + prompt + answer + eos_text)
 
 
 def write_jsonl(path: Path, rows: Sequence[dict[str, Any]]) -> Path:
