@@ -185,7 +185,7 @@ def _generate_impl(
     prompt_mask = (prompt_mask != 0).astype(jnp.int32)
     prompt_len = prompt_mask.sum(axis=1)
 
-    if model.config.scan_layers:  # stack the layers once, not in every decode step
+    if model.config.scans(cached=True):  # stack the layers once, not in every decode step
         params = stack_layers(params, model.config.n_layers)
     cache = init_cache(model.config, b, p + n)
     if p > 1:  # the prefill's logits are unused, so XLA drops the unembedding

@@ -66,6 +66,10 @@ class ModelConfig:
     - ``dtype``: the compute dtype (parameters stay float32).
     - ``scan_layers``: run the blocks as one ``lax.scan`` over per-layer parameters stacked at
       trace time (compile time independent of depth) instead of unrolling them.
+    - ``scan_decode`` (with ``scan_layers``): whether calls with a KV cache (prefill, decode
+      steps) scan too; ``False`` unrolls them, which compiles the decode body once per layer but
+      lets each matmul read its layer's weights in place (a scan body reads a dynamic slice of
+      the stacked weights, which XLA may copy every step).
     - ``remat_policy``: what a block keeps for the backward pass — ``"none"`` (everything),
       ``"dots"`` (the matmul outputs, ``dots_with_no_batch_dims_saveable``; the rest is
       recomputed), ``"full"`` (only the block's input; ``remat=True`` is the old spelling of it).
@@ -94,6 +98,7 @@ class ModelConfig:
     dtype: str = "float32"
     remat: bool = False
     scan_layers: bool = False
+    scan_decode: bool = True
     remat_policy: Literal["none", "dots", "full"] = "none"
     attention_impl: Literal["xla", "cudnn", "auto"] = "xla"
     logits_chunk: int = 0
@@ -121,8 +126,9 @@ class ModelConfig:
             bad("d_model", "head_dim must be even for RoPE")
         if self.norm_eps <= 0:
             bad("norm_eps", "must be > 0")
-        if not isinstance(self.scan_layers, bool):
-            bad("scan_layers", "must be a bool")
+        for f in ("scan_layers", "scan_decode"):
+            if not isinstance(getattr(self, f), bool):
+                bad(f, "must be a bool")
         if self.remat_policy not in REMAT_POLICIES:
             bad("remat_policy", f"must be one of {REMAT_POLICIES}")
         if self.remat and self.remat_policy not in ("none", "full"):
@@ -147,6 +153,11 @@ class ModelConfig:
     @property
     def compute_dtype(self) -> Any:
         return _DTYPES[self.dtype]
+
+    def scans(self, cached: bool) -> bool:
+        """Whether a forward runs the blocks as a scan: ``scan_layers``, and for calls with a KV
+        cache also ``scan_decode``."""
+        return self.scan_layers and (self.scan_decode or not cached)
 
     @property
     def remat_mode(self) -> str:
@@ -442,7 +453,7 @@ class Transformer(nn.Module):
             k_seg = jax.lax.dynamic_update_slice_in_dim(cache["seg"], segment_ids, cache_index, 1)
             kv = {"k": cache["k"], "v": cache["v"]}
 
-        if c.scan_layers and not self.is_initializing():
+        if c.scans(cached=cache is not None) and not self.is_initializing():
             x, kv = _scan_blocks(c, self.variables["params"], x, positions, segment_ids, k_seg, kv, cache_index)
         else:  # unrolled (and always under init, which creates the stored layer_{i} parameters)
             policy = _REMAT_POLICY[c.remat_mode]

@@ -188,7 +188,8 @@ def test_gpu_suite_dry_run_on_cpu(tmp_path):
     check = json.loads((tmp_path / "out" / "gpu_check.json").read_text())
     assert check["errors"] == {} and check["skipped"] == [], (check["errors"], check["skipped"])
     assert check["config"]["scan_layers"] and check["config"]["dtype"] == "bfloat16"
-    assert [d["batch"] for d in check["decode"]] == [4, 2]
+    scanned = check["decode_form"] == "scanned"  # batch 4 both ways, then the faster form
+    assert [(d["batch"], d["scan_decode"]) for d in check["decode"]] == [(4, True), (4, False), (2, scanned)]
     assert set(check["ppo"]["phases_s"]) == {"rollout", "experience", "update"}
     metrics = [r["metric"] for r in record["summary"]]
     for needle in ("SFT step", "fraction of the HBM bound", "PPO-ptx iteration", "PPO-ptx iteration: compile",

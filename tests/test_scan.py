@@ -87,13 +87,16 @@ def test_scanned_prefill_and_decode_through_the_cache(base):
 
 @pytest.mark.parametrize("base", [GPT2, LLAMA], ids=["gpt2", "llama"])
 def test_scanned_generation_gives_the_same_tokens(base):
+    """Sampling with scanned layers (and with ``scan_decode=False``: scanned full forwards,
+    unrolled cached calls) draws the same tokens as the unrolled model."""
     params = init_params(Transformer(base), jax.random.PRNGKey(0))
     tokens, mask = _batch(base, t=6)
     gen = GenerateConfig(max_new_tokens=8, temperature=1.0, top_k=20)
     a = generate(Transformer(base), params, tokens, mask, jax.random.PRNGKey(3), gen)
-    b = generate(Transformer(base.replace(scan_layers=True)), params, tokens, mask, jax.random.PRNGKey(3), gen)
-    np.testing.assert_array_equal(np.asarray(a.tokens), np.asarray(b.tokens))
-    np.testing.assert_allclose(np.asarray(a.logprobs), np.asarray(b.logprobs), **TOL)
+    for config in (base.replace(scan_layers=True), base.replace(scan_layers=True, scan_decode=False)):
+        b = generate(Transformer(config), params, tokens, mask, jax.random.PRNGKey(3), gen)
+        np.testing.assert_array_equal(np.asarray(a.tokens), np.asarray(b.tokens))
+        np.testing.assert_allclose(np.asarray(a.logprobs), np.asarray(b.logprobs), **TOL)
 
 
 def _grad_program(config: ModelConfig) -> tuple[int, str]:

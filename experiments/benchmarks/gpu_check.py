@@ -7,6 +7,8 @@
 2. **Decode** from a bf16 copy of the weights, batch 64 then 32, 128, 256 (prompt 128, 128 new
    tokens, greedy): seconds per step ``(t(128 new) − t(1 new)) / 127`` (prefill removed) against
    the HBM bound (every matmul weight, 2 bytes, plus the KV cache at the mean context, per step).
+   Batch 64 runs with the decode scanned and (budget allowing) unrolled (``scan_decode=False``);
+   the faster form serves the PPO rollout and the rest of the sweep.
 3. **One PPO-ptx iteration**, 64 prompts × (128 + 128), 4 minibatches, ptx 4 × 8 × 256, with
    the SFT step's attention and remat setting and bf16 rollout weights: its compile time and
    run time; then (after the rest of the decode sweep, budget allowing) the phase split —
@@ -136,7 +138,8 @@ def decode_check(config: ModelConfig, params16: Any, batch: int, shapes: Shapes,
     context = shapes.prompt + shapes.new / 2
     step_bytes = decode_step_bytes(config, batch, context, weight_bytes=2)
     bound_s = step_bytes / bandwidth
-    return {"batch": batch, "prompt": shapes.prompt, "new": shapes.new, "step_s": step_s, "full_s": full_s,
+    return {"batch": batch, "scan_decode": config.scan_decode, "prompt": shapes.prompt, "new": shapes.new,
+            "step_s": step_s, "full_s": full_s,
             "one_token_s": one_s, "tokens_per_s": batch / step_s, "compile_s": compile_s, "step_bytes": step_bytes,
             "hbm_bound_step_s": bound_s, "hbm_bound_fraction": bound_s / step_s, "weights": "bfloat16 copy"}
 
@@ -273,8 +276,14 @@ def main(argv: list[str] | None = None) -> None:
     params16 = cast_floating(params, jnp.bfloat16)
     batches = shapes.decode_batches
     result["decode"], result["headline_decode_batch"] = [], batches[0]
-    part(f"decode[{batches[0]}]", lambda: decode_check(config, params16, batches[0], shapes, bandwidth, repeats), 0,
-         result["decode"].append)
+    for scan_decode in (True, False):  # decode scanned, then unrolled; the faster one serves the rest
+        part(f"decode[{batches[0]},scan_decode={scan_decode}]",
+             lambda: decode_check(config.replace(scan_decode=scan_decode), params16, batches[0], shapes, bandwidth,
+                                  repeats), 0 if scan_decode else 100, result["decode"].append)
+    if result["decode"]:
+        best = min(result["decode"], key=lambda d: d["step_s"])
+        config = config.replace(scan_decode=best["scan_decode"])
+        result["decode_form"] = "scanned" if best["scan_decode"] else "unrolled"
     run: list[Any] = []
     ppo = part("ppo", lambda: ppo_check(config.replace(**settings), params, shapes, peak, bandwidth), 0,
                lambda out: (run.append(out.pop("run")), result.update(ppo=out)))
