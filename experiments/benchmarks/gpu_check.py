@@ -279,7 +279,7 @@ def main(argv: list[str] | None = None) -> None:
     for scan_decode in (True, False):  # decode scanned, then unrolled; the faster one serves the rest
         part(f"decode[{batches[0]},scan_decode={scan_decode}]",
              lambda: decode_check(config.replace(scan_decode=scan_decode), params16, batches[0], shapes, bandwidth,
-                                  repeats), 0 if scan_decode else 100, result["decode"].append)
+                                  repeats), 0 if scan_decode else 80, result["decode"].append)
     if result["decode"]:
         best = min(result["decode"], key=lambda d: d["step_s"])
         config = config.replace(scan_decode=best["scan_decode"])
