@@ -6,8 +6,12 @@ from __future__ import annotations
 import gc
 import json
 import logging
+import os
+import subprocess
+import sys
 import threading
 import warnings
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -31,6 +35,7 @@ from rlhf_jax.train import (
 from rlhf_jax.train.workdir import fingerprint
 from test_checkpoint import DAMAGE_MODES, NOISE, damage
 
+TESTS = Path(__file__).resolve().parent
 DATA_RNG = np.random.default_rng(0)
 X = DATA_RNG.normal(size=(24, 3)).astype(np.float32)
 Y = (X @ np.array([[1.0], [-2.0], [0.5]], np.float32) + 0.1).astype(np.float32)
@@ -438,3 +443,18 @@ def test_failed_save_raises_and_releases_orbax(tmp_path, monkeypatch):
         warnings.simplefilter("always")
         gc.collect()
     assert not [str(w.message) for w in caught if "never awaited" in str(w.message)]
+
+
+def test_fallback_in_a_fresh_process_prints_one_line(tmp_path):
+    """As a user re-runs it: a new process resumes past the truncated step-9 checkpoint, and its
+    stderr holds the warning and the progress lines, nothing else (TensorStore's callbacks into
+    orbax's closed event loop print "Event loop is closed" tracebacks unless filtered)."""
+    with pytest.raises(CrashAt):
+        run(tmp_path, total=12, step=crashing_step(11))
+    damage(tmp_path / "checkpoints" / "9", "truncate")
+    code = f"from test_loop import run; run({str(tmp_path)!r}, total=12); print('finished')"
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": os.pathsep.join([str(TESTS.parent), str(TESTS)])}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0 and proc.stdout.strip() == "finished", proc.stderr[-3000:]
+    lines_ = [line for line in proc.stderr.splitlines() if "steps/s" not in line]
+    assert len(lines_) == 1 and "checkpoints/9 does not restore (OUT_OF_RANGE" in lines_[0], proc.stderr[-3000:]

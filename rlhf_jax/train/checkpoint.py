@@ -263,11 +263,15 @@ class Checkpointer:
             raise CheckpointError(f"{what}: {_reason(e)}") from e
 
     def _try_restore(self, step: int, target: Any) -> tuple[tuple[Any, dict[str, Any]] | None, str | None]:
+        hook = sys.unraisablehook
+        _silence_abandoned_reads()  # TensorStore's callbacks hit the closed loop during the failing read
         try:
-            return self.restore(step, target), None
+            restored = self.restore(step, target)
         except Exception as e:  # any failure to read the step back means: try an older one
             reason = _reason(e)
-        _silence_abandoned_reads()
+        else:
+            sys.unraisablehook = hook  # a read that succeeded abandons nothing
+            return restored, None
         gc.collect()  # the failed read's abandoned coroutines, now, under the filter
         return None, reason
 
@@ -333,11 +337,12 @@ def _on_all_processes(ok: bool) -> bool:
 
 
 def _silence_abandoned_reads() -> None:
-    """Filter, from now on, what a failed orbax read leaves behind: "Exception ignored in
+    """Filter what a failed orbax read leaves behind: "Exception ignored in
     <coroutine>" when its abandoned read coroutines are collected, and "Event loop is closed" when
     TensorStore reads still in flight complete after orbax closed their event loop (from
-    TensorStore's threads, at any later time).  Other unraisable exceptions reach the previous
-    hook.  Installed on the first failed restore, once per hook."""
+    TensorStore's threads, during the failing read or at any later time).  Other unraisable
+    exceptions reach the previous hook.  Installed for each restore attempt (once per hook) and
+    kept after a failed one."""
     previous = sys.unraisablehook
     if getattr(previous, "_abandoned_reads_filter", False):
         return
