@@ -42,27 +42,31 @@ NOISE = ("Traceback", "Exception ignored", "Event loop is closed", "was never aw
 
 def damage(step_dir: Path, mode: str) -> None:
     """Damage a finished checkpoint `<dir>/<step>` as a disk, a copy or a sync tool might:
-    truncate the largest data blob to half, delete the largest file, overwrite the OCDBT manifest
-    or the tree's `_METADATA` with garbage, delete the `meta` item, or flip one bit in the middle
-    of the largest data blob."""
-    def largest(pattern: str) -> Path:
-        return max((p for p in (step_dir / "state").rglob(pattern) if p.is_file()), key=lambda p: p.stat().st_size)
-
-    blob = largest("d/*")  # OCDBT data files hold the arrays' (compressed) bytes
+    truncate its data blobs to half, delete its largest file, overwrite the OCDBT manifest or the
+    tree's `_METADATA` with garbage, delete the `meta` item, or flip one bit in the middle of each
+    data blob.  Data blobs are OCDBT's `d/` files over 1 KiB (smaller values are stored inline in
+    B-tree nodes, and a `d/` file may be a superseded node nobody reads), or every `d/` file when
+    none is that large (a tiny state)."""
+    state = step_dir / "state"
+    files = sorted((p for p in state.rglob("*") if p.is_file()), key=lambda p: (p.stat().st_size, str(p)))
+    nodes = [p for p in files if p.parent.name == "d"]
+    blobs = [p for p in nodes if p.stat().st_size > 1024] or nodes
     if mode == "truncate":
-        blob.write_bytes(blob.read_bytes()[: blob.stat().st_size // 2])
+        for blob in blobs:
+            blob.write_bytes(blob.read_bytes()[: blob.stat().st_size // 2])
     elif mode == "delete":
-        largest("*").unlink()
+        files[-1].unlink()
     elif mode == "manifest":
-        (step_dir / "state" / "manifest.ocdbt").write_bytes(b"\x00garbage" * 8)
+        (state / "manifest.ocdbt").write_bytes(b"\x00garbage" * 8)
     elif mode == "metadata":
-        (step_dir / "state" / "_METADATA").write_text('{"tree_metadata": {"params"', encoding="utf-8")
+        (state / "_METADATA").write_text('{"tree_metadata": {"params"', encoding="utf-8")
     elif mode == "meta":
         (step_dir / "meta" / "metadata").unlink()
     elif mode == "flip":
-        data = bytearray(blob.read_bytes())
-        data[len(data) // 2] ^= 0x10
-        blob.write_bytes(bytes(data))
+        for blob in blobs:
+            data = bytearray(blob.read_bytes())
+            data[len(data) // 2] ^= 0x10
+            blob.write_bytes(bytes(data))
     else:
         raise ValueError(mode)
 

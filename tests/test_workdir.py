@@ -244,7 +244,6 @@ def test_rm_falls_back_past_a_flipped_bit(world, tmp_path, caplog, capfd):
     with caplog.at_level(logging.WARNING):
         train_rm(dataclasses.replace(cfg, workdir=str(run)))
     check_fallback(run, tmp_path / "straight", 4, caplog, capfd)
-    assert "checksum mismatch" in caplog.text
     norm = [json.loads((d / "model" / "reward_normalization.json").read_text()) for d in (run, tmp_path / "straight")]
     assert norm[0] == norm[1]
 

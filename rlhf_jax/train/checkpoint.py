@@ -272,6 +272,7 @@ class Checkpointer:
         else:
             sys.unraisablehook = hook  # a read that succeeded abandons nothing
             return restored, None
+        _close_unstarted_orbax_coroutines()
         gc.collect()  # the failed read's abandoned coroutines, now, under the filter
         return None, reason
 
@@ -338,11 +339,15 @@ def _on_all_processes(ok: bool) -> bool:
 
 def _silence_abandoned_reads() -> None:
     """Filter what a failed orbax read leaves behind: "Exception ignored in
-    <coroutine>" when its abandoned read coroutines are collected, and "Event loop is closed" when
+    <coroutine>" when its abandoned read coroutines are collected, asyncio's "Task exception was
+    never retrieved" for its abandoned tasks, and "Event loop is closed" when
     TensorStore reads still in flight complete after orbax closed their event loop (from
     TensorStore's threads, during the failing read or at any later time).  Other unraisable
     exceptions reach the previous hook.  Installed for each restore attempt (once per hook) and
     kept after a failed one."""
+    asyncio_log = logging.getLogger("asyncio")
+    if not any(isinstance(f, _AbandonedTasks) for f in asyncio_log.filters):
+        asyncio_log.addFilter(_AbandonedTasks())
     previous = sys.unraisablehook
     if getattr(previous, "_abandoned_reads_filter", False):
         return
@@ -359,11 +364,18 @@ def _silence_abandoned_reads() -> None:
     sys.unraisablehook = hook
 
 
+class _AbandonedTasks(logging.Filter):
+    """Drops asyncio's "Task exception was never retrieved" reports of orbax's tasks."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not (message.startswith("Task exception was never retrieved") and "orbax" in message)
+
+
 def _release_orbax_threads() -> None:
     """After a failed save: wake orbax's signalling threads that wait for a step directory that
     will never exist (they are not daemons and would hold the process at exit until orbax's 300 s
-    coordination timeout), then close the orbax coroutines that will now never run (no "was never
-    awaited" warnings).  Affects every orbax save of the process (one at a time in a run).  Uses
+    coordination timeout), then close the orbax coroutines that will now never run.  Affects every orbax save of the process (one at a time in a run).  Uses
     orbax internals (0.11-0.12); without them it does nothing."""
     try:
         from orbax.checkpoint._src.futures import future as ocp_future
@@ -378,6 +390,12 @@ def _release_orbax_threads() -> None:
             set_signals(thread._receive_signals, operation_id=thread._operation_id)
     for thread in threads:
         threading.Thread.join(thread, timeout=5)  # orbax's join() raises CancelledError now
+    _close_unstarted_orbax_coroutines()
+
+
+def _close_unstarted_orbax_coroutines() -> None:
+    """Close orbax coroutines that a failed save or read will never run, so that collecting them
+    warns of nothing ("coroutine ... was never awaited")."""
     for obj in gc.get_objects():
         if (inspect.iscoroutine(obj) and "orbax" in obj.cr_code.co_filename
                 and inspect.getcoroutinestate(obj) == inspect.CORO_CREATED):
