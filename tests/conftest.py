@@ -125,3 +125,12 @@ def smollm2_gguf() -> Path:
     except (FetchError, OSError) as e:
         pytest.skip(f"SmolLM2 GGUF not available (set $RLHF_JAX_SMOLLM2_GGUF or run "
                     f"`rlhf-jax fetch smollm2`): {e}")
+
+
+@pytest.fixture
+def x64():
+    """Run the test with 64-bit JAX floats, restoring the previous setting afterwards."""
+    previous = jax.config.jax_enable_x64
+    jax.config.update("jax_enable_x64", True)
+    yield
+    jax.config.update("jax_enable_x64", previous)

@@ -5,7 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from golden import trl116, x64  # noqa: F401  (x64 is a fixture)
+from golden import trl116
 
 import optax
 

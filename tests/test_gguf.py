@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from _gguf import Q, add_tensor, gguf, write_model_gguf
+from _gguf import Q, gguf, write_model_gguf
 from conftest import TRANSFORMERS_MISSING, random_params
 from rlhf_jax.gguf import GGUFError, dequantize, gguf_metadata, load_gguf, read_gguf
 from rlhf_jax.model import ModelConfig, Transformer, forward

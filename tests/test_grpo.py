@@ -9,7 +9,7 @@ import numpy as np
 import optax
 import pytest
 from _multidevice import run_on_devices
-from golden import trl116, x64  # noqa: F401  (x64 is a fixture)
+from golden import trl116
 
 from rlhf_jax.advantages import kl_penalty
 from rlhf_jax.ema import ema_update

@@ -21,13 +21,6 @@ from rlhf_jax.losses import (
 )
 
 
-@pytest.fixture
-def x64():
-    previous = jax.config.jax_enable_x64
-    jax.config.update("jax_enable_x64", True)
-    yield
-    jax.config.update("jax_enable_x64", previous)
-
 
 def np_log_softmax(z):
     z = z - z.max(-1, keepdims=True)

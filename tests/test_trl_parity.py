@@ -8,7 +8,6 @@ below expresses TRL's conventions (which are not our defaults) with their option
 import json
 from pathlib import Path
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -26,13 +25,6 @@ def load_reference() -> dict:
         pytest.skip(f"TRL parity numbers not found at {PARITY_FILE} (../shared beside the checkout)")
     return json.loads(PARITY_FILE.read_text())
 
-
-@pytest.fixture
-def x64():
-    previous = jax.config.jax_enable_x64
-    jax.config.update("jax_enable_x64", True)
-    yield
-    jax.config.update("jax_enable_x64", previous)
 
 
 def trl_ppo_math(inputs: dict, args: dict, loss_inputs: dict, gae_mask: str) -> dict:

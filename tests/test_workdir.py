@@ -24,7 +24,7 @@ from safetensors.numpy import load_file
 import rlhf_jax.train.workdir as wd
 from rlhf_jax.stages.common import StageLoopConfig, completed_model
 from rlhf_jax.stages.ppo import train_ppo
-from rlhf_jax.stages.reward import RMOptimizerConfig, train_rm
+from rlhf_jax.stages.reward import train_rm
 from rlhf_jax.stages.sft import SFTOptimizerConfig, train_sft
 from rlhf_jax.train import DONE_FILE, WorkdirError, workdir_lock
 from rlhf_jax.train.workdir import clean_orphans, describe_changes, fingerprint, fingerprint_changes

@@ -10,8 +10,6 @@ import json
 from functools import cache
 from pathlib import Path
 
-import jax
-import pytest
 
 TRL116 = Path(__file__).with_name("trl116.json")
 
@@ -21,11 +19,3 @@ def trl116() -> dict:
     """The parsed golden file (inputs under ``"inputs"``, TRL's outputs under ``"cases"`` etc.)."""
     return json.loads(TRL116.read_text())
 
-
-@pytest.fixture
-def x64():
-    """Run the test with 64-bit JAX floats (the golden numbers are float64)."""
-    previous = jax.config.jax_enable_x64
-    jax.config.update("jax_enable_x64", True)
-    yield
-    jax.config.update("jax_enable_x64", previous)
