@@ -339,7 +339,7 @@ def _on_all_processes(ok: bool) -> bool:
 
 def _silence_abandoned_reads() -> None:
     """Filter what a failed orbax read leaves behind: "Exception ignored in
-    <coroutine>" when its abandoned read coroutines are collected, asyncio's "Task exception was
+    <coroutine>" when its abandoned read coroutines are collected, asyncio's "Task (or Future) exception was
     never retrieved" for its abandoned tasks, and "Event loop is closed" when
     TensorStore reads still in flight complete after orbax closed their event loop (from
     TensorStore's threads, during the failing read or at any later time).  Other unraisable
@@ -365,11 +365,13 @@ def _silence_abandoned_reads() -> None:
 
 
 class _AbandonedTasks(logging.Filter):
-    """Drops asyncio's "Task exception was never retrieved" reports of orbax's tasks."""
+    """Drops asyncio's "Task/Future exception was never retrieved" reports of orbax's tasks and
+    TensorStore's reads (the failing read has already been reported as one warning)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
-        return not (message.startswith("Task exception was never retrieved") and "orbax" in message)
+        abandoned = message.startswith(("Task exception was never retrieved", "Future exception was never retrieved"))
+        return not (abandoned and ("orbax" in message or "tensorstore" in message))
 
 
 def _release_orbax_threads() -> None:
