@@ -2,11 +2,16 @@
 # One GPU lease, prepared: the GPU benchmark suite, then the SmolLM2 HH-RLHF recipe.
 #
 # The device tool carries at most 64 MiB per call and the SmolLM2 GGUF is 98 MB, so the lease is
-# two back-to-back calls (ignored files survive on a warm machine between them):
+# back-to-back calls. A carried folder did not survive into the next call on 2026-12-04, but /tmp
+# did, so the first call keeps part 1 there:
 #
-#   call 1  carry [.gpu1]  bash experiments/gpu_lease.sh suite    # GGUF part 1 + data; GPU suite
-#   call 2  carry [.gpu2]  bash experiments/gpu_lease.sh recipe   # GGUF part 2; join; the recipe
+#   call 1  carry [.gpu1]  bash experiments/gpu_lease.sh keep     # GGUF part 1 + data -> /tmp/keep1
+#   call 2  carry [.gpu1]  bash experiments/gpu_lease.sh suite    # the GPU suite (about 160 s)
+#   call 3  carry [.gpu2]  bash experiments/gpu_lease.sh recipe   # GGUF part 2; join; the recipe
 #
+# (1 and 2 can be one call: `bash experiments/gpu_lease.sh keep && bash experiments/gpu_lease.sh suite`.)
+# Recipe variations: RECIPE_NAME=NAME RECIPE_SET="name=NAME key=value ..." (extra --set overrides);
+# RECIPE_TIMEOUT (seconds, default 480) stops the recipe in time for its outputs to be copied.
 # Prepare the parts here (ignored by git through .git/info/exclude):
 #   split -n 2 -d SmolLM2-135M-Instruct.Q4_1.gguf part && mv part00 .gpu1/gguf.part00 && mv part01 .gpu2/gguf.part01
 #   cp ../shared/data/hh-rlhf/harmless-base-test.jsonl.gz ../shared/data/tinyshakespeare/input.txt .gpu1/data/
