@@ -4,9 +4,22 @@
     rlhf-jax sft --config experiments/configs/sft_tiny.json --set loop.total_steps=200
     rlhf-jax rm  --config rm.toml --set optimizer.lr=1e-5 --print-config
 
-Exit codes: 0 done; 2 a bad config, override or command line (the message names the key, file
-and line); 1 bad input data (a malformed JSONL line: the message names the file and line), a
-missing file, or a NaN that stopped training.  None of these print a traceback.
+One error boundary (``main``) turns every expected failure into one line on stderr,
+``rlhf-jax: error: <the exception's own message>``, and an exit code:
+
+- 2: a bad command line, config or override (the message names the key, file and line), or a bad
+  input file other than training data: a missing model directory or file, a corrupt
+  ``config.json``, ``model.safetensors``, tokenizer, GGUF file or chat template, a workdir that
+  cannot be used or holds a stage with another config (``INPUT_ERRORS``, and a ``ValueError``
+  raised by ``rlhf_jax``'s own input checks);
+- 1: a failure while running: a malformed training-data record (``DataError``: the message names
+  the file and line), a checkpoint that cannot be written or restored, a NaN that stopped
+  training, an ``OSError`` such as a full disk, or running out of device memory (the message
+  says what to change) (``RUNTIME_ERRORS``);
+- 130: interrupted (Ctrl-C); a re-run resumes from the newest checkpoint.
+
+Anything else is a bug and keeps its traceback.  ``rlhf-jax --debug COMMAND ...`` (or
+``RLHF_JAX_DEBUG=1``) re-raises every failure with its full traceback.
 
 Adding a subcommand is one entry in ``COMMANDS``.
 """
@@ -17,21 +30,50 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import sys
+import warnings
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
-from rlhf_jax.assets import main as fetch_main
+from jax.errors import JaxRuntimeError
+from safetensors import SafetensorError
+
+from rlhf_jax.assets import FetchError, main as fetch_main
+from rlhf_jax.chat import ChatTemplateError
 from rlhf_jax.configs import ConfigError, load_config, read_config_file, to_dict
 from rlhf_jax.data import DataError
 from rlhf_jax.distributed import DistributedConfig, initialize as initialize_distributed
+from rlhf_jax.gguf import GGUFError
 from rlhf_jax.pipeline import PipelineConfig, run_pipeline
-from rlhf_jax.plan import main as plan_main
+from rlhf_jax.plan import PlanError, main as plan_main
 from rlhf_jax.ppo import PRESETS
 from rlhf_jax.stages.ppo import PPOStageConfig, train_ppo
 from rlhf_jax.stages.reward import RMConfig, train_rm
 from rlhf_jax.stages.sft import SFTConfig, train_sft
-from rlhf_jax.train import NonFiniteError
+from rlhf_jax.train import CheckpointError, NonFiniteError, WorkdirError
+
+DEBUG_ENV = "RLHF_JAX_DEBUG"
+"""Set to 1 (or true, yes) for the full traceback of every failure, like ``--debug``."""
+
+MAX_MESSAGE_CHARS = 500
+
+# Checked in this order, so a subclass listed in a later tuple must come first:
+# DataError is a ValueError, FileNotFoundError an OSError.
+INPUT_ERRORS: tuple[type[BaseException], ...] = (
+    ConfigError, WorkdirError, GGUFError, ChatTemplateError, FileNotFoundError, NotADirectoryError,
+    IsADirectoryError, SafetensorError)
+RUNTIME_ERRORS: tuple[type[BaseException], ...] = (
+    DataError, CheckpointError, NonFiniteError, PlanError, FetchError, OSError)
+
+OOM_ADVICE = (
+    "to fit, turn on rematerialisation (model.remat_policy=dots, or full), lower batch_size "
+    "(raise optimizer.grad_accum_steps to keep the effective batch), lower max_len or the largest "
+    "bucket, or shard over more devices (mesh.fsdp); `rlhf-jax plan --config FILE` estimates the "
+    "memory before training")
+
+_PACKAGE_DIR = Path(__file__).resolve().parent
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,6 +124,8 @@ def pipeline_command(path: str | None) -> Command:
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with one subparser per ``COMMANDS`` entry."""
     parser = argparse.ArgumentParser(prog="rlhf-jax", description="The InstructGPT recipe in JAX.")
+    parser.add_argument("--debug", action="store_true",
+                        help=f"show the full traceback of a failure (or set {DEBUG_ENV}=1)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, command in COMMANDS.items():
         p = sub.add_parser(name, help=command.help, description=command.help)
@@ -101,8 +145,31 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run ``rlhf-jax`` with ``argv`` (default ``sys.argv[1:]``); returns the exit code."""
+    """Run ``rlhf-jax`` with ``argv`` (default ``sys.argv[1:]``); returns the exit code.
+
+    The error boundary of every command: see the module docstring for what maps to which code."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    debug = os.environ.get(DEBUG_ENV, "").strip().lower() in ("1", "true", "yes")
+    while argv[:1] == ["--debug"]:
+        debug, argv = True, argv[1:]
+    try:
+        return _dispatch(argv, debug)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        _quiet()
+        print("rlhf-jax: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        failure = None if debug else classify(e)
+        if failure is None:
+            raise
+        _quiet()
+        print(f"rlhf-jax: error: {failure[1]}", file=sys.stderr)
+        return failure[0]
+
+
+def _dispatch(argv: list[str], debug: bool) -> int:
     if argv[:1] == ["plan"]:
         return plan_main(argv[1:])
     if argv[:1] == ["fetch"]:
@@ -113,32 +180,94 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as e:  # argparse already printed the usage message
         return int(e.code or 0)
     command = COMMANDS[args.command]
-    try:
-        if args.command == "pipeline":
-            command = pipeline_command(args.config)
-        overrides = preset_overrides(args.preset) if getattr(args, "preset", None) else []
-        cfg = load_config(command.config, args.config, overrides + args.overrides)
-    except ConfigError as e:
-        return _fail(2, e)
+    if args.command == "pipeline":
+        command = pipeline_command(args.config)
+    overrides = preset_overrides(args.preset) if getattr(args, "preset", None) else []
+    cfg = load_config(command.config, args.config, overrides + args.overrides)
     if args.print_config:
         print(json.dumps(to_dict(cfg), indent=2))
         return 0
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if not debug:
+        for handler in logging.getLogger().handlers:
+            if _LIBRARY_TRACEBACKS not in handler.filters:
+                handler.addFilter(_LIBRARY_TRACEBACKS)
     initialize_distributed(getattr(cfg, "distributed", DistributedConfig()))
-    try:
-        result = command.run(cfg)
-    except ConfigError as e:
-        return _fail(2, e)
-    except (DataError, FileNotFoundError, NonFiniteError) as e:
-        return _fail(1, e)
+    result = command.run(cfg)
     if not isinstance(result, dict):  # the pipeline prints its own table
         print(result)
     return 0
 
 
-def _fail(code: int, error: Exception) -> int:
-    print(f"rlhf-jax: error: {error}", file=sys.stderr)
-    return code
+def classify(error: BaseException) -> tuple[int, str] | None:
+    """``(exit code, one-line message)`` for an expected failure, ``None`` for a bug.
+
+    The message is the first line of the exception's own message, at most
+    ``MAX_MESSAGE_CHARS``, prefixed by the exception's type only for a library's own type (such
+    as ``SafetensorError``), whose message may not say what failed."""
+    if isinstance(error, JaxRuntimeError) and "RESOURCE_EXHAUSTED" in str(error):
+        return 1, f"out of device memory ({first_line(error, 200)}); {OOM_ADVICE}"
+    if isinstance(error, INPUT_ERRORS) and not isinstance(error, DataError):
+        return 2, one_line(error)
+    if isinstance(error, RUNTIME_ERRORS):
+        return 1, one_line(error)
+    if isinstance(error, ValueError) and _raised_by_package(error):
+        return 2, one_line(error)
+    return None
+
+
+def one_line(error: BaseException) -> str:
+    """``first_line(error)``, after ``"TypeName: "`` when the type is a library's own."""
+    line = first_line(error)
+    module = type(error).__module__
+    if module == "builtins" or module.startswith("rlhf_jax") or line == type(error).__name__:
+        return line
+    return first_line(f"{type(error).__name__}: {line}")
+
+
+def first_line(error: BaseException | str, limit: int = MAX_MESSAGE_CHARS) -> str:
+    """The first non-empty line of ``str(error)`` (the type's name if none), at most ``limit``
+    characters."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    line = lines[0] if lines else type(error).__name__
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+def _raised_by_package(error: BaseException) -> bool:
+    """Whether ``error`` was raised by a ``raise`` in ``rlhf_jax`` (an input check with its own
+    message) rather than inside a library, where a ``ValueError`` is more likely a bug."""
+    tb = error.__traceback__
+    if tb is None:
+        return False
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    return Path(tb.tb_frame.f_code.co_filename).resolve().is_relative_to(_PACKAGE_DIR)
+
+
+class _NoLibraryTracebacks(logging.Filter):
+    """Keeps a library's log record but drops its traceback (orbax logs a 50-line one for each of
+    its threads when a save fails, before the save's own ``CheckpointError``); ``--debug`` keeps
+    them."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and not record.name.startswith("rlhf_jax"):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+_LIBRARY_TRACEBACKS = _NoLibraryTracebacks()
+
+
+def _quiet() -> None:
+    """After a failure: drop what orbax (through absl's logger) and asyncio still log while the
+    process ends, and the warnings of orbax coroutines that will never run, so the error line is
+    the last word.  Narrow on purpose: ``main`` also runs inside other programs (the tests)."""
+    for name in _NOISY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.CRITICAL + 1)
+    warnings.filterwarnings("ignore", message="coroutine .* was never awaited", category=RuntimeWarning)
+
+
+_NOISY_LOGGERS = ("absl", "asyncio")
 
 
 if __name__ == "__main__":

@@ -36,7 +36,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from rlhf_jax.model import SCORE_POOLINGS, ModelConfig, Params, Transformer, init_params
@@ -286,6 +286,14 @@ def _abstract_params(model: Transformer) -> Params:
 # --------------------------------------------------------------------------------------- import
 
 
+def _open_safetensors(file: Path) -> Any:
+    """``safe_open(file, "numpy")``; a truncated or corrupt file is a ValueError naming it."""
+    try:
+        return safe_open(file, "numpy")
+    except SafetensorError as e:
+        raise ValueError(f"{file}: not a valid safetensors file ({e})") from e
+
+
 class _TensorFiles:
     """Tensor name -> file for one checkpoint directory (single file or sharded with an index)."""
 
@@ -294,7 +302,7 @@ class _TensorFiles:
         single, index = path / WEIGHTS_FILE, path / INDEX_FILE
         if single.is_file():
             self.index_file = None
-            with safe_open(single, "numpy") as f:
+            with _open_safetensors(single) as f:
                 self.where = {name: single for name in f.keys()}
         elif index.is_file():
             self.index_file = index
@@ -317,7 +325,7 @@ class _TensorFiles:
     def read(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
         file = self.where[name]
         if file not in self._open:
-            self._open[file] = safe_open(file, "numpy")
+            self._open[file] = _open_safetensors(file)
         handle = self._open[file]
         actual = tuple(handle.get_slice(name).get_shape())
         if actual != shape:

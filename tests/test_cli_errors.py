@@ -1,0 +1,152 @@
+"""The CLI's error boundary (`rlhf_jax.cli.main`): each expected failure is one line
+`rlhf-jax: error: ...` on stderr with exit 2 (bad config or input file) or 1 (runtime failure), no
+traceback; `--debug` or `RLHF_JAX_DEBUG=1` shows it.  The input cases run `python -m rlhf_jax.cli`
+in a subprocess on a damaged copy of a tiny random model; they fail before any compile (a few
+seconds each).  The runtime cases (out of memory, a full disk) raise from a stand-in command."""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from jax.errors import JaxRuntimeError
+
+from rlhf_jax import cli
+from rlhf_jax.configs import ConfigError
+from rlhf_jax.train import CheckpointError
+from test_stage_sft import make_world
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> dict[str, Path]:
+    return make_world(tmp_path_factory.mktemp("cli_errors_world"), n_demos=8, n_eval=4)
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "rlhf_jax.cli", *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=120, env={**os.environ, "JAX_PLATFORMS": "cpu", **(env or {})})
+
+
+def sft_args(world: dict[str, Path], workdir: Path | str, model_dir: Path | str) -> list[str]:
+    return ["sft", "--set", f"workdir={workdir}", "--set", f"model.hf_dir={model_dir}",
+            "--set", f"train_data={world['demos']}", "--set", "batch_size=4", "--set", "buckets=[64]",
+            "--set", "sample_prompts=0", "--set", "loop.total_steps=1"]
+
+
+def assert_one_line(result: subprocess.CompletedProcess, code: int, *expected: str) -> None:
+    """Exit `code`, stderr exactly one `rlhf-jax: error:` line containing each of `expected`."""
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == code, result.stderr
+    assert len(lines) == 1 and lines[0].startswith("rlhf-jax: error: "), result.stderr
+    assert all(text in lines[0] for text in expected), lines[0]
+
+
+def damaged_model(world: dict[str, Path], root: Path, file: str, content: bytes) -> Path:
+    """A copy of the world's base model directory with `file` replaced by `content`."""
+    model = root / "model"
+    shutil.copytree(world["base"], model)
+    (model / file).write_bytes(content)
+    return model
+
+
+def test_bad_config_value_exits_2(world, tmp_path):
+    result = run_cli(*sft_args(world, tmp_path / "run", world["base"]), "--set", "batch_size=-1")
+    assert_one_line(result, 2, "SFTConfig.batch_size must be an int >= 1")
+    assert not (tmp_path / "run").exists()
+
+
+def test_missing_model_dir_exits_2(world, tmp_path):
+    assert_one_line(run_cli(*sft_args(world, tmp_path / "run", tmp_path / "nope")), 2, str(tmp_path / "nope"))
+
+
+def test_corrupt_config_json_exits_2(world, tmp_path):
+    model = damaged_model(world, tmp_path, "config.json", b'{"n_layer": 2,')
+    assert_one_line(run_cli(*sft_args(world, tmp_path / "run", model)), 2,
+                    f"{model / 'config.json'}: invalid JSON")
+
+
+def test_truncated_safetensors_exits_2(world, tmp_path):
+    blob = (Path(world["base"]) / "model.safetensors").read_bytes()
+    model = damaged_model(world, tmp_path, "model.safetensors", blob[:100])
+    assert_one_line(run_cli(*sft_args(world, tmp_path / "run", model)), 2,
+                    f"{model / 'model.safetensors'}: not a valid safetensors file")
+
+
+def test_unparsable_tokenizer_exits_2(world, tmp_path):
+    model = damaged_model(world, tmp_path, "tokenizer.json", b'{"version": "1.0", "model": {')
+    assert_one_line(run_cli(*sft_args(world, tmp_path / "run", model)), 2,
+                    f"cannot parse tokenizer file {model / 'tokenizer.json'}")
+
+
+def test_unusable_workdir_exits_2_and_debug_shows_the_traceback(world):
+    """A workdir under a file fails for root too; `--debug` and `RLHF_JAX_DEBUG=1` re-raise."""
+    args = sft_args(world, "/dev/null/x", world["base"])
+    assert_one_line(run_cli(*args), 2, "cannot use /dev/null/x as a workdir")
+    for result in run_cli("--debug", *args), run_cli(*args, env={"RLHF_JAX_DEBUG": "1"}):
+        assert result.returncode == 1
+        assert "Traceback (most recent call last)" in result.stderr and "WorkdirError" in result.stderr
+        assert "rlhf-jax: error:" not in result.stderr
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root can write a read-only directory")
+def test_read_only_workdir_exits_2(world, tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        assert_one_line(run_cli(*sft_args(world, locked / "run", world["base"])), 2, str(locked / "run"))
+    finally:
+        locked.chmod(0o700)
+
+
+# ------------------------------------------------------- runtime failures, from a stand-in command
+
+
+def failing(monkeypatch, error: BaseException) -> list[str]:
+    """`sft` arguments whose run raises `error` (the config itself is valid)."""
+    def run(cfg):
+        raise error
+
+    monkeypatch.setitem(cli.COMMANDS, "sft", cli.Command(cli.COMMANDS["sft"].config, run, "stand-in"))
+    return ["sft", "--set", "workdir=w", "--set", "model.hf_dir=m", "--set", "train_data=t.jsonl"]
+
+
+def test_out_of_memory_exits_1_saying_what_to_change(monkeypatch, capsys):
+    oom = JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 26364482436 bytes.\n"
+                          + "BufferAssignment OOM Debugging.\n" * 50)
+    assert cli.main(failing(monkeypatch, oom)) == 1
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("rlhf-jax: error: out of device memory (RESOURCE_EXHAUSTED")
+    assert "26364482436 bytes" in lines[0] and "BufferAssignment" not in lines[0]
+    for advice in "model.remat_policy", "batch_size", "grad_accum_steps", "max_len", "mesh", "rlhf-jax plan":
+        assert advice in lines[0]
+
+
+@pytest.mark.parametrize("error, code, message", [
+    (OSError(errno.ENOSPC, "No space left on device", "/run/x"), 1,
+     "[Errno 28] No space left on device: '/run/x'"),
+    (CheckpointError("no checkpoint in c restores (5: bad)\nsecond line"), 1, "no checkpoint in c restores (5: bad)"),
+    (ConfigError("x" * 2000), 2, "x" * 497 + "..."),
+])
+def test_runtime_and_config_errors_are_one_trimmed_line(monkeypatch, capsys, error, code, message):
+    assert cli.main(failing(monkeypatch, error)) == code
+    assert capsys.readouterr().err == f"rlhf-jax: error: {message}\n"
+
+
+def test_library_type_is_named_and_a_bug_keeps_its_traceback(monkeypatch, capsys):
+    from safetensors import SafetensorError
+
+    assert cli.main(failing(monkeypatch, SafetensorError("Error while deserializing header"))) == 2
+    assert capsys.readouterr().err == "rlhf-jax: error: SafetensorError: Error while deserializing header\n"
+    bug = ValueError("operands could not be broadcast together")  # raised outside rlhf_jax: a bug
+    with pytest.raises(ValueError, match="broadcast"):
+        cli.main(failing(monkeypatch, bug))
+    with pytest.raises(KeyError):
+        cli.main(failing(monkeypatch, KeyError("params")))
