@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -104,6 +105,47 @@ def test_read_only_workdir_exits_2(world, tmp_path):
         assert_one_line(run_cli(*sft_args(world, locked / "run", world["base"])), 2, str(locked / "run"))
     finally:
         locked.chmod(0o700)
+
+
+def always_overcommits() -> bool:
+    """Linux `vm.overcommit_memory=1` grants any allocation (then kills on touch)."""
+    try:
+        return Path("/proc/sys/vm/overcommit_memory").read_text().strip() == "1"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(always_overcommits(), reason="the 1 TiB allocation would be granted, not refused")
+def test_real_out_of_memory_exits_1_saying_what_to_change(world, tmp_path):
+    """A random model with d_model 2^19: its first 2^19 x 2^19 weight (1 TiB) is refused by XLA
+    (RESOURCE_EXHAUSTED) before any training; ~1 GB resident, a few seconds."""
+    model = '{"init": {"arch": "gpt2", "vocab_size": 320, "d_model": 524288, "n_layers": 1, "n_heads": 1, "max_len": 64}}'
+    args = sft_args(world, tmp_path / "run", "x")
+    args[args.index("model.hf_dir=x")] = f"model={model}"
+    result = run_cli(*args, "--set", f"tokenizer={world['tokenizer']}")
+    assert_one_line(result, 1, "out of device memory (RESOURCE_EXHAUSTED: Out of memory allocating",
+                    "model.remat_policy", "grad_accum_steps", "max_len", "mesh.fsdp")
+
+
+def test_full_disk_during_a_checkpoint_save_exits_1_without_tracebacks(world, tmp_path):
+    """The workdir on a 300 KiB tmpfs (root, in a private mount namespace): step 1 trains, its
+    checkpoint save fails inside orbax (which logs one traceback per thread: cut to one line
+    each), and the run ends with the one `CheckpointError` line."""
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        pytest.skip("mounting a tmpfs needs root and unshare")
+    if subprocess.run(["unshare", "-m", "true"], capture_output=True).returncode != 0:
+        pytest.skip("unshare -m is not permitted here")
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    command = " ".join(shlex.quote(a) for a in [sys.executable, "-m", "rlhf_jax.cli",
+                                                *sft_args(world, disk / "run", world["base"])])
+    result = subprocess.run(["unshare", "-m", "sh", "-c", f"mount -t tmpfs -o size=300k tmpfs {disk} && {command}"],
+                            cwd=REPO, capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert lines[-1].startswith(f"rlhf-jax: error: saving a checkpoint in {disk / 'run' / 'checkpoints'} failed")
+    assert "Traceback" not in result.stderr and len(lines) < 10, result.stderr[-3000:]
 
 
 # ------------------------------------------------------- runtime failures, from a stand-in command
