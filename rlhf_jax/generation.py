@@ -37,9 +37,14 @@ class GenerateConfig:
     """How to decode.
 
     ``temperature`` 1 with no top-k/top-p is InstructGPT's rollout sampling (App. C.4);
-    ``temperature=0`` or ``greedy=True`` takes the argmax. ``eos_id=None`` never stops early.
-    ``pad_id`` fills the response after the EOS (never use the EOS as pad; instructgpt.md,
-    "Pitfalls").
+    ``temperature=0`` or ``greedy=True`` takes the argmax.
+
+    Stopping: a row ends at the first token in ``stops``, i.e. ``eos_id`` or any of
+    ``stop_ids`` (e.g. Llama 3's ``<|eot_id|>`` and ``<|end_of_text|>``, Gemma's
+    ``<end_of_turn>``: ``Tokenizer.stop_ids``); with neither set it never stops early.
+    ``stop_ids`` may be given as any iterable of ints and is stored sorted and deduplicated.
+    ``pad_id`` fills the response after the stop token and must not be one (never use the EOS as
+    pad; instructgpt.md, "Pitfalls").
     """
 
     max_new_tokens: int
@@ -49,6 +54,7 @@ class GenerateConfig:
     greedy: bool = False
     eos_id: int | None = None
     pad_id: int = 0
+    stop_ids: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         def bad(field: str, why: str) -> None:
@@ -71,6 +77,20 @@ class GenerateConfig:
             bad("eos_id", "must be None or an int >= 0")
         if not is_int(self.pad_id):
             bad("pad_id", "must be an int")
+        if isinstance(self.stop_ids, (str, bytes)) or not hasattr(self.stop_ids, "__iter__"):
+            bad("stop_ids", "must be a set or list of ints >= 0")
+        stop_ids = tuple(self.stop_ids)
+        if not all(is_int(i) and i >= 0 for i in stop_ids):
+            bad("stop_ids", "must be a set or list of ints >= 0")
+        object.__setattr__(self, "stop_ids", tuple(sorted({int(i) for i in stop_ids})))
+        if self.pad_id in self.stop_ids:
+            bad("pad_id", f"must not be one of stop_ids {list(self.stop_ids)}")
+
+    @property
+    def stops(self) -> tuple[int, ...]:
+        """Every id that ends a row: ``eos_id`` and ``stop_ids``, sorted (empty: never stops)."""
+        eos = () if self.eos_id is None else (self.eos_id,)
+        return tuple(sorted({*eos, *self.stop_ids}))
 
     @property
     def is_greedy(self) -> bool:
@@ -89,9 +109,10 @@ class Rollout:
 
     ``tokens`` ``[b, P + N]`` int32, prompt then response; ``prompt_mask`` ``[b, P]`` int32 (left
     padding = 0); ``response`` ``[b, N]`` int32 (``pad_id`` after the EOS); ``response_mask``
-    ``[b, N]`` int32, 1 up to and including the EOS; ``logprobs`` ``[b, N]`` float32,
+    ``[b, N]`` int32, 1 up to and including the stop token; ``logprobs`` ``[b, N]`` float32,
     ``log softmax(logits / T)`` of each sampled token under the unfiltered distribution (see
-    ``rlhf_jax.sampling``), 0 outside the mask; ``ended`` ``[b]`` bool, the row emitted the EOS.
+    ``rlhf_jax.sampling``), 0 outside the mask; ``ended`` ``[b]`` bool, the row emitted a stop token
+    (``GenerateConfig.stops``).
     """
 
     tokens: Array
@@ -163,7 +184,7 @@ def _next_token(key: Array, logits: Array, config: GenerateConfig) -> tuple[Arra
     return new, (picked - top[:, 0]) / temperature - log_norm
 
 
-def _generate_impl(
+def generate_traced(
     model: Transformer,
     params: Params,
     prompt_ids: Array,
@@ -171,19 +192,21 @@ def _generate_impl(
     key: Array,
     config: GenerateConfig,
 ) -> Rollout:
-    """The traced core of ``generate`` (no checks; see there).
+    """``generate`` without its Python-side checks and its own ``jax.jit``: for callers that are
+    already inside a compiled program and have checked the shapes (``ppo.rollout_phase``).
 
     Prefill writes prompt columns ``[0, P - 1)`` into a ``P + N``-slot cache; step ``i`` of the
     ``lax.while_loop`` feeds the token at slot ``P - 1 + i`` (the last prompt token for ``i = 0``,
     else response token ``i - 1``) at position ``prompt_len - 1 + i`` with segment id 1 and
-    samples response token ``i`` from its logits. The loop stops once every row has emitted the
-    EOS, or after ``N`` steps.
+    samples response token ``i`` from its logits. The loop stops once every row has emitted a
+    stop token (``config.stops``), or after ``N`` steps.
     """
     b, p = prompt_ids.shape
     n = config.max_new_tokens
     prompt_ids = prompt_ids.astype(jnp.int32)
     prompt_mask = (prompt_mask != 0).astype(jnp.int32)
     prompt_len = prompt_mask.sum(axis=1)
+    stops = config.stops
 
     if model.config.scans(cached=True):  # stack the layers once, not in every decode step
         params = stack_layers(params, model.config.n_layers)
@@ -200,8 +223,10 @@ def _generate_impl(
         live = ~done
         new = jnp.where(live, new, config.pad_id)
         logprob = jnp.where(live, logprob, 0.0)
-        if config.eos_id is not None:
-            done = done | (new == config.eos_id)
+        if len(stops) == 1:
+            done = done | (new == stops[0])
+        elif stops:
+            done = done | jnp.any(new[:, None] == jnp.asarray(stops, jnp.int32), axis=1)
         response = jax.lax.dynamic_update_slice_in_dim(response, new[:, None], i, 1)
         response_mask = jax.lax.dynamic_update_slice_in_dim(response_mask, live.astype(jnp.int32)[:, None], i, 1)
         logprobs = jax.lax.dynamic_update_slice_in_dim(logprobs, logprob[:, None], i, 1)
@@ -209,7 +234,7 @@ def _generate_impl(
 
     def cond(state):
         i, done = state[0], state[3]
-        if config.eos_id is None:  # nothing ends early: no per-step all-reduce over the batch
+        if not stops:  # nothing ends early: no per-step all-reduce over the batch
             return i < n
         return (i < n) & ~jnp.all(done)
 
@@ -233,7 +258,7 @@ def _generate_impl(
     )
 
 
-_generate_jit = jax.jit(_generate_impl, static_argnames=("model", "config"))
+_generate_jit = jax.jit(generate_traced, static_argnames=("model", "config"))
 
 
 def generate(

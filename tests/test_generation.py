@@ -81,8 +81,9 @@ def reference_generate(model, params, ids, mask, key, config):
 
 
 def stop_at_eos(response, eos, pad):
-    """Python loop: keep each row up to and including its first EOS, pad after.
-    Returns (response, response_mask, ended)."""
+    """Python loop: keep each row up to and including its first stop token (``eos``: one id or a
+    set of them), pad after.  Returns (response, response_mask, ended)."""
+    stops = {eos} if isinstance(eos, (int, np.integer)) else set(eos)
     response, mask = response.copy(), np.zeros(response.shape, np.int32)
     ended = np.zeros(len(response), bool)
     for row in range(len(response)):
@@ -91,7 +92,7 @@ def stop_at_eos(response, eos, pad):
                 response[row, t] = pad
             else:
                 mask[row, t] = 1
-                ended[row] = response[row, t] == eos
+                ended[row] = response[row, t] in stops
     return response, mask, ended
 
 
@@ -169,6 +170,35 @@ def test_sampled_rollout_matches_no_cache_reference_and_sequence_logprobs(lm, co
     expected_entropy = np.where(response_mask == 1, -(np.exp(logp) * logp).sum(-1)[:, 5:-1], 0.0)
     np.testing.assert_allclose(entropy, expected_entropy, atol=1e-4)
     assert ended[0] and (response_mask == 0).any()
+
+
+def test_several_stop_ids_match_loop_reference(lm):
+    """Rows stop at whichever of several stop ids comes first (Llama 3's ``<|eot_id|>`` and
+    ``<|end_of_text|>``, Gemma's ``<end_of_turn>``), against the no-cache reference and a Python
+    loop; ``eos_id`` joins ``stop_ids``."""
+    model, params = lm
+    ids, mask = left_padded([6, 1, 3, 4, 6, 2], 6, model.config.vocab_size, seed=4)
+    key = jax.random.key(5)
+    base = GenerateConfig(10, temperature=1.0)
+    free = reference_generate(model, params, ids, mask, key, base)
+    # two ids that rows 0 and 2 sample mid-way
+    stops = {int(free[0, 3]), int(free[2, 5])}
+    assert len(stops) == 2 and PAD not in stops
+    for config in (dataclasses.replace(base, stop_ids=sorted(stops)),
+                   dataclasses.replace(base, eos_id=min(stops), stop_ids=[max(stops), max(stops)])):
+        assert config.stops == tuple(sorted(stops))
+        response, response_mask, ended = stop_at_eos(free, stops, config.pad_id)
+        r = generate(model, params, ids, mask, key, config)
+        np.testing.assert_array_equal(r.response, response)
+        np.testing.assert_array_equal(r.response_mask, response_mask)
+        np.testing.assert_array_equal(r.ended, ended)
+        assert ended[0] and ended[2] and not ended.all()  # some rows run to N
+    assert GenerateConfig(4, stop_ids={9, 3}).stop_ids == (3, 9)
+    assert GenerateConfig(4, eos_id=2).stops == (2,) and GenerateConfig(4).stops == ()
+    for kw, match in [(dict(stop_ids=[3, -1]), "stop_ids"), (dict(stop_ids="ab"), "stop_ids"),
+                      (dict(stop_ids=[1.5]), "stop_ids"), (dict(stop_ids=[0]), "pad_id: must not be one of")]:
+        with pytest.raises(ValueError, match=match):
+            GenerateConfig(4, **kw)
 
 
 def test_compiled_once_usable_inside_jit_and_greedy_logprobs_at_temperature_one(lm):
