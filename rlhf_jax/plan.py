@@ -82,7 +82,8 @@ import jax.numpy as jnp
 from jax.sharding import AbstractMesh, AxisType, NamedSharding, PartitionSpec as P
 
 from rlhf_jax import hf
-from rlhf_jax.configs import ConfigError, load_config, to_dict
+from rlhf_jax.configs import load_config, to_dict
+from rlhf_jax.errors import ConfigError, PlanError
 from rlhf_jax.model import ModelConfig, Transformer, init_params
 from rlhf_jax.sharding import AXES, BATCH_AXES, DEFAULT_RULES, MeshConfig, make_mesh, partition_specs, state_shardings
 from rlhf_jax.train.optim import OptimizerConfig, make_optimizer
@@ -97,17 +98,6 @@ PHASES = ("state", "update", "rollout", "experience")
 _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 _REPO = Path(__file__).resolve().parents[1]
 _STATS = ("argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes", "temp_size_in_bytes")
-
-
-class PlanError(RuntimeError):
-    """The plan does not fit the device; the message says by how much and what would fit.
-
-    ``suggestions``: ``(overrides, GiB per device)`` pairs, each a list of ``--set`` overrides
-    that make the plan fit (checked by re-planning analytically)."""
-
-    def __init__(self, message: str, suggestions: Sequence[tuple[tuple[str, ...], float]] = ()):
-        super().__init__(message)
-        self.suggestions = tuple(suggestions)
 
 
 @dataclasses.dataclass(frozen=True)

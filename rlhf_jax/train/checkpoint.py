@@ -36,6 +36,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
+from rlhf_jax.errors import CheckpointError, NonFiniteError
+
 __all__ = ["CheckpointError", "Checkpointer", "NonFiniteError", "checksums", "guard_finite"]
 
 log = logging.getLogger(__name__)
@@ -46,15 +48,6 @@ _COMMIT_FILE = getattr(ocp.path.atomicity_types, "COMMIT_SUCCESS_FILE", "commit_
 
 _CHECKSUMS = "_checksums"  # the key of `meta` holding the state's array checksums
 _REASON_CHARS = 240
-
-
-class NonFiniteError(FloatingPointError):
-    """A metric is NaN or infinite; raised before anything is saved."""
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint cannot be written, or read back intact; the message names the directory (or
-    step) and the reason in one line."""
 
 
 def guard_finite(metrics: Mapping[str, Any], step: int) -> None:

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from rlhf_jax.configs import ConfigError
+from rlhf_jax.errors import ConfigError
 
 __all__ = ["OptimizerConfig", "make_schedule", "make_optimizer", "decay_mask"]
 

@@ -34,6 +34,8 @@ from typing import Any, Iterator, Mapping
 
 import jax
 
+from rlhf_jax.errors import WorkdirError
+
 __all__ = [
     "FINGERPRINT_FILE",
     "LOCK_FILE",
@@ -52,11 +54,6 @@ log = logging.getLogger(__name__)
 LOCK_FILE = ".lock"
 FINGERPRINT_FILE = "fingerprint.json"
 _CHUNK = 1 << 20
-
-
-class WorkdirError(ValueError):
-    """The workdir cannot be used as asked (held by another process, or it holds a run of a
-    different config or input); the message is one line that says how to proceed."""
 
 
 # ------------------------------------------------------------------------------------ the lock
