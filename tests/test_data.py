@@ -29,6 +29,7 @@ from rlhf_jax.data import (
     tokenize_prompts,
     tokenize_texts,
 )
+from rlhf_jax.data.truncation import TruncationStats
 from rlhf_jax.tokenizer import Tokenizer
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
@@ -221,7 +222,72 @@ def test_tokenize_demonstrations_truncation(tok, caplog):
     # Record 0 is cut to 8 tokens with no EOS; record 1 has no response token left: dropped.
     assert out["tokens"].tolist() == [[BOS, W["what"], W["is"]] + [W["a"], W["b"]] * 2 + [W["a"]]]
     assert out["loss_mask"].tolist() == [[0, 0, 0, 1, 1, 1, 1, 1]]
-    assert "truncated 2 of 2" in caplog.text and "1 dropped" in caplog.text
+    assert "2 of 2 demonstrations longer than 8 tokens: 1 cut, 1 skipped (truncation='right')" in caplog.text
+
+
+def test_truncation_left_keeps_the_response_whole_by_hand(tok):
+    """`data.truncation`: "left" drops the oldest prompt tokens after BOS; a response too long on
+    its own skips the record; "skip" drops every long record; counts in `TruncationStats`."""
+    recs = [Demonstration("what is it ? a b", " yes ."), Demonstration("a", " a b a b a b a"),
+            Demonstration("no", " yes")]
+    stats = TruncationStats()
+    out = tokenize_demonstrations(recs, tok, buckets=(8,), truncation="left", stats=stats)
+    assert out["tokens"].tolist() == [
+        [BOS, W["it"], W["?"], W["a"], W["b"], W["yes"], W["."], EOS],
+        [BOS, W["no"], W["yes"], EOS] + [PAD] * 4]
+    assert out["loss_mask"][0].tolist() == [0, 0, 0, 0, 0, 1, 1, 1]
+    assert (stats.records, stats.cut, stats.skipped) == (3, 1, 1)
+    stats = TruncationStats()
+    out = tokenize_demonstrations(recs, tok, buckets=(8,), truncation="skip", stats=stats)
+    assert out["tokens"].tolist() == [[BOS, W["no"], W["yes"], EOS] + [PAD] * 4]
+    assert (stats.cut, stats.skipped) == (0, 2)
+    with pytest.raises(ValueError, match="truncation must be one of"):
+        tokenize_demonstrations(recs, tok, buckets=(8,), truncation="middle")
+
+
+def test_truncation_of_comparisons_cuts_one_shared_prompt(tok, tmp_path):
+    rows = [{"prompt": "what is it ? a b", "responses": [" yes .", " no"], "ranking": [0, 1]},
+            {"prompt": "a", "chosen": " a b a b a b a", "rejected": " no"},
+            {"prompt": "no", "chosen": " yes", "rejected": " a"}]
+    recs = read_comparisons(write_jsonl(tmp_path / "c.jsonl", rows))
+    stats = TruncationStats()
+    out = tokenize_comparisons(recs, tok, k_max=2, max_len=8, truncation="left", stats=stats)
+    # Both responses of record 0 lose the same two oldest prompt tokens ("what is").
+    assert out["tokens"][0].tolist() == [[BOS, W["it"], W["?"], W["a"], W["b"], W["yes"], W["."], EOS],
+                                         [BOS, W["it"], W["?"], W["a"], W["b"], W["no"], EOS, PAD]]
+    assert out["tokens"][1, 0].tolist() == [BOS, W["no"], W["yes"], EOS] + [PAD] * 4
+    assert out["valid"].tolist() == [[1, 1], [1, 1]]
+    assert (stats.records, stats.cut, stats.skipped) == (3, 1, 1)
+    right = tokenize_comparisons(recs, tok, k_max=2, max_len=8, truncation="right")
+    assert right["tokens"][1, 0].tolist() == [BOS, W["a"]] + [W["a"], W["b"]] * 3
+    assert len(tokenize_comparisons(recs, tok, k_max=2, max_len=8, truncation="skip")["tokens"]) == 1
+    with pytest.raises(ValueError, match=r"comparison 0 \(line 1\) response 0 has 10 tokens, more than max_len 8"):
+        tokenize_comparisons(recs, tok, k_max=2, max_len=8)
+
+
+def test_truncation_of_prompts(tok):
+    recs = [Prompt("what is it ? a b"), Prompt("a")]
+    left = tokenize_prompts(recs, tok, max_len=4, truncation="left")
+    assert left["tokens"].tolist() == [[BOS, W["?"], W["a"], W["b"]], [PAD, PAD, BOS, W["a"]]]
+    right = tokenize_prompts(recs, tok, max_len=4, truncation="right")
+    assert right["tokens"][0].tolist() == [BOS, W["what"], W["is"], W["it"]]
+    skip = tokenize_prompts(recs, tok, max_len=4, truncation="skip")
+    assert skip["tokens"].tolist() == [[PAD, PAD, BOS, W["a"]]]
+    with pytest.raises(ValueError, match="prompt 0 has 7 tokens, more than max_len 4 .set truncation to 'left'"):
+        tokenize_prompts(recs, tok, max_len=4)
+
+
+def test_bom_and_lone_surrogates(tmp_path):
+    bom = tmp_path / "bom.jsonl"
+    bom.write_bytes(b'\xef\xbb\xbf{"prompt": "a", "response": "b"}\n')
+    assert read_demonstrations(bom) == [Demonstration("a", "b")]
+    bad = write_jsonl(tmp_path / "s.jsonl", ['{"prompt": "a", "response": "b"}', '{"prompt": "x", "response": "a\\ud800"}'])
+    with pytest.raises(DataError, match=r"s.jsonl, line 2, field 'response': not valid Unicode: a lone surrogate"):
+        read_demonstrations(bad)
+    assert read_demonstrations(bad, skip_bad=True).n_skipped == 1
+    ranked = write_jsonl(tmp_path / "r.jsonl", ['{"prompt": "x", "responses": ["a", "\\udc00"], "ranking": [0, 1]}'])
+    with pytest.raises(DataError, match=r"line 1, field 'responses': not valid Unicode"):
+        read_comparisons(ranked)
 
 
 def test_tokenize_comparisons_ragged(tok):

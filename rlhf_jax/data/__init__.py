@@ -10,6 +10,7 @@ from rlhf_jax.data.batching import (
     tokenize_texts,
 )
 from rlhf_jax.data.iterator import BatchIterator, ZipIterator
+from rlhf_jax.data.truncation import TRUNCATIONS, TruncationStats, data_metrics
 from rlhf_jax.data.readers import (
     Comparison,
     DataError,
@@ -27,6 +28,8 @@ from rlhf_jax.data.readers import (
 
 __all__ = [
     "DEFAULT_BUCKETS",
+    "TRUNCATIONS",
+    "TruncationStats",
     "BatchIterator",
     "ZipIterator",
     "Comparison",
@@ -36,6 +39,7 @@ __all__ = [
     "Prompt",
     "Records",
     "bucket_length",
+    "data_metrics",
     "pack_sequences",
     "read_comparisons",
     "read_demonstrations",

@@ -14,18 +14,15 @@ Conventions shared by every helper:
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 
 import numpy as np
 
-from rlhf_jax.data.readers import Comparison, Demonstration, Prompt
+from rlhf_jax.data.readers import Comparison, Demonstration, Prompt, Records
+from rlhf_jax.data.truncation import TruncationStats, check_truncation, cut, fit_group
 from rlhf_jax.tokenizer import Tokenizer
 
-logger = logging.getLogger(__name__)
-
 DEFAULT_BUCKETS = (64, 128, 256, 512, 1024, 2048)
-_TRUNCATIONS = ("error", "right")
 
 
 def bucket_length(length: int, buckets: Sequence[int]) -> int:
@@ -45,6 +42,7 @@ def tokenize_demonstrations(
     add_eos: bool = True,
     train_on_prompt: bool = False,
     truncation: str = "error",
+    stats: TruncationStats | None = None,
 ) -> dict[str, np.ndarray]:
     """SFT arrays, right padded: `[BOS] prompt response [EOS] pad...`.
 
@@ -52,46 +50,45 @@ def tokenize_demonstrations(
       buckets: allowed sequence lengths; the arrays get the smallest one that fits all records.
       train_on_prompt: put the prompt tokens in `loss_mask` too (IG is silent on prompt masking;
         masking it is our default, see shared/instructgpt.md).
-      truncation: for a record longer than the largest bucket: "error" raises ValueError naming
-        the record; "right" cuts its end (then no EOS is added, since the response did not end
-        there) and logs how many were cut. Records left with no response token are dropped.
+      truncation: for a record longer than the largest bucket, `data.truncation`'s rule
+        ("error", "left", "right" or "skip"); a "right" cut adds no EOS (the response did not
+        end there), and a record left with no response token is skipped.
+      stats: counts of cut and skipped records, filled in (also logged).
 
     Returns:
       tokens, mask, loss_mask: int32 `[n, L]`.
     """
-    if truncation not in _TRUNCATIONS:
-        raise ValueError(f"truncation must be one of {_TRUNCATIONS}, got {truncation!r}")
+    check_truncation(truncation)
     tokenizer.add_special([], add_bos, add_eos)  # fails early without bos/eos tokens
+    stats = TruncationStats() if stats is None else stats
     max_len = max(buckets)
+    head = int(add_bos)
     pairs = _encode_pairs(tokenizer, [(r.prompt, r.response) for r in records])
-    rows, n_cut, n_dropped = [], 0, 0
+    rows = []
     for i, (ids, is_response) in enumerate(pairs):
+        stats.records += 1
         target = [train_on_prompt or r for r in is_response]
         if add_bos:
-            ids, target = [tokenizer.bos_id, *ids], [False, *target]
+            ids, target, is_response = [tokenizer.bos_id, *ids], [False, *target], [False, *is_response]
         if add_eos:
-            ids, target = [*ids, tokenizer.eos_id], [*target, True]
+            ids, target, is_response = [*ids, tokenizer.eos_id], [*target, True], [*is_response, True]
+        fit = fit_group([len(ids)], [is_response.count(False) - head], max_len, truncation,
+                        f"demonstration {i}{_line(records, i)}")
+        if fit is None:
+            stats.skipped += 1
+            continue
         if len(ids) > max_len:
-            if truncation == "error":
-                raise ValueError(
-                    f"demonstration {i} has {len(ids)} tokens, more than the largest bucket "
-                    f"{max_len} (pass truncation='right' to cut it)"
-                )
-            n_cut += 1
-            if add_eos:  # the cut response does not end at the cut, so no EOS
+            if truncation == "right" and add_eos:  # the cut response does not end at the cut
                 ids, target = ids[:-1], target[:-1]
-            ids, target = ids[:max_len], target[:max_len]
+            ids, target = cut(ids, *fit, head), cut(target, *fit, head)
             if not any(target):
-                n_dropped += 1
+                stats.skipped += 1
                 continue
+            stats.cut += 1
         rows.append((ids, target))
-    if n_cut:
-        logger.warning(
-            "truncated %d of %d demonstrations to %d tokens (%d dropped: no response token left)",
-            n_cut, len(records), max_len, n_dropped,
-        )
+    stats.log(_name(records), "demonstrations", max_len, truncation)
     if not rows:
-        raise ValueError("no demonstrations to tokenize")
+        raise ValueError("no demonstrations to tokenize" + (" (all were skipped)" if records else ""))
     length = bucket_length(max(len(ids) for ids, _ in rows), buckets)
     tokens = np.full((len(rows), length), tokenizer.pad_id, np.int32)
     mask = np.zeros((len(rows), length), np.int32)
@@ -111,37 +108,56 @@ def tokenize_comparisons(
     *,
     add_bos: bool = True,
     add_eos: bool = True,
+    truncation: str = "error",
+    stats: TruncationStats | None = None,
 ) -> dict[str, np.ndarray]:
     """Reward-model arrays: each response as `[BOS] prompt response [EOS]`, right padded.
 
     Responses stay best-first (as `Comparison` holds them); a record with K < k_max responses
     gets all-pad rows with `valid` 0 after its K real ones. The reward model reads its score at
-    each sequence's last real token (the EOS), index `mask.sum(-1) - 1`.
+    each sequence's last real token (the EOS), index `mask.sum(-1) - 1`.  A record with a
+    sequence longer than `max_len` follows `truncation` (`data.truncation`: with "left" its K
+    sequences lose the same oldest prompt tokens, so they still share one prompt); `stats`
+    counts cut and skipped records (also logged).
 
     Returns:
-      tokens, mask: int32 `[n, k_max, max_len]`; valid: int32 `[n, k_max]`.
+      tokens, mask: int32 `[n, k_max, max_len]`; valid: int32 `[n, k_max]` (n: records kept).
 
     Raises:
       ValueError: a record has more than k_max responses, or a sequence is longer than max_len
-        (the message names the record and the response).
+        with `truncation="error"` (the message names the record, its line and the response), or
+        every record was skipped.
     """
+    check_truncation(truncation)
+    stats = TruncationStats() if stats is None else stats
     for i, rec in enumerate(records):
         if len(rec.responses) > k_max:
-            raise ValueError(f"comparison {i} has {len(rec.responses)} responses > k_max {k_max}")
-    texts = [rec.prompt + response for rec in records for response in rec.responses]
-    encodings = iter(tokenizer.hf.encode_batch(texts, add_special_tokens=False))
-    n = len(records)
-    tokens = np.full((n, k_max, max_len), tokenizer.pad_id, np.int32)
-    mask = np.zeros((n, k_max, max_len), np.int32)
-    valid = np.zeros((n, k_max), np.int32)
+            raise ValueError(f"comparison {i}{_line(records, i)} has {len(rec.responses)} responses > k_max {k_max}")
+    head = int(add_bos)
+    pairs = iter(_encode_pairs(tokenizer, [(rec.prompt, r) for rec in records for r in rec.responses]))
+    rows = []
     for i, rec in enumerate(records):
-        for k in range(len(rec.responses)):
-            ids = tokenizer.add_special(next(encodings).ids, add_bos, add_eos)
-            if len(ids) > max_len:
-                raise ValueError(
-                    f"comparison {i} response {k} has {len(ids)} tokens, more than max_len "
-                    f"{max_len}"
-                )
+        stats.records += 1
+        group = [next(pairs) for _ in rec.responses]
+        seqs = [tokenizer.add_special(ids, add_bos, add_eos) for ids, _ in group]
+        prompt_lengths = [is_response.count(False) for _, is_response in group]
+        fit = fit_group([len(s) for s in seqs], prompt_lengths, max_len, truncation,
+                        f"comparison {i}{_line(records, i)}")
+        if fit is None:
+            stats.skipped += 1
+            continue
+        if max(len(s) for s in seqs) > max_len:
+            stats.cut += 1
+            seqs = [cut(s, *fit, head) for s in seqs]
+        rows.append(seqs)
+    stats.log(_name(records), "comparisons", max_len, truncation)
+    if records and not rows:
+        raise ValueError(f"all {len(records)} comparisons were skipped (truncation={truncation!r}, max_len {max_len})")
+    tokens = np.full((len(rows), k_max, max_len), tokenizer.pad_id, np.int32)
+    mask = np.zeros((len(rows), k_max, max_len), np.int32)
+    valid = np.zeros((len(rows), k_max), np.int32)
+    for i, seqs in enumerate(rows):
+        for k, ids in enumerate(seqs):
             tokens[i, k, : len(ids)] = ids
             mask[i, k, : len(ids)] = 1
             valid[i, k] = 1
@@ -155,17 +171,40 @@ def tokenize_prompts(
     *,
     add_bos: bool = True,
     truncation: str = "error",
+    stats: TruncationStats | None = None,
 ) -> dict[str, np.ndarray]:
     """Rollout prompts, left padded so every prompt ends at the last column.
 
-    `truncation` as in `Tokenizer.encode_batch` ("left" keeps a long prompt's end).
+    A prompt longer than `max_len` (BOS included) follows `truncation` (`data.truncation`: "left"
+    keeps its end, "right" its start, "skip" drops it); `stats` counts them (also logged).
 
     Returns:
-      tokens, mask: int32 `[n, max_len]`.
+      tokens, mask: int32 `[n, max_len]` (n: prompts kept).
     """
-    tokens, mask = tokenizer.encode_batch(
-        [r.prompt for r in records], max_len, side="left", add_bos=add_bos, truncation=truncation
-    )
+    check_truncation(truncation)
+    stats = TruncationStats() if stats is None else stats
+    head = int(add_bos)
+    rows = []
+    for i, enc in enumerate(tokenizer.hf.encode_batch([r.prompt for r in records], add_special_tokens=False)):
+        stats.records += 1
+        ids = tokenizer.add_special(enc.ids, add_bos, False)
+        # A prompt is all prompt: "left" may drop all but its head.
+        fit = fit_group([len(ids)], [len(ids) - head], max_len, truncation, f"prompt {i}{_line(records, i)}")
+        if fit is None:
+            stats.skipped += 1
+            continue
+        if len(ids) > max_len:
+            stats.cut += 1
+            ids = cut(ids, *fit, head)
+        rows.append(ids)
+    stats.log(_name(records), "prompts", max_len, truncation)
+    if records and not rows:
+        raise ValueError(f"all {len(records)} prompts were skipped (truncation={truncation!r}, max_len {max_len})")
+    tokens = np.full((len(rows), max_len), tokenizer.pad_id, np.int32)
+    mask = np.zeros((len(rows), max_len), np.int32)
+    for b, ids in enumerate(rows):
+        tokens[b, max_len - len(ids):] = ids
+        mask[b, max_len - len(ids):] = 1
     return {"tokens": tokens, "mask": mask}
 
 
@@ -239,6 +278,15 @@ def pack_sequences(
             out["positions"][r, span] = np.arange(n)
             start += n
     return out
+
+
+def _line(records: Sequence, i: int) -> str:
+    """`" (line n)"` for records read from a file (`Records`), else empty."""
+    return f" (line {records.lines[i]})" if isinstance(records, Records) else ""
+
+
+def _name(records: Sequence) -> str:
+    return str(records.path) if isinstance(records, Records) else "records"
 
 
 def _encode_pairs(

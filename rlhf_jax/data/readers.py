@@ -1,9 +1,11 @@
 """JSONL readers for the four kinds of InstructGPT data (IG §3.2): demonstrations, ranked
 comparisons, prompts and pretraining text.
 
-One JSON object a line; blank lines are ignored; `.gz` files are read transparently. A bad line
-raises `DataError` naming the file, the line and the field, or is skipped and counted with
-`skip_bad=True`. Per-host sharding keeps the i-th record (i counting non-blank lines from 0) when
+One JSON object a line, read as `utf-8-sig` (a leading byte-order mark is ignored); blank lines
+are ignored; `.gz` files are read transparently. A bad line (not JSON, a missing or mistyped
+field, a string holding a lone UTF-16 surrogate such as the JSON escape `"\\ud800"`, which no
+tokenizer can encode) raises `DataError` naming the file, the line and the field, or is skipped
+and counted with `skip_bad=True`. Per-host sharding keeps the i-th record (i counting non-blank lines from 0) when
 `i % shard_count == shard_index`, so every host parses only its own lines.
 
 Layouts:
@@ -28,6 +30,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
+from rlhf_jax.errors import DataError
+
 logger = logging.getLogger(__name__)
 
 K_MIN = 2  # a comparison needs two responses
@@ -35,10 +39,6 @@ K_MAX = 9  # InstructGPT ranks K = 4..9 responses per prompt (IG §3.5)
 HH_ASSISTANT = "\n\nAssistant:"
 
 T = TypeVar("T")
-
-
-class DataError(ValueError):
-    """A malformed data line; the message names the file, the line number and the field."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,12 +72,18 @@ class PretrainText:
 
 
 class Records(list):
-    """The records read from one file (a list), with `n_skipped`: bad lines skipped."""
+    """The records read from one file (a list), with `n_skipped` (bad lines skipped) and
+    `lines` (each record's 1-based line number in the file)."""
 
-    def __init__(self, items: list, path: Path, n_skipped: int):
+    def __init__(self, items: list, path: Path, n_skipped: int, lines: list[int] | None = None):
         super().__init__(items)
         self.path = path
         self.n_skipped = n_skipped
+        self.lines = list(range(1, len(items) + 1)) if lines is None else lines
+
+    def where(self, i: int) -> str:
+        """``"<path>, line <n>"`` of record ``i``."""
+        return f"{self.path}, line {self.lines[i]}"
 
 
 class _LineError(Exception):
@@ -135,12 +141,13 @@ def read_jsonl(
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"data file not found: {path}")
-    records, n_skipped = [], 0
+    records, lines, n_skipped = [], [], 0
     for i, (line_no, line) in enumerate(_lines(path)):
         if i % shard_count != shard_index:
             continue
         try:
             records.append(parse(_object(line)))
+            lines.append(line_no)
         except _LineError as e:
             where = f"{path}, line {line_no}" + (f", field {e.field!r}" if e.field else "")
             if not skip_bad:
@@ -148,7 +155,7 @@ def read_jsonl(
             n_skipped += 1
     if n_skipped:
         logger.warning("%s: skipped %d bad line(s)", path, n_skipped)
-    return Records(records, path, n_skipped)
+    return Records(records, path, n_skipped, lines)
 
 
 def split_hh_dialogues(chosen: str, rejected: str) -> tuple[str, str, str] | None:
@@ -170,7 +177,7 @@ def _lines(path: Path) -> Iterator[tuple[int, str]]:
     """(1-based line number, line) of the non-blank lines."""
     opener = gzip.open if path.suffix == ".gz" else open
     try:
-        with opener(path, "rt", encoding="utf-8") as f:
+        with opener(path, "rt", encoding="utf-8-sig") as f:
             for line_no, line in enumerate(f, start=1):
                 if line.strip():
                     yield line_no, line
@@ -194,9 +201,20 @@ def _str(obj: dict[str, Any], field: str, nonempty: bool = False) -> str:
     value = obj[field]
     if not isinstance(value, str):
         raise _LineError(field, f"expected a string, got {type(value).__name__}")
+    _unicode(field, value)
     if nonempty and not value.strip():
         raise _LineError(field, "empty")
     return value
+
+
+def _unicode(field: str, value: str) -> None:
+    """A `_LineError` if `value` holds a lone UTF-16 surrogate (JSON allows the escape; UTF-8 and
+    every tokenizer reject it)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise _LineError(field, f"not valid Unicode: a lone surrogate {value[e.start]!r} at character "
+                                f"{e.start} (a JSON escape such as \\ud800 without its pair)") from None
 
 
 def _parse_demonstration(obj: dict[str, Any]) -> Demonstration:
@@ -231,6 +249,7 @@ def _parse_ranked(obj: dict[str, Any]) -> Comparison:
     if not K_MIN <= k <= K_MAX:
         raise _LineError("responses", f"expected {K_MIN}..{K_MAX} responses, got {k}")
     for j, r in enumerate(responses):
+        _unicode("responses", r)
         if not r.strip():
             raise _LineError("responses", f"response {j} is empty")
     if "ranking" not in obj:
