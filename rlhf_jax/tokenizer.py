@@ -11,16 +11,25 @@ Four ways in:
   fallback), rebuilt as an equivalent `tokenizers` BPE model.
 - `Tokenizer.train(texts, vocab_size)` — a small byte-level BPE for the synthetic task.
 
-The pad token is never the EOS token (InstructGPT reproductions' pitfall, see
-shared/instructgpt.md): when a tokenizer has no separate pad token, `<|pad|>` is added as a new
-special token. Its id is then the old vocabulary size, so `vocab_size` can exceed the model's
-embedding size by one; callers must replace pad ids (mask == 0) before the embedding lookup.
+Special tokens: `bos_id`, `eos_id`, `pad_id`, and `stop_ids`, every id that ends a generated
+answer: the EOS, the chat template's end-of-turn token (the special token the template writes right
+after an assistant message: `<|im_end|>`, Llama 3's `<|eot_id|>`, Gemma's `<end_of_turn>`), the
+ids of `generation_config.json`'s `eos_token_id` list beside a tokenizer file (Llama 3 lists
+`<|end_of_text|>`, `<|eom_id|>`, `<|eot_id|>`), a GGUF's `tokenizer.ggml.{eot,eom}_token_id`, and
+any `stop_tokens` passed in. Pass them to `GenerateConfig(stop_ids=tokenizer.stop_ids)`.
 
-SmolLM2's GGUF says pad = EOS (`<|im_end|>`, id 2), so its pad is `<|pad|>` = id 49152, one past
-the 49152-row embedding, which is not resized: the model maps out-of-range ids to row 0, every
-pad position is masked out, and nothing samples it (the logits cover ids 0..49151 only). Its stop
-id is `eos_id` = 2; `save_pretrained` leaves `pad_token_id` out of `config.json` (outside the
-model's vocabulary) while `tokenizer_config.json` names `<|pad|>`.
+The pad token (decided here, issue 16): it is never a stop id, and it never grows the vocabulary
+past the model's embedding when the tokenizer has a spare special token. In order: the pad token a
+config names (or a common pad name such as Llama 3's `<|finetune_right_pad_id|>`, Gemma's
+`<pad>`), unless it is a stop id; else the first special token (lowest id) that is not BOS, a stop
+id, the unknown token or written by the chat template (`spare_special`): SmolLM2's GGUF says
+pad = EOS (`<|im_end|>`, id 2), so its pad is `<|endoftext|>`, id 0, inside the 49,152-row
+embedding, and the exported Hugging Face directory names it in `config.json` (`pad_token_id` 0)
+and `tokenizer_config.json`. Only a tokenizer with no spare special token at all (GPT-2's single
+`<|endoftext|>`, a trained one without a pad) gets `<|pad|>` added as a new token, id = the old
+vocabulary size (`added_pad`); the stages then refuse it unless the model's embedding has that row
+(`stages.common.check_vocab`: every id, pad included, must be < the model's `vocab_size`).
+Pad positions are always masked; the pad id only fills them.
 """
 
 from __future__ import annotations
@@ -39,6 +48,7 @@ from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tok
 from rlhf_jax.chat import apply_chat_template
 
 PAD_TOKEN = "<|pad|>"
+_GENERATION_CONFIG = "generation_config.json"
 
 # Names tried, in order, when no config file names the token.
 _BOS_CANDIDATES = (
@@ -57,7 +67,8 @@ class Tokenizer:
     Attributes:
       hf: the underlying `tokenizers.Tokenizer` (encodes without adding special tokens; BOS/EOS
         are added here, explicitly, by `encode(..., add_bos, add_eos)`).
-      added_pad: True when `<|pad|>` was added because the tokenizer had no pad token.
+      added_pad: True when `<|pad|>` was added because the tokenizer had no usable pad token and no
+        spare special token (module docstring).
       add_bos_token: whether the model expects BOS before a text (from `tokenizer_config.json` or
         the GGUF's `tokenizer.ggml.add_bos_token`); informational, `encode` adds BOS only when asked.
       chat_template: the Jinja2 chat template, or None.
@@ -72,21 +83,30 @@ class Tokenizer:
         pad_token: str | None = None,
         add_bos_token: bool = False,
         chat_template: str | None = None,
+        stop_tokens: Sequence[str] = (),
     ):
-        """Wraps `hf`; tokens not named are looked up among common names (`<s>`, `</s>`, ...)."""
+        """Wraps `hf`; tokens not named are looked up among common names (`<s>`, `</s>`, ...).
+        `stop_tokens`: more tokens that end an answer (module docstring, `stop_ids`)."""
         self.hf = hf
         self.add_bos_token = bool(add_bos_token)
         self.chat_template = chat_template
         self._bos_id = _find_id(hf, bos_token, _BOS_CANDIDATES, "bos_token")
         self._eos_id = _find_id(hf, eos_token, _EOS_CANDIDATES, "eos_token")
+        stops = {_find_id(hf, t, (), "stop token") for t in stop_tokens}
+        turn_end = self.template_turn_end()
+        self._stop_ids = tuple(sorted(
+            i for i in {self._eos_id, *stops, None if turn_end is None else hf.token_to_id(turn_end)}
+            if i is not None))
         pad_id = _find_id(hf, pad_token, _PAD_CANDIDATES, "pad_token")
-        self.added_pad = pad_id is None or pad_id == self._eos_id
+        if pad_id is None or pad_id in self._stop_ids or pad_id == self._eos_id:
+            pad_id = self.spare_special()
+        self.added_pad = pad_id is None
         if self.added_pad:
             hf.add_special_tokens([AddedToken(PAD_TOKEN, special=True, normalized=False)])
             pad_id = hf.token_to_id(PAD_TOKEN)
-            if pad_id == self._eos_id:  # the file itself calls its EOS token "<|pad|>"
+            if pad_id in self._stop_ids:  # the file itself calls a stop token "<|pad|>"
                 raise ValueError(
-                    f"pad_token {PAD_TOKEN!r} is the EOS token; name another eos_token"
+                    f"pad_token {PAD_TOKEN!r} is a stop token (EOS or end of turn); name another"
                 )
         self._pad_id = int(pad_id)
         self._vocab_size = max(hf.get_vocab(with_added_tokens=True).values()) + 1
@@ -110,12 +130,16 @@ class Tokenizer:
         """Loads a Hugging Face `tokenizer.json` (the file, or a directory that holds it).
 
         Special-token names come from the arguments, else `tokenizer_config.json` /
-        `special_tokens_map.json` beside the file, else common names. A configured pad token equal
-        to EOS is ignored and `<|pad|>` is added instead.
+        `special_tokens_map.json` beside the file, else common names. From the config files also:
+        `add_bos_token`, the chat template, `additional_special_tokens` / `extra_special_tokens`
+        (made special: kept whole, skipped by `decode`), an `eos_token` list (the first is EOS,
+        all are stop tokens), and `generation_config.json`'s `eos_token_id` (an id or a list:
+        stop ids). A configured pad token that is a stop id is replaced (module docstring).
 
         Raises:
           FileNotFoundError: no tokenizer.json at `path`.
-          ValueError: the file does not parse (message names the file and the parser's error).
+          ValueError: a file does not parse, or names a token or id the vocabulary lacks (the
+            message names the file).
         """
         path = Path(path)
         file = path / "tokenizer.json" if path.is_dir() else path
@@ -126,14 +150,27 @@ class Tokenizer:
         except Exception as e:  # tokenizers raises a bare Exception on parse errors
             raise ValueError(f"cannot parse tokenizer file {file}: {e}") from e
         names = _special_names_beside(file)
-        return cls(
-            hf,
-            bos_token=bos_token or names.get("bos_token"),
-            eos_token=eos_token or names.get("eos_token"),
-            pad_token=pad_token or names.get("pad_token"),
-            add_bos_token=names.get("add_bos_token", False),
-            chat_template=names.get("chat_template"),
-        )
+        extra = names.get("extra_special", [])
+        if extra:
+            hf.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in extra])
+        stop_tokens = list(names.get("stop_tokens", []))
+        for i in names.get("stop_ids", []):
+            if hf.id_to_token(i) is None:
+                raise ValueError(f"{file.parent / _GENERATION_CONFIG}: eos_token_id {i} is not in "
+                                 f"the tokenizer's vocabulary")
+            stop_tokens.append(hf.id_to_token(i))
+        try:
+            return cls(
+                hf,
+                bos_token=bos_token or names.get("bos_token"),
+                eos_token=eos_token or names.get("eos_token"),
+                pad_token=pad_token or names.get("pad_token"),
+                add_bos_token=names.get("add_bos_token", False),
+                chat_template=names.get("chat_template"),
+                stop_tokens=stop_tokens,
+            )
+        except ValueError as e:
+            raise ValueError(f"{file}: {e}") from None
 
     @classmethod
     def from_gguf(cls, path: str | os.PathLike) -> Tokenizer:
@@ -219,7 +256,8 @@ class Tokenizer:
 
         return cls(hf, bos_token=name("bos"), eos_token=name("eos"), pad_token=name("padding"),
                    add_bos_token=key("tokenizer.ggml.add_bos_token", False),
-                   chat_template=key("tokenizer.chat_template", None))
+                   chat_template=key("tokenizer.chat_template", None),
+                   stop_tokens=[t for t in (name("eot"), name("eom")) if t is not None])
 
     @classmethod
     def from_llama2c(cls, path: str | os.PathLike) -> Tokenizer:
@@ -309,7 +347,9 @@ class Tokenizer:
         `path` is the file, or a directory; for a directory a `tokenizer_config.json` naming the
         bos/eos/pad tokens, `add_bos_token` and `chat_template` is written beside it, so
         `from_file(directory)` restores the same tokenizer and `transformers`' `AutoTokenizer`
-        loads it as a `PreTrainedTokenizerFast` with the same ids and template.
+        loads it as a `PreTrainedTokenizerFast` with the same ids and template; and a
+        `generation_config.json` whose `eos_token_id` lists the stop ids (so `transformers`'
+        `generate` stops where `GenerateConfig(stop_ids=...)` does, and they load back).
         """
         path = Path(path)
         if path.is_dir() or not path.suffix:
@@ -324,6 +364,10 @@ class Tokenizer:
                 config["chat_template"] = self.chat_template
             (path / "chat_template.jinja").unlink(missing_ok=True)  # would shadow ours
             (path / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+            generation = {"bos_token_id": self._bos_id, "pad_token_id": self._pad_id,
+                          "eos_token_id": list(self._stop_ids) if len(self._stop_ids) > 1 else self._eos_id}
+            (path / _GENERATION_CONFIG).write_text(
+                json.dumps({k: v for k, v in generation.items() if v is not None}, indent=2))
             path = path / "tokenizer.json"
         self.hf.save(str(path))
         return path
@@ -349,6 +393,46 @@ class Tokenizer:
     def vocab_size(self) -> int:
         """Largest id + 1, added pad token included (may exceed the model's embedding rows)."""
         return self._vocab_size
+
+    @property
+    def stop_ids(self) -> tuple[int, ...]:
+        """Sorted ids that end a generated answer (EOS, the template's end of turn, configured
+        extra EOS ids; module docstring); never contains `pad_id`."""
+        return self._stop_ids
+
+    def template_turn_end(self) -> str | None:
+        """The special token the chat template writes right after an assistant message's text
+        (ChatML's `<|im_end|>`, Llama 3's `<|eot_id|>`, Gemma's `<end_of_turn>`), found by
+        rendering a probe dialogue; None without a template, when the template raises on it, or
+        when no special token follows the answer."""
+        if self.chat_template is None:
+            return None
+        probe = "PROBE-ANSWER-7f3"
+        token = lambda i: None if i is None else self.hf.id_to_token(i)  # noqa: E731
+        try:
+            text = apply_chat_template(
+                self.chat_template,
+                [{"role": "user", "content": "probe question"}, {"role": "assistant", "content": probe}],
+                bos_token=token(self._bos_id), eos_token=token(self._eos_id))
+        except ValueError:
+            return None
+        cut = text.find(probe)
+        if cut < 0:
+            return None
+        rest = text[cut + len(probe):].lstrip()
+        specials = [t.content for t in self.hf.get_added_tokens_decoder().values() if t.special]
+        return max((t for t in specials if rest.startswith(t)), key=len, default=None)
+
+    def spare_special(self) -> int | None:
+        """The lowest-id special token that could serve as pad: not BOS, EOS, a stop id, the
+        model's unknown token, nor written by the chat template; None when there is none."""
+        unk = getattr(self.hf.model, "unk_token", None)
+        template = self.chat_template or ""
+        taken = {self._bos_id, self._eos_id, *self._stop_ids}
+        for i, tok in sorted(self.hf.get_added_tokens_decoder().items()):
+            if tok.special and i not in taken and tok.content != unk and tok.content not in template:
+                return i
+        return None
 
     @property
     def special_ids(self) -> frozenset[int]:
@@ -472,24 +556,36 @@ def _find_id(
 
 
 def _special_names_beside(file: Path) -> dict[str, Any]:
-    """bos/eos/pad token names from `special_tokens_map.json` then `tokenizer_config.json`; from
-    the latter also `add_bos_token` and `chat_template` (a `chat_template.jinja` file wins, as in
-    `transformers`; of a list of named templates, the one named "default")."""
+    """What the config files beside a `tokenizer.json` say: bos/eos/pad token names from
+    `special_tokens_map.json` then `tokenizer_config.json` (an `eos_token` list: the first is
+    EOS, all go to "stop_tokens"); "extra_special" from `additional_special_tokens` /
+    `extra_special_tokens`; from `tokenizer_config.json` also `add_bos_token` and `chat_template`
+    (a `chat_template.jinja` file wins, as in `transformers`; of a list of named templates, the
+    one named "default"); "stop_ids" from `generation_config.json`'s `eos_token_id`."""
     names: dict[str, Any] = {}
+
+    def content(value: Any) -> str | None:  # "<s>" or {"content": "<s>", "lstrip": false, ...}
+        value = value.get("content") if isinstance(value, dict) else value
+        return value if isinstance(value, str) else None
+
     for cfg_name in ("special_tokens_map.json", "tokenizer_config.json"):
-        cfg_file = file.parent / cfg_name
-        if not cfg_file.is_file():
+        cfg = _read_json(file.parent / cfg_name)
+        if cfg is None:
             continue
-        try:
-            cfg = json.loads(cfg_file.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise ValueError(f"cannot parse {cfg_file}: {e}") from e
         for key in ("bos_token", "eos_token", "pad_token"):
             value = cfg.get(key)
-            if isinstance(value, dict):  # {"content": "<s>", "lstrip": false, ...}
-                value = value.get("content")
-            if isinstance(value, str) and key not in names:
+            if key == "eos_token" and isinstance(value, list):
+                stops = [t for t in map(content, value) if t is not None]
+                names.setdefault("stop_tokens", []).extend(stops)
+                value = stops[0] if stops else None
+            value = content(value)
+            if value is not None and key not in names:
                 names[key] = value
+        for key in ("additional_special_tokens", "extra_special_tokens"):
+            value = cfg.get(key)
+            value = list(value.values()) if isinstance(value, dict) else value
+            if isinstance(value, list):
+                names.setdefault("extra_special", []).extend(t for t in map(content, value) if t is not None)
         if isinstance(cfg.get("add_bos_token"), bool):
             names["add_bos_token"] = cfg["add_bos_token"]
         template = cfg.get("chat_template")
@@ -501,7 +597,26 @@ def _special_names_beside(file: Path) -> dict[str, Any]:
     jinja = file.parent / "chat_template.jinja"
     if jinja.is_file():
         names["chat_template"] = jinja.read_text(encoding="utf-8")
+    generation = _read_json(file.parent / _GENERATION_CONFIG) or {}
+    eos = generation.get("eos_token_id")
+    eos = [eos] if isinstance(eos, int) else eos
+    if isinstance(eos, list):
+        names["stop_ids"] = [i for i in eos if isinstance(i, int) and not isinstance(i, bool)]
     return names
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    """The JSON object in `path`, None when the file is absent; ValueError naming the file when it
+    does not parse or is not an object."""
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"cannot parse {path}: {e}") from e
+    if not isinstance(data, dict):
+        raise ValueError(f"cannot parse {path}: expected a JSON object, got {type(data).__name__}")
+    return data
 
 
 def _byte_spelling() -> dict[int, str]:

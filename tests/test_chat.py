@@ -166,3 +166,29 @@ def test_tokenizer_without_template():
     tok = Tokenizer.train(CORPUS, vocab_size=280)
     with pytest.raises(ValueError, match="no chat_template"):
         tok.apply_chat_template(CHATS[0])
+
+
+@pytest.mark.parametrize("name, turn_end", [("chatml", "<|im_end|>"), ("llama3", "<|eot_id|>"),
+                                            ("gemma", "<end_of_turn>"), ("branchy", "<|eos|>")])
+def test_stop_ids_from_template_turn_end(name, turn_end, chat_tokenizers, tmp_path):
+    """The template's end-of-turn token joins EOS in `stop_ids`; the pad is none of them; the
+    saved `generation_config.json` lists them for `transformers`' `generate`."""
+    tok, _ = chat_tokenizers(name)
+    assert tok.template_turn_end() == turn_end
+    expected = tuple(sorted({tok.eos_id, tok.hf.token_to_id(turn_end)}))
+    assert tok.stop_ids == expected and tok.pad_id not in tok.stop_ids
+    tok.save(tmp_path)
+    loaded = Tokenizer.from_file(tmp_path)
+    assert loaded.stop_ids == expected and loaded.pad_id == tok.pad_id
+    transformers = pytest.importorskip("transformers", reason=TRANSFORMERS_MISSING)
+    generation = transformers.GenerationConfig.from_pretrained(tmp_path)
+    eos = generation.eos_token_id
+    assert sorted(eos if isinstance(eos, list) else [eos]) == list(expected)
+
+
+def test_no_turn_end_when_template_raises_or_writes_none(chat_tokenizers):
+    tok, _ = chat_tokenizers("chatml")
+    plain = Tokenizer(tok.hf, chat_template="{% for m in messages %}{{ m.content }}\n{% endfor %}")
+    assert plain.template_turn_end() is None and plain.stop_ids == (plain.eos_id,)
+    raising = Tokenizer(tok.hf, chat_template="{{ raise_exception('no') }}")
+    assert raising.template_turn_end() is None

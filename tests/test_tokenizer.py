@@ -320,16 +320,23 @@ def test_from_gguf_matches_transformers(pre, gguf_tokenizer_file):
     assert tok.encode("theme")[0] == tok.hf.token_to_id("the")  # user-defined token matched whole
 
 
-def test_from_gguf_pad_equal_to_eos_is_replaced(gguf_tokenizer_file):
-    """A GGUF whose pad is its EOS (as SmolLM2's): `<|pad|>` is added as id = the number of
-    tokens (= the embedding size; the model maps it to row 0 and it is always masked)."""
+def test_from_gguf_pad_equal_to_eos_is_replaced(gguf_tokenizer_file, tmp_path):
+    """A GGUF whose pad is its EOS (as SmolLM2's): the pad becomes the spare control token
+    `<|endoftext|>` (id 0), never a stop id, and the vocabulary does not grow past the 300-row
+    embedding; the saved directory says the same to `transformers`."""
+    transformers = pytest.importorskip("transformers", reason="transformers is the reference")
     tok = Tokenizer.from_gguf(gguf_tokenizer_file("smollm", True))
-    assert tok.eos_id == 2 and tok.added_pad
-    assert (tok.pad_id, tok.vocab_size) == (300, 301)
-    assert tok.hf.id_to_token(300) == PAD_TOKEN
+    assert tok.eos_id == 2 and not tok.added_pad
+    assert tok.stop_ids == (2,) and tok.template_turn_end() == "<|im_end|>"
+    assert (tok.pad_id, tok.vocab_size) == (0, 300) and tok.pad_id not in tok.stop_ids
     ids, mask = tok.encode_batch(["the cat", "a"], 4, side="left")
-    assert ids[1].tolist()[:3] == [300] * 3 and mask[1].tolist() == [0, 0, 0, 1]
+    assert ids[1].tolist()[:3] == [0] * 3 and mask[1].tolist() == [0, 0, 0, 1]
     assert tok.decode(ids[1]) == "a"
+    tok.save(tmp_path)
+    ref = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    assert (ref.pad_token_id, ref.eos_token_id, len(ref)) == (0, 2, 300)
+    assert json.loads((tmp_path / "generation_config.json").read_text())["eos_token_id"] == 2
+    assert Tokenizer.from_file(tmp_path).pad_id == 0
 
 
 def test_from_gguf_errors(tmp_path):
@@ -356,3 +363,27 @@ def test_from_gguf_errors(tmp_path):
         Tokenizer.from_gguf(write("pre.gguf", **{"tokenizer.ggml.pre": "tekken"}))
     with pytest.raises(GGUFError, match=r"merge\.gguf: metadata 'tokenizer.ggml.merges'\[0\]"):
         Tokenizer.from_gguf(write("merge.gguf", merges=["a b c"]))
+
+
+def test_config_stop_tokens_and_extra_specials(tmp_path):
+    """`tokenizer_config.json`'s `eos_token` list and `additional_special_tokens`, and
+    `generation_config.json`'s `eos_token_id` list (Llama 3's shape); a pad named in the config
+    that is a stop id is replaced by a spare special token; bad ids name the file."""
+    hf = word_tokenizer(["<unk>", "<|begin|>", "<|end_text|>", "<|eot|>", "<|eom|>", "<|spare|>", "hi", "<x>"])
+    hf.add_special_tokens([tokenizers.AddedToken(t, special=True) for t in
+                           ("<|begin|>", "<|end_text|>", "<|eot|>", "<|eom|>", "<|spare|>")])
+    hf.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({
+        "bos_token": "<|begin|>", "eos_token": ["<|end_text|>", {"content": "<|eom|>"}],
+        "pad_token": "<|eot|>", "additional_special_tokens": ["<x>"]}))
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 3]}))
+    tok = Tokenizer.from_file(tmp_path)
+    assert (tok.bos_id, tok.eos_id, tok.stop_ids) == (1, 2, (2, 3, 4))
+    assert tok.pad_id == 5 and not tok.added_pad and tok.vocab_size == 8  # <|spare|>, no growth
+    assert tok.encode("hi <x>") == [6, 7] and tok.decode([6, 7]) == "hi"  # <x> is special now
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": 99}))
+    with pytest.raises(ValueError, match=r"generation_config.json: eos_token_id 99 is not in"):
+        Tokenizer.from_file(tmp_path)
+    (tmp_path / "generation_config.json").write_text("[1]")
+    with pytest.raises(ValueError, match=r"generation_config.json: expected a JSON object"):
+        Tokenizer.from_file(tmp_path)
