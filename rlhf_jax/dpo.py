@@ -180,7 +180,7 @@ def response_logprobs(model: Transformer, params: Params, tokens: jax.Array, mas
 def dpo_batch_loss(
     model: Transformer,
     params: Params,
-    ref_params: Params,
+    ref_params: Params | None,
     batch: dict[str, jax.Array],
     *,
     beta: float | jax.Array,
@@ -194,12 +194,19 @@ def dpo_batch_loss(
     ``batch``: ``tokens``, ``mask``, ``loss_mask`` ``[b, K, L]`` (each response as a right-padded
     ``prompt response`` row, ``loss_mask`` marking the response tokens) and ``valid`` ``[b, K]``
     (responses best-first, padding 0). ``"ipo"`` averages the log-ratios per response token, as TRL.
-    The reference pass carries no gradient.
+    The reference pass carries no gradient.  With ``ref_params=None`` the batch carries the
+    reference's summed response log-probs instead, ``ref_logps`` ``[b, K]`` (``response_logprobs``
+    computed once before training, as TRL's ``precompute_ref_log_probs``: the reference is frozen).
     """
     b, k, length = batch["tokens"].shape
     flat = [batch[key].reshape(b * k, length) for key in ("tokens", "mask", "loss_mask")]
     logps, lengths = response_logprobs(model, params, *flat)
-    ref_logps, _ = jax.lax.stop_gradient(response_logprobs(model, ref_params, *flat))
+    if ref_params is None:
+        if "ref_logps" not in batch:
+            raise ValueError("dpo_batch_loss: ref_params is None, so the batch needs `ref_logps` [b, K]")
+        ref_logps = jax.lax.stop_gradient(batch["ref_logps"]).reshape(b * k)
+    else:
+        ref_logps, _ = jax.lax.stop_gradient(response_logprobs(model, ref_params, *flat))
     pairs = [ranked_pairs(x.reshape(b, k), batch["valid"], best_vs_rest=best_vs_rest)
              for x in (logps, ref_logps, lengths)]
     (chosen, rejected, pair_mask), (ref_chosen, ref_rejected, _), (len_chosen, len_rejected, _) = pairs

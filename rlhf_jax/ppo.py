@@ -28,7 +28,8 @@ import jax
 import jax.numpy as jnp
 
 from rlhf_jax.advantages import gae, last_index, per_token_rewards, whiten
-from rlhf_jax.generation import (GenerateConfig, Rollout, _generate_impl, next_token_nll, score, sequence_logprobs,
+from rlhf_jax.ema import ema_update
+from rlhf_jax.generation import (GenerateConfig, Rollout, generate_traced, next_token_nll, score, sequence_logprobs,
                                  sequence_values)
 from rlhf_jax.kl_control import KLControllerConfig, KLState, init_kl_state, update_kl
 from rlhf_jax.losses import explained_variance, ppo_policy_loss, value_loss
@@ -70,6 +71,10 @@ class PPOConfig:
     # Decode from a copy of the policy weights cast to the compute dtype (made once per iteration
     # inside the compiled program) when that dtype is not float32: half the bytes per decode step.
     cast_rollout_weights: bool = True
+    # Keep an exponential moving average of the policy weights in ``PPOState.ema_params``, updated
+    # after each iteration's minibatch updates (IG C.4: decay 0.992, ``ema.INSTRUCTGPT_EMA_DECAY``;
+    # their evaluations use it).  None: no EMA (the state holds None).
+    ema_decay: float | None = None
 
     def __post_init__(self) -> None:
         def bad(field: str, why: str) -> None:
@@ -95,6 +100,8 @@ class PPOConfig:
         for f in ("epochs", "num_minibatches"):
             if not isinstance(getattr(self, f), int) or getattr(self, f) < 1:
                 bad(f, "must be an int >= 1")
+        if self.ema_decay is not None and not 0 <= self.ema_decay <= 1:
+            bad("ema_decay", "must be None or in [0, 1]")
 
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -132,7 +139,8 @@ class PPOState:
     """Everything an iteration reads and writes (one pytree: jit it, shard it, checkpoint it).
 
     ``ref_params`` (π_SFT) and ``reward_params`` are frozen; ``reward_gain``/``reward_bias`` are
-    the reward model's normalisation (InstructGPT §3.5).
+    the reward model's normalisation (InstructGPT §3.5).  ``ema_params``: the EMA of the policy
+    weights (``PPOConfig.ema_decay``), sharded like them; None without an EMA.
     """
 
     policy: TrainState
@@ -144,6 +152,7 @@ class PPOState:
     kl: KLState
     rng: Array
     iteration: Array
+    ema_params: Params | None = None
 
 
 @flax.struct.dataclass
@@ -181,6 +190,7 @@ def init_ppo_state(
     ``ref_params`` is given) and the value function from the reward model (InstructGPT App. C.4).
 
     Frozen copies are made so no two state fields share a buffer (the iteration donates its state).
+    The EMA (``cfg.ema_decay``) starts at the policy's initial weights.
     """
     copy = lambda tree: jax.tree_util.tree_map(jnp.array, tree)  # noqa: E731
     return PPOState(
@@ -193,6 +203,7 @@ def init_ppo_state(
         kl=init_kl_state(cfg.kl),
         rng=rng,
         iteration=jnp.zeros((), jnp.int32),
+        ema_params=None if cfg.ema_decay is None else copy(policy_params),
     )
 
 
@@ -227,7 +238,7 @@ def rollout_phase(models: PPOModels, cfg: PPOConfig, state: PPOState, prompt_ids
     """Sample responses from the current policy (stop-token truncation applied), decoding from
     ``rollout_params`` (a compute-dtype copy made once per call)."""
     params = rollout_params(models, cfg, state.policy.params)
-    rollout = _generate_impl(models.policy, params, prompt_ids, prompt_mask, key, cfg.generation)
+    rollout = generate_traced(models.policy, params, prompt_ids, prompt_mask, key, cfg.generation)
     if cfg.stop_token_id is not None:
         rollout = truncate_at(rollout, cfg.stop_token_id, cfg.generation.pad_id)
     return rollout
@@ -265,7 +276,8 @@ def experience_phase(models: PPOModels, cfg: PPOConfig, state: PPOState, rollout
 
 def update_phase(models: PPOModels, cfg: PPOConfig, state: PPOState, exp: Experience,
                  ptx_tokens: Array | None, ptx_mask: Array | None, key: Array) -> tuple[PPOState, dict[str, Array]]:
-    """``epochs × num_minibatches`` Adam updates of policy and value, one ``lax.scan``.
+    """``epochs × num_minibatches`` Adam updates of policy and value, one ``lax.scan``; then the
+    policy EMA step (``cfg.ema_decay``).
 
     ``ptx_tokens``/``ptx_mask``: ``[epochs · num_minibatches, ptx_batch, L]`` pretraining
     minibatches, one per update (InstructGPT App. C.4: the ptx gradient is computed per PPO
@@ -308,7 +320,8 @@ def update_phase(models: PPOModels, cfg: PPOConfig, state: PPOState, exp: Experi
         return (policy.apply_gradients(pgrads), value.apply_gradients(vgrads)), {**pstats, **vstats}
 
     (policy, value), stats = jax.lax.scan(step, (state.policy, state.value), xs)
-    return state.replace(policy=policy, value=value), jax.tree_util.tree_map(jnp.mean, stats)
+    ema = None if cfg.ema_decay is None else ema_update(state.ema_params, policy.params, cfg.ema_decay)
+    return state.replace(policy=policy, value=value, ema_params=ema), jax.tree_util.tree_map(jnp.mean, stats)
 
 
 def iteration_metrics(exp: Experience, update_stats: dict[str, Array], kl_coef: Array) -> dict[str, Array]:
@@ -348,9 +361,19 @@ def ppo_iteration(models: PPOModels, cfg: PPOConfig, state: PPOState, prompt_ids
     rng, k_roll, k_perm = jax.random.split(state.rng, 3)
     rollout = rollout_phase(models, cfg, state, prompt_ids, prompt_mask, k_roll)
     exp = experience_phase(models, cfg, state, rollout)
-    new_state, stats = update_phase(models, cfg, state, exp, ptx_tokens, ptx_mask, k_perm)
+    return finish_iteration(models, cfg, state, exp, ptx_tokens, ptx_mask, k_perm, rng, prompt_ids.shape[0])
+
+
+def finish_iteration(models: PPOModels, cfg: PPOConfig, state: PPOState, exp: Experience, ptx_tokens: Array | None,
+                     ptx_mask: Array | None, key: Array, rng: Array,
+                     batch_size: int) -> tuple[PPOState, dict[str, Array]]:
+    """An iteration's end, after its experience: ``update_phase`` with ``key`` (the minibatch
+    permutations), ``iteration_metrics``, the KL controller's step over ``batch_size`` (static)
+    rollouts, and the state's next ``rng`` and ``iteration``.  ``ppo_iteration`` ends with it, and
+    so does a driver that runs the phases as separate programs (the PPO stage's phase timing)."""
+    new_state, stats = update_phase(models, cfg, state, exp, ptx_tokens, ptx_mask, key)
     metrics = iteration_metrics(exp, stats, state.kl.coef)
-    kl = update_kl(cfg.kl, state.kl, metrics["kl"], prompt_ids.shape[0])
+    kl = update_kl(cfg.kl, state.kl, metrics["kl"], batch_size)
     return new_state.replace(kl=kl, rng=rng, iteration=state.iteration + 1), metrics
 
 

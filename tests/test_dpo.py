@@ -166,3 +166,40 @@ def test_dpo_batch_loss_learns_the_preferences():
         losses.append(float(loss))
     np.testing.assert_allclose(losses[0], np.log(2), rtol=1e-5)  # the policy starts at the reference
     assert losses[-1] < 0.5 * losses[0] and float(stats["accuracy"]) == 1.0, losses
+
+
+def test_dpo_batch_loss_with_precomputed_reference():
+    """``ref_params=None`` with the reference's ``response_logprobs`` in the batch is the same loss."""
+    from rlhf_jax.dpo import response_logprobs
+
+    model = Transformer(TINY)
+    params, ref_params = init_params(model, jax.random.PRNGKey(0)), init_params(model, jax.random.PRNGKey(1))
+    batch = {k: jnp.asarray(v) for k, v in _comparisons().items()}
+    flat = [batch[k].reshape(6, 8) for k in ("tokens", "mask", "loss_mask")]
+    ref_logps = response_logprobs(model, ref_params, *flat)[0].reshape(2, 3)
+    for loss_type in ("sigmoid", "ipo"):
+        want = dpo_batch_loss(model, params, ref_params, batch, beta=0.3, loss_type=loss_type)
+        got = dpo_batch_loss(model, params, None, {**batch, "ref_logps": ref_logps}, beta=0.3, loss_type=loss_type)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), want, got)
+    with pytest.raises(ValueError, match="ref_logps"):
+        dpo_batch_loss(model, params, None, batch, beta=0.3)
+
+
+def test_comparison_loss_mask_marks_each_response_as_sft_does():
+    """``tokenize_comparisons(with_loss_mask=True)``: row k of a comparison has the tokens and
+    ``loss_mask`` of ``tokenize_demonstrations`` on (prompt, response k); padding rows are empty."""
+    from rlhf_jax.data import Comparison, Demonstration, tokenize_comparisons, tokenize_demonstrations
+    from rlhf_jax.tokenizer import Tokenizer
+
+    records = [Comparison("list the big red", (" big red", " red big ok", " no")),
+               Comparison("say two", (" two", " three"))]
+    tok = Tokenizer.train(["list the big red big red ok no", "say two three"] * 20, 280)
+    arrays = tokenize_comparisons(records, tok, 3, 16, with_loss_mask=True)
+    assert set(arrays) == {"tokens", "mask", "valid", "loss_mask"}
+    for i, rec in enumerate(records):
+        demos = tokenize_demonstrations([Demonstration(rec.prompt, r) for r in rec.responses], tok, (16,))
+        for k in range(len(rec.responses)):
+            for key in ("tokens", "mask", "loss_mask"):
+                np.testing.assert_array_equal(arrays[key][i, k], demos[key][k], err_msg=f"{i} {k} {key}")
+    assert arrays["loss_mask"][1, 2].sum() == 0 and arrays["valid"][1, 2] == 0
+    assert "loss_mask" not in tokenize_comparisons(records, tok, 3, 16)

@@ -39,3 +39,39 @@ def test_ema_edges_and_dtype():
         ema_update(ema, {"v": params["w"]})
     with pytest.raises(ValueError, match="shapes"):
         ema_update(ema, {"w": jnp.ones(4)})
+
+
+def test_ppo_ema_matches_numpy_loop_and_leaves_training_unchanged():
+    """PPOConfig.ema_decay: after each compiled iteration the state's EMA is the NumPy loop
+    ``ema = d·ema + (1 − d)·policy`` from the initial weights, and the policy, value and metrics
+    are bitwise those of the same run without an EMA."""
+    import dataclasses
+
+    from test_ppo import _prompts, _setup
+
+    from rlhf_jax.generation import GenerateConfig
+    from rlhf_jax.ppo import PPOConfig, make_ppo_iteration
+
+    decay = 0.8
+    off = PPOConfig(generation=GenerateConfig(max_new_tokens=4, pad_id=0), num_minibatches=2, ptx_coef=0.0)
+    on = dataclasses.replace(off, ema_decay=decay)
+    ids, mask = _prompts()
+    runs = {}
+    for name, cfg in (("off", off), ("on", on)):
+        models, state = _setup(cfg, lr=1e-2)
+        assert (state.ema_params is None) == (cfg.ema_decay is None)
+        want = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), state.policy.params)
+        step = make_ppo_iteration(models, cfg)
+        history = []
+        for _ in range(3):
+            state, metrics = step(state, ids, mask)
+            history.append({k: np.asarray(v) for k, v in metrics.items()})
+            want = jax.tree_util.tree_map(lambda e, p: decay * e + (1 - decay) * np.asarray(p, np.float64),
+                                          want, state.policy.params)
+            if cfg.ema_decay is not None:
+                for got, ref in zip(jax.tree_util.tree_leaves(state.ema_params), jax.tree_util.tree_leaves(want)):
+                    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)
+        runs[name] = (jax.device_get((state.policy.params, state.value.params)), history)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, runs["off"], runs["on"])
+    with pytest.raises(ValueError, match="PPOConfig.ema_decay"):
+        PPOConfig(ema_decay=1.5)

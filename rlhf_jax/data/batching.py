@@ -110,8 +110,9 @@ def tokenize_comparisons(
     add_eos: bool = True,
     truncation: str = "error",
     stats: TruncationStats | None = None,
+    with_loss_mask: bool = False,
 ) -> dict[str, np.ndarray]:
-    """Reward-model arrays: each response as `[BOS] prompt response [EOS]`, right padded.
+    """Reward-model (and DPO) arrays: each response as `[BOS] prompt response [EOS]`, right padded.
 
     Responses stay best-first (as `Comparison` holds them); a record with K < k_max responses
     gets all-pad rows with `valid` 0 after its K real ones. The reward model reads its score at
@@ -121,7 +122,9 @@ def tokenize_comparisons(
     counts cut and skipped records (also logged).
 
     Returns:
-      tokens, mask: int32 `[n, k_max, max_len]`; valid: int32 `[n, k_max]` (n: records kept).
+      tokens, mask: int32 `[n, k_max, max_len]`; valid: int32 `[n, k_max]` (n: records kept);
+      with `with_loss_mask` also loss_mask `[n, k_max, max_len]`, 1 at each response's tokens and
+      its EOS (the module's convention; DPO sums the response log-probs under it).
 
     Raises:
       ValueError: a record has more than k_max responses, or a sequence is longer than max_len
@@ -140,6 +143,7 @@ def tokenize_comparisons(
         stats.records += 1
         group = [next(pairs) for _ in rec.responses]
         seqs = [tokenizer.add_special(ids, add_bos, add_eos) for ids, _ in group]
+        targets = [[False] * head + is_response + [True] * add_eos for _, is_response in group]
         prompt_lengths = [is_response.count(False) for _, is_response in group]
         fit = fit_group([len(s) for s in seqs], prompt_lengths, max_len, truncation,
                         f"comparison {i}{_line(records, i)}")
@@ -149,19 +153,23 @@ def tokenize_comparisons(
         if max(len(s) for s in seqs) > max_len:
             stats.cut += 1
             seqs = [cut(s, *fit, head) for s in seqs]
-        rows.append(seqs)
+            targets = [cut(t, *fit, head) for t in targets]
+        rows.append((seqs, targets))
     stats.log(_name(records), "comparisons", max_len, truncation)
     if records and not rows:
         raise ValueError(f"all {len(records)} comparisons were skipped (truncation={truncation!r}, max_len {max_len})")
     tokens = np.full((len(rows), k_max, max_len), tokenizer.pad_id, np.int32)
     mask = np.zeros((len(rows), k_max, max_len), np.int32)
     valid = np.zeros((len(rows), k_max), np.int32)
-    for i, seqs in enumerate(rows):
-        for k, ids in enumerate(seqs):
+    loss_mask = np.zeros_like(mask)
+    for i, (seqs, targets) in enumerate(rows):
+        for k, (ids, target) in enumerate(zip(seqs, targets)):
             tokens[i, k, : len(ids)] = ids
             mask[i, k, : len(ids)] = 1
+            loss_mask[i, k, : len(ids)] = target
             valid[i, k] = 1
-    return {"tokens": tokens, "mask": mask, "valid": valid}
+    arrays = {"tokens": tokens, "mask": mask, "valid": valid}
+    return {**arrays, "loss_mask": loss_mask} if with_loss_mask else arrays
 
 
 def tokenize_prompts(
