@@ -13,7 +13,7 @@ import dataclasses
 
 import jax
 
-from rlhf_jax.configs import ConfigError
+from rlhf_jax.errors import ConfigError, check
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,10 +32,9 @@ class DistributedConfig:
             raise ConfigError("DistributedConfig: set either auto=true or the three explicit fields, not both")
         if not self.auto and any(v is None for v in explicit) and any(v is not None for v in explicit):
             raise ConfigError("DistributedConfig: coordinator_address, num_processes and process_id go together")
-        if self.num_processes is not None and self.num_processes < 1:
-            raise ConfigError(f"DistributedConfig.num_processes must be >= 1, got {self.num_processes}")
-        if self.process_id is not None and not 0 <= self.process_id < (self.num_processes or 1):
-            raise ConfigError(f"DistributedConfig.process_id must be in [0, num_processes), got {self.process_id}")
+        check(self.num_processes is None or self.num_processes >= 1, self, "num_processes", ">= 1")
+        check(self.process_id is None or 0 <= self.process_id < (self.num_processes or 1),
+              self, "process_id", "in [0, num_processes)")
 
     @property
     def enabled(self) -> bool:

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rlhf_jax.advantages import last_index
+from rlhf_jax.errors import check
 from rlhf_jax.losses import chunked_logprobs, logprobs_of, sft_loss, token_entropy
 from rlhf_jax.masked import masked_mean
 from rlhf_jax.model import (Params, Transformer, decode_step, forward, init_cache, positions_from_mask, stack_layers,
@@ -57,34 +58,24 @@ class GenerateConfig:
     stop_ids: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
-        def bad(field: str, why: str) -> None:
-            raise ValueError(f"GenerateConfig.{field}: {why} (got {getattr(self, field)!r})")
-
         def is_int(x: Any) -> bool:
             return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
 
-        if not is_int(self.max_new_tokens) or self.max_new_tokens < 1:
-            bad("max_new_tokens", "must be an int >= 1")
-        if not isinstance(self.temperature, (int, float)) or not self.temperature >= 0:
-            bad("temperature", "must be a float >= 0 (0 = greedy)")
-        if not is_int(self.top_k) or self.top_k < 0:
-            bad("top_k", "must be an int >= 0 (0 = off)")
-        if not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
-            bad("top_p", "must be in (0, 1] (1 = off)")
-        if not isinstance(self.greedy, bool):
-            bad("greedy", "must be a bool")
-        if self.eos_id is not None and (not is_int(self.eos_id) or self.eos_id < 0):
-            bad("eos_id", "must be None or an int >= 0")
-        if not is_int(self.pad_id):
-            bad("pad_id", "must be an int")
-        if isinstance(self.stop_ids, (str, bytes)) or not hasattr(self.stop_ids, "__iter__"):
-            bad("stop_ids", "must be a set or list of ints >= 0")
+        check(is_int(self.max_new_tokens) and self.max_new_tokens >= 1, self, "max_new_tokens", "an int >= 1")
+        check(isinstance(self.temperature, (int, float)) and self.temperature >= 0,
+              self, "temperature", "a float >= 0 (0 = greedy)")
+        check(is_int(self.top_k) and self.top_k >= 0, self, "top_k", "an int >= 0 (0 = off)")
+        check(isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1, self, "top_p", "in (0, 1] (1 = off)")
+        check(isinstance(self.greedy, bool), self, "greedy", "a bool")
+        check(self.eos_id is None or (is_int(self.eos_id) and self.eos_id >= 0),
+              self, "eos_id", "None or an int >= 0")
+        check(is_int(self.pad_id), self, "pad_id", "an int")
+        check(not isinstance(self.stop_ids, (str, bytes)) and hasattr(self.stop_ids, "__iter__"),
+              self, "stop_ids", "a set or list of ints >= 0")
         stop_ids = tuple(self.stop_ids)
-        if not all(is_int(i) and i >= 0 for i in stop_ids):
-            bad("stop_ids", "must be a set or list of ints >= 0")
+        check(all(is_int(i) and i >= 0 for i in stop_ids), self, "stop_ids", "a set or list of ints >= 0")
         object.__setattr__(self, "stop_ids", tuple(sorted({int(i) for i in stop_ids})))
-        if self.pad_id in self.stop_ids:
-            bad("pad_id", f"must not be one of stop_ids {list(self.stop_ids)}")
+        check(self.pad_id not in self.stop_ids, self, "pad_id", f"none of stop_ids {list(self.stop_ids)}")
 
     @property
     def stops(self) -> tuple[int, ...]:

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 
 from rlhf_jax.advantages import kl_penalty, last_index
 from rlhf_jax.ema import ema_update
+from rlhf_jax.errors import check
 from rlhf_jax.generation import GenerateConfig, generate, next_token_nll, score, sequence_logprobs
 from rlhf_jax.group_advantages import GROUP_SCALES, GroupScale, group_advantages, rloo_advantages
 from rlhf_jax.masked import masked_mean
@@ -211,30 +212,19 @@ class GRPOConfig:
     stop_token_id: int | None = None
 
     def __post_init__(self) -> None:
-        def bad(field: str, why: str) -> None:
-            raise ValueError(f"GRPOConfig.{field}: {why} (got {getattr(self, field)!r})")
-
-        if self.algorithm not in ("grpo", "rloo"):
-            bad("algorithm", "must be 'grpo' or 'rloo'")
-        if self.scale not in GROUP_SCALES:
-            bad("scale", f"must be one of {GROUP_SCALES}")
-        if self.loss_type not in LOSS_TYPES:
-            bad("loss_type", f"must be one of {LOSS_TYPES}")
-        if self.importance_level not in IMPORTANCE_LEVELS:
-            bad("importance_level", f"must be one of {IMPORTANCE_LEVELS}")
+        check(self.algorithm in ("grpo", "rloo"), self, "algorithm", "'grpo' or 'rloo'")
+        check(self.scale in GROUP_SCALES, self, "scale", f"one of {GROUP_SCALES}")
+        check(self.loss_type in LOSS_TYPES, self, "loss_type", f"one of {LOSS_TYPES}")
+        check(self.importance_level in IMPORTANCE_LEVELS, self, "importance_level", f"one of {IMPORTANCE_LEVELS}")
         for f in ("group_size", "epochs", "num_minibatches"):
-            if not isinstance(getattr(self, f), int) or getattr(self, f) < 1:
-                bad(f, "must be an int >= 1")
-        if self.group_size < 2:
-            bad("group_size", "must be >= 2 (one sample per prompt has no group baseline)")
+            check(isinstance(getattr(self, f), int) and getattr(self, f) >= 1, self, f, "an int >= 1")
+        check(self.group_size >= 2, self, "group_size", ">= 2 (one sample per prompt has no group baseline)")
         for f in ("clip_low", "clip_high"):
-            if not 0 < getattr(self, f) < 1:
-                bad(f, "must be in (0, 1)")
+            check(0 < getattr(self, f) < 1, self, f, "in (0, 1)")
         for f in ("beta", "ptx_coef"):
-            if not getattr(self, f) >= 0:
-                bad(f, "must be >= 0")
-        if self.ema_decay is not None and not 0 <= self.ema_decay <= 1:
-            bad("ema_decay", "must be None or in [0, 1]")
+            check(getattr(self, f) >= 0, self, f, ">= 0")
+        check(self.ema_decay is None or 0 <= self.ema_decay <= 1,
+              self, "ema_decay", "None or in [0, 1]")
 
 
 GRPO_PRESETS: dict[str, dict[str, Any]] = {

@@ -15,6 +15,8 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from rlhf_jax.errors import check
+
 KL_CONTROLLER_KINDS: tuple[str, ...] = ("fixed", "adaptive")
 
 
@@ -36,14 +38,11 @@ class KLControllerConfig:
     horizon: int = 10000
 
     def __post_init__(self) -> None:
-        if self.kind not in KL_CONTROLLER_KINDS:
-            raise ValueError(f"KLControllerConfig.kind must be one of {KL_CONTROLLER_KINDS}, got {self.kind!r}")
-        if not (math.isfinite(self.init_kl_coef) and self.init_kl_coef >= 0):
-            raise ValueError(f"KLControllerConfig.init_kl_coef must be finite and >= 0, got {self.init_kl_coef!r}")
-        if not (math.isfinite(self.target) and self.target > 0):
-            raise ValueError(f"KLControllerConfig.target must be finite and > 0, got {self.target!r}")
-        if isinstance(self.horizon, bool) or not isinstance(self.horizon, int) or self.horizon <= 0:
-            raise ValueError(f"KLControllerConfig.horizon must be an int > 0, got {self.horizon!r}")
+        check(self.kind in KL_CONTROLLER_KINDS, self, "kind", f"one of {KL_CONTROLLER_KINDS}")
+        check(math.isfinite(self.init_kl_coef) and self.init_kl_coef >= 0, self, "init_kl_coef", "finite and >= 0")
+        check(math.isfinite(self.target) and self.target > 0, self, "target", "finite and > 0")
+        check(isinstance(self.horizon, int) and not isinstance(self.horizon, bool) and self.horizon > 0,
+              self, "horizon", "an int > 0")
 
 
 @flax.struct.dataclass

@@ -24,9 +24,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rlhf_jax.configs import ConfigError, from_dict, merge_dicts, to_dict
+from rlhf_jax.configs import from_dict, merge_dicts, to_dict
 from rlhf_jax.data import read_comparisons, read_prompts, tokenize_comparisons, tokenize_prompts
 from rlhf_jax.distributed import DistributedConfig
+from rlhf_jax.errors import check
 from rlhf_jax.generation import GenerateConfig, generate, score, sequence_logprobs
 from rlhf_jax.hf import load_pretrained
 from rlhf_jax.losses import ptx_loss
@@ -115,31 +116,24 @@ class PipelineConfig:
     ppo: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        def bad(field: str, why: str) -> None:
-            raise ConfigError(f"PipelineConfig.{field}: {why} (got {getattr(self, field)!r})")
-
-        if self.task not in ("synthetic", "files"):
-            bad("task", "must be 'synthetic' or 'files'")
-        if not self.name or "/" in self.name:
-            bad("name", "must be a non-empty name without '/'")
-        if not 2 <= self.k <= 9:
-            bad("k", "must be in [2, 9] (IG §3.5: 4..9)")
-        if self.prompt_len + self.response_len > self.model.max_len and self.base_model is None:
-            bad("response_len", f"prompt_len + response_len must fit model.max_len={self.model.max_len}")
-        if not (isinstance(self.eval_samples, int) and self.eval_samples >= 1):
-            bad("eval_samples", "must be an int >= 1")
-        if not self.best_of_n or min(self.best_of_n) < 1:
-            bad("best_of_n", "must be a non-empty list of ints >= 1")
+        check(self.task in ("synthetic", "files"), self, "task", "'synthetic' or 'files'")
+        check(self.name and "/" not in self.name, self, "name", "a non-empty name without '/'")
+        check(2 <= self.k <= 9, self, "k", "in [2, 9] (IG §3.5: 4..9)")
+        check(self.base_model is not None or self.prompt_len + self.response_len <= self.model.max_len,
+              self, "response_len", f"at most model.max_len={self.model.max_len} - prompt_len={self.prompt_len}")
+        check(isinstance(self.eval_samples, int) and self.eval_samples >= 1, self, "eval_samples", "an int >= 1")
+        check(self.best_of_n and min(self.best_of_n) >= 1, self, "best_of_n", "a non-empty list of ints >= 1")
         if self.task == "files":
             missing = [f for f in ("demos", "prompts") if getattr(self.files, f) is None]
-            if missing or (self.base_model is None and self.files.pretrain is None):
-                bad("files", f"task='files' needs files.demos, files.prompts and a base_model or files.pretrain "
-                             f"(missing: {missing or ['pretrain']})")
-            if self.files.comparisons is None:
-                bad("files", "task='files' needs files.comparisons (labelled rankings)")
-        elif self.distributed.enabled:
-            bad("distributed", "multi-host runs need task='files' (the built-in world samples and evaluates "
-                               "in one process)")
+            check(not missing and (self.base_model is not None or self.files.pretrain is not None), self, "files",
+                  f"files.demos, files.prompts and a base_model or files.pretrain for task='files' "
+                  f"(missing: {missing or ['pretrain']})")
+            check(self.files.comparisons is not None,
+                  self, "files", "files.comparisons (labelled rankings) too for task='files'")
+        else:
+            check(not self.distributed.enabled, self, "distributed",
+                  "disabled for task='synthetic': multi-host runs need task='files' (the built-in world samples "
+                  "and evaluates in one process)")
 
     @property
     def run_dir(self) -> Path:

@@ -83,7 +83,7 @@ from jax.sharding import AbstractMesh, AxisType, NamedSharding, PartitionSpec as
 
 from rlhf_jax import hf
 from rlhf_jax.configs import load_config, to_dict
-from rlhf_jax.errors import ConfigError, PlanError
+from rlhf_jax.errors import ConfigError, PlanError, check
 from rlhf_jax.model import ModelConfig, Transformer, init_params
 from rlhf_jax.sharding import AXES, BATCH_AXES, DEFAULT_RULES, MeshConfig, make_mesh, partition_specs, state_shardings
 from rlhf_jax.train.optim import OptimizerConfig, make_optimizer
@@ -150,9 +150,6 @@ class PlanConfig:
     compile_layers: int = 2
 
     def __post_init__(self) -> None:
-        def fail(field: str, rule: str) -> None:
-            raise ConfigError(f"PlanConfig.{field} must be {rule}, got {getattr(self, field)!r}")
-
         def is_int(x: Any) -> bool:
             return isinstance(x, int) and not isinstance(x, bool)
 
@@ -164,24 +161,18 @@ class PlanConfig:
                    "compute_dtype": tuple(_DTYPE_BYTES), "frozen_dtype": ("float32", "bfloat16"),
                    "compile": ("cpu", "local", "none")}
         for field, allowed in choices.items():
-            if getattr(self, field) not in allowed:
-                fail(field, f"one of {allowed}")
+            check(getattr(self, field) in allowed, self, field, f"one of {allowed}")
         for field in ("devices", "batch_size", "seq_len", "k_responses", "prompt_len", "max_new_tokens",
                       "ppo_minibatches", "grad_accum_steps"):
-            if not is_int(getattr(self, field)) or getattr(self, field) < 1:
-                fail(field, "an int >= 1")
-        if self.stage == "rm" and self.k_responses < 2:
-            fail("k_responses", "an int >= 2 (IG §3.5: K = 4..9)")
-        if not is_int(self.ptx_batch_size) or self.ptx_batch_size < 0:
-            fail("ptx_batch_size", "an int >= 0")
-        if not is_int(self.compile_layers) or self.compile_layers == 1 or self.compile_layers < 0:
-            fail("compile_layers", "0 (compile the whole model) or an int >= 2")
-        if not (isinstance(self.device_memory_gib, (int, float)) and self.device_memory_gib > 0):
-            fail("device_memory_gib", "> 0")
-        if not (isinstance(self.headroom, (int, float)) and 0 < self.headroom <= 1):
-            fail("headroom", "in (0, 1]")
-        if not isinstance(self.remat, bool):
-            fail("remat", "true or false")
+            check(is_int(getattr(self, field)) and getattr(self, field) >= 1, self, field, "an int >= 1")
+        check(self.stage != "rm" or self.k_responses >= 2, self, "k_responses", "an int >= 2 (IG §3.5: K = 4..9)")
+        check(is_int(self.ptx_batch_size) and self.ptx_batch_size >= 0, self, "ptx_batch_size", "an int >= 0")
+        check(is_int(self.compile_layers) and self.compile_layers != 1 and self.compile_layers >= 0,
+              self, "compile_layers", "0 (compile the whole model) or an int >= 2")
+        check(isinstance(self.device_memory_gib, (int, float)) and self.device_memory_gib > 0,
+              self, "device_memory_gib", "> 0")
+        check(isinstance(self.headroom, (int, float)) and 0 < self.headroom <= 1, self, "headroom", "in (0, 1]")
+        check(isinstance(self.remat, bool), self, "remat", "true or false")
         try:
             data, fsdp, _ = self.mesh.shape(self.devices)
         except ValueError as e:
@@ -189,14 +180,14 @@ class PlanConfig:
         shards = data * fsdp
         per_step = {"sft": ("batch_size", self.batch_size), "rm": ("batch_size", self.batch_size),
                     "ppo": ("batch_size / ppo_minibatches", self.batch_size // self.ppo_minibatches)}
-        if self.stage == "ppo" and self.batch_size % self.ppo_minibatches:
-            fail("batch_size", f"divisible by ppo_minibatches={self.ppo_minibatches}")
+        check(self.stage != "ppo" or self.batch_size % self.ppo_minibatches == 0,
+              self, "batch_size", f"divisible by ppo_minibatches={self.ppo_minibatches}")
         name, rows = per_step[self.stage]
         if rows % shards:
             raise ConfigError(f"PlanConfig.{name} = {rows} does not divide over the mesh's {shards} "
                               f"batch shards (data×fsdp = {data}×{fsdp}); use a multiple of {shards}")
-        if self.stage == "ppo" and self.ptx_batch_size % shards:
-            fail("ptx_batch_size", f"a multiple of the {shards} batch shards (data×fsdp)")
+        check(not (self.stage == "ppo" and self.ptx_batch_size % shards),
+              self, "ptx_batch_size", f"a multiple of the {shards} batch shards (data×fsdp)")
 
     def model_config(self) -> ModelConfig:
         """The planned ``ModelConfig`` (LM head), with ``compute_dtype`` and ``remat`` applied;

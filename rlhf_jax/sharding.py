@@ -31,6 +31,8 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
+from rlhf_jax.errors import check
+
 logger = logging.getLogger(__name__)
 
 AXES = ("data", "fsdp", "tensor")
@@ -67,10 +69,10 @@ class MeshConfig:
     def __post_init__(self) -> None:
         for name in AXES:
             size = getattr(self, name)
-            if not isinstance(size, int) or isinstance(size, bool) or (size < 1 and size != -1):
-                raise ValueError(f"MeshConfig.{name}: must be a positive int or -1 (got {size!r})")
-        if sum(getattr(self, name) == -1 for name in AXES) > 1:
-            raise ValueError(f"MeshConfig: at most one axis may be -1 (got {self})")
+            check(isinstance(size, int) and not isinstance(size, bool) and (size >= 1 or size == -1),
+                  self, name, "a positive int or -1")
+        check(sum(getattr(self, name) == -1 for name in AXES) <= 1, self, "fsdp",
+              f"the only axis set to -1: at most one axis may be -1 ({self})")
 
     def shape(self, n_devices: int) -> tuple[int, int, int]:
         """``(data, fsdp, tensor)`` sizes for ``n_devices``, with the ``-1`` axis resolved."""

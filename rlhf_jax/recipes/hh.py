@@ -29,7 +29,8 @@ from typing import Any
 import jax
 
 from rlhf_jax import hf
-from rlhf_jax.configs import ConfigError, from_dict, merge_dicts, to_dict
+from rlhf_jax.configs import from_dict, merge_dicts, to_dict
+from rlhf_jax.errors import ConfigError, check
 from rlhf_jax.pipeline import StageTimer
 from rlhf_jax.recipes import hh_data
 from rlhf_jax.stages.ppo import PPOStageConfig, train_ppo
@@ -104,26 +105,18 @@ class HHRecipeConfig:
     ppo: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        def bad(field: str, why: str) -> None:
-            raise ConfigError(f"HHRecipeConfig.{field}: {why} (got {getattr(self, field)!r})")
-
-        if self.recipe != "smollm2_hh":
-            bad("recipe", "must be 'smollm2_hh'")
-        if not self.name or "/" in self.name:
-            bad("name", "must be a non-empty name without '/'")
+        check(self.recipe == "smollm2_hh", self, "recipe", "'smollm2_hh'")
+        check(self.name and "/" not in self.name, self, "name", "a non-empty name without '/'")
         for field in ("base_layers", "max_records"):
-            if getattr(self, field) is not None and getattr(self, field) < 1:
-                bad(field, "must be None or an int >= 1")
-        if len(self.split_fractions) != 3 or min(self.split_fractions) <= 0 or abs(sum(self.split_fractions) - 1) > 1e-6:
-            bad("split_fractions", "must be three positive shares (A, B, C) summing to 1")
+            check(getattr(self, field) is None or getattr(self, field) >= 1, self, field, "None or an int >= 1")
+        check(len(self.split_fractions) == 3 and min(self.split_fractions) > 0
+              and abs(sum(self.split_fractions) - 1) <= 1e-6,
+              self, "split_fractions", "three positive shares (A, B, C) summing to 1")
         for field in ("max_prompt_len", "max_response_len", "n_eval_prompts", "eval_samples", "eval_batch_size",
                       "ptx_seq_len"):
-            if not isinstance(getattr(self, field), int) or getattr(self, field) < 1:
-                bad(field, "must be an int >= 1")
-        if not self.best_of_n or min(self.best_of_n) < 1:
-            bad("best_of_n", "must be a non-empty list of ints >= 1")
-        if self.n_examples < 0:
-            bad("n_examples", "must be an int >= 0")
+            check(isinstance(getattr(self, field), int) and getattr(self, field) >= 1, self, field, "an int >= 1")
+        check(self.best_of_n and min(self.best_of_n) >= 1, self, "best_of_n", "a non-empty list of ints >= 1")
+        check(self.n_examples >= 0, self, "n_examples", "an int >= 0")
 
     @property
     def run_dir(self) -> Path:

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from rlhf_jax.errors import ConfigError
+from rlhf_jax.errors import check
 
 __all__ = ["OptimizerConfig", "make_schedule", "make_optimizer", "decay_mask"]
 
@@ -42,34 +42,23 @@ class OptimizerConfig:
     grad_accum_steps: int = 1  # > 1: optax.MultiSteps averages this many micro-batch gradients
 
     def __post_init__(self) -> None:
-        def fail(field: str, rule: str) -> None:
-            raise ConfigError(f"OptimizerConfig.{field} must be {rule}, got {getattr(self, field)!r}")
-
-        if not (math.isfinite(self.lr) and self.lr > 0):
-            fail("lr", "finite and > 0")
-        if self.warmup_steps < 0:
-            fail("warmup_steps", ">= 0")
-        if self.schedule not in SCHEDULES:
-            fail("schedule", f"one of {SCHEDULES}")
+        check(math.isfinite(self.lr) and self.lr > 0, self, "lr", "finite and > 0")
+        check(self.warmup_steps >= 0, self, "warmup_steps", ">= 0")
+        check(self.schedule in SCHEDULES, self, "schedule", f"one of {SCHEDULES}")
         if self.schedule != "constant":
-            if self.total_steps is None or self.total_steps <= self.warmup_steps:
-                fail("total_steps", f"an int > warmup_steps ({self.warmup_steps}) for schedule={self.schedule!r}")
-        elif self.total_steps is not None and self.total_steps < 1:
-            fail("total_steps", "None or >= 1")
+            check(self.total_steps is not None and self.total_steps > self.warmup_steps,
+                  self, "total_steps", f"an int > warmup_steps ({self.warmup_steps}) for schedule={self.schedule!r}")
+        else:
+            check(self.total_steps is None or self.total_steps >= 1, self, "total_steps", "None or >= 1")
         for name in ("final_lr_fraction", "warmup_init_fraction"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                fail(name, "in [0, 1]")
+            check(0.0 <= getattr(self, name) <= 1.0, self, name, "in [0, 1]")
         for name in ("b1", "b2"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                fail(name, "in [0, 1)")
-        if not self.eps > 0:
-            fail("eps", "> 0")
-        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
-            fail("weight_decay", "finite and >= 0")
-        if self.clip_norm is not None and not (math.isfinite(self.clip_norm) and self.clip_norm > 0):
-            fail("clip_norm", "None or finite and > 0")
-        if self.grad_accum_steps < 1:
-            fail("grad_accum_steps", ">= 1")
+            check(0.0 <= getattr(self, name) < 1.0, self, name, "in [0, 1)")
+        check(self.eps > 0, self, "eps", "> 0")
+        check(math.isfinite(self.weight_decay) and self.weight_decay >= 0, self, "weight_decay", "finite and >= 0")
+        check(self.clip_norm is None or (math.isfinite(self.clip_norm) and self.clip_norm > 0),
+              self, "clip_norm", "None or finite and > 0")
+        check(self.grad_accum_steps >= 1, self, "grad_accum_steps", ">= 1")
 
 
 def make_schedule(cfg: OptimizerConfig) -> optax.Schedule:
