@@ -160,3 +160,38 @@ def test_progress_bar_silent_off_primary():
     bar.update(5)
     bar.close()
     assert stream.getvalue() == ""
+
+
+def test_progress_bar_padding_efficiency_and_mfu_by_hand():
+    """Two right-padded batches counted by hand: 3 + 1 and 4 + 2 real tokens in [2, 4] masks
+    (10 of 16 tokens real: pad 62%); FLOPs over 2 s against a given peak."""
+    from rlhf_jax.train.metrics import BatchCount, batch_count
+
+    masks = [np.array([[1, 1, 1, 0], [1, 0, 0, 0]]), np.array([[1, 1, 1, 1], [1, 1, 0, 0]])]
+    counts = [batch_count(m) for m in masks]
+    assert counts == [BatchCount(4, 8), BatchCount(6, 8)]
+    stream, clock = io.StringIO(), FakeClock()
+    bar = ProgressBar(4, "rm", interval=0.0, stream=stream, is_primary=True, clock=clock, peak_flops=1e6)
+    clock.now += 1.0
+    bar.update(1, counts[0]._replace(flops=3e5))
+    clock.now += 1.0
+    bar.update(2, counts[1]._replace(flops=5e5))
+    # 10 real of 16 padded tokens; 8e5 FLOPs in 2 s on a 1 MFLOP/s peak = 40%.
+    assert stream.getvalue().splitlines()[-1] == (
+        "rm 2/4 [ 50%] 1.00 steps/s 5 tok/s pad 62% MFU 40.0% of 1.0 MFLOP/s ETA 0:00:02")
+
+
+def test_train_flops_per_token_and_measured_peak():
+    """PaLM's 6N + 12·L·H·Q·T against a hand count of the matmul weights, and a positive,
+    cached peak."""
+    from rlhf_jax.model import ModelConfig
+    from rlhf_jax.train.metrics import batch_count, measured_peak_flops, train_flops_per_token
+
+    c = ModelConfig(arch="llama", vocab_size=100, d_model=8, n_layers=2, n_heads=2, n_kv_heads=1, d_ff=16,
+                    max_len=32)
+    per_layer = 8 * 8 + 8 * 4 * 2 + 8 * 8 + 3 * 8 * 16  # q; k, v (1 kv head of 4); o; SwiGLU
+    n = 2 * per_layer + 100 * 8  # + the LM head
+    assert train_flops_per_token(c, 10) == 6 * n + 12 * 2 * 2 * 4 * 10
+    assert batch_count(np.ones((3, 2, 10)), c).flops == 60 * train_flops_per_token(c, 10)
+    peak = measured_peak_flops("float32")
+    assert peak > 0 and measured_peak_flops("float32") == peak

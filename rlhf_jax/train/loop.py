@@ -29,7 +29,7 @@ from jax.experimental import multihost_utils
 
 from rlhf_jax.configs import ConfigError, to_dict
 from rlhf_jax.train.checkpoint import Checkpointer, NonFiniteError, guard_finite
-from rlhf_jax.train.metrics import METRICS_FILE, SAMPLES_FILE, MetricsWriter, ProgressBar
+from rlhf_jax.train.metrics import METRICS_FILE, SAMPLES_FILE, BatchCount, MetricsWriter, ProgressBar
 from rlhf_jax.train.workdir import WorkdirError, describe_changes, fingerprint_changes, workdir_lock
 
 __all__ = ["CONFIG_FILE", "DONE_FILE", "LoopConfig", "StatefulIterator", "run_loop"]
@@ -113,7 +113,8 @@ def run_loop(
         `allow_config_change`).
       workdir: the stage's output directory, locked for the call (`train.workdir.workdir_lock`).
       eval_fn: `state -> metrics`, run every `eval_every` steps and at the end; logged as `eval/<k>`.
-      tokens_in_batch: tokens per batch (int, or a function of the batch) for the tokens/s display.
+      tokens_in_batch: tokens per batch (int, or a function of the batch returning an int or a
+        `metrics.BatchCount`, which adds padding efficiency and MFU) for the progress line.
       on_log: called as `on_log(step, record)` after each metrics line is written.
       fingerprint: what defines the run's result (`train.workdir.fingerprint`), saved in every
         checkpoint and in `DONE`; a resume compares it with the restored checkpoint's.
@@ -292,10 +293,12 @@ def _every(step: int, every: int) -> bool:
     return every > 0 and step % every == 0
 
 
-def _count_tokens(tokens_in_batch: int | Callable[[dict[str, Any]], int] | None, batch: dict) -> int | None:
+def _count_tokens(tokens_in_batch: int | Callable[[dict[str, Any]], int | BatchCount] | None,
+                  batch: dict) -> int | BatchCount | None:
     if tokens_in_batch is None or isinstance(tokens_in_batch, int):
         return tokens_in_batch
-    return int(tokens_in_batch(batch))
+    count = tokens_in_batch(batch)
+    return count if isinstance(count, BatchCount) else int(count)
 
 
 def _append_jsonl(path: Path, record: Mapping[str, Any]) -> None:

@@ -1,10 +1,21 @@
 """Metric sinks: `metrics.jsonl` (+ TensorBoard when available), `samples.jsonl`, a progress bar.
 
 Only the primary process (`jax.process_index() == 0`) writes; on the others every call is a no-op.
+
+The progress bar shows, besides steps/s and ETA, what a step costs (`BatchCount`):
+
+- `pad`: padding efficiency, real tokens / padded tokens (the mask's ones over its size) since
+  the bar started, so a bucket four times the records' length shows as 25%;
+- `MFU`: model FLOPs per second over the device's *measured* peak (`measured_peak_flops`: a
+  square matmul in the model's compute dtype, timed once per process), on all devices.  Model
+  FLOPs are those of the padded batch (`train_flops_per_token`, PaLM's 6N + 12·L·H·Q·T), i.e. what
+  the device computes: MFU says how well the device runs the shape, `pad` how much of that
+  shape is real data; their product is the useful fraction of the peak.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -12,12 +23,16 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Mapping, TextIO
+from typing import Any, Callable, Mapping, NamedTuple, TextIO
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["MetricsWriter", "ProgressBar"]
+from rlhf_jax.model import ModelConfig
+
+__all__ = ["MetricsWriter", "ProgressBar", "BatchCount", "batch_count", "train_flops_per_token",
+           "measured_peak_flops"]
 
 log = logging.getLogger(__name__)
 
@@ -120,12 +135,65 @@ class MetricsWriter:
             f.flush()
 
 
+class BatchCount(NamedTuple):
+    """What one step processed: `real` tokens (mask ones), `padded` tokens (the mask's size),
+    the model FLOPs of the padded batch, and the compute dtype they ran in (for the peak)."""
+
+    real: int
+    padded: int
+    flops: float = 0.0
+    dtype: str = "float32"
+
+
+def train_flops_per_token(config: ModelConfig, seq_len: int) -> float:
+    """Training FLOPs (forward + backward) per token of a `seq_len` sequence: PaLM's estimate
+    (Chowdhery et al. 2022, App. B) `6·N + 12·L·H·Q·T`, with `N` the parameters in matmuls (the
+    blocks' projections and the output head; no embedding lookups, norms or biases), `L` layers,
+    `H` heads of size `Q`, `T = seq_len`."""
+    c = config
+    attention = c.d_model * c.head_dim * (2 * c.n_heads + 2 * c.kv_heads)  # q, o; k, v
+    mlp = (3 if c.arch == "llama" else 2) * c.d_model * c.ff_dim
+    head = c.vocab_size * c.d_model if c.head == "lm" else c.d_model
+    n = c.n_layers * (attention + mlp) + head
+    return 6.0 * n + 12.0 * c.n_layers * c.n_heads * c.head_dim * seq_len
+
+
+def batch_count(mask: Any, config: ModelConfig | None = None) -> BatchCount:
+    """`BatchCount` of a batch whose `mask` (0/1, last axis time; e.g. `[b, T]` or `[b, K, T]`)
+    marks its real tokens; FLOPs from `train_flops_per_token(config, T)` when `config` is given."""
+    mask = np.asarray(mask)
+    padded = int(mask.size)
+    flops = 0.0 if config is None else padded * train_flops_per_token(config, mask.shape[-1])
+    return BatchCount(int(mask.sum()), padded, flops, str(jnp.dtype(config.dtype)) if config else "float32")
+
+
+@functools.lru_cache(maxsize=None)
+def measured_peak_flops(dtype: str = "float32") -> float:
+    """FLOP/s of all local devices, measured once per process and dtype: the best of 5 timed
+    `[n, n] @ [n, n]` products on one device (n = 512 on CPU, 8192 elsewhere; 2n³ FLOPs each)
+    times the local device count."""
+    device = jax.local_devices()[0]
+    n = 512 if device.platform == "cpu" else 8192
+    a = jax.device_put(jnp.ones((n, n), dtype), device)
+    matmul = jax.jit(jnp.matmul)
+    matmul(a, a).block_until_ready()  # compile
+    best = math.inf
+    for _ in range(5):
+        t0 = time.perf_counter()
+        matmul(a, a).block_until_ready()
+        best = min(best, time.perf_counter() - t0)
+    return 2.0 * n**3 / max(best, 1e-9) * jax.local_device_count()
+
+
 class ProgressBar:
-    """One status line on stderr: `desc step/total [pct] steps/s tok/s ETA`.
+    """One status line on stderr: `desc step/total [pct] steps/s tok/s pad MFU ETA`.
 
     On a terminal the line is redrawn in place (`\\r`, at most 10×/s); otherwise a full line is
     printed every `interval` seconds. Rates are measured from the first `update` of this bar, so
-    a resumed run reports its own speed. `tokens` is the count processed since the last update.
+    a resumed run reports its own speed. `tokens` is what was processed since the last update:
+    a count of tokens, or a `BatchCount`, which adds padding efficiency and, with FLOPs, MFU
+    against `peak_flops` (default: `measured_peak_flops` of its dtype, measured at the first
+    line that needs it); see the module docstring.
     """
 
     def __init__(
@@ -138,6 +206,7 @@ class ProgressBar:
         stream: TextIO | None = None,
         is_primary: bool | None = None,
         clock: Callable[[], float] = time.monotonic,
+        peak_flops: float | None = None,
     ) -> None:
         self.total, self.desc, self.interval = total, desc, interval
         self.stream = sys.stderr if stream is None else stream
@@ -147,13 +216,23 @@ class ProgressBar:
         self._t0 = clock()
         self._step0 = self._step = initial
         self._tokens = 0
+        self._padded = 0
+        self._flops = 0.0
+        self._dtype = "float32"
+        self._peak = peak_flops
         self._last_print = -math.inf
         self._printed_step: int | None = None
 
-    def update(self, step: int, tokens: int | None = None) -> None:
+    def update(self, step: int, tokens: int | BatchCount | None = None) -> None:
         """Record that `step` steps are done (absolute count) and `tokens` more were processed."""
         self._step = step
-        self._tokens += int(tokens or 0)
+        if isinstance(tokens, BatchCount):
+            self._tokens += tokens.real
+            self._padded += tokens.padded
+            self._flops += tokens.flops
+            self._dtype = tokens.dtype
+        else:
+            self._tokens += int(tokens or 0)
         now = self._clock()
         if now - self._last_print >= (0.1 if self._tty else self.interval) or step >= self.total:
             self._print(now, final=False)
@@ -175,6 +254,12 @@ class ProgressBar:
         parts.append(f" [{100.0 * self._step / max(self.total, 1):3.0f}%] {rate:.2f} steps/s")
         if self._tokens:
             parts.append(f" {self._tokens / elapsed:,.0f} tok/s")
+        if self._padded:
+            parts.append(f" pad {100.0 * self._tokens / self._padded:.0f}%")
+        if self._flops:
+            if self._peak is None:
+                self._peak = measured_peak_flops(self._dtype)
+            parts.append(f" MFU {100.0 * self._flops / elapsed / self._peak:.1f}% of {_si(self._peak)}FLOP/s")
         if rate > 0:
             parts.append(f" ETA {_hms((self.total - self._step) / rate)}")
         return "".join(parts)
@@ -249,6 +334,14 @@ def _line_step(line: str) -> int | None:
         return None
     step = record.get("step") if isinstance(record, dict) else None
     return step if isinstance(step, int) else None
+
+
+def _si(value: float) -> str:
+    """`value` with an SI prefix and a trailing space: 1.2e12 -> "1.2 T"."""
+    for prefix, scale in (("P", 1e15), ("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if value >= scale:
+            return f"{value / scale:.1f} {prefix}"
+    return f"{value:.1f} "
 
 
 def _hms(seconds: float) -> str:
