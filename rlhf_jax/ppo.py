@@ -29,6 +29,7 @@ import jax.numpy as jnp
 
 from rlhf_jax.advantages import gae, last_index, per_token_rewards, whiten
 from rlhf_jax.ema import ema_update
+from rlhf_jax.errors import check
 from rlhf_jax.generation import (GenerateConfig, Rollout, generate_traced, next_token_nll, score, sequence_logprobs,
                                  sequence_values)
 from rlhf_jax.kl_control import KLControllerConfig, KLState, init_kl_state, update_kl
@@ -77,31 +78,18 @@ class PPOConfig:
     ema_decay: float | None = None
 
     def __post_init__(self) -> None:
-        def bad(field: str, why: str) -> None:
-            raise ValueError(f"PPOConfig.{field}: {why} (got {getattr(self, field)!r})")
-
-        if self.kl_estimator not in ("k1", "k2", "k3"):
-            bad("kl_estimator", "must be 'k1', 'k2' or 'k3'")
-        if self.score_position not in ("last", "after_last"):
-            bad("score_position", "must be 'last' or 'after_last'")
+        check(self.kl_estimator in ("k1", "k2", "k3"), self, "kl_estimator", "'k1', 'k2' or 'k3'")
+        check(self.score_position in ("last", "after_last"), self, "score_position", "'last' or 'after_last'")
         for f in ("ptx_coef", "vf_coef", "ent_coef"):
-            if not getattr(self, f) >= 0:
-                bad(f, "must be >= 0")
-        if not 0 < self.clip_eps < 1:
-            bad("clip_eps", "must be in (0, 1)")
-        if self.value_clip_eps is not None and not self.value_clip_eps > 0:
-            bad("value_clip_eps", "must be None or > 0")
-        if not 0 <= self.gamma <= 1:
-            bad("gamma", "must be in [0, 1]")
-        if not 0 <= self.lam <= 1:
-            bad("lam", "must be in [0, 1]")
-        if not isinstance(self.cast_rollout_weights, bool):
-            bad("cast_rollout_weights", "must be a bool")
+            check(getattr(self, f) >= 0, self, f, ">= 0")
+        check(0 < self.clip_eps < 1, self, "clip_eps", "in (0, 1)")
+        check(self.value_clip_eps is None or self.value_clip_eps > 0, self, "value_clip_eps", "None or > 0")
+        check(0 <= self.gamma <= 1, self, "gamma", "in [0, 1]")
+        check(0 <= self.lam <= 1, self, "lam", "in [0, 1]")
+        check(isinstance(self.cast_rollout_weights, bool), self, "cast_rollout_weights", "a bool")
         for f in ("epochs", "num_minibatches"):
-            if not isinstance(getattr(self, f), int) or getattr(self, f) < 1:
-                bad(f, "must be an int >= 1")
-        if self.ema_decay is not None and not 0 <= self.ema_decay <= 1:
-            bad("ema_decay", "must be None or in [0, 1]")
+            check(isinstance(getattr(self, f), int) and getattr(self, f) >= 1, self, f, "an int >= 1")
+        check(self.ema_decay is None or 0 <= self.ema_decay <= 1, self, "ema_decay", "None or in [0, 1]")
 
 
 PRESETS: dict[str, dict[str, Any]] = {
