@@ -44,7 +44,7 @@ from rlhf_jax.assets import main as fetch_main
 from rlhf_jax.configs import load_config, read_config_file, to_dict
 from rlhf_jax.distributed import DistributedConfig, initialize as initialize_distributed
 from rlhf_jax.errors import (ChatTemplateError, CheckpointError, ConfigError, DataError, FetchError, GGUFError,
-                             NonFiniteError, PlanError, WorkdirError)
+                             DeviceMemoryError, NonFiniteError, PlanError, WorkdirError)
 from rlhf_jax.pipeline import PipelineConfig, run_pipeline
 from rlhf_jax.plan import main as plan_main
 from rlhf_jax.ppo import PRESETS
@@ -63,7 +63,7 @@ INPUT_ERRORS: tuple[type[BaseException], ...] = (
     ConfigError, WorkdirError, GGUFError, ChatTemplateError, FileNotFoundError, NotADirectoryError,
     IsADirectoryError, SafetensorError)
 RUNTIME_ERRORS: tuple[type[BaseException], ...] = (
-    DataError, CheckpointError, NonFiniteError, PlanError, FetchError, OSError)
+    DataError, CheckpointError, NonFiniteError, PlanError, DeviceMemoryError, FetchError, OSError)
 
 OOM_ADVICE = (
     "to fit, turn on rematerialisation (model.remat_policy=dots, or full), lower batch_size "
@@ -72,6 +72,8 @@ OOM_ADVICE = (
     "memory before training")
 
 _PACKAGE_DIR = Path(__file__).resolve().parent
+
+MEMORY_CHECKED = ("sft", "rm", "ppo")  # commands whose config has `memory` (train.memory): they take --force
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,6 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="override one config value, e.g. optimizer.lr=1e-5 (repeatable)")
         p.add_argument("--print-config", action="store_true",
                        help="print the resolved config as JSON and exit")
+        if name in MEMORY_CHECKED:
+            p.add_argument("--force", action="store_true",
+                           help="skip the memory plan's check before compiling (memory.check=false)")
         if name == "ppo":
             p.add_argument("--preset", choices=sorted(PRESETS),
                            help="start from another implementation's PPO defaults (before --set)")
@@ -181,6 +186,8 @@ def _dispatch(argv: list[str], debug: bool) -> int:
     if args.command == "pipeline":
         command = pipeline_command(args.config)
     overrides = preset_overrides(args.preset) if getattr(args, "preset", None) else []
+    if getattr(args, "force", False):
+        overrides.append("memory.check=false")
     cfg = load_config(command.config, args.config, overrides + args.overrides)
     if args.print_config:
         print(json.dumps(to_dict(cfg), indent=2))

@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 __all__ = ["ConfigError", "check", "DataError", "CheckpointError", "NonFiniteError", "WorkdirError",
-           "GGUFError", "ChatTemplateError", "PlanError", "FetchError"]
+           "GGUFError", "ChatTemplateError", "PlanError", "DeviceMemoryError", "FetchError"]
 
 
 class ConfigError(ValueError):
@@ -65,6 +65,11 @@ class PlanError(RuntimeError):
     def __init__(self, message: str, suggestions: Sequence[tuple[tuple[str, ...], float]] = ()):
         super().__init__(message)
         self.suggestions = tuple(suggestions)
+
+
+class DeviceMemoryError(RuntimeError):
+    """A stage ran out of device memory; the message names the stage, the step, the batch shape,
+    the memory plan's estimate and what to change (``train.memory.MemoryGuard``)."""
 
 
 class FetchError(RuntimeError):

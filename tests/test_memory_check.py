@@ -1,0 +1,86 @@
+"""Memory before compute (`rlhf_jax.train.memory`): a stage's memory plan is refused with advice
+when it exceeds the device, `check=false` (`rlhf-jax --force`) skips it, and an out-of-memory
+failure becomes one `DeviceMemoryError` naming the stage, step, batch shape and the estimate."""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import numpy as np
+import pytest
+from jax.errors import JaxRuntimeError
+
+from rlhf_jax.errors import DeviceMemoryError, PlanError
+from rlhf_jax.model import ModelConfig
+from rlhf_jax.plan import GiB
+from rlhf_jax.sharding import MeshConfig
+from rlhf_jax.train.memory import MemoryCheckConfig, MemoryGuard, check_memory, device_memory, stage_plan
+from rlhf_jax.train.state import TrainState
+
+MODEL = ModelConfig(arch="gpt2", vocab_size=64, d_model=32, n_layers=2, n_heads=2, max_len=64)
+RM_SHAPE = {"batch_size": 8, "k_responses": 2, "seq_len": 64}
+
+
+def test_a_plan_over_the_limit_is_refused_with_advice_in_stage_config_names():
+    plan = stage_plan("rm", MODEL, MeshConfig(), MemoryCheckConfig(limit_gib=1.0), **RM_SHAPE)
+    limit = plan.total_bytes / GiB * 0.8  # usable = 0.9 * limit: below the estimate, above remat's
+    with pytest.raises(PlanError) as e:
+        check_memory("rm", MODEL, MeshConfig(), MemoryCheckConfig(limit_gib=limit), **RM_SHAPE)
+    message = str(e.value)
+    assert "\n" not in message
+    assert message.startswith(f"rm stage: the memory plan needs {plan.total_bytes / GiB:.2f} GiB per device")
+    assert "batch_size 8, k_responses 2, seq_len 64" in message and "memory.limit_gib" in message
+    for advice in ("model.remat=true", "optimizer.grad_accum_steps=", "max_len", "--force"):
+        assert advice in message, advice
+    assert all(gib <= 0.9 * limit for _, gib in e.value.suggestions)  # each fix was re-planned to fit
+    # The same plan fits a larger device, and check=false skips the check altogether.
+    assert check_memory("rm", MODEL, MeshConfig(), MemoryCheckConfig(limit_gib=1.0), **RM_SHAPE) is not None
+    assert check_memory("rm", MODEL, MeshConfig(), MemoryCheckConfig(check=False, limit_gib=1e-9), **RM_SHAPE) is None
+
+
+def test_remat_and_the_model_dtype_reach_the_plan():
+    full = stage_plan("sft", MODEL.replace(remat_policy="full"), MeshConfig(), MemoryCheckConfig(limit_gib=1.0),
+                      batch_size=8, seq_len=64)
+    none = stage_plan("sft", MODEL, MeshConfig(), MemoryCheckConfig(limit_gib=1.0), batch_size=8, seq_len=64)
+    assert full.config.remat and not none.config.remat
+    assert full.row_bytes("activations") < none.row_bytes("activations")
+    assert none.config.compute_dtype == "float32"
+
+
+def test_device_memory_on_cpu_is_the_hosts_ram_over_its_devices():
+    gib, source = device_memory()
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if jax.local_devices()[0].memory_stats() is None:
+        assert source == "host RAM / local devices" and gib == pytest.approx(ram / jax.local_device_count() / GiB)
+    assert device_memory(3.5) == (3.5, "memory.limit_gib")
+
+
+def test_out_of_memory_names_stage_step_shape_and_estimate():
+    plan = stage_plan("rm", MODEL, MeshConfig(), MemoryCheckConfig(limit_gib=2.0), **RM_SHAPE)
+    state = TrainState(step=np.int32(4), params={}, opt_state=(), rng=None, tx=None)
+    calls = []
+
+    def step(state, batch):
+        calls.append(batch)
+        if len(calls) == 2:
+            raise JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating 26364482436 bytes.\nmore")
+        return state, {}
+
+    batch = {"tokens": np.zeros((8, 2, 64), np.int32), "mask": np.zeros((8, 2, 64), np.int32)}
+    with pytest.raises(DeviceMemoryError) as e:
+        with MemoryGuard("rm", plan) as guard:
+            watched = guard.watch(step)
+            watched(state, batch)
+            watched(state, batch)
+    message = str(e.value)
+    assert message.startswith("out of device memory in the rm stage at step 6 (batch tokens [8, 2, 64]) "
+                              "(RESOURCE_EXHAUSTED: Out of memory allocating 26364482436 bytes.)")
+    assert f"planner estimated {plan.total_bytes / GiB:.2f} GiB per device of 1.80 usable" in message
+    assert "model.remat=true" in message and "grad_accum_steps" in message and "\n" not in message
+    with pytest.raises(DeviceMemoryError, match="in the sft stage during setup .before step 1."):
+        with MemoryGuard("sft", None):
+            raise JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory")
+    with pytest.raises(JaxRuntimeError, match="INTERNAL"):  # other runtime errors pass through
+        with MemoryGuard("sft", None):
+            raise JaxRuntimeError("INTERNAL: something else")
