@@ -8,6 +8,9 @@ Conventions shared by every helper:
 - A prompt and its response are encoded together as one string (so sentencepiece-style
   tokenizers do not add a second dummy space); a token whose character span crosses into the
   response counts as a response token.
+- Chat records (`data.messages`: `{"messages": [...]}`) are rendered by the tokenizer's chat
+  template, which writes BOS and the turn ends itself (no BOS/EOS added); an SFT dialogue's
+  targets are its assistant turns.
 - Lengths are bucketed: the time axis is the smallest bucket length that holds the longest
   sequence, so a jitted step sees only a few shapes.
 """
@@ -18,6 +21,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from rlhf_jax.data.messages import chat_comparisons_as_text, chat_demonstration_ids, chat_prompts_as_text, is_chat
 from rlhf_jax.data.readers import Comparison, Demonstration, Prompt, Records
 from rlhf_jax.data.truncation import TruncationStats, check_truncation, cut, fit_group
 from rlhf_jax.tokenizer import Tokenizer
@@ -59,11 +63,15 @@ def tokenize_demonstrations(
       tokens, mask, loss_mask: int32 `[n, L]`.
     """
     check_truncation(truncation)
+    chat = is_chat(records)
+    if chat:  # the template writes BOS and the turn ends (data.messages)
+        add_bos = add_eos = False
     tokenizer.add_special([], add_bos, add_eos)  # fails early without bos/eos tokens
     stats = TruncationStats() if stats is None else stats
     max_len = max(buckets)
     head = int(add_bos)
-    pairs = _encode_pairs(tokenizer, [(r.prompt, r.response) for r in records])
+    pairs = (chat_demonstration_ids(tokenizer, records) if chat
+             else _encode_pairs(tokenizer, [(r.prompt, r.response) for r in records]))
     rows = []
     for i, (ids, is_response) in enumerate(pairs):
         stats.records += 1
@@ -72,7 +80,8 @@ def tokenize_demonstrations(
             ids, target, is_response = [tokenizer.bos_id, *ids], [False, *target], [False, *is_response]
         if add_eos:
             ids, target, is_response = [*ids, tokenizer.eos_id], [*target, True], [*is_response, True]
-        fit = fit_group([len(ids)], [is_response.count(False) - head], max_len, truncation,
+        first_target = is_response.index(True) if True in is_response else len(is_response)
+        fit = fit_group([len(ids)], [first_target - head], max_len, truncation,
                         f"demonstration {i}{_line(records, i)}")
         if fit is None:
             stats.skipped += 1
@@ -132,6 +141,8 @@ def tokenize_comparisons(
         every record was skipped.
     """
     check_truncation(truncation)
+    if is_chat(records):  # as text; the template writes BOS and the turn ends (data.messages)
+        records, add_bos, add_eos = chat_comparisons_as_text(tokenizer, records), False, False
     stats = TruncationStats() if stats is None else stats
     for i, rec in enumerate(records):
         if len(rec.responses) > k_max:
@@ -190,6 +201,8 @@ def tokenize_prompts(
       tokens, mask: int32 `[n, max_len]` (n: prompts kept).
     """
     check_truncation(truncation)
+    if is_chat(records):  # rendered with the generation prompt; the template writes BOS
+        records, add_bos = chat_prompts_as_text(tokenizer, records), False
     stats = TruncationStats() if stats is None else stats
     head = int(add_bos)
     rows = []

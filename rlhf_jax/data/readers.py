@@ -17,6 +17,8 @@ Layouts:
                   prompt is their common prefix up to the last shared "\\n\\nAssistant:")
   prompts         {"prompt": str}
   pretraining     {"text": str}
+Chat records (`{"messages": [...]}` and message-list comparisons) are parsed by `data.messages`
+into `ChatDemonstration` / `ChatComparison` / `ChatPrompt` (layouts there).
 """
 
 from __future__ import annotations
@@ -113,7 +115,7 @@ def read_prompts(
     path: str | os.PathLike, *, skip_bad: bool = False, shard_index: int = 0, shard_count: int = 1
 ) -> Records:
     """Reads `{"prompt"}` lines into `Prompt`s (empty prompts are allowed)."""
-    return read_jsonl(path, lambda o: Prompt(_str(o, "prompt")), skip_bad, shard_index, shard_count)
+    return read_jsonl(path, _parse_prompt, skip_bad, shard_index, shard_count)
 
 
 def read_pretrain_texts(
@@ -217,11 +219,29 @@ def _unicode(field: str, value: str) -> None:
                                 f"{e.start} (a JSON escape such as \\ud800 without its pair)") from None
 
 
-def _parse_demonstration(obj: dict[str, Any]) -> Demonstration:
+def _chat(obj: dict[str, Any], kind: str) -> Any:
+    """The `data.messages` parser for `kind` when `obj` is a chat record, else None."""
+    from rlhf_jax.data import messages  # it builds on this module
+
+    chat = "messages" in obj or (kind == "comparison" and any(
+        isinstance(obj.get(f), list) for f in ("prompt", "chosen", "rejected")))
+    return getattr(messages, f"parse_{kind}") if chat else None
+
+
+def _parse_prompt(obj: dict[str, Any]) -> Any:
+    parse = _chat(obj, "prompt")
+    return parse(obj) if parse else Prompt(_str(obj, "prompt"))
+
+
+def _parse_demonstration(obj: dict[str, Any]) -> Any:
+    if parse := _chat(obj, "demonstration"):
+        return parse(obj)
     return Demonstration(_str(obj, "prompt"), _str(obj, "response", nonempty=True))
 
 
-def _parse_comparison(obj: dict[str, Any]) -> Comparison:
+def _parse_comparison(obj: dict[str, Any]) -> Any:
+    if parse := _chat(obj, "comparison"):
+        return parse(obj)
     if "responses" in obj:
         return _parse_ranked(obj)
     if "chosen" not in obj and "rejected" not in obj:
