@@ -100,6 +100,7 @@ def run_loop(
     on_log: Callable[[int, dict[str, Any]], None] | None = None,
     fingerprint: Mapping[str, Any] | None = None,
     config: Any = None,
+    start_record: Mapping[str, Any] | None = None,
 ) -> tuple[Any, list[dict[str, Any]]]:
     """Run `train_step` from the current (or resumed) step to `loop_cfg.total_steps`.
 
@@ -120,6 +121,8 @@ def run_loop(
         checkpoint and in `DONE`; a resume compares it with the restored checkpoint's.
       config: the run's config (a config dataclass or a dict), written to `workdir/config.json`
         once the run is known to start or resume (with its `config_changes`, if any).
+      start_record: scalars written to metrics.jsonl at the start step when training starts or
+        resumes (e.g. the data's cut and skipped records, `data.data_metrics`).
 
     Returns:
       The final state and the history: every record of metrics.jsonl (train and eval lines,
@@ -139,10 +142,11 @@ def run_loop(
         if loop_cfg.force:
             _set_previous_run_aside(workdir)
         return _run(state, train_step, batches, loop_cfg, workdir, eval_fn, tokens_in_batch, on_log,
-                    fingerprint, config)
+                    fingerprint, config, start_record)
 
 
-def _run(state, train_step, batches, loop_cfg, workdir, eval_fn, tokens_in_batch, on_log, fingerprint, config):
+def _run(state, train_step, batches, loop_cfg, workdir, eval_fn, tokens_in_batch, on_log, fingerprint, config,
+         start_record):
     """`run_loop`'s body, run holding the workdir lock."""
     primary = jax.process_index() == 0
     total = loop_cfg.total_steps
@@ -186,6 +190,8 @@ def _run(state, train_step, batches, loop_cfg, workdir, eval_fn, tokens_in_batch
             return state, history
         if primary and done_path.exists():
             done_path.unlink()  # total_steps grew since the stage last finished
+        if start_record:
+            history.append(writer.write(start, start_record))
 
         def checked(step: int, metrics: Metrics) -> dict[str, Any]:
             host = dict(zip(metrics, jax.device_get(list(metrics.values()))))  # keeps the key order
