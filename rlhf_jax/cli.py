@@ -73,7 +73,7 @@ OOM_ADVICE = (
 
 _PACKAGE_DIR = Path(__file__).resolve().parent
 
-MEMORY_CHECKED = ("sft", "rm", "ppo")  # commands whose config has `memory` (train.memory): they take --force
+MEMORY_CHECKED = ("sft", "rm", "ppo")  # commands whose config has ``memory`` (train.memory): they take --force
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,9 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "ppo":
             p.add_argument("--preset", choices=sorted(PRESETS),
                            help="start from another implementation's PPO defaults (before --set)")
-    # `plan` parses its own arguments (rlhf_jax.plan.main); listed here for --help only.
+    # ``plan`` parses its own arguments (rlhf_jax.plan.main); listed here for --help only.
     sub.add_parser("plan", help="per-device memory plan of a config, before any training", add_help=False)
-    # `fetch` likewise (rlhf_jax.assets.main): `rlhf-jax fetch smollm2 [--dir DIR]`.
+    # ``fetch`` likewise (rlhf_jax.assets.main): ``rlhf-jax fetch smollm2 [--dir DIR]``.
     sub.add_parser("fetch", help="download a model file, e.g. `fetch smollm2` (prints its path)", add_help=False)
     return parser
 

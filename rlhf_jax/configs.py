@@ -1,12 +1,12 @@
-"""Config plumbing: build frozen dataclasses from dicts, JSON/TOML files and `a.b.c=value` overrides.
+"""Config plumbing: build frozen dataclasses from dicts, JSON/TOML files and ``a.b.c=value`` overrides.
 
-Every config in the library is a frozen dataclass that validates itself in `__post_init__`
-(raising `ConfigError` naming the field and the allowed range). This module only turns
+Every config in the library is a frozen dataclass that validates itself in ``__post_init__``
+(raising ``ConfigError`` naming the field and the allowed range). This module only turns
 untyped data into those dataclasses, checking keys and types on the way:
 
     cfg = load_config(SFTConfig, "sft.toml", ["optimizer.lr=1e-5", "loop.total_steps=200"])
 
-TOML needs `tomllib` (Python >= 3.11) or the `tomli` package on Python 3.10.
+TOML needs ``tomllib`` (Python >= 3.11) or the ``tomli`` package on Python 3.10.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from rlhf_jax.errors import ConfigError
 
 try:  # Python >= 3.11
     import tomllib
-except ModuleNotFoundError:  # Python 3.10: `pip install tomli` for TOML configs
+except ModuleNotFoundError:  # Python 3.10: ``pip install tomli`` for TOML configs
     try:
         import tomli as tomllib  # type: ignore[no-redef]
     except ModuleNotFoundError:
@@ -34,14 +34,14 @@ T = TypeVar("T")
 
 
 def from_dict(cls: type[T], data: Mapping[str, Any], *, where: str = "config") -> T:
-    """Build the (nested) frozen dataclass `cls` from plain data.
+    """Build the (nested) frozen dataclass ``cls`` from plain data.
 
     Dataclass-typed fields are built recursively from sub-dicts, lists become tuples for tuple
-    fields, ints are accepted for float fields. `where` is the dotted path used in messages.
+    fields, ints are accepted for float fields. ``where`` is the dotted path used in messages.
 
     Raises:
       ConfigError: unknown or missing key (naming the full dotted path and the valid keys), a value
-        of the wrong type (naming key, expected type and value), or a failed `__post_init__` check.
+        of the wrong type (naming key, expected type and value), or a failed ``__post_init__`` check.
     """
     if not (isinstance(cls, type) and dataclasses.is_dataclass(cls)):
         raise TypeError(f"from_dict needs a dataclass type, got {cls!r}")
@@ -61,7 +61,7 @@ def from_dict(cls: type[T], data: Mapping[str, Any], *, where: str = "config") -
             value = data[name]
             if dataclasses.is_dataclass(f.default) and isinstance(value, Mapping):
                 # A partial table overrides the field's own default, not the class defaults
-                # (e.g. `--set optimizer.lr=1e-5` keeps the stage's cosine schedule).
+                # (e.g. ``--set optimizer.lr=1e-5`` keeps the stage's cosine schedule).
                 value = merge_dicts(to_dict(f.default), value)
             kwargs[name] = _convert(value, hints[name], f"{where}.{name}")
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
@@ -90,16 +90,16 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 
 
 def load_config(cls: type[T], path: str | Path | None, overrides: Sequence[str] = ()) -> T:
-    """Read `path` (.json or .toml; None = all defaults), apply `a.b.c=value` overrides, build `cls`.
+    """Read ``path`` (.json or .toml; None = all defaults), apply ``a.b.c=value`` overrides, build ``cls``.
 
-    An override's value is parsed as JSON (`1e-5`, `true`, `null`, `[1, 2]`, `"x"`), falling back to
-    the raw string (`schedule=cosine`); a str-typed field always takes the raw string.  Inside a
-    `dict[str, Any]` field (a free-form table such as the pipeline's per-stage overrides) the rest
-    of the key nests as tables (`sft.loop.total_steps=2`), checked when that table is used.
+    An override's value is parsed as JSON (``1e-5``, ``true``, ``null``, ``[1, 2]``, ``"x"``), falling back to
+    the raw string (``schedule=cosine``); a str-typed field always takes the raw string.  Inside a
+    ``dict[str, Any]`` field (a free-form table such as the pipeline's per-stage overrides) the rest
+    of the key nests as tables (``sft.loop.total_steps=2``), checked when that table is used.
 
     Raises:
       ConfigError: unreadable or malformed file (naming the file, and the line for JSON/TOML), an
-        override without `=` or with an unknown key (naming the override), or any `from_dict` error.
+        override without ``=`` or with an unknown key (naming the override), or any ``from_dict`` error.
     """
     data: dict[str, Any] = {} if path is None else read_config_file(path)
     for override in overrides:
@@ -186,7 +186,7 @@ def _parse_value(raw: str, hint: Any) -> Any:
 
 
 def _dataclass_in(hint: Any) -> type | None:
-    """The dataclass type in `X` or `X | None`, else None."""
+    """The dataclass type in ``X`` or ``X | None``, else None."""
     if isinstance(hint, type) and dataclasses.is_dataclass(hint):
         return hint
     if _is_union(hint):
@@ -204,7 +204,7 @@ def _type_name(hint: Any) -> str:
 
 
 def _convert(value: Any, hint: Any, where: str) -> Any:
-    """Check `value` against the type hint `hint`, converting where the data format loses types."""
+    """Check ``value`` against the type hint ``hint``, converting where the data format loses types."""
 
     def bad() -> ConfigError:
         return ConfigError(f"{where}: expected {_type_name(hint)}, got {value!r} ({type(value).__name__})")

@@ -41,12 +41,12 @@ BATCH_AXES = ("data", "fsdp")
 Rules = Sequence[tuple[str, P]]
 
 DEFAULT_RULES: Rules = (
-    # Column-parallel: [d_model, out] split on out over `tensor`, on d_model over `fsdp`.
+    # Column-parallel: [d_model, out] split on out over ``tensor``, on d_model over ``fsdp``.
     (r"(^|/)attn/(q|k|v)/kernel$", P("fsdp", "tensor")),
     (r"(^|/)mlp/(fc|gate|up)/kernel$", P("fsdp", "tensor")),
     (r"(^|/)attn/(q|k|v)/bias$", P("tensor")),
     (r"(^|/)mlp/fc/bias$", P("tensor")),
-    # Row-parallel: [in, d_model] split on in over `tensor` (its output is summed over `tensor`).
+    # Row-parallel: [in, d_model] split on in over ``tensor`` (its output is summed over ``tensor``).
     (r"(^|/)attn/o/kernel$", P("tensor", "fsdp")),
     (r"(^|/)mlp/(proj|down)/kernel$", P("tensor", "fsdp")),
     # Vocabulary-parallel embedding [V, d] (tied unembedding gives logits split on V) and head [d, V].

@@ -62,7 +62,7 @@ class OptimizerConfig:
 
 
 def make_schedule(cfg: OptimizerConfig) -> optax.Schedule:
-    """Learning rate at optimiser update `step` (0-based count of updates already applied).
+    """Learning rate at optimiser update ``step`` (0-based count of updates already applied).
 
     With W = warmup_steps, f0 = warmup_init_fraction, f1 = final_lr_fraction, D = total_steps − W,
     t = min(step − W, D):
@@ -95,11 +95,11 @@ _NORM_NAME = re.compile(r"norm|(^|_)ln(_|\d|$)")
 
 
 def decay_mask(params: Any) -> Any:
-    """Pytree of bools like `params`: True where weight decay applies.
+    """Pytree of bools like ``params``: True where weight decay applies.
 
-    Excluded (False): every parameter with ndim < 2 (biases, norm scales), any leaf named `bias`
-    or `scale`, and anything under a path component that names a norm (`ln_1`, `ln_f`,
-    `LayerNorm_0`, `input_layernorm`, `norm`, ...). Works on arrays or `jax.ShapeDtypeStruct`s.
+    Excluded (False): every parameter with ndim < 2 (biases, norm scales), any leaf named ``bias``
+    or ``scale``, and anything under a path component that names a norm (``ln_1``, ``ln_f``,
+    ``LayerNorm_0``, ``input_layernorm``, ``norm``, ...). Works on arrays or `jax.ShapeDtypeStruct`s.
     """
 
     def keep(path: tuple, leaf: Any) -> bool:
@@ -126,7 +126,7 @@ def make_optimizer(cfg: OptimizerConfig) -> optax.GradientTransformation:
 
     AdamW update (Loshchilov & Hutter; optax.adamw): with bias-corrected moments m̂, v̂,
     Δθ = −lr_t · (m̂ / (√v̂ + ε) + wd · mask · θ).
-    With grad_accum_steps = k > 1, `update` must be called k times per optimiser step; the first
+    With grad_accum_steps = k > 1, ``update`` must be called k times per optimiser step; the first
     k − 1 calls return zero updates and the k-th applies the mean of the k gradients.
     """
     parts = []

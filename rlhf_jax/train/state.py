@@ -14,11 +14,11 @@ __all__ = ["TrainState"]
 
 @flax.struct.dataclass
 class TrainState:
-    """params, opt_state, step (int32 scalar, counts `apply_gradients` calls) and rng (a PRNG key).
+    """params, opt_state, step (int32 scalar, counts ``apply_gradients`` calls) and rng (a PRNG key).
 
-    `tx` is static (not a pytree leaf), so the state passes through `jax.jit` and orbax as arrays
+    ``tx`` is static (not a pytree leaf), so the state passes through ``jax.jit`` and orbax as arrays
     only. Stages add their own parts (frozen reference params, KL-controller state) by subclassing
-    with `@flax.struct.dataclass` and passing the extra fields to `create` as keywords.
+    with ``@flax.struct.dataclass`` and passing the extra fields to ``create`` as keywords.
     """
 
     params: Any
@@ -29,7 +29,7 @@ class TrainState:
 
     @classmethod
     def create(cls, params: Any, tx: optax.GradientTransformation, rng: jax.Array, **extra: Any) -> "TrainState":
-        """A fresh state at step 0 with `tx.init(params)` as optimiser state."""
+        """A fresh state at step 0 with ``tx.init(params)`` as optimiser state."""
         return cls(
             params=params,
             opt_state=tx.init(params),
