@@ -46,7 +46,7 @@ from rlhf_jax.distributed import DistributedConfig, initialize as initialize_dis
 from rlhf_jax.errors import (ChatTemplateError, CheckpointError, ConfigError, DataError, FetchError, GGUFError,
                              DeviceMemoryError, NonFiniteError, PlanError, WorkdirError)
 from rlhf_jax.pipeline import PipelineConfig, run_pipeline
-from rlhf_jax.plan import main as plan_main
+from rlhf_jax.plan import PlanConfig, run_plan
 from rlhf_jax.ppo import PRESETS
 from rlhf_jax.stages.ppo import PPOStageConfig, train_ppo
 from rlhf_jax.stages.reward import RMConfig, train_rm
@@ -90,6 +90,8 @@ COMMANDS: dict[str, Command] = {
     "rm": Command(RMConfig, train_rm, "stage 2: K-way reward model on ranked comparisons"),
     "ppo": Command(PPOStageConfig, train_ppo, "stage 3: PPO-ptx against the reward model"),
     "pipeline": Command(PipelineConfig, run_pipeline, "the whole recipe end to end (default: the built-in world)"),
+    "plan": Command(PlanConfig, run_plan, "per-device memory plan of a config, before any training "
+                                          "(exit 1 when it does not fit)"),
 }
 
 
@@ -140,8 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "ppo":
             p.add_argument("--preset", choices=sorted(PRESETS),
                            help="start from another implementation's PPO defaults (before --set)")
-    # ``plan`` parses its own arguments (rlhf_jax.plan.main); listed here for --help only.
-    sub.add_parser("plan", help="per-device memory plan of a config, before any training", add_help=False)
+        if name == "plan":
+            p.add_argument("--no-compile", action="store_true", help="analytic only (same as --set compile=none)")
     # ``fetch`` likewise (rlhf_jax.assets.main): ``rlhf-jax fetch smollm2 [--dir DIR]``.
     sub.add_parser("fetch", help="download a model file, e.g. `fetch smollm2` (prints its path)", add_help=False)
     return parser
@@ -173,8 +175,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _dispatch(argv: list[str], debug: bool) -> int:
-    if argv[:1] == ["plan"]:
-        return plan_main(argv[1:])
     if argv[:1] == ["fetch"]:
         return fetch_main(argv[1:])
     parser = build_parser()
@@ -188,6 +188,8 @@ def _dispatch(argv: list[str], debug: bool) -> int:
     overrides = preset_overrides(args.preset) if getattr(args, "preset", None) else []
     if getattr(args, "force", False):
         overrides.append("memory.check=false")
+    if getattr(args, "no_compile", False):
+        overrides.append("compile=none")
     cfg = load_config(command.config, args.config, overrides + args.overrides)
     if args.print_config:
         print(json.dumps(to_dict(cfg), indent=2))
@@ -199,7 +201,7 @@ def _dispatch(argv: list[str], debug: bool) -> int:
                 handler.addFilter(_LIBRARY_TRACEBACKS)
     initialize_distributed(getattr(cfg, "distributed", DistributedConfig()))
     result = command.run(cfg)
-    if not isinstance(result, dict):  # the pipeline prints its own table
+    if result is not None and not isinstance(result, dict):  # the pipeline and plan print their own
         print(result)
     return 0
 

@@ -12,7 +12,8 @@ import pytest
 from _multidevice import run_on_devices
 from rlhf_jax.configs import ConfigError, load_config, to_dict
 from rlhf_jax.model import ModelConfig, init_cache
-from rlhf_jax.plan import GiB, PlanConfig, PlanError, activation_bytes, check_fits, kv_cache_bytes, main, plan
+from rlhf_jax.cli import main as cli_main
+from rlhf_jax.plan import GiB, PlanConfig, PlanError, activation_bytes, check_fits, kv_cache_bytes, plan
 from rlhf_jax.sharding import MeshConfig
 
 # d 64, 4 heads of 16, 2 KV heads, SwiGLU 96, untied head: every Llama weight kind.
@@ -231,9 +232,9 @@ def test_main_exit_codes(tmp_path, capsys):
     path = tmp_path / "plan.json"
     path.write_text(json.dumps({"model": to_dict(LLAMA), "devices": 1, "mesh": {"data": 1, "fsdp": 1},
                                 "batch_size": 8, "seq_len": 64}))
-    assert main(["--config", str(path), "--no-compile"]) == 0
+    assert cli_main(["plan", "--config", str(path), "--no-compile"]) == 0
     assert "verdict: fits" in capsys.readouterr().out
-    assert main(["--config", str(path), "--no-compile", "--set", "device_memory_gib=0.001"]) == 1
+    assert cli_main(["plan", "--config", str(path), "--no-compile", "--set", "device_memory_gib=0.001"]) == 1
     assert "needs" in capsys.readouterr().err
-    assert main(["--config", str(path), "--set", "mesh.fsdpp=2"]) == 2
+    assert cli_main(["plan", "--config", str(path), "--set", "mesh.fsdpp=2"]) == 2
     assert "mesh.fsdpp" in capsys.readouterr().err
