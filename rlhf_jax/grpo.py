@@ -27,7 +27,7 @@ import jax.numpy as jnp
 from rlhf_jax.advantages import kl_penalty, last_index
 from rlhf_jax.ema import ema_update
 from rlhf_jax.errors import check
-from rlhf_jax.generation import GenerateConfig, generate, next_token_nll, score, sequence_logprobs
+from rlhf_jax.generation import GenerateConfig, Rollout, generate, next_token_nll, score, sequence_logprobs
 from rlhf_jax.group_advantages import GROUP_SCALES, GroupScale, group_advantages, rloo_advantages
 from rlhf_jax.masked import masked_mean
 from rlhf_jax.model import Params, Transformer
@@ -227,6 +227,18 @@ class GRPOConfig:
               self, "ema_decay", "None or in [0, 1]")
 
 
+@dataclasses.dataclass(frozen=True)
+class RLOOConfig(GRPOConfig):
+    """``GRPOConfig`` with the defaults of TRL 1.16.0's ``RLOOTrainer`` (``GRPO_PRESETS["rloo"]``): the
+    leave-one-out baseline of the reward less β·Σ_t k1 (β = 0.05), and the clipped sequence-sum ratio
+    (a class of its own so that a partial ``rloo`` table or ``--set`` keeps these defaults)."""
+
+    algorithm: Literal["grpo", "rloo"] = "rloo"
+    loss_type: LossType = "grpo"
+    importance_level: ImportanceLevel = "sequence_sum"
+    beta: float = 0.05
+
+
 GRPO_PRESETS: dict[str, dict[str, Any]] = {
     # DeepSeekMath (Shao et al. 2024): per-response token mean, β = 0.04, std-scaled advantages.
     "grpo": {"loss_type": "grpo", "beta": 0.04},
@@ -297,16 +309,20 @@ def init_grpo_state(cfg: GRPOConfig, policy_params: Params, reward_params: Param
     )
 
 
-def group_experience(models: GRPOModels, cfg: GRPOConfig, state: GRPOState, prompt_ids: Array,
-                     prompt_mask: Array, key: Array) -> GroupExperience:
-    """Sample G responses per prompt from the current policy, score them, and compute the
-    advantages. ``prompt_ids``/``prompt_mask``: ``[n_prompts, P]``, left-padded."""
-    ids = jnp.repeat(prompt_ids, cfg.group_size, axis=0)
-    pmask = jnp.repeat(prompt_mask, cfg.group_size, axis=0)
-    rollout = generate(models.policy, state.policy.params, ids, pmask, key, cfg.generation)
+def scored_rollout(models: GRPOModels, cfg: GRPOConfig, state: GRPOState, params: Params, prompt_ids: Array,
+                   prompt_mask: Array, key: Array) -> tuple[Rollout, Array, Array]:
+    """One response per row of ``prompt_ids``/``prompt_mask`` ``[b, P]`` (left-padded) sampled from
+    ``params`` (the policy, or its EMA for evaluation), cut at ``cfg.stop_token_id``, and scored.
+
+    Returns:
+      ``(rollout, ref_logprobs [b, N], scores [b])``: the reference's log-probs of the response
+      tokens and the reward (``reward_gain · raw + reward_bias``, less ``missing_eos_penalty`` for
+      a response that never stopped).
+    """
+    rollout = generate(models.policy, params, prompt_ids, prompt_mask, key, cfg.generation)
     if cfg.stop_token_id is not None:
         rollout = truncate_at(rollout, cfg.stop_token_id, cfg.generation.pad_id)
-    p, mask, rmask = rollout.response_start, rollout.mask, rollout.response_mask
+    p, mask = rollout.response_start, rollout.mask
     ref_logprobs, _ = sequence_logprobs(models.policy, state.ref_params, rollout.tokens, mask, p,
                                         temperature=cfg.generation.logprob_temperature)
     index = last_index(mask)
@@ -317,13 +333,44 @@ def group_experience(models: GRPOModels, cfg: GRPOConfig, state: GRPOState, prom
     scores = state.reward_gain * raw + state.reward_bias
     if cfg.missing_eos_penalty is not None:
         scores = jnp.where(rollout.ended, scores, scores - cfg.missing_eos_penalty)
+    return rollout, ref_logprobs, scores
+
+
+def sequence_kl(logprobs: Array, ref_logprobs: Array, mask: Array) -> Array:
+    """``[b]`` the k1 estimate of KL(π ‖ π_ref) of each response, ``Σ_t (log π − log π_ref)`` over
+    its real tokens (PPO's ``kl`` metric; RLOO's reward penalty)."""
+    return jnp.sum(jnp.where(mask != 0, kl_penalty(logprobs, ref_logprobs, "k1"), 0), axis=1)
+
+
+def group_experience(models: GRPOModels, cfg: GRPOConfig, state: GRPOState, prompt_ids: Array,
+                     prompt_mask: Array, key: Array) -> GroupExperience:
+    """Sample G responses per prompt from the current policy, score them, and compute the
+    advantages. ``prompt_ids``/``prompt_mask``: ``[n_prompts, P]``, left-padded."""
+    ids = jnp.repeat(prompt_ids, cfg.group_size, axis=0)
+    pmask = jnp.repeat(prompt_mask, cfg.group_size, axis=0)
+    rollout, ref_logprobs, scores = scored_rollout(models, cfg, state, state.policy.params, ids, pmask, key)
+    rmask = rollout.response_mask
     if cfg.algorithm == "grpo":
         advantages = group_advantages(scores, cfg.group_size, scale=cfg.scale)
     else:
-        kl = jnp.sum(jnp.where(rmask != 0, kl_penalty(rollout.logprobs, ref_logprobs, "k1"), 0), axis=1)
+        kl = sequence_kl(rollout.logprobs, ref_logprobs, rmask)
         advantages = rloo_advantages(scores - cfg.beta * kl, cfg.group_size, normalize=cfg.normalize_advantages)
-    return GroupExperience(tokens=rollout.tokens, mask=mask, response_mask=rmask, old_logprobs=rollout.logprobs,
-                           ref_logprobs=ref_logprobs, advantages=advantages, scores=scores, ended=rollout.ended)
+    return GroupExperience(tokens=rollout.tokens, mask=rollout.mask, response_mask=rmask,
+                           old_logprobs=rollout.logprobs, ref_logprobs=ref_logprobs, advantages=advantages,
+                           scores=scores, ended=rollout.ended)
+
+
+def evaluate_policy(models: GRPOModels, cfg: GRPOConfig, state: GRPOState, prompt_ids: Array, prompt_mask: Array,
+                    key: Array, *, use_ema: bool = False) -> dict[str, Array]:
+    """Held-out means of one sampled response per prompt: ``score``, ``kl`` (k1, to the reference),
+    ``response_length`` and ``eos_rate``; from the EMA weights when ``use_ema`` (and the state has
+    them), else the policy's.  Jittable with ``models``/``cfg``/``use_ema`` static."""
+    params = state.ema_params if use_ema and state.ema_params is not None else state.policy.params
+    rollout, ref_logprobs, scores = scored_rollout(models, cfg, state, params, prompt_ids, prompt_mask, key)
+    m = rollout.response_mask
+    return {"score": scores.mean(), "kl": sequence_kl(rollout.logprobs, ref_logprobs, m).mean(),
+            "response_length": m.sum(axis=1).astype(jnp.float32).mean(),
+            "eos_rate": rollout.ended.astype(jnp.float32).mean()}
 
 
 def group_update(models: GRPOModels, cfg: GRPOConfig, state: GRPOState, exp: GroupExperience,
@@ -396,7 +443,7 @@ def grpo_iteration(models: GRPOModels, cfg: GRPOConfig, state: GRPOState, prompt
     grouped = exp.scores.reshape(-1, cfg.group_size)
     metrics = {
         "score": exp.scores.mean(),
-        "kl": jnp.sum(jnp.where(m, kl_penalty(exp.old_logprobs, exp.ref_logprobs, "k1"), 0), axis=1).mean(),
+        "kl": sequence_kl(exp.old_logprobs, exp.ref_logprobs, exp.response_mask).mean(),
         "response_length": m.sum(axis=1).astype(jnp.float32).mean(),
         "eos_rate": exp.ended.astype(jnp.float32).mean(),
         "frac_zero_std": jnp.mean(jnp.all(grouped == grouped[:, :1], axis=1).astype(jnp.float32)),
