@@ -178,7 +178,7 @@ def test_progress_bar_padding_efficiency_and_mfu_by_hand():
     bar.update(2, counts[1]._replace(flops=5e5))
     # 10 real of 16 padded tokens; 8e5 FLOPs in 2 s on a 1 MFLOP/s peak = 40%.
     assert stream.getvalue().splitlines()[-1] == (
-        "rm 2/4 [ 50%] 1.00 steps/s 5 tok/s pad 62% MFU 40.0% of 1.0 MFLOP/s ETA 0:00:02")
+        "rm 2/4 [ 50%] 1.00 steps/s 5 tok/s pad 62% MFU 40% of 1.0 MFLOP/s ETA 0:00:02")
 
 
 def test_train_flops_per_token_and_measured_peak():

@@ -102,6 +102,8 @@ def cut(seq: Sequence[T], drop: int, limit: int, head: int) -> list[T]:
 
 
 def data_metrics(stats: Mapping[str, TruncationStats]) -> dict[str, int]:
-    """``{"data/<name>/<field>": count}`` for ``metrics.jsonl`` (one record at stage start)."""
+    """``{"data/<name>/<field>": count}`` for ``metrics.jsonl`` (one record at stage start), for
+    the files ``name`` where a record was cut or skipped or a bad line skipped ({} when none)."""
     return {f"data/{name}/{field.name}": getattr(s, field.name)
-            for name, s in stats.items() for field in dataclasses.fields(s)}
+            for name, s in stats.items() if s.cut or s.skipped or s.bad_lines
+            for field in dataclasses.fields(s)}

@@ -85,17 +85,18 @@ def stage_plan(stage: str, model: ModelConfig, mesh: MeshConfig, memory: MemoryC
 
 
 def check_memory(stage: str, model: ModelConfig, mesh: MeshConfig, memory: MemoryCheckConfig,
-                 grad_accum_steps: int = 1, **shape: Any) -> Plan | None:
-    """``stage_plan``, refused with advice when it does not fit; None when ``memory.check`` is off.
+                 grad_accum_steps: int = 1, **shape: Any) -> Plan:
+    """``stage_plan``, refused with advice when it does not fit, unless ``memory.check`` is off
+    (the plan is still returned, for ``MemoryGuard``'s message).
 
     Raises:
       PlanError: the plan exceeds the usable memory; one line with the estimate, the limit and
         where it came from, the config changes that would fit (stage config names), ``max_len``,
         and how to skip the check.
     """
-    if not memory.check:
-        return None
     result = stage_plan(stage, model, mesh, memory, grad_accum_steps, **shape)
+    if not memory.check:
+        return result
     try:
         check_fits(result)
     except PlanError as e:

@@ -259,7 +259,7 @@ class ProgressBar:
         if self._flops:
             if self._peak is None:
                 self._peak = measured_peak_flops(self._dtype)
-            parts.append(f" MFU {100.0 * self._flops / elapsed / self._peak:.1f}% of {_si(self._peak)}FLOP/s")
+            parts.append(f" MFU {100.0 * self._flops / elapsed / self._peak:.2g}% of {_si(self._peak)}FLOP/s")
         if rate > 0:
             parts.append(f" ETA {_hms((self.total - self._step) / rate)}")
         return "".join(parts)
