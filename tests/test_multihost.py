@@ -38,7 +38,7 @@ BODY = textwrap.dedent("""
     from rlhf_jax.ppo import PPOConfig, PPOModels, init_ppo_state
     from rlhf_jax.sharding import MeshConfig, make_mesh, process_data_shard, state_shardings
     from rlhf_jax.stages import sft as sft_stage, ppo as ppo_stage
-    from rlhf_jax.stages.common import ModelSource, jit_on_mesh, setup_training
+    from rlhf_jax.stages.common import ModelSource, jit_on_mesh, setup_training, stage_optimizer
     from rlhf_jax.stages.sft import SFTConfig, SFTOptimizerConfig, sft_step_fn
     from rlhf_jax.tokenizer import Tokenizer
     from rlhf_jax.train import OptimizerConfig, make_optimizer
@@ -84,7 +84,7 @@ BODY = textwrap.dedent("""
         width = max(p["mask"].shape[-1] for p in parts)
         parts = [BatchIterator(pad(p, width), 4, seed=sft.seed, buckets=buckets) for p in parts]
         batches = global_batches(parts, "mask")
-    training = setup_training(sft, "lm", 2, sft_step_fn)
+    training = setup_training(sft, "lm", stage_optimizer(sft, 2), sft_step_fn, mesh)
     state, out["sft"], out["sft_width"] = training.state, [], []
     for _ in range(2):
         batch = next(batches)

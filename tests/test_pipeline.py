@@ -104,8 +104,8 @@ def test_rerun_of_a_finished_pipeline_skips_every_stage(straight, monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("a finished stage ran again")
 
-    for where in ("rlhf_jax.stages.sft.setup_training", "rlhf_jax.stages.reward.setup_training",
-                  "rlhf_jax.stages.ppo.run_loop", "rlhf_jax.pipeline.calibrate_noise"):
+    for where in ("rlhf_jax.stages.skeleton.setup_training", "rlhf_jax.stages.ppo.load_ppo_models",
+                  "rlhf_jax.stages.skeleton.run_loop", "rlhf_jax.pipeline.comparisons.calibrate_noise"):
         monkeypatch.setattr(where, fail)
     again = run_pipeline(cfg, log=lambda *_: None)
     assert numbers(again) == numbers(summary)
@@ -116,8 +116,9 @@ class Interrupted(Exception):
 
 
 def _crash_in_loop(monkeypatch, module, call: int, after_steps: int) -> None:
-    """Make the ``call``-th ``run_loop`` of a stage module raise ``Interrupted`` before its
-    ``after_steps + 1``-th step (after the checkpoints of the first steps)."""
+    """Make the ``call``-th ``run_loop`` of ``module`` (``stages.skeleton``, every stage's driver)
+    raise ``Interrupted`` before its ``after_steps + 1``-th step (after the checkpoints of the
+    first steps)."""
     original = module.run_loop
     calls = {"loops": 0}
 
@@ -145,20 +146,17 @@ def test_interrupted_stage_resumes_to_the_straight_numbers(stage, straight, tmp_
     uninterrupted run's (training stages resume from their checkpoints; the comparisons stage
     is redone from the seed)."""
     import rlhf_jax.pipeline as pipeline
-    import rlhf_jax.stages.ppo as ppo_stage
-    import rlhf_jax.stages.reward as reward_stage
-    import rlhf_jax.stages.sft as sft_stage
+    import rlhf_jax.stages.skeleton as skeleton
 
     _, expected = straight
     cfg = tiny(tmp_path)
     if stage == "comparisons":  # both splits written, statistics not yet
         def crash(*args, **kwargs):
             raise Interrupted
-        monkeypatch.setattr(pipeline, "labeler_agreement", crash)
+        monkeypatch.setattr(pipeline.comparisons, "labeler_agreement", crash)
     else:
-        module, call = {"pretrain": (sft_stage, 1), "sft": (sft_stage, 2), "rm": (reward_stage, 1),
-                        "ppo": (ppo_stage, 1)}[stage]
-        _crash_in_loop(monkeypatch, module, call, after_steps=2)
+        call = {"pretrain": 1, "sft": 2, "rm": 3, "ppo": 4}[stage]  # the stages' run_loop calls, in order
+        _crash_in_loop(monkeypatch, skeleton, call, after_steps=2)
     with pytest.raises(Interrupted):
         run_pipeline(cfg, log=lambda *_: None)
     assert not (cfg.run_dir / SUMMARY_FILE).exists()

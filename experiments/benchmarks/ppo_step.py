@@ -8,7 +8,8 @@ term, for 1 and for 4 PPO epochs.
 
 - Ours: the compiled iteration (rollout → experience → updates → KL control, one program), timed
   with ``block_until_ready``; compile time reported separately.  The split runs the three phases
-  (``rollout_phase``, ``experience_phase``, ``update_phase``) as separately jitted programs.
+  (``rollout_phase``, ``experience_phase``, and ``finish_iteration``: the updates, metrics and KL
+  control) as separately jitted programs, as the PPO stage's ``phase_timing`` does.
 - TRL: ``trl_ppo_runner.py`` in TRL's own virtualenv (``--trl-python``) runs ``PPOTrainer.train()``
   in lockstep with us: one TRL iteration (between ``on_step_end`` callbacks), then one of ours,
   and so on, so that the (shared, noisy) machine's load hits both alike; the first round is
@@ -65,10 +66,10 @@ from rlhf_jax.ppo import (
     PPOModels,
     PPOState,
     experience_phase,
+    finish_iteration,
     init_ppo_state,
     make_ppo_iteration,
     rollout_phase,
-    update_phase,
 )
 from rlhf_jax.sharding import MeshConfig, make_mesh, shard_batch
 
@@ -250,7 +251,7 @@ class PhaseTimer:
                 "gen": median_time(lambda: jax.block_until_ready(rollout_fn(state, ids, mask, key)), self.repeats)[0],
                 "score": median_time(lambda: jax.block_until_ready(experience_fn(state, rollout)), self.repeats)[0],
             }
-        update_fn = jax.jit(lambda s, e, k: update_phase(models, cfg, s, e, None, None, k))
+        update_fn = jax.jit(lambda s, e, k: finish_iteration(models, cfg, s, e, None, None, k, k, self.b.batch))
         update = median_time(lambda: jax.block_until_ready(update_fn(state, exp, key)), self.repeats)[0]
         return {**self.common, "update": update}
 

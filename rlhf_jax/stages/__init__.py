@@ -55,6 +55,7 @@ __all__ = [
     "sft_batch_loss",
     "sft_step_fn",
     "setup_training",
+    "Setup",
     "sft_train_step",
     "train_rm",
     "train_sft",

@@ -28,7 +28,7 @@ import os
 import shutil
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import numpy as np
@@ -39,12 +39,14 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from rlhf_jax import hf
 from rlhf_jax.configs import ConfigError, to_dict
 from rlhf_jax.distributed import DistributedConfig
+from rlhf_jax.errors import check
 from rlhf_jax.model import ATTENTION_IMPLS, REMAT_POLICIES, ModelConfig, Params, Transformer, init_params
 from rlhf_jax.data import BatchIterator
-from rlhf_jax.sharding import BATCH_AXES, MeshConfig, make_mesh, place_batch, process_data_shard, state_shardings
+from rlhf_jax.sharding import BATCH_AXES, MeshConfig, place_batch, process_data_shard, state_shardings
 from rlhf_jax.tokenizer import Tokenizer
 from rlhf_jax.train import DONE_FILE, LoopConfig, OptimizerConfig, TrainState, make_optimizer
-from rlhf_jax.train.workdir import WorkdirError, describe_changes, fingerprint, fingerprint_changes, workdir_lock
+from rlhf_jax.train.memory import MemoryCheckConfig
+from rlhf_jax.train.workdir import WorkdirError, describe_changes, fingerprint, fingerprint_changes
 
 log = logging.getLogger(__name__)
 
@@ -69,8 +71,9 @@ class ModelSource:
       the compute dtype.
 
     ``dtype`` is the compute dtype (``ModelConfig.dtype``); parameters are always float32.
-    ``scan_layers``, ``remat_policy``, ``attention_impl`` and ``logits_chunk`` set the
-    ``ModelConfig`` execution switches of the same names (see there; the weights do not change).
+    ``scan_layers``, ``remat``, ``remat_policy``, ``attention_impl`` and ``logits_chunk`` set the
+    ``ModelConfig`` execution switches of the same names (see there; the weights do not change;
+    ``remat=true`` is ``remat_policy="full"``: keep only each block's input for the backward pass).
     """
 
     hf_dir: str | None = None
@@ -80,6 +83,7 @@ class ModelSource:
     remat_policy: str = "none"
     attention_impl: str = "xla"
     logits_chunk: int = 0
+    remat: bool = False
 
     def __post_init__(self) -> None:
         if (self.hf_dir is None) == (self.init is None):
@@ -94,6 +98,10 @@ class ModelSource:
             )
         if not isinstance(self.scan_layers, bool):
             raise ConfigError(f"ModelSource.scan_layers must be true or false, got {self.scan_layers!r}")
+        if not isinstance(self.remat, bool) or (self.remat and self.remat_policy not in ("none", "full")):
+            raise ConfigError(f"ModelSource.remat must be true or false and, when true, remat_policy 'none' or "
+                              f"'full' (remat=true means 'full'); got remat={self.remat!r}, "
+                              f"remat_policy={self.remat_policy!r}")
         if self.remat_policy not in REMAT_POLICIES:
             raise ConfigError(f"ModelSource.remat_policy must be one of {', '.join(REMAT_POLICIES)}, "
                               f"got {self.remat_policy!r}")
@@ -122,7 +130,7 @@ def model_config(source: ModelSource, head: str = "lm", score_pooling: str | Non
 def with_execution(source: ModelSource, config: ModelConfig) -> ModelConfig:
     """``config`` with ``source``'s execution switches (a bad value is a ConfigError naming it)."""
     try:
-        return config.replace(scan_layers=source.scan_layers, remat_policy=source.remat_policy,
+        return config.replace(scan_layers=source.scan_layers, remat=source.remat, remat_policy=source.remat_policy,
                               attention_impl=source.attention_impl, logits_chunk=source.logits_chunk)
     except ValueError as e:
         raise ConfigError(f"ModelSource: {e}") from e
@@ -236,7 +244,8 @@ class StageConfig:
     ``epochs`` sets the length unless ``loop.total_steps`` is given; a batch is ``batch_size``
     examples (the global batch over all devices; it must divide over the mesh's data × fsdp
     axes).  ``eval_batches`` caps the held-out batches per evaluation (None: the whole file).
-    ``tokenizer`` defaults to the one in ``model.hf_dir``.
+    ``tokenizer`` defaults to the one in ``model.hf_dir``.  ``memory``: the check of the memory
+    plan against the device before compiling (``train.memory``; ``rlhf-jax --force`` skips it).
     """
 
     workdir: str
@@ -252,27 +261,20 @@ class StageConfig:
     loop: StageLoopConfig = StageLoopConfig()
     mesh: MeshConfig = MeshConfig()
     distributed: DistributedConfig = DistributedConfig()
+    memory: MemoryCheckConfig = MemoryCheckConfig()
 
     def __post_init__(self) -> None:
-        name = type(self).__name__
-
-        def fail(field: str, rule: str) -> None:
-            raise ConfigError(f"{name}.{field} must be {rule}, got {getattr(self, field)!r}")
-
         def is_int(x: Any) -> bool:
             return isinstance(x, int) and not isinstance(x, bool)
 
         for field in ("workdir", "train_data"):
-            if not isinstance(getattr(self, field), str) or not getattr(self, field):
-                fail(field, "a non-empty path")
-        if not is_int(self.seed) or self.seed < 0:
-            fail("seed", "an int >= 0")
-        if not is_int(self.batch_size) or self.batch_size < 1:
-            fail("batch_size", "an int >= 1")
-        if not (isinstance(self.epochs, (int, float)) and math.isfinite(self.epochs) and self.epochs > 0):
-            fail("epochs", "a finite number > 0")
-        if self.eval_batches is not None and (not is_int(self.eval_batches) or self.eval_batches < 1):
-            fail("eval_batches", "None or an int >= 1")
+            check(isinstance(getattr(self, field), str) and getattr(self, field), self, field, "a non-empty path")
+        check(is_int(self.seed) and self.seed >= 0, self, "seed", "an int >= 0")
+        check(is_int(self.batch_size) and self.batch_size >= 1, self, "batch_size", "an int >= 1")
+        check(isinstance(self.epochs, (int, float)) and math.isfinite(self.epochs) and self.epochs > 0,
+              self, "epochs", "a finite number > 0")
+        check(self.eval_batches is None or (is_int(self.eval_batches) and self.eval_batches >= 1),
+              self, "eval_batches", "None or an int >= 1")
 
 
 def total_steps(cfg: StageConfig, steps_per_epoch: int) -> int:
@@ -315,7 +317,7 @@ def check_batch_fits_mesh(batch_size: int, mesh: Mesh, where: str) -> None:
 OPERATIONAL_FIELDS = (
     "workdir", "epochs", "loop", "eval_data", "eval_batches", "mesh", "distributed",
     "sample_prompts", "sample_max_new_tokens", "eval_samples", "phase_timing",
-    "model.scan_layers", "model.remat_policy", "model.attention_impl", "model.logits_chunk",
+    "memory", "model.scan_layers", "model.remat", "model.remat_policy", "model.attention_impl", "model.logits_chunk",
 )
 
 
@@ -352,19 +354,6 @@ def _pop(data: dict[str, Any], dotted: str) -> Any:
     return data.pop(last, None)
 
 
-def guarded(train: Callable[[Any], Path]) -> Callable[[Any], Path]:
-    """A stage's ``train_*(cfg)`` run holding ``cfg.workdir``'s lock (``train.workdir``): a
-    second process on the same workdir stops with a ``WorkdirError``; temporaries of an
-    interrupted run are removed first."""
-
-    @functools.wraps(train)
-    def run(cfg: Any) -> Path:
-        with workdir_lock(cfg.workdir):
-            return train(cfg)
-
-    return run
-
-
 # ------------------------------------------------------------------------------------- devices
 
 
@@ -376,35 +365,33 @@ def init_train_state(params: Params, tx: optax.GradientTransformation, rng: jax.
     return jax.device_put(state, state_shardings(state, mesh))
 
 
-class Training(NamedTuple):
-    """What ``setup_training`` builds: the model, its train state on ``mesh``, the mesh-jitted
-    train step and the resolved optimiser config."""
+@dataclasses.dataclass
+class Setup:
+    """What a stage's setup builds: the model to export (or the stage's models), the initial
+    train state on the mesh, and the train step ``(state, host batch) -> (state, metrics)``."""
 
-    model: Transformer
-    state: TrainState
-    train_step: Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]
-    mesh: Mesh
-    optimizer: OptimizerConfig
+    model: Any
+    state: Any
+    train_step: Callable[[Any, Batch], tuple[Any, Mapping[str, Any]]]
 
 
 def setup_training(
     cfg: StageConfig,
     head: str,
-    steps: int,
+    optimizer: OptimizerConfig,
     step_fn: Callable[[Transformer, OptimizerConfig], StepFn],
+    mesh: Mesh,
     score_pooling: str | None = None,
-) -> Training:
-    """Mesh, model (``load_model(cfg.model, head, score_pooling=)``), optimiser resolved for ``steps`` loop steps,
-    train state placed on the mesh, and ``step_fn(model, optimizer)`` jitted on it (old state
-    donated).  Keys: ``split(PRNGKey(cfg.seed))`` -> (model init, train-state rng)."""
-    mesh = make_mesh(cfg.mesh)
+) -> Setup:
+    """Model (``load_model(cfg.model, head, score_pooling=)``), train state with ``optimizer``
+    placed on ``mesh``, and ``step_fn(model, optimizer)`` jitted on it (old state donated,
+    process-local batches).  Keys: ``split(PRNGKey(cfg.seed))`` -> (model init, train-state rng)."""
     check_batch_fits_mesh(cfg.batch_size, mesh, type(cfg).__name__)
     init_key, state_key = jax.random.split(jax.random.PRNGKey(cfg.seed))
     model, params = load_model(cfg.model, head, init_key, score_pooling)
-    optimizer = stage_optimizer(cfg, steps)
     state = init_train_state(params, cached_optimizer(optimizer), state_key, mesh)
     train_step = jit_on_mesh(step_fn(model, optimizer), mesh, state, donate=True, process_local=True)
-    return Training(model, state, train_step, mesh, optimizer)
+    return Setup(model, state, train_step)
 
 
 def jit_on_mesh(

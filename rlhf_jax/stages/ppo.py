@@ -10,6 +10,7 @@ samples; exports the final policy to ``workdir/model``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import time
 from pathlib import Path
@@ -21,52 +22,46 @@ import numpy as np
 
 from rlhf_jax.configs import ConfigError
 from rlhf_jax.data import (
+    TRUNCATIONS,
     DataError,
+    TruncationStats,
     ZipIterator,
     read_pretrain_texts,
     read_prompts,
     tokenize_prompts,
     tokenize_texts,
 )
+from rlhf_jax.errors import check
+from rlhf_jax.model import ModelConfig, Transformer
 from rlhf_jax.ppo import (
     PPOConfig,
     PPOModels,
     PPOState,
     experience_phase,
+    finish_iteration,
     init_ppo_state,
-    iteration_metrics,
     ppo_iteration,
     rollout_phase,
-    update_phase,
 )
-from rlhf_jax.kl_control import update_kl
-from rlhf_jax.sharding import make_mesh, place_batch, state_shardings
-from rlhf_jax.model import Transformer
+from rlhf_jax.sharding import place_batch, state_shardings
 from rlhf_jax.stages.common import (
-    STAGE_FILE,
+    Setup,
     StageConfig,
     StageOptimizerConfig,
     cached_optimizer,
     check_batch_fits_mesh,
-    check_vocab,
-    completed_model,
     data_shard,
     even_rows,
-    export_model,
-    guarded,
     jit_on_mesh,
     load_model,
-    load_tokenizer,
     model_config,
     process_batches,
-    stage_fingerprint,
-    stage_record,
-    total_steps,
     with_execution,
 )
 from rlhf_jax.stages.reward import load_reward_model
+from rlhf_jax.stages.skeleton import StageData, StageRun, run_stage
 from rlhf_jax.tokenizer import Tokenizer
-from rlhf_jax.train import MetricsWriter, run_loop
+from rlhf_jax.train import MetricsWriter, OptimizerConfig
 
 
 FROZEN_DTYPES = ("float32", "bfloat16")
@@ -92,6 +87,10 @@ class PPOStageConfig(StageConfig):
     or ``"bfloat16"``); ``bfloat16`` halves their memory (``rlhf-jax plan`` counts them at this
     dtype) at the cost of rounding their weights to 8 mantissa bits (the reference log-probs and
     rewards move by bfloat16 rounding; compute still runs in ``model.dtype``).
+    ``truncation``: a prompt longer than ``max_prompt_len`` (BOS included) raises ("error"), keeps
+    its end ("left": the oldest tokens go), its start ("right") or is skipped ("skip")
+    (``data.truncation``); ``skip_bad``: skip (and count) malformed lines of the prompt and
+    pretraining files.  Cut and skipped counts go to the log and ``metrics.jsonl``.
     """
 
     reward_model: str
@@ -106,6 +105,8 @@ class PPOStageConfig(StageConfig):
     optimizer: StageOptimizerConfig = StageOptimizerConfig(lr=9.65e-6, warmup_steps=10, schedule="constant")
     value_optimizer: StageOptimizerConfig = StageOptimizerConfig(lr=9e-6, schedule="constant")  # IG C.4
     max_prompt_len: int = 64
+    truncation: Literal["error", "left", "right", "skip"] = "error"
+    skip_bad: bool = False
     eval_samples: int = 4
     phase_timing: bool = False
     frozen_dtype: Literal["float32", "bfloat16"] = "float32"
@@ -113,24 +114,19 @@ class PPOStageConfig(StageConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
 
-        def fail(field: str, rule: str) -> None:
-            raise ConfigError(f"PPOStageConfig.{field} must be {rule}, got {getattr(self, field)!r}")
-
-        if not isinstance(self.reward_model, str) or not self.reward_model:
-            fail("reward_model", "a reward-model directory")
-        if self.ppo.ptx_coef > 0 and self.ptx_data is None:
-            fail("ptx_data", "a pretraining JSONL file when ppo.ptx_coef > 0 (or set ppo.ptx_coef=0)")
-        if self.batch_size % self.ppo.num_minibatches:
-            fail("batch_size", f"a multiple of ppo.num_minibatches={self.ppo.num_minibatches}")
+        check(isinstance(self.reward_model, str) and self.reward_model,
+              self, "reward_model", "a reward-model directory")
+        check(self.ppo.ptx_coef <= 0 or self.ptx_data is not None,
+              self, "ptx_data", "a pretraining JSONL file when ppo.ptx_coef > 0 (or set ppo.ptx_coef=0)")
+        check(self.batch_size % self.ppo.num_minibatches == 0,
+              self, "batch_size", f"a multiple of ppo.num_minibatches={self.ppo.num_minibatches}")
         for field in ("ptx_batch_size", "max_prompt_len"):
-            if getattr(self, field) < 1:
-                fail(field, "an int >= 1")
-        if self.ptx_seq_len < 2:
-            fail("ptx_seq_len", "an int >= 2")
-        if self.eval_samples < 0:
-            fail("eval_samples", "an int >= 0")
-        if self.frozen_dtype not in FROZEN_DTYPES:
-            fail("frozen_dtype", f"one of {FROZEN_DTYPES}")
+            check(getattr(self, field) >= 1, self, field, "an int >= 1")
+        check(self.ptx_seq_len >= 2, self, "ptx_seq_len", "an int >= 2")
+        check(self.eval_samples >= 0, self, "eval_samples", "an int >= 0")
+        check(self.frozen_dtype in FROZEN_DTYPES, self, "frozen_dtype", f"one of {FROZEN_DTYPES}")
+        check(self.truncation in TRUNCATIONS, self, "truncation", f"one of {TRUNCATIONS}")
+        check(isinstance(self.skip_bad, bool), self, "skip_bad", "true or false")
 
 
 def _generation(cfg: PPOStageConfig, tokenizer: Tokenizer) -> PPOConfig:
@@ -140,32 +136,44 @@ def _generation(cfg: PPOStageConfig, tokenizer: Tokenizer) -> PPOConfig:
 
 
 def prompt_arrays(path: str, tokenizer: Tokenizer, max_len: int, shard_index: int = 0,
-                  shard_count: int = 1) -> dict[str, np.ndarray]:
+                  shard_count: int = 1, *, truncation: str = "error", skip_bad: bool = False,
+                  stats: TruncationStats | None = None) -> dict[str, np.ndarray]:
     """``{"tokens", "mask"}`` ``[n, max_len]`` left-padded prompts of a JSONL file (BOS added;
-    its ``shard_index``-th of ``shard_count`` parts, ``data.read_jsonl``)."""
-    records = read_prompts(path, shard_index=shard_index, shard_count=shard_count)
+    its ``shard_index``-th of ``shard_count`` parts, ``data.read_jsonl``, skipping bad lines with
+    ``skip_bad``; a longer prompt follows ``truncation``, ``data.truncation``; ``stats`` gets the
+    counts)."""
+    records = read_prompts(path, skip_bad=skip_bad, shard_index=shard_index, shard_count=shard_count)
+    stats = TruncationStats() if stats is None else stats
+    stats.bad_lines += records.n_skipped
     if not records:
         raise DataError(f"{path}: no prompts")
     try:
-        return tokenize_prompts(records, tokenizer, max_len)
+        return tokenize_prompts(records, tokenizer, max_len, truncation=truncation, stats=stats)
     except ValueError as e:
         raise DataError(f"{path}: {e}") from None
 
 
-def train_batches(cfg: PPOStageConfig, ppo_cfg: PPOConfig, tokenizer: Tokenizer, mesh: Any) -> tuple[Any, int]:
+def train_batches(cfg: PPOStageConfig, ppo_cfg: PPOConfig, tokenizer: Tokenizer, mesh: Any,
+                  stats: dict[str, TruncationStats] | None = None) -> tuple[Any, int]:
     """``(batches, prompts)``: the stage's batches (``common.process_batches``: this process's part
     of the prompt and pretraining files) with ``prompt_*`` ``[batch_size, max_prompt_len]`` and
     ``ptx_*`` ``[epochs·num_minibatches·ptx_batch_size, ptx_seq_len]`` rows per global batch, and
-    the number of training prompts over all processes."""
+    the number of training prompts over all processes; ``stats`` (``"train_data"``,
+    ``"ptx_data"``) get the cut, skipped and bad-line counts."""
     shard = data_shard(mesh)
-    prompts = even_rows(prompt_arrays(cfg.train_data, tokenizer, cfg.max_prompt_len, **shard))
+    stats = {} if stats is None else stats
+    prompts = even_rows(prompt_arrays(cfg.train_data, tokenizer, cfg.max_prompt_len, **shard, truncation=cfg.truncation,
+                                      skip_bad=cfg.skip_bad,
+                                      stats=stats.setdefault("train_data", TruncationStats())))
     n_prompts = len(prompts["tokens"]) * shard["shard_count"]
     if cfg.batch_size > n_prompts:
         raise ConfigError(f"PPOStageConfig.batch_size {cfg.batch_size} exceeds the {n_prompts} "
                           f"prompts of {cfg.train_data}")
     its = {"prompt": process_batches(prompts, cfg.batch_size, mesh, seed=cfg.seed, where="PPOStageConfig.batch_size")}
     if ppo_cfg.ptx_coef > 0:
-        texts = [r.text for r in read_pretrain_texts(cfg.ptx_data, **shard)]
+        records = read_pretrain_texts(cfg.ptx_data, skip_bad=cfg.skip_bad, **shard)
+        stats["ptx_data"] = TruncationStats(records=len(records), bad_lines=records.n_skipped)
+        texts = [r.text for r in records]
         blocks = even_rows(tokenize_texts(texts, tokenizer, cfg.ptx_seq_len))
         per_iter = ppo_cfg.epochs * ppo_cfg.num_minibatches * cfg.ptx_batch_size
         n_blocks = len(blocks["tokens"]) * shard["shard_count"]
@@ -203,14 +211,7 @@ class _PhaseTimedStep:
         self.mesh = mesh
         self.rollout = jax.jit(lambda s, ids, m, k: rollout_phase(models, ppo_cfg, s, ids, m, k))
         self.experience = jax.jit(lambda s, r: experience_phase(models, ppo_cfg, s, r))
-
-        def finish(state, exp, ptx, ptx_mask, key, rng, n):
-            new_state, stats = update_phase(models, ppo_cfg, state, exp, ptx, ptx_mask, key)
-            metrics = iteration_metrics(exp, stats, state.kl.coef)
-            kl = update_kl(ppo_cfg.kl, state.kl, metrics["kl"], n)
-            return new_state.replace(kl=kl, rng=rng, iteration=state.iteration + 1), metrics
-
-        self.update = jax.jit(finish, static_argnums=6)
+        self.update = jax.jit(functools.partial(finish_iteration, models, ppo_cfg), static_argnums=6)
         self.ppo_cfg = ppo_cfg
 
     def __call__(self, state: PPOState, batch: dict[str, np.ndarray]):
@@ -265,65 +266,84 @@ def initial_state(cfg: PPOStageConfig, ppo_cfg: PPOConfig, parts: dict[str, Any]
                           reward_bias=parts["bias"])
 
 
-@guarded
+@dataclasses.dataclass
+class _Data(StageData):
+    """The PPO stage's ``StageData``: ``held_out`` unused, ``ppo_cfg`` with the tokenizer's ids."""
+
+    ppo_cfg: PPOConfig | None = None
+
+
+class PPOStage:
+    """``run_stage``'s hooks for PPO-ptx: prompt and pretraining batches, the policy, value and
+    reward models from the earlier stages' exports, one PPO iteration per step (fused, or three
+    timed programs), held-out reward and KL, and the policy exported."""
+
+    name = "ppo"
+    inputs = ("model.hf_dir", "reward_model", "value_model", "train_data", "ptx_data", "tokenizer")
+
+    def model_config(self, cfg: PPOStageConfig) -> ModelConfig:
+        return model_config(cfg.model, "lm")
+
+    def prepare(self, run: StageRun) -> _Data:
+        cfg, config = run.cfg, run.model_config
+        ppo_cfg = _generation(cfg, run.tokenizer)
+        if cfg.max_prompt_len + ppo_cfg.generation.max_new_tokens > config.max_len:
+            raise ConfigError(f"PPOStageConfig.max_prompt_len {cfg.max_prompt_len} + ppo.generation.max_new_tokens "
+                              f"{ppo_cfg.generation.max_new_tokens} exceeds the model's context {config.max_len}")
+        stats: dict[str, TruncationStats] = {}
+        batches, n_prompts = train_batches(cfg, ppo_cfg, run.tokenizer, run.mesh, stats)
+        return _Data(batches, n_prompts // cfg.batch_size, stats=stats, ppo_cfg=ppo_cfg)
+
+    def memory_shape(self, run: StageRun) -> tuple[str, dict[str, Any]]:
+        cfg, ppo_cfg = run.cfg, run.data.ppo_cfg
+        return "ppo", {"batch_size": cfg.batch_size, "prompt_len": cfg.max_prompt_len,
+                       "max_new_tokens": ppo_cfg.generation.max_new_tokens, "ppo_minibatches": ppo_cfg.num_minibatches,
+                       "ptx_batch_size": cfg.ptx_batch_size if ppo_cfg.ptx_coef > 0 else 0,
+                       "seq_len": cfg.ptx_seq_len, "frozen_dtype": cfg.frozen_dtype}
+
+    def optimizers(self, run: StageRun) -> dict[str, OptimizerConfig]:
+        ppo_cfg = run.data.ppo_cfg
+        updates = run.steps * ppo_cfg.epochs * ppo_cfg.num_minibatches  # optimiser steps per iteration
+        return {"optimizer": run.cfg.optimizer.resolve(updates),
+                "value_optimizer": run.cfg.value_optimizer.resolve(updates)}
+
+    def setup(self, run: StageRun) -> Setup:
+        """Keys: ``split(PRNGKey(cfg.seed))`` -> (models: policy, value heads; state rng)."""
+        cfg, mesh, ppo_cfg = run.cfg, run.mesh, run.data.ppo_cfg
+        check_batch_fits_mesh(cfg.batch_size, mesh, "PPOStageConfig")
+        key, state_key = jax.random.split(jax.random.PRNGKey(cfg.seed))
+        models, parts = load_ppo_models(cfg, key)
+        policy_tx = cached_optimizer(run.optimizers["optimizer"])
+        value_tx = cached_optimizer(run.optimizers["value_optimizer"])
+        state = initial_state(cfg, ppo_cfg, parts, policy_tx, value_tx, state_key)
+        state = jax.device_put(state, state_shardings(state, mesh))
+        if cfg.phase_timing:
+            train_step = _PhaseTimedStep(models, ppo_cfg, mesh)
+        else:
+            train_step = _TimedStep(jit_on_mesh(ppo_step_fn(models, ppo_cfg), mesh, state, donate=True,
+                                                process_local=True))
+        return Setup(models, state, train_step)
+
+    def evaluator(self, run: StageRun) -> Any:
+        cfg = run.cfg
+        if cfg.eval_data is None:
+            return None
+        eval_prompts = prompt_arrays(cfg.eval_data, run.tokenizer, cfg.max_prompt_len, truncation=cfg.truncation,
+                                     skip_bad=cfg.skip_bad)
+        return _make_eval(cfg, run.setup.model, run.data.ppo_cfg, run.tokenizer, run.setup.state, run.mesh,
+                          eval_prompts, run.samples)
+
+    def tokens_in_batch(self, run: StageRun, batch: dict[str, np.ndarray]) -> int:
+        return int(batch["prompt_mask"].sum()) + run.cfg.batch_size * run.data.ppo_cfg.generation.max_new_tokens
+
+    def export(self, run: StageRun, state: PPOState) -> tuple[Transformer, Any, dict[str, Any]]:
+        return run.setup.model.policy, state.policy.params, {}
+
+
 def train_ppo(cfg: PPOStageConfig) -> Path:
-    """Run (or resume, or skip if complete) the PPO-ptx stage; returns ``workdir/model`` (the
-    final policy in Hugging Face format)."""
-    workdir = Path(cfg.workdir)
-    tokenizer = load_tokenizer(cfg.tokenizer, cfg.model)
-    config = model_config(cfg.model, "lm")
-    check_vocab(tokenizer, config, f"PPOStageConfig.tokenizer vs the model ({cfg.model.describe()})")
-    ppo_cfg = _generation(cfg, tokenizer)
-    if cfg.max_prompt_len + ppo_cfg.generation.max_new_tokens > config.max_len:
-        raise ConfigError(f"PPOStageConfig.max_prompt_len {cfg.max_prompt_len} + ppo.generation.max_new_tokens "
-                          f"{ppo_cfg.generation.max_new_tokens} exceeds the model's context {config.max_len}")
-    mesh = make_mesh(cfg.mesh)
-    batches, n_prompts = train_batches(cfg, ppo_cfg, tokenizer, mesh)
-    steps = total_steps(cfg, n_prompts // cfg.batch_size)
-    # Optimiser steps per iteration: epochs × minibatches.
-    updates = steps * ppo_cfg.epochs * ppo_cfg.num_minibatches
-    optimizers = {"optimizer": cfg.optimizer.resolve(updates), "value_optimizer": cfg.value_optimizer.resolve(updates)}
-    fingerprint = stage_fingerprint(
-        cfg, ("model.hf_dir", "reward_model", "value_model", "train_data", "ptx_data", "tokenizer"), optimizers)
-    done = completed_model(workdir, steps, fingerprint, force=cfg.loop.force)
-    if done is not None:
-        return done
-
-    check_batch_fits_mesh(cfg.batch_size, mesh, "PPOStageConfig")
-    key, state_key = jax.random.split(jax.random.PRNGKey(cfg.seed))
-    models, parts = load_ppo_models(cfg, key)
-    policy_tx = cached_optimizer(optimizers["optimizer"])
-    value_tx = cached_optimizer(optimizers["value_optimizer"])
-    state = initial_state(cfg, ppo_cfg, parts, policy_tx, value_tx, state_key)
-    state = jax.device_put(state, state_shardings(state, mesh))
-    if cfg.phase_timing:
-        train_step = _PhaseTimedStep(models, ppo_cfg, mesh)
-    else:
-        train_step = _TimedStep(jit_on_mesh(ppo_step_fn(models, ppo_cfg), mesh, state, donate=True,
-                                            process_local=True))
-
-    samples = MetricsWriter(workdir, tensorboard=False)
-    try:
-        eval_fn = None
-        if cfg.eval_data is not None:
-            eval_prompts = prompt_arrays(cfg.eval_data, tokenizer, cfg.max_prompt_len)
-            eval_fn = _make_eval(cfg, models, ppo_cfg, tokenizer, state, mesh, eval_prompts, samples)
-        state, _ = run_loop(
-            state=state,
-            train_step=train_step,
-            batches=batches,
-            loop_cfg=cfg.loop.resolve(steps),
-            workdir=workdir,
-            eval_fn=eval_fn,
-            tokens_in_batch=lambda batch: int(batch["prompt_mask"].sum())
-            + cfg.batch_size * ppo_cfg.generation.max_new_tokens,
-            fingerprint=fingerprint,
-            config=cfg,
-        )
-    finally:
-        samples.close()
-    return export_model(workdir, models.policy, state.policy.params, tokenizer,
-                        {STAGE_FILE: stage_record("ppo", steps, cfg)})
+    """Run (or resume, or skip if complete) the PPO-ptx stage (``skeleton.run_stage``); returns
+    ``workdir/model`` (the final policy in Hugging Face format)."""
+    return run_stage(PPOStage(), cfg)
 
 
 def _make_eval(cfg: PPOStageConfig, models: PPOModels, ppo_cfg: PPOConfig, tokenizer: Tokenizer, state: PPOState,

@@ -27,49 +27,41 @@ from typing import Any, Literal
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from rlhf_jax.configs import ConfigError
 from rlhf_jax.data import (
     DEFAULT_BUCKETS,
+    TRUNCATIONS,
     DataError,
+    TruncationStats,
     bucket_length,
     read_comparisons,
     read_demonstrations,
     tokenize_comparisons,
+    tokenize_demonstrations,
 )
+from rlhf_jax.errors import check
 from rlhf_jax.generation import score
 from rlhf_jax.hf import load_pretrained
 from rlhf_jax.losses import ranking_loss
 from rlhf_jax.masked import masked_mean, masked_var
 from rlhf_jax.model import SCORE_POOLINGS, Params, Transformer
-from rlhf_jax.sharding import make_mesh
 from rlhf_jax.stages.common import (
-    STAGE_FILE,
+    Batch,
     StageConfig,
     StageOptimizerConfig,
     StepFn,
     across_processes,
-    check_vocab,
     data_shard,
     even_rows,
-    completed_model,
-    export_model,
     fixed_batches,
-    guarded,
     jit_on_mesh,
     length_buckets,
-    load_tokenizer,
-    model_config,
     process_batches,
-    setup_training,
-    stage_fingerprint,
-    stage_optimizer,
-    stage_record,
-    total_steps,
 )
+from rlhf_jax.stages.skeleton import StageData, StageRun, SupervisedStage, make_step_fn, run_stage
 from rlhf_jax.tokenizer import Tokenizer
-from rlhf_jax.train import OptimizerConfig, TrainState, make_schedule, run_loop
+from rlhf_jax.train import OptimizerConfig, TrainState
 
 logger = logging.getLogger(__name__)
 
@@ -100,7 +92,12 @@ class RMConfig(StageConfig):
     batches) and cuts each batch to the smallest bucket holding its largest K, which saves the
     padded responses' compute when K varies (one compile per bucket used; every prompt still
     weighs the same in its batch).  ``max_len``: longest ``[BOS] prompt response [EOS]`` (None:
-    the model's context).
+    the model's context).  ``truncation``: a comparison with a longer sequence raises ("error"),
+    loses its oldest prompt tokens, the same for all its K responses ("left"; skipped if a
+    response alone is too long), the ends of its sequences ("right") or is skipped ("skip")
+    (``data.truncation``; the demonstrations of ``demos`` follow the same rule); ``skip_bad``:
+    skip (and count) malformed lines, e.g. HH-RLHF's empty replies.  Cut and skipped counts go
+    to the log and ``metrics.jsonl``.
     ``margin`` is subtracted from each pair's reward difference; ``centering_coef`` adds
     ``coef · mean(r²)`` (Eisenstein et al. 2023) — both 0 in IG.
     ``normalize``/``demos``: see the module docstring; ``demos`` is a demonstrations JSONL.
@@ -119,34 +116,30 @@ class RMConfig(StageConfig):
     k_max: int | None = None
     k_buckets: tuple[int, ...] | None = None
     max_len: int | None = None
+    truncation: Literal["error", "left", "right", "skip"] = "error"
+    skip_bad: bool = False
     buckets: tuple[int, ...] = DEFAULT_BUCKETS
     score_pooling: Literal["last", "mean"] = "last"  # IG §3.5: the EOS token
 
     def __post_init__(self) -> None:
         super().__post_init__()
 
-        def fail(field: str, rule: str) -> None:
-            raise ConfigError(f"RMConfig.{field} must be {rule}, got {getattr(self, field)!r}")
-
-        if self.score_pooling not in SCORE_POOLINGS:
-            fail("score_pooling", f"one of {SCORE_POOLINGS}")
-        if not math.isfinite(self.margin):
-            fail("margin", "finite")
-        if not (math.isfinite(self.centering_coef) and self.centering_coef >= 0):
-            fail("centering_coef", "finite and >= 0")
-        if self.normalize not in NORMALIZATIONS:
-            fail("normalize", f"one of {NORMALIZATIONS}")
-        if self.normalize != "none" and not self.demos:
-            fail("demos", f"a demonstrations file when normalize={self.normalize!r} (or set normalize='none')")
-        if self.k_max is not None and not 2 <= self.k_max:
-            fail("k_max", "None or an int >= 2")
-        if self.k_buckets is not None and (not self.k_buckets or any(
-                not isinstance(k, int) or isinstance(k, bool) or k < 2 for k in self.k_buckets)):
-            fail("k_buckets", "None or a non-empty list of ints >= 2")
-        if self.max_len is not None and self.max_len < 3:
-            fail("max_len", "None or an int >= 3")
-        if not self.buckets or any(not isinstance(b, int) or b < 3 for b in self.buckets):
-            fail("buckets", "a non-empty list of ints >= 3")
+        check(self.score_pooling in SCORE_POOLINGS, self, "score_pooling", f"one of {SCORE_POOLINGS}")
+        check(math.isfinite(self.margin), self, "margin", "finite")
+        check(math.isfinite(self.centering_coef) and self.centering_coef >= 0,
+              self, "centering_coef", "finite and >= 0")
+        check(self.normalize in NORMALIZATIONS, self, "normalize", f"one of {NORMALIZATIONS}")
+        check(self.normalize == "none" or self.demos,
+              self, "demos", f"a demonstrations file when normalize={self.normalize!r} (or set normalize='none')")
+        check(self.k_max is None or 2 <= self.k_max, self, "k_max", "None or an int >= 2")
+        check(self.k_buckets is None or (self.k_buckets and all(
+              isinstance(k, int) and not isinstance(k, bool) and k >= 2 for k in self.k_buckets)),
+              self, "k_buckets", "None or a non-empty list of ints >= 2")
+        check(self.max_len is None or self.max_len >= 3, self, "max_len", "None or an int >= 3")
+        check(self.truncation in TRUNCATIONS, self, "truncation", f"one of {TRUNCATIONS}")
+        check(isinstance(self.skip_bad, bool), self, "skip_bad", "true or false")
+        check(self.buckets and all(isinstance(b, int) and b >= 3 for b in self.buckets),
+              self, "buckets", "a non-empty list of ints >= 3")
 
 
 # ---------------------------------------------------------------------------------- the step
@@ -185,6 +178,15 @@ def rm_batch_loss(
     return loss, (accuracy, rewards)
 
 
+def _rm_loss(model: Transformer, margin: float, centering_coef: float, params: Params,
+             batch: dict[str, jax.Array]) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """``rm_batch_loss`` with its metrics (``accuracy``, ``reward_mean``/``reward_std`` over the
+    valid responses): the loss ``make_step_fn`` takes."""
+    loss, (accuracy, rewards) = rm_batch_loss(model, params, batch, margin, centering_coef)
+    return loss, {"accuracy": accuracy, "reward_mean": masked_mean(rewards, batch["valid"]),
+                  "reward_std": jnp.sqrt(masked_var(rewards, batch["valid"], unbiased=False))}
+
+
 @functools.lru_cache(maxsize=None)
 def rm_step_fn(
     model: Transformer,
@@ -192,7 +194,7 @@ def rm_step_fn(
     margin: float = 0.0,
     centering_coef: float = 0.0,
 ) -> StepFn:
-    """The pure reward-model update ``(state, batch) -> (state, metrics)``.
+    """The pure reward-model update ``(state, batch) -> (state, metrics)`` (``skeleton.make_step_fn``).
 
     ``batch``: as for ``rm_batch_loss``, whose gradient the update applies.
 
@@ -200,26 +202,7 @@ def rm_step_fn(
     ``reward_mean``/``reward_std`` over the valid responses, ``grad_norm``, and ``lr`` when
     ``optimizer`` is given.
     """
-    schedule = None if optimizer is None else make_schedule(optimizer)
-    accum = 1 if optimizer is None else optimizer.grad_accum_steps
-
-    def step(state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainState, dict[str, jax.Array]]:
-        def loss_fn(params: Params) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-            return rm_batch_loss(model, params, batch, margin, centering_coef)
-
-        (loss, (accuracy, rewards)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-        metrics = {
-            "loss": loss,
-            "accuracy": accuracy,
-            "reward_mean": masked_mean(rewards, batch["valid"]),
-            "reward_std": jnp.sqrt(masked_var(rewards, batch["valid"], unbiased=False)),
-            "grad_norm": optax.tree.norm(grads),
-        }
-        if schedule is not None:
-            metrics["lr"] = schedule(state.step // accum)
-        return state.apply_gradients(grads), metrics
-
-    return step
+    return make_step_fn(functools.partial(_rm_loss, model, margin, centering_coef), optimizer)
 
 
 def rm_train_step(
@@ -268,11 +251,14 @@ def comparison_arrays(
     k_max: int,
     max_len: int,
     buckets: tuple[int, ...],
+    truncation: str = "error",
+    stats: TruncationStats | None = None,
 ) -> dict[str, np.ndarray]:
     """``tokens``, ``mask`` ``[n, k_max, L]`` and ``valid`` ``[n, k_max]`` int32 of comparisons read
-    from ``path``; ``L`` is the smallest bucket holding the longest sequence; errors name the file."""
+    from ``path`` (``data.tokenize_comparisons`` with ``truncation``; ``stats`` gets the counts);
+    ``L`` is the smallest bucket holding the longest sequence; errors name the file."""
     try:
-        arrays = tokenize_comparisons(records, tokenizer, k_max, max_len)
+        arrays = tokenize_comparisons(records, tokenizer, k_max, max_len, truncation=truncation, stats=stats)
     except ValueError as e:
         raise DataError(f"{path}: {e}") from None
     return _trim(arrays, buckets)
@@ -283,8 +269,10 @@ def _trim(arrays: dict[str, np.ndarray], buckets: tuple[int, ...]) -> dict[str, 
     return {k: v[..., :width] if v.shape == arrays["mask"].shape else v for k, v in arrays.items()}
 
 
-def _read_comparisons(path: str, shard_index: int = 0, shard_count: int = 1) -> list:
-    records = read_comparisons(path, shard_index=shard_index, shard_count=shard_count)
+def _read_comparisons(path: str, skip_bad: bool, stats: TruncationStats, shard_index: int = 0,
+                      shard_count: int = 1) -> list:
+    records = read_comparisons(path, skip_bad=skip_bad, shard_index=shard_index, shard_count=shard_count)
+    stats.bad_lines += records.n_skipped
     if not records:
         raise DataError(f"{path}: no comparisons")
     return records
@@ -312,19 +300,23 @@ def normalization(scores: np.ndarray, method: str) -> dict[str, float]:
     return {"gain": gain, "bias": bias, "method": method, "n": int(scores.size), "raw_mean": mean, "raw_std": std}
 
 
-def demonstration_rows(path: str | Path, tokenizer: Tokenizer, max_len: int, buckets: tuple[int, ...]) -> dict[str, np.ndarray]:
+def demonstration_rows(path: str | Path, tokenizer: Tokenizer, max_len: int, buckets: tuple[int, ...],
+                       truncation: str = "error", skip_bad: bool = False,
+                       stats: TruncationStats | None = None) -> dict[str, np.ndarray]:
     """``tokens``, ``mask`` ``[n, L]`` of the demonstrations in ``path``, each as
-    ``[BOS] prompt response [EOS]`` (the layout of the comparisons), right padded to the smallest
-    bucket that holds them; errors name the file."""
-    records = read_demonstrations(path)
+    ``[BOS] prompt response [EOS]`` (the layout of the comparisons; ``data.tokenize_demonstrations``
+    with ``truncation``, ``stats`` getting the counts), right padded to the smallest bucket that
+    holds them; errors name the file."""
+    records = read_demonstrations(path, skip_bad=skip_bad)
+    stats = TruncationStats() if stats is None else stats
+    stats.bad_lines += records.n_skipped
     if not records:
         raise DataError(f"{path}: no demonstrations")
     try:
-        tokens, mask = tokenizer.encode_batch([r.prompt + r.response for r in records], max_len,
-                                              add_bos=True, add_eos=True)
+        arrays = tokenize_demonstrations(records, tokenizer, (max_len,), truncation=truncation, stats=stats)
     except ValueError as e:
         raise DataError(f"{path}: {e}") from None
-    return _trim({"tokens": tokens, "mask": mask}, buckets)
+    return _trim({"tokens": arrays["tokens"], "mask": arrays["mask"]}, buckets)
 
 
 def score_rows(rows: dict[str, np.ndarray], score_batch: Any, batch_size: int) -> np.ndarray:
@@ -361,70 +353,92 @@ def load_reward_model(path: str | Path, dtype: str = "float32") -> tuple[Transfo
 # --------------------------------------------------------------------------------- the stage
 
 
-@guarded
+@dataclasses.dataclass
+class _HeldOut:
+    """What the RM stage reads besides its batches: held-out comparisons and demonstrations."""
+
+    comparisons: dict[str, np.ndarray] | None
+    demos: dict[str, np.ndarray] | None
+    k_max: int = 2
+
+
+class RMStage(SupervisedStage):
+    """``run_stage``'s hooks for the reward model: K-way comparison batches (grouped by K with
+    ``k_buckets``), InstructGPT eq. 1, held-out loss and pairwise accuracy, and the
+    normalisation on the demonstrations exported beside the model."""
+
+    name = "rm"
+    inputs = ("model.hf_dir", "train_data", "tokenizer", "demos")
+    head = "scalar"
+
+    def score_pooling(self, cfg: RMConfig) -> str:
+        return cfg.score_pooling
+
+    def loss(self, cfg: RMConfig, model: Transformer, params: Params, batch: Batch) -> tuple[jax.Array, dict]:
+        return _rm_loss(model, cfg.margin, cfg.centering_coef, params, batch)
+
+    def step_fn(self, cfg: RMConfig, model: Transformer, optimizer: OptimizerConfig) -> StepFn:
+        return rm_step_fn(model, optimizer, margin=cfg.margin, centering_coef=cfg.centering_coef)
+
+    def prepare(self, run: StageRun) -> StageData:
+        cfg, tokenizer, mesh = run.cfg, run.tokenizer, run.mesh
+        buckets = length_buckets(cfg.buckets, cfg.max_len, run.model_config.max_len, "RMConfig")
+        max_len = buckets[-1]
+        stats = {name: TruncationStats() for name in ("train_data", "eval_data", "demos") if getattr(cfg, name)}
+        train_records = _read_comparisons(cfg.train_data, cfg.skip_bad, stats["train_data"],
+                                          **data_shard(mesh))  # this process's part
+        eval_records = None if cfg.eval_data is None else _read_comparisons(cfg.eval_data, cfg.skip_bad,
+                                                                            stats["eval_data"])
+        k_max = cfg.k_max or max([across_processes(max(len(r.responses) for r in train_records)),
+                                  *(len(r.responses) for r in eval_records or [])])
+        pads = {"tokens": tokenizer.pad_id}
+        train = even_rows(comparison_arrays(cfg.train_data, train_records, tokenizer, k_max, max_len, buckets,
+                                            cfg.truncation, stats["train_data"]), pads)
+        n_train = len(train["tokens"]) * data_shard(mesh)["shard_count"]
+        held_out = None
+        if eval_records is not None:
+            held_out = comparison_arrays(cfg.eval_data, eval_records, tokenizer, k_max, max_len, buckets,
+                                         cfg.truncation, stats["eval_data"])
+        demos = None if cfg.normalize == "none" else demonstration_rows(
+            cfg.demos, tokenizer, max_len, buckets, cfg.truncation, cfg.skip_bad, stats["demos"])
+        if cfg.batch_size > n_train:
+            raise ConfigError(f"RMConfig.batch_size {cfg.batch_size} exceeds the {n_train} "
+                              f"comparisons of {cfg.train_data}")
+        batches = process_batches(train, cfg.batch_size, mesh, seed=cfg.seed, buckets=buckets, pad_values=pads,
+                                  where="RMConfig.batch_size", group_by="valid" if cfg.k_buckets else None,
+                                  group_buckets=cfg.k_buckets)
+        return StageData(batches, len(batches), _HeldOut(held_out, demos, k_max), stats)
+
+    def memory_shape(self, run: StageRun) -> tuple[str, dict[str, Any]]:
+        max_len = length_buckets(run.cfg.buckets, run.cfg.max_len, run.model_config.max_len, "RMConfig")[-1]
+        return "rm", {"batch_size": run.cfg.batch_size, "k_responses": run.data.held_out.k_max, "seq_len": max_len}
+
+    def evaluator(self, run: StageRun) -> Any:
+        held_out = run.data.held_out.comparisons
+        if held_out is None:
+            return None
+        return _make_eval(run.setup.model, run.setup.state, run.mesh,
+                          fixed_batches(held_out, run.cfg.batch_size, run.cfg.eval_batches))
+
+    def export(self, run: StageRun, state: TrainState) -> tuple[Transformer, Params, dict[str, Any]]:
+        cfg, model, demos = run.cfg, run.setup.model, run.data.held_out.demos
+        norm = normalization(np.zeros(0), "none")
+        if demos is not None:
+            score_batch = jit_on_mesh(_score_fn(model), run.mesh, state.params, returns_tree=False)
+            raw = score_rows(demos, lambda batch: score_batch(state.params, batch), cfg.batch_size)
+            norm = {**normalization(raw, cfg.normalize), "demos": cfg.demos}
+        return model, state.params, {NORMALIZATION_FILE: norm}
+
+
 def train_rm(cfg: RMConfig) -> Path:
-    """Run (or resume, or skip if complete) the reward-model stage; returns ``workdir/model``.
+    """Run (or resume, or skip if complete) the reward-model stage (``skeleton.run_stage``);
+    returns ``workdir/model``.
 
     Trains on ``cfg.train_data`` for ``loop.total_steps`` or ``epochs``, reports held-out loss and
     pairwise accuracy over all pairs of ``eval_data``, then computes the normalisation on
     ``demos`` and exports the model with ``reward_normalization.json``.
     """
-    workdir = Path(cfg.workdir)
-    tokenizer = load_tokenizer(cfg.tokenizer, cfg.model)
-    config = model_config(cfg.model, "scalar", cfg.score_pooling)
-    check_vocab(tokenizer, config, f"RMConfig.tokenizer vs the model ({cfg.model.describe()})")
-    buckets = length_buckets(cfg.buckets, cfg.max_len, config.max_len, "RMConfig")
-    max_len = buckets[-1]
-    mesh = make_mesh(cfg.mesh)
-    train_records = _read_comparisons(cfg.train_data, **data_shard(mesh))  # this process's part
-    eval_records = None if cfg.eval_data is None else _read_comparisons(cfg.eval_data)
-    k_max = cfg.k_max or max([across_processes(max(len(r.responses) for r in train_records)),
-                              *(len(r.responses) for r in eval_records or [])])
-    pads = {"tokens": tokenizer.pad_id}
-    train = even_rows(comparison_arrays(cfg.train_data, train_records, tokenizer, k_max, max_len, buckets), pads)
-    n_train = len(train["tokens"]) * data_shard(mesh)["shard_count"]
-    held_out = None
-    if eval_records is not None:
-        held_out = comparison_arrays(cfg.eval_data, eval_records, tokenizer, k_max, max_len, buckets)
-    demos = None if cfg.normalize == "none" else demonstration_rows(cfg.demos, tokenizer, max_len, buckets)
-    if cfg.batch_size > n_train:
-        raise ConfigError(f"RMConfig.batch_size {cfg.batch_size} exceeds the {n_train} "
-                          f"comparisons of {cfg.train_data}")
-    batches = process_batches(train, cfg.batch_size, mesh, seed=cfg.seed, buckets=buckets, pad_values=pads,
-                              where="RMConfig.batch_size", group_by="valid" if cfg.k_buckets else None,
-                              group_buckets=cfg.k_buckets)
-    steps = total_steps(cfg, len(batches))
-    fingerprint = stage_fingerprint(cfg, ("model.hf_dir", "train_data", "tokenizer", "demos"),
-                                    {"optimizer": stage_optimizer(cfg, steps)})
-    done = completed_model(workdir, steps, fingerprint, force=cfg.loop.force)
-    if done is not None:
-        return done
-
-    step_fn = functools.partial(rm_step_fn, margin=cfg.margin, centering_coef=cfg.centering_coef)
-    model, state, train_step, mesh, _ = setup_training(cfg, "scalar", steps, step_fn, cfg.score_pooling)
-
-    eval_fn = None
-    if held_out is not None:
-        eval_fn = _make_eval(model, state, mesh, fixed_batches(held_out, cfg.batch_size, cfg.eval_batches))
-    state, _ = run_loop(
-        state=state,
-        train_step=train_step,
-        batches=batches,
-        loop_cfg=cfg.loop.resolve(steps),
-        workdir=workdir,
-        eval_fn=eval_fn,
-        tokens_in_batch=lambda batch: int(batch["mask"].sum()),
-        fingerprint=fingerprint,
-        config=cfg,
-    )
-
-    norm = normalization(np.zeros(0), "none")
-    if demos is not None:
-        score_batch = jit_on_mesh(_score_fn(model), mesh, state.params, returns_tree=False)
-        raw = score_rows(demos, lambda batch: score_batch(state.params, batch), cfg.batch_size)
-        norm = {**normalization(raw, cfg.normalize), "demos": cfg.demos}
-    extra = {NORMALIZATION_FILE: norm, STAGE_FILE: stage_record("rm", steps, cfg)}
-    return export_model(workdir, model, state.params, tokenizer, extra)
+    return run_stage(RMStage(), cfg)
 
 
 def _make_eval(model: Transformer, state: TrainState, mesh: Any, batches: list) -> Any:

@@ -21,47 +21,38 @@ from typing import Any, Literal
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from rlhf_jax.configs import ConfigError
 from rlhf_jax.data import (
     DEFAULT_BUCKETS,
+    TRUNCATIONS,
     DataError,
+    TruncationStats,
     Prompt,
     pack_sequences,
     read_demonstrations,
     tokenize_demonstrations,
     tokenize_prompts,
 )
+from rlhf_jax.errors import check
 from rlhf_jax.generation import GenerateConfig, generate, next_token_nll
 from rlhf_jax.losses import token_logprobs
 from rlhf_jax.model import Params, Transformer, forward
-from rlhf_jax.sharding import make_mesh
 from rlhf_jax.stages.common import (
-    STAGE_FILE,
+    Batch,
     StageConfig,
     StageOptimizerConfig,
     StepFn,
-    check_vocab,
     data_shard,
     even_rows,
-    completed_model,
-    export_model,
     fixed_batches,
-    guarded,
     jit_on_mesh,
     length_buckets,
-    load_tokenizer,
-    model_config,
     process_batches,
-    setup_training,
-    stage_fingerprint,
-    stage_optimizer,
-    stage_record,
-    total_steps,
 )
+from rlhf_jax.stages.skeleton import StageData, StageRun, SupervisedStage, make_step_fn, run_stage
 from rlhf_jax.tokenizer import Tokenizer
-from rlhf_jax.train import MetricsWriter, OptimizerConfig, TrainState, make_schedule, run_loop
+from rlhf_jax.train import MetricsWriter, OptimizerConfig, TrainState
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,7 +74,10 @@ class SFTConfig(StageConfig):
     ``train_data``/``eval_data``: JSONL demonstrations ``{"prompt", "response"}``.
     ``max_len``: longest sequence, BOS and EOS included (None: the model's context); sequences
     are padded to the smallest of ``buckets`` (capped at ``max_len``) that holds a batch.
-    ``truncation``: a longer demonstration raises ("error") or loses its end ("right").
+    ``truncation``: a demonstration longer than ``max_len`` raises ("error"), loses its oldest
+    prompt tokens ("left"; skipped if the response alone is too long), its end ("right") or is
+    skipped ("skip") (``data.truncation``); ``skip_bad``: skip (and count) malformed lines
+    instead of stopping at the first.  Cut and skipped counts go to the log and ``metrics.jsonl``.
     ``packing``: several demonstrations per row of ``max_len`` tokens, attention kept within each.
     ``sample_prompts``: greedy completions of that many held-out prompts are written to
     ``samples.jsonl`` at every evaluation (0: none).
@@ -96,26 +90,21 @@ class SFTConfig(StageConfig):
     packing: bool = False
     max_len: int | None = None
     buckets: tuple[int, ...] = DEFAULT_BUCKETS
-    truncation: Literal["error", "right"] = "error"
+    truncation: Literal["error", "left", "right", "skip"] = "error"
+    skip_bad: bool = False
     sample_prompts: int = 4
     sample_max_new_tokens: int = 64
 
     def __post_init__(self) -> None:
         super().__post_init__()
 
-        def fail(field: str, rule: str) -> None:
-            raise ConfigError(f"SFTConfig.{field} must be {rule}, got {getattr(self, field)!r}")
-
-        if self.max_len is not None and self.max_len < 2:
-            fail("max_len", "None or an int >= 2")
-        if not self.buckets or any(not isinstance(b, int) or b < 2 for b in self.buckets):
-            fail("buckets", "a non-empty list of ints >= 2")
-        if self.truncation not in ("error", "right"):
-            fail("truncation", "'error' or 'right'")
-        if self.sample_prompts < 0:
-            fail("sample_prompts", "an int >= 0")
-        if self.sample_max_new_tokens < 1:
-            fail("sample_max_new_tokens", "an int >= 1")
+        check(self.max_len is None or self.max_len >= 2, self, "max_len", "None or an int >= 2")
+        check(self.buckets and all(isinstance(b, int) and b >= 2 for b in self.buckets),
+              self, "buckets", "a non-empty list of ints >= 2")
+        check(self.truncation in TRUNCATIONS, self, "truncation", f"one of {TRUNCATIONS}")
+        check(isinstance(self.skip_bad, bool), self, "skip_bad", "true or false")
+        check(self.sample_prompts >= 0, self, "sample_prompts", "an int >= 0")
+        check(self.sample_max_new_tokens >= 1, self, "sample_max_new_tokens", "an int >= 1")
 
 
 # ------------------------------------------------------------------------------------ the step
@@ -130,30 +119,22 @@ def sft_batch_loss(model: Transformer, params: Params, batch: dict[str, jax.Arra
                           positions=batch.get("positions"), segment_ids=batch.get("segment_ids"))
 
 
+def _sft_loss(model: Transformer, params: Params, batch: dict[str, jax.Array]) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """``(sft_batch_loss, {"tokens": targets counted})``: the loss ``make_step_fn`` takes."""
+    return sft_batch_loss(model, params, batch), {"tokens": jnp.sum(batch["loss_mask"][:, 1:] != 0)}
+
+
 @functools.lru_cache(maxsize=None)
 def sft_step_fn(model: Transformer, optimizer: OptimizerConfig | None = None) -> StepFn:
-    """The pure SFT update ``(state, batch) -> (state, metrics)`` (jit it, or ``jit_on_mesh``).
+    """The pure SFT update ``(state, batch) -> (state, metrics)`` (``skeleton.make_step_fn``;
+    jit it, or ``jit_on_mesh``).
 
     ``batch``: as for ``sft_batch_loss``, whose gradient the update applies.
 
     Metrics: ``loss``, ``tokens`` (targets counted), ``grad_norm`` (global L2 norm of the
     gradient), and ``lr`` (the rate of this update) when ``optimizer`` is given.
     """
-    schedule = None if optimizer is None else make_schedule(optimizer)
-    accum = 1 if optimizer is None else optimizer.grad_accum_steps
-
-    def step(state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainState, dict[str, jax.Array]]:
-        loss, grads = jax.value_and_grad(lambda p: sft_batch_loss(model, p, batch))(state.params)
-        metrics = {
-            "loss": loss,
-            "tokens": jnp.sum(batch["loss_mask"][:, 1:] != 0),
-            "grad_norm": optax.tree.norm(grads),
-        }
-        if schedule is not None:
-            metrics["lr"] = schedule(state.step // accum)
-        return state.apply_gradients(grads), metrics
-
-    return step
+    return make_step_fn(functools.partial(_sft_loss, model), optimizer)
 
 
 def sft_train_step(model: Transformer, optimizer: OptimizerConfig | None = None) -> StepFn:
@@ -186,18 +167,23 @@ def demonstration_arrays(
     *,
     prompt_masking: bool = True,
     truncation: str = "error",
+    skip_bad: bool = False,
+    stats: TruncationStats | None = None,
     shard_index: int = 0,
     shard_count: int = 1,
 ) -> tuple[list, dict[str, np.ndarray]]:
     """``(records, arrays)`` of a demonstrations file (the ``shard_index``-th of ``shard_count``
-    parts, ``data.read_jsonl``): ``tokens``, ``mask``, ``loss_mask`` ``[n, L]`` int32
-    (``data.tokenize_demonstrations``); errors name the file."""
-    records = read_demonstrations(path, shard_index=shard_index, shard_count=shard_count)
+    parts, ``data.read_jsonl``, skipping bad lines with ``skip_bad``): ``tokens``, ``mask``,
+    ``loss_mask`` ``[n, L]`` int32 (``data.tokenize_demonstrations`` with ``truncation``;
+    ``stats`` gets the counts); errors name the file."""
+    records = read_demonstrations(path, skip_bad=skip_bad, shard_index=shard_index, shard_count=shard_count)
+    stats = TruncationStats() if stats is None else stats
+    stats.bad_lines += records.n_skipped
     if not records:
         raise DataError(f"{path}: no demonstrations")
     try:
         arrays = tokenize_demonstrations(records, tokenizer, buckets, train_on_prompt=not prompt_masking,
-                                         truncation=truncation)
+                                         truncation=truncation, stats=stats)
     except ValueError as e:
         raise DataError(f"{path}: {e}") from None
     return records, arrays
@@ -211,11 +197,14 @@ def pack(arrays: dict[str, np.ndarray], seq_len: int, pad_id: int) -> dict[str, 
     return packed
 
 
-def train_batches(cfg: SFTConfig, tokenizer: Tokenizer, buckets: tuple[int, ...], mesh: Any) -> Any:
+def train_batches(cfg: SFTConfig, tokenizer: Tokenizer, buckets: tuple[int, ...], mesh: Any,
+                  stats: TruncationStats | None = None) -> Any:
     """The stage's training batches (``common.process_batches``): this process's part of
-    ``cfg.train_data`` tokenised (and packed), ``cfg.batch_size`` rows per global batch."""
+    ``cfg.train_data`` tokenised (and packed), ``cfg.batch_size`` rows per global batch; ``stats``
+    gets the cut and skipped counts."""
     _, train = demonstration_arrays(cfg.train_data, tokenizer, buckets, prompt_masking=cfg.prompt_masking,
-                                    truncation=cfg.truncation, **data_shard(mesh))
+                                    truncation=cfg.truncation, skip_bad=cfg.skip_bad, stats=stats,
+                                    **data_shard(mesh))
     if cfg.packing:
         train = pack(train, buckets[-1], tokenizer.pad_id)
     pads = {"tokens": tokenizer.pad_id}
@@ -231,50 +220,53 @@ def train_batches(cfg: SFTConfig, tokenizer: Tokenizer, buckets: tuple[int, ...]
 # --------------------------------------------------------------------------------- the stage
 
 
-@guarded
+class SFTStage(SupervisedStage):
+    """``run_stage``'s hooks for SFT: demonstration batches (packed or bucketed), the response
+    NLL, and the held-out loss / perplexity with greedy samples."""
+
+    name = "sft"
+    inputs = ("model.hf_dir", "train_data", "tokenizer")
+    head = "lm"
+
+    def loss(self, cfg: SFTConfig, model: Transformer, params: Params, batch: Batch) -> tuple[jax.Array, dict]:
+        return _sft_loss(model, params, batch)
+
+    def step_fn(self, cfg: SFTConfig, model: Transformer, optimizer: OptimizerConfig) -> StepFn:
+        return sft_step_fn(model, optimizer)
+
+    def prepare(self, run: StageRun) -> StageData:
+        cfg = run.cfg
+        buckets = length_buckets(cfg.buckets, cfg.max_len, run.model_config.max_len, "SFTConfig")
+        stats = {"train_data": TruncationStats()}
+        batches = train_batches(cfg, run.tokenizer, buckets, run.mesh, stats["train_data"])
+        held_out = None
+        if cfg.eval_data is not None:
+            stats["eval_data"] = TruncationStats()
+            held_out = demonstration_arrays(cfg.eval_data, run.tokenizer, buckets, prompt_masking=cfg.prompt_masking,
+                                            truncation=cfg.truncation, skip_bad=cfg.skip_bad,
+                                            stats=stats["eval_data"])
+        return StageData(batches, len(batches), held_out, stats)
+
+    def memory_shape(self, run: StageRun) -> tuple[str, dict[str, Any]]:
+        max_len = length_buckets(run.cfg.buckets, run.cfg.max_len, run.model_config.max_len, "SFTConfig")[-1]
+        return "sft", {"batch_size": run.cfg.batch_size, "seq_len": max_len}
+
+    def evaluator(self, run: StageRun) -> Any:
+        if run.data.held_out is None:
+            return None
+        return _make_eval(run.cfg, run.setup.model, run.tokenizer, run.setup.state, run.mesh, *run.data.held_out,
+                          run.samples)
+
+
 def train_sft(cfg: SFTConfig) -> Path:
-    """Run (or resume, or skip if complete) the SFT stage; returns ``workdir/model``.
+    """Run (or resume, or skip if complete) the SFT stage (``skeleton.run_stage``); returns
+    ``workdir/model``.
 
     Reads ``cfg.train_data`` (and ``eval_data``), builds or loads the model, trains for
     ``loop.total_steps`` or ``epochs``, evaluates held-out loss / perplexity (and greedy samples)
     every ``loop.eval_every`` steps and at the end, and exports the final model.
     """
-    workdir = Path(cfg.workdir)
-    tokenizer = load_tokenizer(cfg.tokenizer, cfg.model)
-    config = model_config(cfg.model, "lm")
-    check_vocab(tokenizer, config, f"SFTConfig.tokenizer vs the model ({cfg.model.describe()})")
-    buckets = length_buckets(cfg.buckets, cfg.max_len, config.max_len, "SFTConfig")
-    batches = train_batches(cfg, tokenizer, buckets, make_mesh(cfg.mesh))
-    held_out = None
-    if cfg.eval_data is not None:
-        held_out = demonstration_arrays(cfg.eval_data, tokenizer, buckets, prompt_masking=cfg.prompt_masking,
-                                        truncation=cfg.truncation)
-    steps = total_steps(cfg, len(batches))
-    fingerprint = stage_fingerprint(cfg, ("model.hf_dir", "train_data", "tokenizer"),
-                                    {"optimizer": stage_optimizer(cfg, steps)})
-    done = completed_model(workdir, steps, fingerprint, force=cfg.loop.force)
-    if done is not None:
-        return done
-
-    model, state, train_step, mesh, _ = setup_training(cfg, "lm", steps, sft_step_fn)
-
-    samples = MetricsWriter(workdir, tensorboard=False)
-    try:
-        eval_fn = None if held_out is None else _make_eval(cfg, model, tokenizer, state, mesh, *held_out, samples)
-        state, _ = run_loop(
-            state=state,
-            train_step=train_step,
-            batches=batches,
-            loop_cfg=cfg.loop.resolve(steps),
-            workdir=workdir,
-            eval_fn=eval_fn,
-            tokens_in_batch=lambda batch: int(batch["mask"].sum()),
-            fingerprint=fingerprint,
-            config=cfg,
-        )
-    finally:
-        samples.close()
-    return export_model(workdir, model, state.params, tokenizer, {STAGE_FILE: stage_record("sft", steps, cfg)})
+    return run_stage(SFTStage(), cfg)
 
 
 def _make_eval(cfg: SFTConfig, model: Transformer, tokenizer: Tokenizer, state: TrainState, mesh: Any,
