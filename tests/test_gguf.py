@@ -297,8 +297,10 @@ def test_smollm2_config_and_tokenizer(smollm2):
     shape = (c.n_layers, c.d_model, c.n_heads, c.n_kv_heads, c.d_ff, c.vocab_size)
     assert shape == (30, 576, 9, 3, 1536, 49152)
     assert c.tie_embeddings and c.rope_theta == 1e5
-    # The GGUF's pad is its EOS; ours is an added <|pad|> one past the embedding, never sampled.
-    assert (tok.bos_id, tok.eos_id, tok.pad_id, tok.vocab_size) == (1, 2, 49152, 49153)
+    # The GGUF's pad is its EOS; ours is the spare control token <|endoftext|> (id 0): no stop id,
+    # inside the embedding (rlhf_jax.tokenizer's docstring).
+    assert (tok.bos_id, tok.eos_id, tok.pad_id, tok.vocab_size) == (1, 2, 0, 49152)
+    assert tok.stop_ids == (2,) and tok.hf.id_to_token(tok.pad_id) == "<|endoftext|>"
     assert ref_tok.pad_token_id == tok.eos_id and not tok.add_bos_token
     assert tok.chat_template == ref_tok.chat_template
     for chat in CHATS:
@@ -319,7 +321,7 @@ def test_smollm2_logits_left_padded_chat_batch(smollm2):
     model, params, tok, ref, _ = smollm2
     texts = [tok.apply_chat_template(c, add_generation_prompt=True) for c in CHATS]
     ids, mask = tok.encode_batch(texts, max_len=max(len(tok.encode(t)) for t in texts) + 2, side="left")
-    assert (ids == tok.pad_id).any()  # pad ids (49152) are past the embedding: masked, never looked up
+    assert (ids == tok.pad_id).any()  # pad ids are masked
     ours = np.asarray(forward(model, params, ids, mask).logits)
     expected = hf_logits(ref, np.where(mask == 1, ids, 0), mask)
     real = mask.astype(bool)
@@ -369,6 +371,7 @@ def test_smollm2_save_pretrained_loads_in_transformers(smollm2, tmp_path):
     ids = np.array([tok.encode(text)])
     assert ref_tok.encode(text, add_special_tokens=False) == ids[0].tolist()
     assert (ref_tok.eos_token_id, ref_tok.pad_token_id) == (tok.eos_id, tok.pad_id)
+    assert (ref.config.pad_token_id, len(ref_tok)) == (tok.pad_id, ref.config.vocab_size)  # no growth
     with torch.no_grad():
         expected = ref(torch.tensor(ids)).logits.numpy()
     got = np.asarray(forward(model, params, ids, np.ones_like(ids)).logits)
