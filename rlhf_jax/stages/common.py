@@ -43,7 +43,7 @@ from rlhf_jax.errors import check
 from rlhf_jax.model import ATTENTION_IMPLS, REMAT_POLICIES, ModelConfig, Params, Transformer, init_params
 from rlhf_jax.data import BatchIterator
 from rlhf_jax.sharding import BATCH_AXES, MeshConfig, place_batch, process_data_shard, state_shardings
-from rlhf_jax.tokenizer import Tokenizer
+from rlhf_jax.tokenizer import PAD_TOKEN, Tokenizer
 from rlhf_jax.train import DONE_FILE, LoopConfig, OptimizerConfig, TrainState, make_optimizer
 from rlhf_jax.train.memory import MemoryCheckConfig
 from rlhf_jax.train.workdir import WorkdirError, describe_changes, fingerprint, fingerprint_changes
@@ -187,13 +187,15 @@ def load_tokenizer(path: str | os.PathLike | None, source: ModelSource) -> Token
 
 
 def check_vocab(tokenizer: Tokenizer, config: ModelConfig, where: str) -> None:
-    """Raise ``ConfigError`` unless every id but the pad id fits the model's embedding
-    (the pad id may be one past it: pad positions are masked and replaced before the lookup)."""
-    needed = tokenizer.vocab_size - (tokenizer.pad_id == tokenizer.vocab_size - 1)
-    if needed > config.vocab_size:
+    """Raise ``ConfigError`` unless every id, the pad id included, fits the model's embedding:
+    the pad never grows the vocabulary past it (``rlhf_jax.tokenizer``'s docstring)."""
+    if tokenizer.vocab_size > config.vocab_size:
+        added = (f" (its pad {PAD_TOKEN!r}, id {tokenizer.pad_id}, was added: the tokenizer has no spare "
+                 "special token; name an existing token as pad_token in tokenizer_config.json)"
+                 if tokenizer.added_pad and tokenizer.pad_id >= config.vocab_size else "")
         raise ConfigError(
-            f"{where}: the tokenizer has {tokenizer.vocab_size} ids (largest non-pad id "
-            f"{needed - 1}) but the model's vocab_size is {config.vocab_size}"
+            f"{where}: the tokenizer has {tokenizer.vocab_size} ids but the model's vocab_size is "
+            f"{config.vocab_size}{added}"
         )
 
 
