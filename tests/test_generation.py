@@ -196,7 +196,7 @@ def test_several_stop_ids_match_loop_reference(lm):
     assert GenerateConfig(4, stop_ids={9, 3}).stop_ids == (3, 9)
     assert GenerateConfig(4, eos_id=2).stops == (2,) and GenerateConfig(4).stops == ()
     for kw, match in [(dict(stop_ids=[3, -1]), "stop_ids"), (dict(stop_ids="ab"), "stop_ids"),
-                      (dict(stop_ids=[1.5]), "stop_ids"), (dict(stop_ids=[0]), "pad_id: must not be one of")]:
+                      (dict(stop_ids=[1.5]), "stop_ids"), (dict(stop_ids=[0]), "pad_id must be none of stop_ids")]:
         with pytest.raises(ValueError, match=match):
             GenerateConfig(4, **kw)
 
