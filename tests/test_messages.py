@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
 import tokenizers
 from tokenizers import models, pre_tokenizers
@@ -142,3 +141,34 @@ def test_template_errors_name_record(word_tok, tmp_path):
     with pytest.raises(ValueError, match="unlike record 0"):
         tokenize_demonstrations([*records, *read_demonstrations(write(tmp_path, "p.jsonl", [
             {"prompt": "a", "response": "b"}]))], word_tok, buckets=(32,))
+
+
+def test_demonstration_prompt(word_tok):
+    from rlhf_jax.data import Demonstration, Prompt
+    from rlhf_jax.data.messages import demonstration_prompt
+
+    assert demonstration_prompt(word_tok, Demonstration("a b", "c")) == (Prompt("a b"), "a b")
+    prompt, text = demonstration_prompt(word_tok, ChatDemonstration(tuple(DIALOGUE)))
+    assert prompt == ChatPrompt(tuple(DIALOGUE[:3]))
+    assert text == word_tok.apply_chat_template(DIALOGUE[:3], add_generation_prompt=True)
+
+
+def test_sft_stage_on_messages_with_chat_samples(word_tok, tmp_path):
+    """`train_sft` on `messages` files (train and held-out): one step on a tiny random model, a
+    held-out loss, and greedy samples that start with the rendered prompt."""
+    from rlhf_jax.configs import load_config
+    from rlhf_jax.stages.sft import SFTConfig, train_sft
+
+    word_tok.save(tmp_path / "tok")
+    data = write(tmp_path, "chat.jsonl", [{"messages": DIALOGUE}, {"messages": DIALOGUE[:2]}])
+    config = {"workdir": str(tmp_path / "sft"), "tokenizer": str(tmp_path / "tok"),
+              "model": {"init": {"arch": "llama", "vocab_size": len(WORDS), "d_model": 16, "n_layers": 1,
+                                 "n_heads": 2, "d_ff": 32, "max_len": 32}},
+              "train_data": str(data), "eval_data": str(data), "batch_size": 2, "buckets": [32],
+              "loop": {"total_steps": 1}, "sample_prompts": 1, "sample_max_new_tokens": 4}
+    (tmp_path / "sft.json").write_text(json.dumps(config))
+    out = train_sft(load_config(SFTConfig, tmp_path / "sft.json"))
+    assert Tokenizer.from_file(out).stop_ids == (word_tok.eos_id,)
+    samples = [json.loads(line) for line in (tmp_path / "sft" / "samples.jsonl").read_text().splitlines()]
+    prompt = word_tok.apply_chat_template(DIALOGUE[:3], add_generation_prompt=True)
+    assert [s["key"] for s in samples] == ["sample_0"] and samples[0]["text"].startswith(prompt)

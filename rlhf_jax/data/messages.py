@@ -32,7 +32,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from rlhf_jax.chat import ChatTemplateError, check_messages
-from rlhf_jax.data.readers import K_MAX, K_MIN, Comparison, Prompt, Records, _LineError, _unicode
+from rlhf_jax.data.readers import K_MAX, K_MIN, Comparison, Demonstration, Prompt, Records, _LineError, _unicode
 from rlhf_jax.tokenizer import Tokenizer
 
 Messages = tuple[Mapping[str, str], ...]
@@ -232,3 +232,14 @@ def chat_prompts_as_text(tokenizer: Tokenizer, records: Sequence[ChatPrompt]) ->
     added: the template writes it)."""
     return _like(records, [Prompt(_render(tokenizer, r.messages, name, add_generation_prompt=True))
                            for r, name in zip(records, _names(records))])
+
+
+def demonstration_prompt(tokenizer: Tokenizer, record: Demonstration | ChatDemonstration) -> tuple[Prompt | ChatPrompt, str]:
+    """What a model is asked to answer for a demonstration (SFT's held-out samples), and its text:
+    the prompt of a ``Demonstration``; for a ``ChatDemonstration`` the messages before its last
+    assistant turn, rendered with the generation prompt."""
+    if isinstance(record, Demonstration):
+        return Prompt(record.prompt), record.prompt
+    last = max(i for i, m in enumerate(record.messages) if m["role"] == "assistant")
+    prompt = ChatPrompt(record.messages[:last])
+    return prompt, chat_prompts_as_text(tokenizer, [prompt])[0].prompt
