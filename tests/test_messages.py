@@ -60,14 +60,16 @@ def test_sft_targets_are_assistant_turns_hand_computed(word_tok, tmp_path):
 @pytest.mark.parametrize("template, turn_end", [(LLAMA3, "<|eot_id|>"), (GEMMA, "<end_of_turn>")])
 def test_targets_per_family_template(template, turn_end):
     """The target tokens decode to each answer followed by its end-of-turn token (the newline a
-    template writes after it is no target), and the ids are the template's own."""
+    template writes after it is no target), and the ids are the template's own, up to the last
+    end of turn."""
     base = Tokenizer.train(CORPUS, vocab_size=320, special_tokens=(PAD_TOKEN, "<|bos|>", "<|eos|>", *FAMILY_TOKENS))
     tok = Tokenizer(base.hf, chat_template=template)
     dialogue = [{"role": "user", "content": "the cat?"}, {"role": "assistant", "content": "the mat."},
                 {"role": "user", "content": "the dog"}, {"role": "assistant", "content": "sat on the log!"}]
     arrays = tokenize_demonstrations([ChatDemonstration(tuple(dialogue))], tok, buckets=(128,))
     n = int(arrays["mask"][0].sum())
-    assert arrays["tokens"][0, :n].tolist() == tok.apply_chat_template(dialogue, tokenize=True)
+    text = tok.apply_chat_template(dialogue)
+    assert arrays["tokens"][0, :n].tolist() == tok.encode(text[:text.rindex(turn_end) + len(turn_end)])
     runs, run = [], []
     for t, m in zip(arrays["tokens"][0, :n], arrays["loss_mask"][0, :n]):
         if m:

@@ -21,8 +21,11 @@ text between ``render(messages[:i], add_generation_prompt=True)`` and ``render(m
 cut after the template's end-of-turn token (``Tokenizer.template_turn_end``: ``<|im_end|>``,
 ``<|eot_id|>``, ``<end_of_turn>``) so the newline a template writes after it is no target.  Each
 prefix must render as a prefix of the whole dialogue (else the record's error says so).  A token
-is a target when its character span overlaps an assistant span.  The template writes BOS and the
-turn ends itself, so chat records get no extra BOS/EOS.
+is a target when its character span overlaps an assistant span.  A dialogue's tokens stop at its
+last answer's end of turn (what a template writes after it is dropped), so an SFT dialogue, a
+demonstration scored by a reward model and a comparison's responses all end at that token, where
+a reward model reads its score.  The template writes BOS and the turn ends itself, so chat records
+get no extra BOS/EOS.
 """
 
 from __future__ import annotations
@@ -201,10 +204,12 @@ def _like(records: Sequence[Any], items: list) -> list:
 
 def chat_demonstration_ids(tokenizer: Tokenizer,
                            records: Sequence[ChatDemonstration]) -> list[tuple[list[int], list[bool]]]:
-    """For each dialogue: its template ids and which are SFT targets (tokens overlapping an
-    assistant span)."""
+    """For each dialogue: its template ids up to its last assistant turn's end, and which are SFT
+    targets (tokens overlapping an assistant span)."""
     rendered = [assistant_spans(tokenizer, r.messages, name) for r, name in zip(records, _names(records))]
-    encodings = tokenizer.hf.encode_batch([text for text, _ in rendered], add_special_tokens=False)
+    # Up to the last answer's end of turn, as a comparison's responses: a reward model scoring a
+    # demonstration reads it at the same token.
+    encodings = tokenizer.hf.encode_batch([text[:spans[-1][1]] for text, spans in rendered], add_special_tokens=False)
     return [(enc.ids, [any(s < e_tok and b_tok < e for s, e in spans) for b_tok, e_tok in enc.offsets])
             for (_, spans), enc in zip(rendered, encodings, strict=True)]
 
