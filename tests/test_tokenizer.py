@@ -387,3 +387,26 @@ def test_config_stop_tokens_and_extra_specials(tmp_path):
     (tmp_path / "generation_config.json").write_text("[1]")
     with pytest.raises(ValueError, match=r"generation_config.json: expected a JSON object"):
         Tokenizer.from_file(tmp_path)
+
+
+def test_from_gguf_eot_and_eom_are_stop_ids(tmp_path):
+    """llama.cpp's `tokenizer.ggml.eot_token_id` / `eom_token_id` (Llama 3's `<|eot_id|>`,
+    `<|eom_id|>`) join EOS in `stop_ids`; the pad (= EOS in the file) becomes the spare control
+    token, not one of them."""
+    gguf = pytest.importorskip("gguf", reason="the `gguf` package is needed for the GGUF tests")
+    w = gguf.GGUFWriter(tmp_path / "l3.gguf", "llama")
+    w.add_tokenizer_model("gpt2")
+    w.add_token_list(["<|begin|>", "<|end_text|>", "<|eot|>", "<|eom|>", "<|reserved|>", "a", "b", "ab"])
+    w.add_token_types([3, 3, 3, 3, 3, 1, 1, 1])
+    w.add_token_merges(["a b"])
+    w.add_bos_token_id(0)
+    w.add_eos_token_id(1)
+    w.add_pad_token_id(1)
+    w.add_eot_token_id(2)
+    w.add_eom_token_id(3)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    tok = Tokenizer.from_gguf(tmp_path / "l3.gguf")
+    assert (tok.bos_id, tok.eos_id, tok.stop_ids, tok.pad_id, tok.vocab_size) == (0, 1, (1, 2, 3), 4, 8)
