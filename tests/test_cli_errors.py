@@ -117,14 +117,19 @@ def always_overcommits() -> bool:
 
 @pytest.mark.skipif(always_overcommits(), reason="the 1 TiB allocation would be granted, not refused")
 def test_real_out_of_memory_exits_1_saying_what_to_change(world, tmp_path):
-    """A random model with d_model 2^19: its first 2^19 x 2^19 weight (1 TiB) is refused by XLA
-    (RESOURCE_EXHAUSTED) before any training; ~1 GB resident, a few seconds."""
+    """A random model with d_model 2^19: the memory plan (its first 2^19 x 2^19 weight alone is
+    1 TiB) is refused before compiling; with `--force` XLA refuses the weight (RESOURCE_EXHAUSTED)
+    before any training and the error names the stage, the step and the plan; ~1 GB resident,
+    a few seconds."""
     model = '{"init": {"arch": "gpt2", "vocab_size": 320, "d_model": 524288, "n_layers": 1, "n_heads": 1, "max_len": 64}}'
     args = sft_args(world, tmp_path / "run", "x")
     args[args.index("model.hf_dir=x")] = f"model={model}"
-    result = run_cli(*args, "--set", f"tokenizer={world['tokenizer']}")
-    assert_one_line(result, 1, "out of device memory (RESOURCE_EXHAUSTED: Out of memory allocating",
-                    "model.remat_policy", "grad_accum_steps", "max_len", "mesh.fsdp")
+    args += ["--set", f"tokenizer={world['tokenizer']}"]
+    assert_one_line(run_cli(*args), 1, "sft stage: the memory plan needs", "--force")
+    assert_one_line(run_cli(*args, "--force"), 1,
+                    "out of device memory in the sft stage during setup (before step 1) (RESOURCE_EXHAUSTED: "
+                    "Out of memory allocating", "the planner estimated", "model.remat=true", "grad_accum_steps",
+                    "max_len", "mesh.fsdp")
 
 
 def test_full_disk_during_a_checkpoint_save_exits_1_with_one_error_line(world, tmp_path):
@@ -193,3 +198,12 @@ def test_library_type_is_named_and_a_bug_keeps_its_traceback(monkeypatch, capsys
         cli.main(failing(monkeypatch, bug))
     with pytest.raises(KeyError):
         cli.main(failing(monkeypatch, KeyError("params")))
+
+
+def test_missing_model_dir_names_its_config_json_for_every_stage(world, tmp_path, capsys):
+    """The model's config is read before its tokenizer, so each stage names the missing file."""
+    nope = tmp_path / "nope"
+    common = ["--set", f"workdir={tmp_path / 'run'}", "--set", f"model.hf_dir={nope}", "--set", "train_data=t.jsonl"]
+    for command in (["sft"], ["rm", "--set", "normalize=none"], ["ppo", "--set", "reward_model=r", "--set", "ppo.ptx_coef=0"]):
+        assert cli.main([*command, *common]) == 2
+        assert capsys.readouterr().err == f"rlhf-jax: error: {nope / 'config.json'}: no such file (ModelSource.hf_dir)\n"

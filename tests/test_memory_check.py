@@ -11,12 +11,15 @@ import numpy as np
 import pytest
 from jax.errors import JaxRuntimeError
 
+from rlhf_jax import cli
 from rlhf_jax.errors import DeviceMemoryError, PlanError
 from rlhf_jax.model import ModelConfig
 from rlhf_jax.plan import GiB
 from rlhf_jax.sharding import MeshConfig
 from rlhf_jax.train.memory import MemoryCheckConfig, MemoryGuard, check_memory, device_memory, stage_plan
 from rlhf_jax.train.state import TrainState
+from test_cli_errors import sft_args
+from test_stage_sft import make_world
 
 MODEL = ModelConfig(arch="gpt2", vocab_size=64, d_model=32, n_layers=2, n_heads=2, max_len=64)
 RM_SHAPE = {"batch_size": 8, "k_responses": 2, "seq_len": 64}
@@ -36,7 +39,8 @@ def test_a_plan_over_the_limit_is_refused_with_advice_in_stage_config_names():
     assert all(gib <= 0.9 * limit for _, gib in e.value.suggestions)  # each fix was re-planned to fit
     # The same plan fits a larger device, and check=false skips the check altogether.
     assert check_memory("rm", MODEL, MeshConfig(), MemoryCheckConfig(limit_gib=1.0), **RM_SHAPE) is not None
-    assert check_memory("rm", MODEL, MeshConfig(), MemoryCheckConfig(check=False, limit_gib=1e-9), **RM_SHAPE) is None
+    unchecked = check_memory("rm", MODEL, MeshConfig(), MemoryCheckConfig(check=False, limit_gib=1e-9), **RM_SHAPE)
+    assert unchecked.total_bytes == plan.total_bytes
 
 
 def test_remat_and_the_model_dtype_reach_the_plan():
@@ -84,3 +88,21 @@ def test_out_of_memory_names_stage_step_shape_and_estimate():
     with pytest.raises(JaxRuntimeError, match="INTERNAL"):  # other runtime errors pass through
         with MemoryGuard("sft", None):
             raise JaxRuntimeError("INTERNAL: something else")
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    return make_world(tmp_path_factory.mktemp("memory_world"), n_demos=8, n_eval=4)
+
+
+def test_the_sft_stage_is_refused_before_compiling_and_force_runs_it(world, tmp_path, capsys):
+    """Through `rlhf_jax.cli.main`: a 1 KiB device limit refuses the plan (exit 1, one line,
+    nothing trained); `--force` skips the check and the stage trains and exports."""
+    args = sft_args(world, tmp_path / "run", world["base"]) + ["--set", "memory.limit_gib=1e-6"]
+    assert cli.main(args) == 1
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("rlhf-jax: error: sft stage: the memory plan needs "), lines
+    assert "batch_size 4, seq_len 64" in lines[0] and "max_len" in lines[0] and "--force" in lines[0]
+    assert not (tmp_path / "run" / "checkpoints").exists()
+    assert cli.main([*args, "--force"]) == 0
+    assert (tmp_path / "run" / "model" / "model.safetensors").is_file()
