@@ -51,7 +51,7 @@ def test_wheel_installs_and_runs_from_an_empty_directory(tmp_path: Path) -> None
     rlhf_jax = venv / "bin" / "rlhf-jax"
     assert "pipeline" in run(rlhf_jax, "--help", cwd=empty, env=env)
     assert '"name": "tiny"' in run(rlhf_jax, "pipeline", "--print-config", cwd=empty, env=env)
-    tuned = run(python, "-c", "from rlhf_jax.pipeline import tuned_defaults; print(sorted(tuned_defaults()))",
+    tuned = run(python, "-c", "from rlhf_jax.pipeline import tuned_defaults; print(' '.join(tuned_defaults()))",
                 cwd=empty, env=env)
-    assert tuned.strip() == "['ppo', 'pretrain', 'rm', 'sft']"
+    assert {"pretrain", "sft", "rm", "ppo"} <= set(tuned.split())
     assert list(empty.iterdir()) == []
