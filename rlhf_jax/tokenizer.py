@@ -28,7 +28,7 @@ embedding, and the exported Hugging Face directory names it in `config.json` (`p
 and `tokenizer_config.json`. Only a tokenizer with no spare special token at all (GPT-2's single
 `<|endoftext|>`, a trained one without a pad) gets `<|pad|>` added as a new token, id = the old
 vocabulary size (`added_pad`); the stages then refuse it unless the model's embedding has that row
-(`stages.common.check_vocab`: every id, pad included, must be < the model's `vocab_size`).
+(`stages.sources.check_vocab`: every id, pad included, must be < the model's `vocab_size`).
 Pad positions are always masked; the pad id only fills them.
 """
 
@@ -72,6 +72,8 @@ class Tokenizer:
       add_bos_token: whether the model expects BOS before a text (from `tokenizer_config.json` or
         the GGUF's `tokenizer.ggml.add_bos_token`); informational, `encode` adds BOS only when asked.
       chat_template: the Jinja2 chat template, or None.
+      template_source: how its errors name the template (`path/tokenizer_config.json`,
+        `path/chat_template.jinja`, `file.gguf: tokenizer.chat_template`).
     """
 
     def __init__(
@@ -84,12 +86,15 @@ class Tokenizer:
         add_bos_token: bool = False,
         chat_template: str | None = None,
         stop_tokens: Sequence[str] = (),
+        template_source: str = "chat_template",
     ):
         """Wraps `hf`; tokens not named are looked up among common names (`<s>`, `</s>`, ...).
-        `stop_tokens`: more tokens that end an answer (module docstring, `stop_ids`)."""
+        `stop_tokens`: more tokens that end an answer (module docstring, `stop_ids`);
+        `template_source`: where the chat template came from, for its errors (e.g. the file)."""
         self.hf = hf
         self.add_bos_token = bool(add_bos_token)
         self.chat_template = chat_template
+        self.template_source = template_source
         self._bos_id = _find_id(hf, bos_token, _BOS_CANDIDATES, "bos_token")
         self._eos_id = _find_id(hf, eos_token, _EOS_CANDIDATES, "eos_token")
         stops = {_find_id(hf, t, (), "stop token") for t in stop_tokens}
@@ -168,6 +173,7 @@ class Tokenizer:
                 add_bos_token=names.get("add_bos_token", False),
                 chat_template=names.get("chat_template"),
                 stop_tokens=stop_tokens,
+                template_source=names.get("chat_template_source", "chat_template"),
             )
         except ValueError as e:
             raise ValueError(f"{file}: {e}") from None
@@ -257,7 +263,8 @@ class Tokenizer:
         return cls(hf, bos_token=name("bos"), eos_token=name("eos"), pad_token=name("padding"),
                    add_bos_token=key("tokenizer.ggml.add_bos_token", False),
                    chat_template=key("tokenizer.chat_template", None),
-                   stop_tokens=[t for t in (name("eot"), name("eom")) if t is not None])
+                   stop_tokens=[t for t in (name("eot"), name("eom")) if t is not None],
+                   template_source=f"{path}: tokenizer.chat_template")
 
     @classmethod
     def from_llama2c(cls, path: str | os.PathLike) -> Tokenizer:
@@ -459,7 +466,7 @@ class Tokenizer:
         token = lambda i: None if i is None else self.hf.id_to_token(i)  # noqa: E731
         text = apply_chat_template(
             self.chat_template, messages, add_generation_prompt=add_generation_prompt,
-            bos_token=token(self._bos_id), eos_token=token(self._eos_id),
+            bos_token=token(self._bos_id), eos_token=token(self._eos_id), template_name=self.template_source,
             **{"pad_token": token(self._pad_id), **extra},
         )
         return self.encode(text) if tokenize else text
@@ -594,9 +601,11 @@ def _special_names_beside(file: Path) -> dict[str, Any]:
                              if isinstance(t, dict) and t.get("name") == "default"), None)
         if isinstance(template, str):
             names["chat_template"] = template
+            names["chat_template_source"] = str(file.parent / cfg_name)
     jinja = file.parent / "chat_template.jinja"
     if jinja.is_file():
         names["chat_template"] = jinja.read_text(encoding="utf-8")
+        names["chat_template_source"] = str(jinja)
     generation = _read_json(file.parent / _GENERATION_CONFIG) or {}
     eos = generation.get("eos_token_id")
     eos = [eos] if isinstance(eos, int) else eos

@@ -192,3 +192,16 @@ def test_no_turn_end_when_template_raises_or_writes_none(chat_tokenizers):
     assert plain.template_turn_end() is None and plain.stop_ids == (plain.eos_id,)
     raising = Tokenizer(tok.hf, chat_template="{{ raise_exception('no') }}")
     assert raising.template_turn_end() is None
+
+
+def test_template_errors_name_the_file(chat_tokenizers, tmp_path):
+    """A template read from a file names that file when it raises (`tokenizer_config.json`, or
+    `chat_template.jinja`, which wins)."""
+    tok, _ = chat_tokenizers("gemma")
+    tok.save(tmp_path)
+    system = [{"role": "system", "content": "s"}, {"role": "user", "content": "u"}]
+    with pytest.raises(ChatTemplateError, match=r"tokenizer_config\.json raised: System role not supported"):
+        Tokenizer.from_file(tmp_path).apply_chat_template(system)
+    (tmp_path / "chat_template.jinja").write_text("{{ raise_exception('no ' ~ messages[0].role) }}")
+    with pytest.raises(ChatTemplateError, match=r"chat_template\.jinja raised: no system"):
+        Tokenizer.from_file(tmp_path).apply_chat_template(system)
