@@ -47,6 +47,15 @@ GEMMA = (
     "{{ '<start_of_turn>' + role + '\n' + message['content'] | trim + '<end_of_turn>\n' }}"
     "{% endfor %}{% if add_generation_prompt %}{{'<start_of_turn>model\n'}}{% endif %}"
 )
+# Gemma 3: a system message is folded into the first user turn; a conditional expression.
+GEMMA3 = (
+    "{{ bos_token }}{% if messages[0]['role'] == 'system' %}"
+    "{% set prefix = messages[0]['content'] | trim + '\n\n' %}{% set turns = messages[1:] %}"
+    "{% else %}{% set prefix = '' %}{% set turns = messages %}{% endif %}"
+    "{% for message in turns %}{% set role = 'model' if message['role'] == 'assistant' else message['role'] %}"
+    "{{ '<start_of_turn>' + role + '\n' + (prefix if loop.first else '') + message['content'] | trim }}"
+    "{{ '<end_of_turn>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"
+)
 # A system-message branch with a namespace, loop controls, tools through tojson, an EOS after
 # assistant turns and a {% generation %} block; raises on a tool turn.
 BRANCHY = """{%- set ns = namespace(system=none) %}
@@ -65,7 +74,7 @@ BRANCHY = """{%- set ns = namespace(system=none) %}
 {%- endfor %}
 {%- if add_generation_prompt %}[A] {% endif %}"""
 
-TEMPLATES = {"chatml": CHATML, "llama3": LLAMA3, "gemma": GEMMA, "branchy": BRANCHY}
+TEMPLATES = {"chatml": CHATML, "llama3": LLAMA3, "gemma": GEMMA, "gemma3": GEMMA3, "branchy": BRANCHY}
 FAMILY_TOKENS = ("<|im_start|>", "<|im_end|>", "<|start_header_id|>", "<|end_header_id|>",
                  "<|eot_id|>", "<start_of_turn>", "<end_of_turn>")
 CORPUS = ["the cat sat on the mat.", "the dog sat on the log!", "naïve café — ünïcode ✓"] * 20
@@ -123,6 +132,8 @@ def test_templates_match_transformers(name, gen, chat_tokenizers):
         rendered.append(text)
     if name == "gemma":  # the system chat raised in both
         assert issubclass(rendered[2], Exception) and "<start_of_turn>model\n" in rendered[1]
+    if name == "gemma3":  # the system text opens the first user turn
+        assert "<start_of_turn>user\nbe brief\n\nthe mat<end_of_turn>" in rendered[2]
     if name == "branchy":
         tools_text, _ = render_both(name, chat_tokenizers, CHATS[0], add_generation_prompt=gen, tools=TOOLS)
         assert 'Find <x> & \\"y\\"' in tools_text  # tojson does not HTML-escape
@@ -169,7 +180,8 @@ def test_tokenizer_without_template():
 
 
 @pytest.mark.parametrize("name, turn_end", [("chatml", "<|im_end|>"), ("llama3", "<|eot_id|>"),
-                                            ("gemma", "<end_of_turn>"), ("branchy", "<|eos|>")])
+                                            ("gemma", "<end_of_turn>"), ("gemma3", "<end_of_turn>"),
+                                            ("branchy", "<|eos|>")])
 def test_stop_ids_from_template_turn_end(name, turn_end, chat_tokenizers, tmp_path):
     """The template's end-of-turn token joins EOS in `stop_ids`; the pad is none of them; the
     saved `generation_config.json` lists them for `transformers`' `generate`."""
