@@ -31,7 +31,7 @@ from rlhf_jax import score
 from rlhf_jax.data import read_prompts
 from rlhf_jax.hf import load_pretrained
 from rlhf_jax.pipeline import sample, win_rate
-from rlhf_jax.stages.reward import load_reward_model
+from rlhf_jax.stages.sources import load_reward_model
 from rlhf_jax.tasks import gold_score, parse_prompt
 from rlhf_jax.tokenizer import Tokenizer
 

@@ -375,6 +375,20 @@ def _read_score_bias(file: Path) -> np.ndarray:
     return bias
 
 
+def read_config(path: str | os.PathLike, *, dtype: str = "float32", head: str = "lm") -> ModelConfig:
+    """The ``ModelConfig`` of the Hugging Face directory ``path`` (its ``config.json``, through
+    ``config_from_hf``), without reading weights.  ``FileNotFoundError`` / ``ValueError`` name the
+    file."""
+    config_file = Path(path) / CONFIG_FILE
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{config_file}: no such file")
+    try:
+        hf = json.loads(config_file.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{config_file}: invalid JSON ({e})") from e
+    return config_from_hf(hf, dtype=dtype, head=head, source=config_file)
+
+
 def load_pretrained(
     path: str | os.PathLike,
     *,
@@ -396,14 +410,7 @@ def load_pretrained(
     field or tensor (with expected and actual shapes) for anything unsupported or malformed.
     """
     path = Path(path)
-    config_file = path / CONFIG_FILE
-    if not config_file.is_file():
-        raise FileNotFoundError(f"{config_file}: no such file")
-    try:
-        hf = json.loads(config_file.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{config_file}: invalid JSON ({e})") from e
-    config = config_from_hf(hf, dtype=dtype, head=head, source=config_file)
+    config = read_config(path, dtype=dtype, head=head)
     model = Transformer(config)
     abstract = _abstract_params(model)
     files = _TensorFiles(path)

@@ -12,7 +12,7 @@ import pytest
 
 from rlhf_jax.cli import COMMANDS, main
 from rlhf_jax.configs import load_config
-from rlhf_jax.stages.common import completed_model
+from rlhf_jax.stages.export import completed_model
 from test_stage_sft import jsonl, make_world
 
 REPO = Path(__file__).resolve().parents[1]

@@ -247,7 +247,7 @@ def test_grpo_iteration_sharded_equals_single_device():
         from rlhf_jax.grpo import GRPOConfig, GRPOModels, grpo_iteration, init_grpo_state
         from rlhf_jax.model import ModelConfig, Transformer, init_params
         from rlhf_jax.sharding import MeshConfig, make_mesh, state_shardings
-        from rlhf_jax.stages.common import jit_on_mesh
+        from rlhf_jax.stages.steps import jit_on_mesh
         from rlhf_jax.train import OptimizerConfig, make_optimizer
 
         cfg = ModelConfig(arch="llama", vocab_size=64, d_model=32, n_layers=1, n_heads=4, n_kv_heads=2, d_ff=96,

@@ -1,6 +1,6 @@
 """Multi-host for real on one machine: two processes on loopback (CPU collectives via gloo), each
 with 4 simulated devices, on a data=2 × fsdp=4 mesh, loading data per process: the stages' own
-data paths (``stages.sft.train_batches``, ``stages.ppo.train_batches``) read only that
+data paths (``stages.sft.train_batches``, ``stages.rollouts.prompt_batches``) read only that
 process's records of the JSONL files, and its rows become its devices' shards of the global batch
 (``jax.make_array_from_process_local_data``).  Two SFT steps (from ``setup_training``) and one
 PPO-ptx iteration must give the same numbers as one process holding all 8 devices, fed the global
@@ -38,7 +38,10 @@ BODY = textwrap.dedent("""
     from rlhf_jax.ppo import PPOConfig, PPOModels, init_ppo_state
     from rlhf_jax.sharding import MeshConfig, make_mesh, process_data_shard, state_shardings
     from rlhf_jax.stages import sft as sft_stage, ppo as ppo_stage
-    from rlhf_jax.stages.common import ModelSource, jit_on_mesh, setup_training, stage_optimizer
+    from rlhf_jax.stages.config import stage_optimizer
+    from rlhf_jax.stages.rollouts import prompt_arrays, prompt_batches
+    from rlhf_jax.stages.sources import ModelSource
+    from rlhf_jax.stages.steps import jit_on_mesh, setup_training
     from rlhf_jax.stages.sft import SFTConfig, SFTOptimizerConfig, sft_step_fn
     from rlhf_jax.tokenizer import Tokenizer
     from rlhf_jax.train import OptimizerConfig, make_optimizer
@@ -106,9 +109,9 @@ BODY = textwrap.dedent("""
                                      ptx_data=files["pretrain"], ptx_batch_size=4, ptx_seq_len=12, batch_size=8,
                                      max_prompt_len=24, ppo=ppo)
     if n > 1:
-        pbatch = next(ppo_stage.train_batches(stage, ppo, tokenizer, mesh)[0])
+        pbatch = next(prompt_batches(stage, ppo, tokenizer, mesh)[0])
     else:
-        prompts = evened([ppo_stage.prompt_arrays(files["prompts"], tokenizer, 24, p, 2) for p in (0, 1)])
+        prompts = evened([prompt_arrays(files["prompts"], tokenizer, 24, p, 2) for p in (0, 1)])
         ptx = evened([tokenize_texts([r.text for r in read_pretrain_texts(files["pretrain"], shard_index=p,
                                                                           shard_count=2)], tokenizer, 12) for p in (0, 1)])
         prompt = next(global_batches([BatchIterator(p, 4, seed=stage.seed) for p in prompts]))

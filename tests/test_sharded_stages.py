@@ -32,7 +32,7 @@ PRELUDE = textwrap.dedent("""
     import jax, numpy as np
     from rlhf_jax.model import ModelConfig, Transformer, init_params
     from rlhf_jax.sharding import MeshConfig, make_mesh, shard_batch, state_shardings
-    from rlhf_jax.stages.common import init_train_state, jit_on_mesh
+    from rlhf_jax.stages.steps import init_train_state, jit_on_mesh
     from rlhf_jax.train import OptimizerConfig, make_optimizer
 
     MESHES = [(8, 1, 1), (1, 8, 1), (2, 2, 2), (1, 4, 2)]

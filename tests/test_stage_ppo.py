@@ -16,8 +16,11 @@ from safetensors.numpy import load_file
 from rlhf_jax.configs import ConfigError
 from rlhf_jax.generation import GenerateConfig
 from rlhf_jax.ppo import PPOConfig, experience_phase, rollout_phase
-from rlhf_jax.stages.common import ModelSource, StageLoopConfig, StageOptimizerConfig, completed_model
-from rlhf_jax.stages.ppo import PPOStageConfig, initial_state, load_ppo_models, ppo_step_fn, prompt_arrays, train_ppo
+from rlhf_jax.stages.config import StageLoopConfig, StageOptimizerConfig
+from rlhf_jax.stages.export import completed_model
+from rlhf_jax.stages.sources import ModelSource
+from rlhf_jax.stages.ppo import PPOStageConfig, initial_state, load_ppo_models, ppo_step_fn, train_ppo
+from rlhf_jax.stages.rollouts import prompt_arrays
 from rlhf_jax.tasks import make_world_files
 from rlhf_jax.tokenizer import Tokenizer
 from rlhf_jax.train import OptimizerConfig, make_optimizer

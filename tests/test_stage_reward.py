@@ -20,18 +20,18 @@ import pytest
 from safetensors.numpy import load_file
 
 import rlhf_jax.model as model_module
-import rlhf_jax.stages.common as common
+import rlhf_jax.data.agreement as agreement
 import rlhf_jax.stages.reward as reward_stage
 from rlhf_jax.configs import ConfigError
 from rlhf_jax.data import BatchIterator, DataError, read_demonstrations
 from rlhf_jax.generation import score
 from rlhf_jax.hf import load_pretrained
 from rlhf_jax.model import ModelConfig, Transformer, init_params
-from rlhf_jax.stages.common import ModelSource, StageLoopConfig
+from rlhf_jax.stages.config import StageLoopConfig
+from rlhf_jax.stages.sources import ModelSource, load_reward_model
 from rlhf_jax.stages.reward import (
     RMConfig,
     RMOptimizerConfig,
-    load_reward_model,
     normalization,
     rm_batch_loss,
     train_rm,
@@ -229,8 +229,8 @@ def test_agreed_cut_pads_items_and_time_to_the_widest_process(monkeypatch):
     arrays["mask"][:, :2, :3] = 1
     arrays["tokens"] = np.where(arrays["mask"] != 0, 4, 9)
     other = iter([5, 8])  # the other process's K cut, then its width
-    monkeypatch.setattr(common, "across_processes", lambda value, reduce=max: reduce(value, next(other)))
-    it = common._AgreedWidth(BatchIterator(arrays, 2, seed=0, shuffle=False, buckets=(4, 8, 16), group_by="valid",
+    monkeypatch.setattr(agreement, "across_processes", lambda value, reduce=max: reduce(value, next(other)))
+    it = agreement._AgreedWidth(BatchIterator(arrays, 2, seed=0, shuffle=False, buckets=(4, 8, 16), group_by="valid",
                                            group_buckets=(2, 5)), {"tokens": 9})
     batch = next(it)
     assert batch["valid"].shape == (2, 5) and batch["mask"].shape == batch["tokens"].shape == (2, 5, 8)

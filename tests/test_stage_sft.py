@@ -21,12 +21,9 @@ from rlhf_jax.configs import ConfigError
 from rlhf_jax.data import DataError, read_demonstrations
 from rlhf_jax.hf import load_pretrained, save_pretrained
 from rlhf_jax.model import ModelConfig, Transformer, init_params
-from rlhf_jax.stages.common import (
-    ModelSource,
-    StageLoopConfig,
-    StageOptimizerConfig,
-    completed_model,
-)
+from rlhf_jax.stages.config import StageLoopConfig, StageOptimizerConfig
+from rlhf_jax.stages.export import completed_model
+from rlhf_jax.stages.sources import ModelSource
 from rlhf_jax.stages.sft import (
     SFTConfig,
     SFTOptimizerConfig,

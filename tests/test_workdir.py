@@ -22,7 +22,8 @@ import pytest
 from safetensors.numpy import load_file
 
 import rlhf_jax.train.workdir as wd
-from rlhf_jax.stages.common import StageLoopConfig, completed_model
+from rlhf_jax.stages.config import StageLoopConfig
+from rlhf_jax.stages.export import completed_model
 from rlhf_jax.stages.ppo import train_ppo
 from rlhf_jax.stages.reward import train_rm
 from rlhf_jax.stages.sft import SFTOptimizerConfig, train_sft

@@ -41,7 +41,7 @@ from experiments.benchmarks.common import format_table, machine_info, timed, wri
 from experiments.benchmarks.ppo_step import Bench, load_shared, write_shared
 from rlhf_jax.ppo import init_ppo_state
 from rlhf_jax.sharding import MeshConfig, make_mesh, state_shardings
-from rlhf_jax.stages.common import jit_on_mesh
+from rlhf_jax.stages.steps import jit_on_mesh
 from rlhf_jax.stages.ppo import ppo_step_fn
 
 RESULT_MARK = "@@RESULT "

@@ -54,7 +54,7 @@ from experiments.benchmarks.shapes import CASES, K, Case
 from rlhf_jax.hf import load_pretrained, save_pretrained
 from rlhf_jax.model import Transformer, init_params
 from rlhf_jax.sharding import MeshConfig, make_mesh
-from rlhf_jax.stages.common import init_train_state, jit_on_mesh
+from rlhf_jax.stages.steps import init_train_state, jit_on_mesh
 from rlhf_jax.stages.reward import rm_batch_loss, rm_step_fn
 from rlhf_jax.stages.sft import sft_batch_loss, sft_step_fn
 from rlhf_jax.train import OptimizerConfig, make_optimizer

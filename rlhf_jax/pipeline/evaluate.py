@@ -20,7 +20,8 @@ from rlhf_jax.model import forward
 from rlhf_jax.pipeline.comparisons import sample
 from rlhf_jax.pipeline.config import PipelineConfig
 from rlhf_jax.pipeline.inputs import world_files
-from rlhf_jax.stages.reward import k_way_rewards, load_reward_model
+from rlhf_jax.stages.reward import k_way_rewards
+from rlhf_jax.stages.sources import load_reward_model
 from rlhf_jax.tasks import gold_score
 from rlhf_jax.tokenizer import Tokenizer
 

@@ -30,7 +30,7 @@ from rlhf_jax.hf import load_pretrained
 from rlhf_jax.model import Transformer
 from rlhf_jax.pipeline import heldout_ptx_loss, kl_per_sequence, prompt_win_rates, sample
 from rlhf_jax.report import format_table
-from rlhf_jax.stages.reward import load_reward_model
+from rlhf_jax.stages.sources import load_reward_model
 from rlhf_jax.tokenizer import Tokenizer
 
 RESULTS_FILE, GAMMA0_FILE = "results.json", "gamma0.json"

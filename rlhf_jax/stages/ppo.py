@@ -21,16 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rlhf_jax.configs import ConfigError
-from rlhf_jax.data import (
-    TRUNCATIONS,
-    DataError,
-    TruncationStats,
-    ZipIterator,
-    read_pretrain_texts,
-    read_prompts,
-    tokenize_prompts,
-    tokenize_texts,
-)
+from rlhf_jax.data import TRUNCATIONS, TruncationStats
 from rlhf_jax.errors import check
 from rlhf_jax.model import ModelConfig, Transformer
 from rlhf_jax.ppo import (
@@ -44,21 +35,11 @@ from rlhf_jax.ppo import (
     rollout_phase,
 )
 from rlhf_jax.sharding import place_batch, state_shardings
-from rlhf_jax.stages.common import (
-    Setup,
-    StageConfig,
-    StageOptimizerConfig,
-    cached_optimizer,
-    check_batch_fits_mesh,
-    data_shard,
-    even_rows,
-    jit_on_mesh,
-    load_model,
-    model_config,
-    process_batches,
-    with_execution,
-)
-from rlhf_jax.stages.reward import load_reward_model
+from rlhf_jax.stages.config import StageConfig, StageOptimizerConfig
+from rlhf_jax.stages.sources import load_model, model_config, with_execution
+from rlhf_jax.stages.steps import Setup, cached_optimizer, check_batch_fits_mesh, jit_on_mesh
+from rlhf_jax.stages.sources import load_reward_model
+from rlhf_jax.stages.rollouts import TimedStep, prompt_arrays, prompt_batches, ptx_minibatches
 from rlhf_jax.stages.skeleton import StageData, StageRun, run_stage
 from rlhf_jax.tokenizer import Tokenizer
 from rlhf_jax.train import MetricsWriter, OptimizerConfig
@@ -130,68 +111,11 @@ class PPOStageConfig(StageConfig):
 
 
 def _generation(cfg: PPOStageConfig, tokenizer: Tokenizer) -> PPOConfig:
-    """``cfg.ppo`` with the tokenizer's EOS and pad ids in its generation config."""
-    gen = dataclasses.replace(cfg.ppo.generation, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
+    """``cfg.ppo`` with the tokenizer's EOS, stop ids (``Tokenizer.stop_ids``: the chat
+    template's end of turn too) and pad id in its generation config."""
+    gen = dataclasses.replace(cfg.ppo.generation, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
+                              stop_ids={*cfg.ppo.generation.stop_ids, *tokenizer.stop_ids})
     return dataclasses.replace(cfg.ppo, generation=gen)
-
-
-def prompt_arrays(path: str, tokenizer: Tokenizer, max_len: int, shard_index: int = 0,
-                  shard_count: int = 1, *, truncation: str = "error", skip_bad: bool = False,
-                  stats: TruncationStats | None = None) -> dict[str, np.ndarray]:
-    """``{"tokens", "mask"}`` ``[n, max_len]`` left-padded prompts of a JSONL file (BOS added;
-    its ``shard_index``-th of ``shard_count`` parts, ``data.read_jsonl``, skipping bad lines with
-    ``skip_bad``; a longer prompt follows ``truncation``, ``data.truncation``; ``stats`` gets the
-    counts)."""
-    records = read_prompts(path, skip_bad=skip_bad, shard_index=shard_index, shard_count=shard_count)
-    stats = TruncationStats() if stats is None else stats
-    stats.bad_lines += records.n_skipped
-    if not records:
-        raise DataError(f"{path}: no prompts")
-    try:
-        return tokenize_prompts(records, tokenizer, max_len, truncation=truncation, stats=stats)
-    except ValueError as e:
-        raise DataError(f"{path}: {e}") from None
-
-
-def train_batches(cfg: PPOStageConfig, ppo_cfg: PPOConfig, tokenizer: Tokenizer, mesh: Any,
-                  stats: dict[str, TruncationStats] | None = None) -> tuple[Any, int]:
-    """``(batches, prompts)``: the stage's batches (``common.process_batches``: this process's part
-    of the prompt and pretraining files) with ``prompt_*`` ``[batch_size, max_prompt_len]`` and
-    ``ptx_*`` ``[epochs·num_minibatches·ptx_batch_size, ptx_seq_len]`` rows per global batch, and
-    the number of training prompts over all processes; ``stats`` (``"train_data"``,
-    ``"ptx_data"``) get the cut, skipped and bad-line counts."""
-    shard = data_shard(mesh)
-    stats = {} if stats is None else stats
-    prompts = even_rows(prompt_arrays(cfg.train_data, tokenizer, cfg.max_prompt_len, **shard, truncation=cfg.truncation,
-                                      skip_bad=cfg.skip_bad,
-                                      stats=stats.setdefault("train_data", TruncationStats())))
-    n_prompts = len(prompts["tokens"]) * shard["shard_count"]
-    if cfg.batch_size > n_prompts:
-        raise ConfigError(f"PPOStageConfig.batch_size {cfg.batch_size} exceeds the {n_prompts} "
-                          f"prompts of {cfg.train_data}")
-    its = {"prompt": process_batches(prompts, cfg.batch_size, mesh, seed=cfg.seed, where="PPOStageConfig.batch_size")}
-    if ppo_cfg.ptx_coef > 0:
-        records = read_pretrain_texts(cfg.ptx_data, skip_bad=cfg.skip_bad, **shard)
-        stats["ptx_data"] = TruncationStats(records=len(records), bad_lines=records.n_skipped)
-        texts = [r.text for r in records]
-        blocks = even_rows(tokenize_texts(texts, tokenizer, cfg.ptx_seq_len))
-        per_iter = ppo_cfg.epochs * ppo_cfg.num_minibatches * cfg.ptx_batch_size
-        n_blocks = len(blocks["tokens"]) * shard["shard_count"]
-        if n_blocks < per_iter:
-            raise DataError(f"{cfg.ptx_data}: {n_blocks} blocks of {cfg.ptx_seq_len} tokens; an "
-                            f"iteration needs {per_iter} (epochs × num_minibatches × ptx_batch_size)")
-        its["ptx"] = process_batches({"tokens": blocks["tokens"], "mask": blocks["mask"]}, per_iter, mesh,
-                                     seed=cfg.seed + 1, where="PPOStageConfig ptx rows per iteration")
-    return ZipIterator(**its), n_prompts
-
-
-def _ptx(ppo_cfg: PPOConfig, batch: dict[str, jax.Array]) -> tuple[jax.Array | None, jax.Array | None]:
-    """Pretraining rows ``[E·M·ptx_b, L]`` -> ``[E·M, ptx_b, L]`` (one minibatch per update)."""
-    if "ptx_tokens" not in batch:
-        return None, None
-    n = ppo_cfg.epochs * ppo_cfg.num_minibatches
-    shape = (n, -1, batch["ptx_tokens"].shape[-1])
-    return batch["ptx_tokens"].reshape(shape), batch["ptx_mask"].reshape(shape)
 
 
 def ppo_step_fn(models: PPOModels, ppo_cfg: PPOConfig):
@@ -199,7 +123,7 @@ def ppo_step_fn(models: PPOModels, ppo_cfg: PPOConfig):
     ``prompt_tokens``/``prompt_mask`` ``[b, P]`` and optional ``ptx_tokens``/``ptx_mask``."""
 
     def step(state: PPOState, batch: dict[str, jax.Array]):
-        return ppo_iteration(models, ppo_cfg, state, batch["prompt_tokens"], batch["prompt_mask"], *_ptx(ppo_cfg, batch))
+        return ppo_iteration(models, ppo_cfg, state, batch["prompt_tokens"], batch["prompt_mask"], *ptx_minibatches(ppo_cfg, batch))
 
     return step
 
@@ -222,25 +146,12 @@ class _PhaseTimedStep:
         t1 = time.perf_counter()
         exp = jax.block_until_ready(self.experience(state, rollout))
         t2 = time.perf_counter()
-        ptx, ptx_mask = _ptx(self.ppo_cfg, batch)
+        ptx, ptx_mask = ptx_minibatches(self.ppo_cfg, batch)
         state, metrics = self.update(state, exp, ptx, ptx_mask, k_perm, rng, batch["prompt_tokens"].shape[0])
         jax.block_until_ready(metrics)
         t3 = time.perf_counter()
         timing = {"time/generate": t1 - t0, "time/experience": t2 - t1, "time/update": t3 - t2}
         return state, {**metrics, **{k: jnp.float32(v) for k, v in timing.items()}}
-
-
-class _TimedStep:
-    """The fused iteration, logging its wall time."""
-
-    def __init__(self, step):
-        self.step = step
-
-    def __call__(self, state, batch):
-        t0 = time.perf_counter()
-        state, metrics = self.step(state, batch)
-        jax.block_until_ready(metrics)
-        return state, {**metrics, "time/iteration": jnp.float32(time.perf_counter() - t0)}
 
 
 def load_ppo_models(cfg: PPOStageConfig, key: jax.Array) -> tuple[PPOModels, dict[str, Any]]:
@@ -291,7 +202,7 @@ class PPOStage:
             raise ConfigError(f"PPOStageConfig.max_prompt_len {cfg.max_prompt_len} + ppo.generation.max_new_tokens "
                               f"{ppo_cfg.generation.max_new_tokens} exceeds the model's context {config.max_len}")
         stats: dict[str, TruncationStats] = {}
-        batches, n_prompts = train_batches(cfg, ppo_cfg, run.tokenizer, run.mesh, stats)
+        batches, n_prompts = prompt_batches(cfg, ppo_cfg, run.tokenizer, run.mesh, stats)
         return _Data(batches, n_prompts // cfg.batch_size, stats=stats, ppo_cfg=ppo_cfg)
 
     def memory_shape(self, run: StageRun) -> tuple[str, dict[str, Any]]:
@@ -320,7 +231,7 @@ class PPOStage:
         if cfg.phase_timing:
             train_step = _PhaseTimedStep(models, ppo_cfg, mesh)
         else:
-            train_step = _TimedStep(jit_on_mesh(ppo_step_fn(models, ppo_cfg), mesh, state, donate=True,
+            train_step = TimedStep(jit_on_mesh(ppo_step_fn(models, ppo_cfg), mesh, state, donate=True,
                                                 process_local=True))
         return Setup(models, state, train_step)
 

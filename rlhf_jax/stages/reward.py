@@ -10,7 +10,7 @@ footnote 5: one batch element per prompt keeps the K(K−1)/2 correlated pairs f
 After training a gain and bias normalise the reward: IG §3.5 shifts it so the labelers'
 demonstrations score 0 on average (``normalize="demos_mean"``); ``"demos_mean_std"`` also scales
 them to std 1 (Ziegler et al. 2019 normalise to mean 0, std 1, on policy samples).  They are
-stored in ``reward_normalization.json`` beside the exported model; ``load_reward_model`` returns
+stored in ``reward_normalization.json`` beside the exported model; ``sources.load_reward_model`` returns
 them with the model, ready for ``generation.score(..., gain=, bias=)``.
 """
 
@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
-import logging
 import math
 from pathlib import Path
 from typing import Any, Literal
@@ -42,30 +40,17 @@ from rlhf_jax.data import (
 )
 from rlhf_jax.errors import check
 from rlhf_jax.generation import score
-from rlhf_jax.hf import load_pretrained
 from rlhf_jax.losses import ranking_loss
 from rlhf_jax.masked import masked_mean, masked_var
 from rlhf_jax.model import SCORE_POOLINGS, Params, Transformer
-from rlhf_jax.stages.common import (
-    Batch,
-    StageConfig,
-    StageOptimizerConfig,
-    StepFn,
-    across_processes,
-    data_shard,
-    even_rows,
-    fixed_batches,
-    jit_on_mesh,
-    length_buckets,
-    process_batches,
-)
+from rlhf_jax.data.agreement import across_processes, data_shard, even_rows, fixed_batches, process_batches
+from rlhf_jax.stages.config import StageConfig, StageOptimizerConfig, length_buckets
+from rlhf_jax.stages.sources import NORMALIZATION_FILE
+from rlhf_jax.stages.steps import Batch, StepFn, jit_on_mesh
 from rlhf_jax.stages.skeleton import StageData, StageRun, SupervisedStage, make_step_fn, run_stage
 from rlhf_jax.tokenizer import Tokenizer
 from rlhf_jax.train import OptimizerConfig, TrainState
 
-logger = logging.getLogger(__name__)
-
-NORMALIZATION_FILE = "reward_normalization.json"
 NORMALIZATIONS = ("demos_mean", "demos_mean_std", "none")
 
 
@@ -324,30 +309,6 @@ def score_rows(rows: dict[str, np.ndarray], score_batch: Any, batch_size: int) -
     ``{"tokens", "mask"}`` of ``batch_size`` rows (the last batch padded)."""
     scores = [np.asarray(score_batch(b)) for b in fixed_batches(rows, batch_size, None)]
     return np.concatenate(scores)[: len(rows["tokens"])]
-
-
-def load_reward_model(path: str | Path, dtype: str = "float32") -> tuple[Transformer, Params, float, float]:
-    """``(model, params, gain, bias)`` of a reward model directory (``train_rm``'s export, or any
-    Hugging Face ``...ForSequenceClassification`` with one label).
-
-    The normalised reward of ``tokens``/``mask`` ``[b, T]`` is
-    ``generation.score(model, params, tokens, mask, gain=gain, bias=bias)``.  Without
-    ``reward_normalization.json`` the reward is unnormalised (gain 1, bias 0; logged).
-    """
-    path = Path(path)
-    model, params = load_pretrained(path, dtype=dtype, head="scalar")
-    file = path / NORMALIZATION_FILE
-    if not file.is_file():
-        logger.warning("%s: no %s; using the raw reward (gain 1, bias 0)", path, NORMALIZATION_FILE)
-        return model, params, 1.0, 0.0
-    try:
-        data = json.loads(file.read_text(encoding="utf-8"))
-        gain, bias = float(data["gain"]), float(data["bias"])
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-        raise ValueError(f"{file}: expected {{\"gain\": float, \"bias\": float}} ({e!r})") from e
-    if not (math.isfinite(gain) and math.isfinite(bias)):
-        raise ValueError(f"{file}: gain and bias must be finite, got {gain}, {bias}")
-    return model, params, gain, bias
 
 
 # --------------------------------------------------------------------------------- the stage

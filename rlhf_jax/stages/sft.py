@@ -28,7 +28,6 @@ from rlhf_jax.data import (
     TRUNCATIONS,
     DataError,
     TruncationStats,
-    Prompt,
     pack_sequences,
     read_demonstrations,
     tokenize_demonstrations,
@@ -38,18 +37,10 @@ from rlhf_jax.errors import check
 from rlhf_jax.generation import GenerateConfig, generate, next_token_nll
 from rlhf_jax.losses import token_logprobs
 from rlhf_jax.model import Params, Transformer, forward
-from rlhf_jax.stages.common import (
-    Batch,
-    StageConfig,
-    StageOptimizerConfig,
-    StepFn,
-    data_shard,
-    even_rows,
-    fixed_batches,
-    jit_on_mesh,
-    length_buckets,
-    process_batches,
-)
+from rlhf_jax.data.messages import demonstration_prompt
+from rlhf_jax.data.agreement import data_shard, even_rows, fixed_batches, process_batches
+from rlhf_jax.stages.config import StageConfig, StageOptimizerConfig, length_buckets
+from rlhf_jax.stages.steps import Batch, StepFn, jit_on_mesh
 from rlhf_jax.stages.skeleton import StageData, StageRun, SupervisedStage, make_step_fn, run_stage
 from rlhf_jax.tokenizer import Tokenizer
 from rlhf_jax.train import MetricsWriter, OptimizerConfig, TrainState
@@ -295,17 +286,20 @@ def _greedy_sampler(cfg: SFTConfig, model: Transformer, tokenizer: Tokenizer, re
     sample or no room in the context)."""
     if not records:
         return None
-    prompt_len = max(len(tokenizer.encode(r.prompt, add_bos=True)) for r in records)
+    asked = [demonstration_prompt(tokenizer, r) for r in records]  # chat records too (data.messages)
+    prompts = tokenize_prompts([p for p, _ in asked], tokenizer, model.config.max_len, truncation="left")
+    prompt_len = int(prompts["mask"].sum(axis=1).max())
     new_tokens = min(cfg.sample_max_new_tokens, model.config.max_len - prompt_len)
     if new_tokens < 1:
         return None
-    prompts = tokenize_prompts([Prompt(r.prompt) for r in records], tokenizer, prompt_len)
-    gen = GenerateConfig(max_new_tokens=new_tokens, greedy=True, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
+    prompts = {k: v[:, -prompt_len:] for k, v in prompts.items()}
+    gen = GenerateConfig(max_new_tokens=new_tokens, greedy=True, eos_id=tokenizer.eos_id,
+                         stop_ids=tokenizer.stop_ids, pad_id=tokenizer.pad_id)
 
     def sample(params: Params) -> list[str]:
         key = jax.random.PRNGKey(0)  # unused: greedy decoding draws nothing
         rollout = generate(model, params, prompts["tokens"], prompts["mask"], key, gen)
         response, mask = np.asarray(rollout.response), np.asarray(rollout.response_mask)
-        return [r.prompt + tokenizer.decode(response[i][mask[i] != 0]) for i, r in enumerate(records)]
+        return [text + tokenizer.decode(response[i][mask[i] != 0]) for i, (_, text) in enumerate(asked)]
 
     return sample

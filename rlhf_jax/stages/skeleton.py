@@ -40,23 +40,10 @@ from jax.sharding import Mesh
 
 from rlhf_jax.model import ModelConfig, Params, Transformer
 from rlhf_jax.sharding import make_mesh
-from rlhf_jax.stages.common import (
-    STAGE_FILE,
-    Batch,
-    Setup,
-    StageConfig,
-    StepFn,
-    check_vocab,
-    completed_model,
-    export_model,
-    load_tokenizer,
-    model_config,
-    setup_training,
-    stage_fingerprint,
-    stage_optimizer,
-    stage_record,
-    total_steps,
-)
+from rlhf_jax.stages.config import StageConfig, stage_optimizer, total_steps
+from rlhf_jax.stages.export import STAGE_FILE, completed_model, export_model, stage_fingerprint, stage_record
+from rlhf_jax.stages.sources import check_vocab, load_tokenizer, model_config
+from rlhf_jax.stages.steps import Batch, Setup, StepFn, setup_training
 from rlhf_jax.data import TruncationStats, data_metrics
 from rlhf_jax.tokenizer import Tokenizer
 from rlhf_jax.train.memory import MemoryGuard, check_memory
