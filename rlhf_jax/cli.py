@@ -48,6 +48,7 @@ from rlhf_jax.errors import (ChatTemplateError, CheckpointError, ConfigError, Da
 from rlhf_jax.pipeline import PipelineConfig, run_pipeline
 from rlhf_jax.plan import PlanConfig, run_plan
 from rlhf_jax.ppo import PRESETS
+from rlhf_jax.sample import SampleConfig, sample
 from rlhf_jax.stages.ppo import PPOStageConfig, train_ppo
 from rlhf_jax.stages.reward import RMConfig, train_rm
 from rlhf_jax.stages.sft import SFTConfig, train_sft
@@ -90,6 +91,8 @@ COMMANDS: dict[str, Command] = {
     "rm": Command(RMConfig, train_rm, "stage 2: K-way reward model on ranked comparisons"),
     "ppo": Command(PPOStageConfig, train_ppo, "stage 3: PPO-ptx against the reward model"),
     "pipeline": Command(PipelineConfig, run_pipeline, "the whole recipe end to end (default: the built-in world)"),
+    "generate": Command(SampleConfig, sample, "one answer from a model directory or GGUF file "
+                                              "(--set model=DIR --set user=TEXT)"),
     "plan": Command(PlanConfig, run_plan, "per-device memory plan of a config, before any training "
                                           "(exit 1 when it does not fit)"),
 }
