@@ -29,7 +29,7 @@ from rlhf_jax.data import (
     tokenize_prompts,
     tokenize_texts,
 )
-from rlhf_jax.data.truncation import TruncationStats
+from rlhf_jax.data.truncation import TruncationStats, data_metrics
 from rlhf_jax.tokenizer import Tokenizer
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
@@ -243,6 +243,12 @@ def test_truncation_left_keeps_the_response_whole_by_hand(tok):
     assert (stats.cut, stats.skipped) == (0, 2)
     with pytest.raises(ValueError, match="truncation must be one of"):
         tokenize_demonstrations(recs, tok, buckets=(8,), truncation="middle")
+
+
+def test_data_metrics_name_only_files_with_a_cut_or_skip():
+    stats = {"train_data": TruncationStats(records=5, cut=2, skipped=1, bad_lines=4), "eval_data": TruncationStats(3)}
+    assert data_metrics(stats) == {"data/train_data/records": 5, "data/train_data/cut": 2,
+                                   "data/train_data/skipped": 1, "data/train_data/bad_lines": 4}
 
 
 def test_truncation_of_comparisons_cuts_one_shared_prompt(tok, tmp_path):
