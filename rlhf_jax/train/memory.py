@@ -101,14 +101,15 @@ def check_memory(stage: str, model: ModelConfig, mesh: MeshConfig, memory: Memor
         check_fits(result)
     except PlanError as e:
         _, source = device_memory(memory.limit_gib)
-        fixes = [f"{', '.join(_stage_name(o) for o in overrides)} (→ {gib:.2f} GiB)" for overrides, gib in e.suggestions]
-        advice = "; or ".join(fixes) if fixes else "use more devices or a smaller model"
+        fixes = [f"{', '.join(_stage_name(o) for o in overrides)} (→ {gib:.2f} GiB)"
+                 for overrides, gib in e.suggestions]
+        advice = "set " + "; or ".join(fixes) if fixes else "use more devices or a smaller model"
+        batch = ", ".join(f"{k} {v}" for k, v in shape.items())
         raise PlanError(
-            f"{stage} stage: the memory plan needs {result.total_bytes / GiB:.2f} GiB per device for "
-            f"{', '.join(f'{k} {v}' for k, v in shape.items())}, more than the {result.usable_bytes / GiB:.2f} GiB usable "
-            f"({memory.headroom:g} × {result.config.device_memory_gib:.2f} GiB, {source}); to fit, set {advice}; "
-            "or lower max_len; `rlhf-jax plan` shows the table; --force (memory.check=false) runs anyway",
-            e.suggestions) from None
+            f"{stage} stage: the memory plan needs {result.total_bytes / GiB:.2f} GiB per device for {batch}, "
+            f"more than the {result.usable_bytes / GiB:.2f} GiB usable ({memory.headroom:g} × "
+            f"{result.config.device_memory_gib:.2f} GiB, {source}); to fit, {advice}; or lower max_len; "
+            "`rlhf-jax plan` shows the table; --force (memory.check=false) runs anyway", e.suggestions) from None
     return result
 
 
@@ -119,8 +120,9 @@ def _stage_name(override: str) -> str:
 
 class MemoryGuard:
     """A context manager: turns an out-of-memory ``JaxRuntimeError`` (``RESOURCE_EXHAUSTED``)
-    raised inside ``with MemoryGuard(stage, plan) as guard:`` into a ``DeviceMemoryError`` naming the stage, the step (the train step being run, or "setup"
-    before the first), that step's batch shape and the plan's estimate.
+    raised inside ``with MemoryGuard(stage, plan) as guard:`` into a ``DeviceMemoryError`` naming
+    the stage, the step (the train step being run, or "setup" before the first), that step's
+    batch shape and the plan's estimate.
 
     ``watch(train_step)`` wraps a ``(state, batch) -> (state, metrics)`` step so the guard knows
     the step and batch (a counter from the state's ``step``/``iteration``, read once)."""
