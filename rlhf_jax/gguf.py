@@ -18,8 +18,8 @@ loads into exactly the parameter tree ``load_pretrained`` builds.
 
 llama.cpp's ``convert_hf_to_gguf.py`` permutes the rows of ``attn_q``/``attn_k`` of ``llama``
 models within each head from rotate-half to adjacent-pair RoPE order; ``load_gguf`` undoes it
-(``transformers``' ``_reverse_permute_weights``; the same permutation as llama2.c's).  Qwen2 files
-are not permuted.
+(``transformers``' ``_reverse_permute_weights``; the same permutation as llama2.c's).  Qwen2 and
+Qwen3 files are not permuted.
 """
 
 from __future__ import annotations
@@ -41,7 +41,10 @@ from rlhf_jax.model import Params, Transformer, init_params
 
 GGUF_MAGIC = b"GGUF"
 DEFAULT_ALIGNMENT = 32
-ARCHITECTURES = ("llama", "qwen2")  # general.architecture values load_gguf accepts
+# general.architecture values load_gguf accepts.  Gemma 2/3 files are refused: llama.cpp stores
+# their norms as 1 + w and leaves the soft-caps, query scale, local RoPE base and layer pattern
+# to constants of its code that the file does not carry.
+ARCHITECTURES = ("llama", "qwen2", "qwen3")
 _PERMUTED_ARCHS = ("llama",)  # whose q/k rows llama.cpp permutes
 
 
@@ -404,7 +407,7 @@ _BLOCK_NAMES = {
     "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
     "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
     "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
+    "ffn_down": "mlp.down_proj", "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm",
 }
 _TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 _BLOCK_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")

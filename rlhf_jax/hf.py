@@ -1,8 +1,9 @@
 """Hugging Face format import/export: ``config.json`` + safetensors <-> ``(Transformer, params)``.
 
-Supported ``model_type``: ``gpt2``; ``llama``, ``mistral`` (without a sliding window) and
-``qwen2`` (Llama with q/k/v biases) as our ``arch="llama"``.  Never touches the network: ``path``
-is a local directory.
+Supported ``model_type``: ``gpt2``; ``llama`` (with ``linear``/``llama3``/``yarn`` RoPE scaling),
+``mistral``, ``qwen2`` (q/k/v biases), ``qwen3`` (q/k norms), ``gemma2`` and ``gemma3_text`` as
+our ``arch="llama"`` with its family switches (docs/families.md), sliding windows included.
+Never touches the network: ``path`` is a local directory.
 
 Tensor names (``transformers`` state dicts, the base-model prefix ``transformer.``/``model.`` is
 optional on import)::
@@ -11,7 +12,9 @@ optional on import)::
            h.{i}.attn.c_proj, h.{i}.ln_2, h.{i}.mlp.c_fc, h.{i}.mlp.c_proj, ln_f
     Llama  model.embed_tokens, layers.{i}.input_layernorm, layers.{i}.self_attn.{q,k,v,o}_proj
            (nn.Linear [out, in], so transposed to our [in, out] kernels), post_attention_layernorm,
-           layers.{i}.mlp.{gate,up,down}_proj, norm
+           layers.{i}.mlp.{gate,up,down}_proj, norm; Qwen3 / Gemma 3 also self_attn.{q,k}_norm
+    Gemma  as Llama, but post_attention_layernorm is the norm *after* attention, and
+           pre_feedforward_layernorm / post_feedforward_layernorm surround the MLP
     heads  lm_head.weight [V, d] (untied LM), score.weight [1, d] (``...ForSequenceClassification``
            with ``num_labels=1``; the scalar head of reward and value models, InstructGPT §3.5)
 
@@ -40,6 +43,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from rlhf_jax.model import SCORE_POOLINGS, ModelConfig, Params, Transformer, init_params
+from rlhf_jax.rope import ROPE_TYPES, RopeScaling
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -47,7 +51,16 @@ INDEX_FILE = "model.safetensors.index.json"
 SIDE_FILE = "rlhf_jax.json"
 POOLING_FIELD = "rlhf_jax_score_pooling"
 
-_LLAMA_TYPES = ("llama", "mistral", "qwen2")
+_LLAMA_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text")
+_GEMMA_TYPES = ("gemma2", "gemma3_text")
+# model_type -> the class-name prefixes of its causal LM and sequence classifier.
+_CLASSES = {"llama": ("Llama", "Llama"), "mistral": ("Mistral", "Mistral"), "qwen2": ("Qwen2", "Qwen2"),
+            "qwen3": ("Qwen3", "Qwen3"), "gemma2": ("Gemma2", "Gemma2"), "gemma3_text": ("Gemma3", "Gemma3Text")}
+# RopeScaling field -> its transformers rope_parameters key.
+_ROPE_KEYS = {"factor": "factor", "original_max_len": "original_max_position_embeddings",
+              "low_freq_factor": "low_freq_factor", "high_freq_factor": "high_freq_factor",
+              "beta_fast": "beta_fast", "beta_slow": "beta_slow", "attention_factor": "attention_factor",
+              "mscale": "mscale", "mscale_all_dim": "mscale_all_dim", "truncate": "truncate"}
 _GPT2_ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh")  # both the tanh approximation of GELU
 # Buffers some checkpoints carry that hold no learned weights: GPT-2's causal masks, RoPE tables.
 _HARMLESS = re.compile(r"(^|\.)(attn\.(masked_)?bias|crossattention\.(masked_)?bias|rotary_emb\.inv_freq)$")
@@ -112,52 +125,185 @@ def config_from_hf(
             f"{source}: field 'model_type' = {model_type!r} is not supported "
             f"(allowed: gpt2, {', '.join(_LLAMA_TYPES)})"
         )
-    if field("hidden_act", "silu") != "silu":
+    gemma = model_type in _GEMMA_TYPES
+    if gemma:
+        if field("hidden_activation", field("hidden_act", "gelu_pytorch_tanh")) != "gelu_pytorch_tanh":
+            reject("hidden_activation", "Gemma's GeGLU uses 'gelu_pytorch_tanh'")
+    elif field("hidden_act", "silu") != "silu":
         reject("hidden_act", "SwiGLU uses 'silu'")
     d_model, n_heads = field("hidden_size"), field("num_attention_heads")
-    if field("head_dim", d_model // n_heads) != d_model // n_heads:
-        reject("head_dim", f"must equal hidden_size / num_attention_heads = {d_model // n_heads}")
+    n_layers, max_len = field("num_hidden_layers"), field("max_position_embeddings")
+    head_dim = field("head_dim", d_model // n_heads)
     if field("mlp_bias", False):
         reject("mlp_bias", "must be false")
-    if model_type == "llama" and field("attention_bias", False):
-        reject("attention_bias", "Llama's attention_bias also biases o_proj; must be false")
-    if model_type == "qwen2" and field("use_sliding_window", False):
-        reject("use_sliding_window", "must be false")
-    window = field("sliding_window", None) if model_type == "mistral" else None
-    if window is not None and window < field("max_position_embeddings"):
-        reject("sliding_window", "must be null or >= max_position_embeddings")
-    for name in ("rope_scaling", "rope_parameters"):
-        rope = field(name, None)
-        if rope is not None and rope.get("rope_type", rope.get("type", "default")) != "default":
-            reject(name, "only the default rope_type is implemented")
-        if rope is not None and rope.get("partial_rotary_factor", 1.0) != 1.0:
-            reject(name, "partial_rotary_factor must be 1")
-    theta = (field("rope_parameters", None) or {}).get("rope_theta", field("rope_theta", 10000.0))
+    if model_type != "qwen2" and field("attention_bias", False):
+        reject("attention_bias", "it also biases o_proj; must be false")
+    if field("use_bidirectional_attention", False):
+        reject("use_bidirectional_attention", "decoder-only (causal) models only")
+    window, layer_types = _windows_from_hf(hf, model_type, n_layers, field)
+    if model_type == "gemma3_text":
+        (theta, scaling), (local_theta, local_scaling) = (
+            _rope_from_hf(hf, source, kind) for kind in ("full_attention", "sliding_attention"))
+        if local_scaling is not None:
+            reject("rope_parameters", "the sliding_attention layers' RoPE must be the default type")
+    else:
+        (theta, scaling), local_theta = _rope_from_hf(hf, source, None), None
+    softcaps = {"gemma2": (50.0, 30.0), "gemma3_text": (None, None)}.get(model_type, (None, None))
     return ModelConfig(
         arch="llama",
         vocab_size=field("vocab_size"),
         d_model=d_model,
-        n_layers=field("num_hidden_layers"),
+        n_layers=n_layers,
         n_heads=n_heads,
         n_kv_heads=field("num_key_value_heads", n_heads),
         d_ff=field("intermediate_size"),
-        max_len=field("max_position_embeddings"),
+        max_len=max_len,
         norm_eps=float(field("rms_norm_eps", 1e-6)),
         rope_theta=float(theta),
-        tie_embeddings=bool(field("tie_word_embeddings", False)),
+        tie_embeddings=bool(field("tie_word_embeddings", gemma)),
         qkv_bias=model_type == "qwen2",
         head=head,
         score_pooling=pooling,
         dtype=dtype,
+        d_head=None if head_dim * n_heads == d_model else head_dim,
+        rope_scaling=scaling,
+        rope_local_theta=None if local_theta is None else float(local_theta),
+        sliding_window=window,
+        layer_types=layer_types,
+        qk_norm=model_type in ("qwen3", "gemma3_text"),
+        activation="gelu_tanh" if gemma else "silu",
+        norm_plus_one=gemma,
+        embed_scale=gemma,
+        post_norms=gemma,
+        attn_softcap=hf.get("attn_logit_softcapping", softcaps[0]) if gemma else None,
+        final_softcap=hf.get("final_logit_softcapping", softcaps[1]) if gemma else None,
+        query_pre_attn_scalar=float(field("query_pre_attn_scalar", 256)) if gemma else None,
     )
 
 
-def config_to_hf(config: ModelConfig) -> dict[str, Any]:
-    """The ``transformers`` ``config.json`` dict for ``config`` (GPT-2, Llama, or Qwen2 when
-    ``qkv_bias``); a scalar-head model is a ``...ForSequenceClassification`` with ``num_labels=1``."""
+def _windows_from_hf(hf: Mapping[str, Any], model_type: str, n_layers: int,
+                     field: Callable[..., Any]) -> tuple[int | None, tuple[str, ...] | None]:
+    """``(sliding_window, layer_types)`` as ``transformers`` derives them: Mistral slides every
+    layer; Qwen2/3 only with ``use_sliding_window``, the layers from ``max_window_layers`` on;
+    Gemma 2 every other layer from the first; Gemma 3 all but every ``sliding_window_pattern``-th
+    (6).  An explicit ``layer_types`` wins.  ``layer_types`` is None when every layer slides."""
+    if model_type == "llama":
+        return None, None
+    if model_type in ("qwen2", "qwen3") and not field("use_sliding_window", False):
+        return None, None
+    window = field("sliding_window", None)
+    if window is None:
+        return None, None
+    if model_type == "mistral":  # transformers ignores layer_types for Mistral
+        return int(window), None
+    if field("layer_types", None) is not None:
+        types = tuple(field("layer_types"))
+    elif model_type in ("qwen2", "qwen3"):
+        first = field("max_window_layers", 28)
+        types = tuple("sliding_attention" if i >= first else "full_attention" for i in range(n_layers))
+    elif model_type == "gemma2":
+        types = tuple("sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(n_layers))
+    else:
+        pattern = field("sliding_window_pattern", 6)
+        types = tuple("sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(n_layers))
+    if "sliding_attention" not in types:
+        return None, None
+    return int(window), None if set(types) == {"sliding_attention"} else types
+
+
+def _rope_from_hf(hf: Mapping[str, Any], source: Any, layer_type: str | None) -> tuple[float, RopeScaling | None]:
+    """``(theta, scaling)`` from ``rope_parameters`` (transformers 5; Gemma 3's nested by layer
+    type) or ``rope_theta`` + ``rope_scaling`` (transformers 4; Gemma 3's local base in
+    ``rope_local_base_freq``).  An unimplemented ``rope_type`` is refused by name."""
+    gemma3 = layer_type is not None
+    default_theta = {None: 10000.0, "full_attention": 1e6, "sliding_attention": 10000.0}[layer_type]
+    theta_key = "rope_local_base_freq" if layer_type == "sliding_attention" else "rope_theta"
+    theta = hf.get(theta_key) if hf.get(theta_key) is not None else default_theta
+    name, params = "rope_parameters", hf.get("rope_parameters")
+    if gemma3 and isinstance(params, Mapping) and layer_type in params:
+        name, params = f"rope_parameters.{layer_type}", params[layer_type]
+    elif gemma3 and isinstance(params, Mapping) and set(params) & {"full_attention", "sliding_attention"}:
+        params = None
+    if not params and layer_type != "sliding_attention":
+        name, params = "rope_scaling", hf.get("rope_scaling")
+    if not params:
+        return theta, None
+    if not isinstance(params, Mapping):
+        raise ValueError(f"{source}: field {name!r} = {params!r} is not supported (expected a dict)")
+    params = dict(params)
+    theta = params.pop("rope_theta", theta)
+    rope_type = params.pop("rope_type", params.pop("type", "default"))
+    params.pop("type", None)
+    if params.pop("partial_rotary_factor", 1.0) != 1.0:
+        raise ValueError(f"{source}: field {name!r}: partial_rotary_factor must be 1")
+    if rope_type == "default":
+        return theta, None
+    if rope_type not in ROPE_TYPES:
+        raise ValueError(f"{source}: field {name!r}: rope_type {rope_type!r} is not supported "
+                         f"(supported: default, {', '.join(ROPE_TYPES)})")
+    by_hf = {v: k for k, v in _ROPE_KEYS.items()}
+    unknown = sorted(set(params) - set(by_hf))
+    if unknown:
+        raise ValueError(f"{source}: field {name!r}: keys {unknown} are not supported for rope_type {rope_type!r}")
+    try:
+        return theta, RopeScaling(rope_type, **{by_hf[k]: v for k, v in params.items() if v is not None})
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{source}: field {name!r}: {e}") from None
+
+
+def hf_model_type(config: ModelConfig) -> str:
+    """The ``transformers`` ``model_type`` whose architecture is ``config``'s switches: Gemma 2 / 3
+    (the Gemma switches; 3 with q/k norms), Qwen3 (q/k norms), Qwen2 (q/k/v biases), Mistral (a
+    window on every layer), else Llama.  Raises ``ValueError`` naming the switch that family
+    cannot express."""
     c = config
     if c.arch == "gpt2":
-        model_type, prefix = "gpt2", "GPT2"
+        return "gpt2"
+    gemma = {"norm_plus_one": c.norm_plus_one, "embed_scale": c.embed_scale, "post_norms": c.post_norms,
+             "activation": c.activation == "gelu_tanh"}
+    if any(gemma.values()):
+        model_type = "gemma3_text" if c.qk_norm else "gemma2"
+        unset = [name for name, on in gemma.items() if not on]
+        conflicts = unset + ["qkv_bias"] * c.qkv_bias + ["rope_local_theta"] * (
+            model_type == "gemma2" and c.rope_local_theta is not None)
+        if model_type == "gemma3_text" and c.rope_local_theta is None and c.rope_scaling is not None:
+            conflicts.append("rope_local_theta")  # Gemma 3's sliding layers never scale RoPE
+    else:
+        model_type = ("qwen3" if c.qk_norm else "qwen2" if c.qkv_bias
+                      else "mistral" if c.sliding_window is not None and c.layer_types is None else "llama")
+        conflicts = [f for f in ("attn_softcap", "final_softcap", "query_pre_attn_scalar", "rope_local_theta")
+                     if getattr(c, f) is not None]
+        if model_type == "qwen3" and c.qkv_bias:
+            conflicts.append("qkv_bias")
+        if model_type == "llama" and c.sliding_window is not None:
+            conflicts.append("layer_types")  # per-layer windows without biases or q/k norms
+    if conflicts:
+        raise ValueError(f"ModelConfig: no transformers model_type has this architecture ({model_type} "
+                         f"but for {', '.join(conflicts)})")
+    return model_type
+
+
+def _int_if_whole(x: float) -> float | int:
+    """transformers' strict Gemma configs type ``query_pre_attn_scalar`` as an int."""
+    return int(x) if float(x).is_integer() else x
+
+
+def _rope_to_hf(theta: float, scaling: RopeScaling | None) -> dict[str, Any]:
+    out: dict[str, Any] = {"rope_type": "default" if scaling is None else scaling.rope_type, "rope_theta": theta}
+    if scaling is not None:
+        out.update({hf_key: getattr(scaling, ours) for ours, hf_key in _ROPE_KEYS.items()
+                    if getattr(scaling, ours) is not None})
+    return out
+
+
+def config_to_hf(config: ModelConfig) -> dict[str, Any]:
+    """The ``transformers`` ``config.json`` dict for ``config`` (``model_type`` from
+    ``hf_model_type``); a scalar-head model is a ``...ForSequenceClassification`` with
+    ``num_labels=1``."""
+    c = config
+    model_type = hf_model_type(c)
+    if c.arch == "gpt2":
+        prefix = seq_prefix = "GPT2"
         hf: dict[str, Any] = {
             "vocab_size": c.vocab_size,
             "n_embd": c.d_model,
@@ -169,7 +315,7 @@ def config_to_hf(config: ModelConfig) -> dict[str, Any]:
             "activation_function": "gelu_new",
         }
     else:
-        model_type, prefix = ("qwen2", "Qwen2") if c.qkv_bias else ("llama", "Llama")
+        prefix, seq_prefix = _CLASSES[model_type]
         hf = {
             "vocab_size": c.vocab_size,
             "hidden_size": c.d_model,
@@ -180,19 +326,35 @@ def config_to_hf(config: ModelConfig) -> dict[str, Any]:
             "intermediate_size": c.ff_dim,
             "max_position_embeddings": c.max_len,
             "rms_norm_eps": c.norm_eps,
-            "hidden_act": "silu",
             "rope_theta": c.rope_theta,  # transformers 4 reads this, 5 reads rope_parameters
-            "rope_parameters": {"rope_type": "default", "rope_theta": c.rope_theta},
+            "rope_parameters": _rope_to_hf(c.rope_theta, c.rope_scaling),
+            "attention_bias": c.qkv_bias,
+            "mlp_bias": False,
         }
-        if model_type == "llama":
-            hf.update(attention_bias=False, mlp_bias=False)
+        windows = c.layer_windows
+        layer_types = [("sliding_attention" if w else "full_attention") for w in windows or (0,) * c.n_layers]
+        if model_type in _GEMMA_TYPES:
+            hf.update(hidden_activation="gelu_pytorch_tanh", layer_types=layer_types,
+                      sliding_window=c.sliding_window or c.max_len,  # unused when no layer slides
+                      attn_logit_softcapping=c.attn_softcap, final_logit_softcapping=c.final_softcap,
+                      query_pre_attn_scalar=_int_if_whole(c.query_pre_attn_scalar or c.head_dim))
+            if model_type == "gemma3_text":
+                local = c.rope_theta if c.rope_local_theta is None else c.rope_local_theta
+                hf.update(use_bidirectional_attention=False, rope_local_base_freq=local, rope_parameters={
+                    "full_attention": _rope_to_hf(c.rope_theta, c.rope_scaling),
+                    "sliding_attention": _rope_to_hf(local, None)})
         else:
-            hf.update(use_sliding_window=False, sliding_window=None)
+            hf["hidden_act"] = "silu"
+            if model_type in ("qwen2", "qwen3"):
+                hf.update(use_sliding_window=windows is not None, sliding_window=c.sliding_window,
+                          layer_types=layer_types, max_window_layers=c.n_layers)
+            elif model_type == "mistral":
+                hf["sliding_window"] = c.sliding_window
     if c.head == "scalar":
         hf.update(id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0})
         if c.score_pooling != "last":
             hf[POOLING_FIELD] = c.score_pooling
-        arch_name = f"{prefix}ForSequenceClassification"
+        arch_name = f"{seq_prefix}ForSequenceClassification"
     else:
         arch_name = f"{prefix}LMHeadModel" if c.arch == "gpt2" else f"{prefix}ForCausalLM"
     return {
@@ -243,10 +405,15 @@ def _entries(c: ModelConfig) -> list[_Entry]:
     else:
         p = "model."
         out.append(E(p + "embed_tokens.weight", (("embed", "embedding"),)))
+        # Gemma's post_attention_layernorm follows the attention; Llama's precedes the MLP.
+        norms = ((("input_layernorm", "attn_norm"), ("post_attention_layernorm", "post_attn_norm"),
+                  ("pre_feedforward_layernorm", "mlp_norm"), ("post_feedforward_layernorm", "post_mlp_norm"))
+                 if c.post_norms else (("input_layernorm", "attn_norm"), ("post_attention_layernorm", "mlp_norm")))
         for i in range(c.n_layers):
             h, L = f"{p}layers.{i}.", f"layer_{i}"
-            out += [E(h + "input_layernorm.weight", ((L, "attn_norm", "scale"),)),
-                    E(h + "post_attention_layernorm.weight", ((L, "mlp_norm", "scale"),))]
+            out += [E(f"{h}{theirs}.weight", ((L, ours, "scale"),)) for theirs, ours in norms]
+            if c.qk_norm:
+                out += [E(f"{h}self_attn.{n}_norm.weight", ((L, "attn", f"{n}_norm", "scale"),)) for n in "qk"]
             for n in "qkvo":
                 out.append(E(f"{h}self_attn.{n}_proj.weight", ((L, "attn", n, "kernel"),), True))
                 if c.qkv_bias and n != "o":

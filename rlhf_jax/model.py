@@ -1,4 +1,4 @@
-"""The decoder-only transformer: GPT-2 and Llama families in one Flax Linen module.
+"""The decoder-only transformer: GPT-2, Llama, Mistral, Qwen2/3 and Gemma 2/3 in one Flax Linen module.
 
 One file a reader can hold in their head (nanoGPT style). Parameters are float32; the compute
 dtype is ``ModelConfig.dtype`` (bfloat16 on accelerators); softmax and the returned logits and
@@ -19,15 +19,24 @@ layer writes its slots in place at its layer index, unrolled or scanned alike.
 ``ModelConfig.scan_layers`` runs the blocks as one ``jax.lax.scan`` over parameters stacked at
 trace time, so compile time stops growing with depth; the stored parameter tree stays
 ``layer_{i}/...`` either way (Hugging Face / GGUF import, partition rules and checkpoints are
-unchanged).
+unchanged).  What differs between layers (the sliding window, the RoPE frequencies) lives in
+constant per-layer tables indexed by the layer index, a Python int unrolled and the scan's
+counter scanned, so both forms run the same code.
+
+Sliding windows count in cache slots (columns): query column ``q`` sees key column ``k`` when
+``q - window < k <= q``, as ``transformers``' ``sliding_window_overlay``.  The real tokens of a
+left-padded row, a packed document or a decoded sequence are contiguous columns, so this is the
+distance in positions; decoding past the window masks the older slots of the full-length cache.
+
+``ModelConfig`` lives in ``model_config.py`` and the RoPE variants in ``rope.py``; both are
+re-exported or used from here.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
-from typing import Any, Literal
+from typing import Any
 
 import flax
 import flax.linen as nn
@@ -35,139 +44,13 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from rlhf_jax.model_config import (  # noqa: F401  (re-exported: the config lives with the model)
+    ACTIVATIONS, ATTENTION_IMPLS, LAYER_TYPES, REMAT_POLICIES, SCORE_POOLINGS, ModelConfig)
+from rlhf_jax.rope import apply_rope
 from rlhf_jax.sharding import BATCH_AXES
 
 Array = jax.Array
 Params = dict[str, Any]
-
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-SCORE_POOLINGS = ("last", "mean")
-REMAT_POLICIES = ("none", "dots", "full")
-ATTENTION_IMPLS = ("xla", "cudnn", "auto")
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelConfig:
-    """Architecture of a decoder-only transformer.
-
-    ``arch="gpt2"``: learned positions, LayerNorm, GELU (tanh approximation) MLP, biases
-    everywhere, tied embeddings.  ``arch="llama"``: RoPE, RMSNorm, SwiGLU, grouped-query
-    attention (``n_kv_heads`` < ``n_heads``), no biases (``qkv_bias=True`` gives Qwen2).
-
-    ``head="lm"`` ends in the unembedding; ``head="scalar"`` replaces it by a scalar head
-    ``[d_model] -> 1`` (reward and value models, InstructGPT §3.5).
-
-    ``score_pooling`` (scalar head only): how ``generation.score`` reads one reward per sequence
-    from the per-token head values ``v_t`` — ``"last"``: ``v`` at the last real token, the EOS
-    (InstructGPT, Stiennon et al. 2020, Hugging Face ``...ForSequenceClassification``);
-    ``"mean"``: the mean of ``v_t`` over the real tokens up to it, so each token adds its own
-    term, whatever the length.
-
-    Execution switches (the parameters and the outputs do not depend on them):
-
-    - ``dtype``: the compute dtype (parameters stay float32).
-    - ``scan_layers``: run the blocks as one ``lax.scan`` over per-layer parameters stacked at
-      trace time (compile time independent of depth) instead of unrolling them.
-    - ``scan_decode`` (with ``scan_layers``): whether calls with a KV cache (prefill, decode
-      steps) scan too; ``False`` unrolls them, which compiles the decode body once per layer but
-      lets each matmul read its layer's weights in place (a scan body reads a dynamic slice of
-      the stacked weights, which XLA may copy every step).
-    - ``remat_policy``: what a block keeps for the backward pass — ``"none"`` (everything),
-      ``"dots"`` (the matmul outputs, ``dots_with_no_batch_dims_saveable``; the rest is
-      recomputed), ``"full"`` (only the block's input; ``remat=True`` is the old spelling of it).
-    - ``attention_impl``: training / prefill attention — ``"xla"`` (our einsum with the
-      segment-id mask), ``"cudnn"`` (``jax.nn.dot_product_attention`` with cuDNN flash attention:
-      bf16/fp16 and GPU only, without a cache), ``"auto"`` (cuDNN where it applies, else XLA).
-    - ``logits_chunk``: ``> 0`` computes the log-probs of chosen tokens (``sequence_logprobs``,
-      the SFT and ptx losses) ``logits_chunk`` time steps at a time, so the ``[b, T, V]`` float32
-      logits are never held whole (0: all at once).
-    """
-
-    arch: Literal["gpt2", "llama"] = "gpt2"
-    vocab_size: int = 1024
-    d_model: int = 256
-    n_layers: int = 4
-    n_heads: int = 4
-    n_kv_heads: int | None = None
-    d_ff: int | None = None
-    max_len: int = 512
-    norm_eps: float = 1e-5
-    rope_theta: float = 10000.0
-    tie_embeddings: bool = True
-    qkv_bias: bool = False
-    head: Literal["lm", "scalar"] = "lm"
-    score_pooling: Literal["last", "mean"] = "last"
-    dtype: str = "float32"
-    remat: bool = False
-    scan_layers: bool = False
-    scan_decode: bool = True
-    remat_policy: Literal["none", "dots", "full"] = "none"
-    attention_impl: Literal["xla", "cudnn", "auto"] = "xla"
-    logits_chunk: int = 0
-
-    def __post_init__(self) -> None:
-        def bad(field: str, why: str) -> None:
-            raise ValueError(f"ModelConfig.{field}: {why} (got {getattr(self, field)!r})")
-
-        if self.arch not in ("gpt2", "llama"):
-            bad("arch", "must be 'gpt2' or 'llama'")
-        if self.head not in ("lm", "scalar"):
-            bad("head", "must be 'lm' or 'scalar'")
-        if self.score_pooling not in SCORE_POOLINGS:
-            bad("score_pooling", f"must be one of {SCORE_POOLINGS}")
-        if self.dtype not in _DTYPES:
-            bad("dtype", f"must be one of {sorted(_DTYPES)}")
-        for f in ("vocab_size", "d_model", "n_layers", "n_heads", "max_len"):
-            if not isinstance(getattr(self, f), int) or getattr(self, f) < 1:
-                bad(f, "must be a positive int")
-        if self.d_model % self.n_heads:
-            bad("d_model", f"must be divisible by n_heads={self.n_heads}")
-        if self.kv_heads < 1 or self.n_heads % self.kv_heads:
-            bad("n_kv_heads", f"must divide n_heads={self.n_heads}")
-        if self.arch == "llama" and self.head_dim % 2:
-            bad("d_model", "head_dim must be even for RoPE")
-        if self.norm_eps <= 0:
-            bad("norm_eps", "must be > 0")
-        for f in ("scan_layers", "scan_decode"):
-            if not isinstance(getattr(self, f), bool):
-                bad(f, "must be a bool")
-        if self.remat_policy not in REMAT_POLICIES:
-            bad("remat_policy", f"must be one of {REMAT_POLICIES}")
-        if self.remat and self.remat_policy not in ("none", "full"):
-            bad("remat_policy", "conflicts with remat=True (which means 'full'); set one of them")
-        if self.attention_impl not in ATTENTION_IMPLS:
-            bad("attention_impl", f"must be one of {ATTENTION_IMPLS}")
-        if not isinstance(self.logits_chunk, int) or self.logits_chunk < 0:
-            bad("logits_chunk", "must be an int >= 0 (0 = off)")
-
-    @property
-    def kv_heads(self) -> int:
-        return self.n_kv_heads or self.n_heads
-
-    @property
-    def head_dim(self) -> int:
-        return self.d_model // self.n_heads
-
-    @property
-    def ff_dim(self) -> int:
-        return self.d_ff or 4 * self.d_model
-
-    @property
-    def compute_dtype(self) -> Any:
-        return _DTYPES[self.dtype]
-
-    def scans(self, cached: bool) -> bool:
-        """Whether a forward runs the blocks as a scan: ``scan_layers``, and for calls with a KV
-        cache also ``scan_decode``."""
-        return self.scan_layers and (self.scan_decode or not cached)
-
-    @property
-    def remat_mode(self) -> str:
-        """The effective remat policy: ``remat_policy``, or ``"full"`` when ``remat=True``."""
-        return "full" if self.remat else self.remat_policy
-
-    def replace(self, **changes: Any) -> "ModelConfig":
-        return dataclasses.replace(self, **changes)
 
 
 @flax.struct.dataclass
@@ -225,7 +108,7 @@ def cast_floating(tree: Any, dtype: Any) -> Any:
 
 def _keep_batch_sharded(x: Array) -> Array:
     """Pin activations ``[b, ...]`` to batch sharding over ``data × fsdp`` when a mesh with those
-    axes is set (``jax.set_mesh``; ``stages.common.jit_on_mesh`` does it).  Without it GSPMD lets
+    axes is set (``jax.set_mesh``; ``stages.steps.jit_on_mesh`` does it).  Without it GSPMD lets
     an fsdp-sharded embedding pull the whole global batch onto every device."""
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or not set(BATCH_AXES) <= set(mesh.axis_names):
@@ -235,32 +118,36 @@ def _keep_batch_sharded(x: Array) -> Array:
     return jax.lax.with_sharding_constraint(x, jax.sharding.PartitionSpec(BATCH_AXES))
 
 
-def _rope(x: Array, positions: Array, theta: float) -> Array:
-    """Rotary embedding, Hugging Face "rotate half" layout. x ``[b, t, h, d]``, positions ``[b, t]``."""
-    d = x.shape[-1]
-    inv_freq = 1.0 / (theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
-    angles = positions[..., None].astype(jnp.float32) * inv_freq  # [b, t, d/2]
-    cos = jnp.cos(jnp.concatenate([angles, angles], -1))[:, :, None, :]
-    sin = jnp.sin(jnp.concatenate([angles, angles], -1))[:, :, None, :]
-    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
-    rotated = jnp.concatenate([-x2, x1], axis=-1)
-    return (x.astype(jnp.float32) * cos + rotated * sin).astype(x.dtype)
+def _per_layer(table: Any, layer: Array | int) -> Array:
+    """Row ``layer`` of a constant per-layer table (a Python int unrolled, the scan counter
+    scanned)."""
+    return jnp.asarray(table)[layer]
+
+
+def _softcap(x: Array, cap: float | None) -> Array:
+    """``cap·tanh(x / cap)`` (Gemma 2's soft-capping), or ``x`` when ``cap`` is None."""
+    return x if cap is None else jnp.tanh(x / cap) * cap
 
 
 class RMSNorm(nn.Module):
+    """RMSNorm in float32, scaled by ``w`` (Llama) or ``1 + w`` with ``w`` initialised at 0
+    (``plus_one``, Gemma); the result is cast back to the input dtype."""
+
     eps: float
+    plus_one: bool = False
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), jnp.float32)
+        init = nn.initializers.zeros if self.plus_one else nn.initializers.ones
+        scale = self.param("scale", init, (x.shape[-1],), jnp.float32)
         x32 = x.astype(jnp.float32)
         y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return (y * scale).astype(x.dtype)
+        return (y * (1.0 + scale if self.plus_one else scale)).astype(x.dtype)
 
 
 def _norm(config: ModelConfig, name: str) -> nn.Module:
     if config.arch == "llama":
-        return RMSNorm(config.norm_eps, name=name)
+        return RMSNorm(config.norm_eps, config.norm_plus_one, name=name)
     return nn.LayerNorm(epsilon=config.norm_eps, dtype=config.compute_dtype, name=name)
 
 
@@ -284,11 +171,16 @@ def _attention_xla(q: Array, k: Array, v: Array, allowed: Array, config: ModelCo
     groups = c.n_heads // c.kv_heads
     q = q.reshape(b, t, c.kv_heads, groups, c.head_dim)
     scores = jnp.einsum("bqhgd,bhkd->bhgqk", q, k.astype(q.dtype)).astype(jnp.float32)
-    scores = scores / math.sqrt(c.head_dim)
+    scores = _softcap(scores * _attention_scale(c), c.attn_softcap)
     scores = jnp.where(allowed[:, None, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(c.compute_dtype)
     out = jnp.einsum("bhgqk,bhkd->bqhgd", probs, v.astype(c.compute_dtype))
     return out.reshape(b, t, c.n_heads * c.head_dim)
+
+
+def _attention_scale(config: ModelConfig) -> float:
+    """The score scale: ``query_pre_attn_scalar^-1/2`` (Gemma) or ``head_dim^-1/2``."""
+    return (config.query_pre_attn_scalar or config.head_dim) ** -0.5
 
 
 def _attention_dpa(q: Array, k: Array, v: Array, allowed: Array, config: ModelConfig, implementation: str) -> Array:
@@ -304,16 +196,16 @@ def _attention_dpa(q: Array, k: Array, v: Array, allowed: Array, config: ModelCo
     allowed = allowed | (eye & ~jnp.any(allowed, axis=-1, keepdims=True))
     out = jax.nn.dot_product_attention(
         q.astype(dt), k.transpose(0, 2, 1, 3).astype(dt), v.transpose(0, 2, 1, 3).astype(dt),
-        mask=allowed[:, None], is_causal=True, implementation=implementation)
+        mask=allowed[:, None], scale=_attention_scale(config), is_causal=True, implementation=implementation)
     return out.reshape(b, t, config.n_heads * config.head_dim)
 
 
 def _cudnn_applies(config: ModelConfig, cached: bool) -> bool:
     """Whether ``attention_impl="auto"`` picks cuDNN flash attention: a GPU backend, a 16-bit
-    compute dtype, no KV cache (training and full forwards; decode and prefill stay on XLA), and
-    head_dim a multiple of 8 up to 128."""
+    compute dtype, no KV cache (training and full forwards; decode and prefill stay on XLA),
+    head_dim a multiple of 8 up to 128, and no attention soft-capping."""
     return (not cached and config.dtype in ("bfloat16", "float16") and jax.default_backend() == "gpu"
-            and config.head_dim % 8 == 0 and config.head_dim <= 128)
+            and config.head_dim % 8 == 0 and config.head_dim <= 128 and config.attn_softcap is None)
 
 
 class Attention(nn.Module):
@@ -332,9 +224,14 @@ class Attention(nn.Module):
         q = _dense(c, c.n_heads * c.head_dim, "q", bias)(x).reshape(b, t, c.n_heads, c.head_dim)
         k = _dense(c, c.kv_heads * c.head_dim, "k", bias)(x).reshape(b, t, c.kv_heads, c.head_dim)
         v = _dense(c, c.kv_heads * c.head_dim, "v", bias)(x).reshape(b, t, c.kv_heads, c.head_dim)
+        if c.qk_norm:
+            q = RMSNorm(c.norm_eps, c.norm_plus_one, name="q_norm")(q)
+            k = RMSNorm(c.norm_eps, c.norm_plus_one, name="k_norm")(k)
         if c.arch == "llama":
-            q = _rope(q, positions, c.rope_theta)
-            k = _rope(k, positions, c.rope_theta)
+            inv_freq, factor = c.rope_tables()
+            inv_freq, factor = _per_layer(inv_freq, layer), _per_layer(factor, layer)
+            q = apply_rope(q, positions, inv_freq, factor)
+            k = apply_rope(k, positions, inv_freq, factor)
 
         k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [b, kv_heads, t, d]
         q_slots = jnp.arange(t)
@@ -353,7 +250,10 @@ class Attention(nn.Module):
             & (k_seg[:, None, :] != 0)
             & (k_slots[None, None, :] <= q_slots[None, :, None])
         )  # [b, tq, tk]
-        use_cudnn = cache is None and (c.attention_impl == "cudnn" or (
+        if c.layer_windows is not None:  # 0 (a global layer) lets every earlier slot through
+            window = _per_layer([w or k.shape[2] + t for w in c.layer_windows], layer)
+            allowed &= k_slots[None, None, :] > q_slots[None, :, None] - window
+        use_cudnn = cache is None and c.attn_softcap is None and (c.attention_impl == "cudnn" or (
             c.attention_impl == "auto" and _cudnn_applies(c, cached=False)))
         if use_cudnn:
             out = _attention_dpa(q, k, v, allowed, c, "cudnn")
@@ -368,10 +268,11 @@ class MLP(nn.Module):
     @nn.compact
     def __call__(self, x: Array) -> Array:
         c = self.config
-        if c.arch == "llama":  # SwiGLU (Shazeer 2020): down(silu(gate x) * up x)
+        if c.arch == "llama":  # SwiGLU / GeGLU (Shazeer 2020): down(act(gate x) * up x)
             gate = _dense(c, c.ff_dim, "gate", False)(x)
             up = _dense(c, c.ff_dim, "up", False)(x)
-            return _dense(c, c.d_model, "down", False)(nn.silu(gate) * up)
+            act = nn.silu(gate) if c.activation == "silu" else nn.gelu(gate, approximate=True)
+            return _dense(c, c.d_model, "down", False)(act * up)
         h = _dense(c, c.ff_dim, "fc", True)(x)  # GPT-2: gelu_new (tanh approximation)
         return _dense(c, c.d_model, "proj", True)(nn.gelu(h, approximate=True))
 
@@ -381,12 +282,15 @@ class Block(nn.Module):
 
     @nn.compact
     def __call__(self, x, positions, seg, k_seg, cache, cache_index, layer):
-        h, cache = Attention(self.config, name="attn")(
-            _norm(self.config, "attn_norm")(x), positions, seg, k_seg, cache, cache_index, layer
-        )
+        c = self.config
+        h, cache = Attention(c, name="attn")(_norm(c, "attn_norm")(x), positions, seg, k_seg, cache, cache_index, layer)
+        if c.post_norms:
+            h = _norm(c, "post_attn_norm")(h)
         x = x + h
-        x = x + MLP(self.config, name="mlp")(_norm(self.config, "mlp_norm")(x))
-        return x, cache
+        h = MLP(c, name="mlp")(_norm(c, "mlp_norm")(x))
+        if c.post_norms:
+            h = _norm(c, "post_mlp_norm")(h)
+        return x + h, cache
 
 
 _NO_REMAT = object()
@@ -421,6 +325,7 @@ class Transformer(nn.Module):
 
         embed/embedding [V, d]; pos_embed/embedding [max_len, d] (gpt2)
         layer_{i}/attn_norm, attn/{q,k,v,o}, mlp_norm, mlp/{fc,proj} | mlp/{gate,up,down}
+                  attn/{q_norm,k_norm} (qk_norm), post_attn_norm, post_mlp_norm (post_norms)
         final_norm; lm_head/kernel [d, V] (untied LM only) | score_head/{kernel,bias} (scalar head)
     """
 
@@ -443,6 +348,8 @@ class Transformer(nn.Module):
         embed = nn.Embed(c.vocab_size, c.d_model, embedding_init=nn.initializers.normal(0.02),
                          param_dtype=jnp.float32, name="embed")
         x = embed(tokens).astype(c.compute_dtype)
+        if c.embed_scale:
+            x = x * jnp.asarray(math.sqrt(c.d_model), c.compute_dtype)
         if c.arch == "gpt2":
             pos = nn.Embed(c.max_len, c.d_model, embedding_init=nn.initializers.normal(0.01),
                            param_dtype=jnp.float32, name="pos_embed")
@@ -482,21 +389,22 @@ class Transformer(nn.Module):
             logits = nn.Dense(c.vocab_size, use_bias=False, dtype=c.compute_dtype,
                               param_dtype=jnp.float32, kernel_init=nn.initializers.normal(0.02),
                               name="lm_head")(to_unembed)
-        return Output(logits=logits.astype(jnp.float32), hidden=hidden, cache=new_cache)
+        return Output(logits=_softcap(logits.astype(jnp.float32), c.final_softcap), hidden=hidden, cache=new_cache)
 
 
 def unembed_fn(config: ModelConfig, params: Params):
     """``hidden [..., d] -> float32 logits [..., V]``: the LM head of ``Transformer`` as a function
     of ``params`` (tied: ``hidden·Eᵀ`` in float32, as ``nn.Embed.attend``; untied: the
-    ``lm_head`` kernel in the compute dtype, as ``nn.Dense``), for callers that unembed a few
-    columns at a time (``losses.chunked_logprobs``)."""
+    ``lm_head`` kernel in the compute dtype, as ``nn.Dense``; then ``final_softcap``), for callers
+    that unembed a few columns at a time (``losses.chunked_logprobs``)."""
     if config.head != "lm":
         raise ValueError(f"unembed_fn: needs ModelConfig.head='lm' (got {config.head!r})")
+    cap = config.final_softcap
     if config.tie_embeddings:
         embedding = params["embed"]["embedding"]
-        return lambda h: jnp.dot(h.astype(jnp.float32), embedding.T).astype(jnp.float32)
+        return lambda h: _softcap(jnp.dot(h.astype(jnp.float32), embedding.T).astype(jnp.float32), cap)
     kernel, dt = params["lm_head"]["kernel"], config.compute_dtype
-    return lambda h: jnp.dot(h.astype(dt), kernel.astype(dt)).astype(jnp.float32)
+    return lambda h: _softcap(jnp.dot(h.astype(dt), kernel.astype(dt)).astype(jnp.float32), cap)
 
 
 @functools.partial(jax.jit, static_argnums=0)

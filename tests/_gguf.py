@@ -67,7 +67,7 @@ def write_model_gguf(path: Path, model: Transformer, params: Params, *, qtype=Q.
     through gguf-py's tensor-name map, q/k rows permuted for `llama` (not for `qwen2`), 2-D
     weights as `qtype`, norms and biases F32, no `output.weight` when the head is tied."""
     c = model.config
-    arch_enum = {"llama": gguf.MODEL_ARCH.LLAMA, "qwen2": gguf.MODEL_ARCH.QWEN2}[arch]
+    arch_enum = {"llama": gguf.MODEL_ARCH.LLAMA, "qwen2": gguf.MODEL_ARCH.QWEN2, "qwen3": gguf.MODEL_ARCH.QWEN3}[arch]
     names = gguf.get_tensor_name_map(arch_enum, c.n_layers)
     writer = gguf.GGUFWriter(path, arch)
     writer.add_block_count(c.n_layers)
@@ -79,6 +79,9 @@ def write_model_gguf(path: Path, model: Transformer, params: Params, *, qtype=Q.
     writer.add_rope_freq_base(c.rope_theta)
     writer.add_layer_norm_rms_eps(c.norm_eps)
     writer.add_rope_dimension_count(c.head_dim)
+    if c.head_dim * c.n_heads != c.d_model:
+        writer.add_key_length(c.head_dim)
+        writer.add_value_length(c.head_dim)
     writer.add_vocab_size(c.vocab_size)
     writer.add_file_type(1 if qtype == Q.F16 else 0)
     if tokenizer is not None:

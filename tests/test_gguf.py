@@ -192,6 +192,30 @@ def test_tiny_quantised_model_matches_transformers(arch, qtype, tiny, tmp_path):
     np.testing.assert_allclose(got, expected, atol=1e-4, rtol=0)
 
 
+def test_qwen3_matches_transformers(tmp_path):
+    """A Qwen3 file (q/k norms `attn_{q,k}_norm`, an explicit head_dim in `attention.key_length`,
+    tied head) loads to the same tree as our model and, through `transformers`' GGUF loader, the
+    same logits.  head_dim is 128: that loader does not read `qwen3.attention.key_length` and
+    keeps Qwen3Config's default."""
+    torch = pytest.importorskip("torch", reason=TRANSFORMERS_MISSING)
+    transformers = pytest.importorskip("transformers", reason=TRANSFORMERS_MISSING)
+    pytest.importorskip("accelerate", reason="transformers' GGUF loader needs accelerate")
+    config = ModelConfig(**{**TINY, "d_model": 32, "n_heads": 2, "n_kv_heads": 1}, d_head=128, qk_norm=True)
+    model = Transformer(config)
+    params = random_params(model, seed=7)
+    path = write_model_gguf(tmp_path / "q3.gguf", model, params, arch="qwen3")
+    loaded_model, loaded = load_gguf(path)
+    assert loaded_model.config == config
+    assert_trees_close(loaded, params)
+    ref = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=path.name,
+                                                           dtype=torch.float32).eval()
+    ids = np.array([[4, 8, 15, 16, 23, 42, 7]])
+    with torch.no_grad():
+        expected = ref(torch.tensor(ids)).logits.numpy()
+    got = np.asarray(forward(loaded_model, loaded, ids, np.ones_like(ids)).logits)
+    np.testing.assert_allclose(got, expected, atol=1e-4, rtol=0)
+
+
 def test_scalar_head(tiny, tmp_path):
     model, params = tiny()
     path = write_model_gguf(tmp_path / "m.gguf", model, params)

@@ -230,9 +230,10 @@ def test_unknown_model_type(hf_tiny_gpt2_dir, tmp_path):
 def test_unsupported_rope_scaling(hf_tiny_llama_dir, tmp_path):
     shutil.copytree(hf_tiny_llama_dir, tmp_path / "m")
     config = json.loads((tmp_path / "m/config.json").read_text())
-    config["rope_scaling"] = {"rope_type": "linear", "factor": 2.0}
+    del config["rope_parameters"]
+    config["rope_scaling"] = {"rope_type": "dynamic", "factor": 2.0}
     (tmp_path / "m/config.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match=r"config\.json.*'rope_scaling'.*rope_type"):
+    with pytest.raises(ValueError, match=r"config\.json.*'rope_scaling'.*rope_type 'dynamic' is not supported"):
         load_pretrained(tmp_path / "m")
 
 

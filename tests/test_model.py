@@ -155,20 +155,25 @@ def test_llama2c_bad_size(tmp_path):
         load_llama2c(bad)
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "windowed"])
 def test_dot_product_attention_with_our_mask_equals_the_einsum_path(arch):
     """``jax.nn.dot_product_attention`` (XLA implementation; cuDNN takes the same arguments on a
     GPU) with our segment-id mask, left padding and packing, equals our einsum attention on every
-    column that has a key to attend to."""
+    column that has a key to attend to; ``windowed``: with a sliding window of 3 in the mask and
+    Gemma's ``query_pre_attn_scalar`` as the scale."""
     from rlhf_jax.model import _attention_dpa, _attention_xla
 
-    config = ModelConfig(arch=arch, d_model=32, n_heads=4, n_kv_heads=2 if arch == "llama" else None)
+    config = ModelConfig(arch="gpt2" if arch == "gpt2" else "llama", d_model=32, n_heads=4,
+                         n_kv_heads=None if arch == "gpt2" else 2,
+                         query_pre_attn_scalar=12.0 if arch == "windowed" else None)
     b, t, rng = 3, 7, np.random.default_rng(0)
     q = jnp.asarray(rng.normal(size=(b, t, 4, 8)), jnp.float32)
     k, v = (jnp.asarray(rng.normal(size=(b, config.kv_heads, t, 8)), jnp.float32) for _ in range(2))
     seg = jnp.asarray([[0, 0, 1, 1, 1, 1, 1], [1, 1, 1, 2, 2, 3, 3], [1, 1, 1, 1, 1, 0, 0]], jnp.int32)
     slots = jnp.arange(t)
     allowed = (seg[:, :, None] == seg[:, None, :]) & (seg[:, None, :] != 0) & (slots[None, None, :] <= slots[None, :, None])
+    if arch == "windowed":
+        allowed &= slots[None, None, :] > slots[None, :, None] - 3
     ours = _attention_xla(q, k, v, allowed, config)
     theirs = _attention_dpa(q, k, v, allowed, config, "xla")
     live = np.asarray(seg != 0)
