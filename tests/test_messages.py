@@ -155,22 +155,38 @@ def test_demonstration_prompt(word_tok):
     assert text == word_tok.apply_chat_template(DIALOGUE[:3], add_generation_prompt=True)
 
 
-def test_sft_stage_on_messages_with_chat_samples(word_tok, tmp_path):
-    """`train_sft` on `messages` files (train and held-out): one step on a tiny random model, a
-    held-out loss, and greedy samples that start with the rendered prompt."""
+@pytest.mark.slow
+def test_stages_on_messages(word_tok, tmp_path):
+    """SFT -> RM -> PPO, one step each on a tiny random model, every file in `messages` layouts:
+    SFT's held-out greedy samples start with the rendered prompt; the RM trains on message
+    comparisons (its normalisation on message demonstrations); PPO samples from message prompts."""
+    from conftest import random_params
     from rlhf_jax.configs import load_config
+    from rlhf_jax.hf import save_pretrained
+    from rlhf_jax.model import ModelConfig, Transformer
+    from rlhf_jax.stages.ppo import PPOStageConfig, train_ppo
+    from rlhf_jax.stages.reward import RMConfig, train_rm
     from rlhf_jax.stages.sft import SFTConfig, train_sft
 
-    word_tok.save(tmp_path / "tok")
-    data = write(tmp_path, "chat.jsonl", [{"messages": DIALOGUE}, {"messages": DIALOGUE[:2]}])
-    config = {"workdir": str(tmp_path / "sft"), "tokenizer": str(tmp_path / "tok"),
-              "model": {"init": {"arch": "llama", "vocab_size": len(WORDS), "d_model": 16, "n_layers": 1,
-                                 "n_heads": 2, "d_ff": 32, "max_len": 32}},
-              "train_data": str(data), "eval_data": str(data), "batch_size": 2, "buckets": [32],
-              "loop": {"total_steps": 1}, "sample_prompts": 1, "sample_max_new_tokens": 4}
-    (tmp_path / "sft.json").write_text(json.dumps(config))
-    out = train_sft(load_config(SFTConfig, tmp_path / "sft.json"))
-    assert Tokenizer.from_file(out).stop_ids == (word_tok.eos_id,)
+    model = Transformer(ModelConfig(arch="llama", vocab_size=len(WORDS), d_model=16, n_layers=1, n_heads=2,
+                                    d_ff=32, max_len=64))
+    save_pretrained(model, random_params(model, seed=1), tmp_path / "base", tokenizer=word_tok)
+    demos = write(tmp_path, "demos.jsonl", [{"messages": DIALOGUE}, {"messages": DIALOGUE[:2]}])
+    pairs = write(tmp_path, "pairs.jsonl", [{"messages": DIALOGUE[:3], "chosen": "good", "rejected": "bad"}] * 2)
+    prompts = write(tmp_path, "prompts.jsonl", [{"messages": DIALOGUE[:3]}, {"messages": DIALOGUE[:1]}])
+    ptx = write(tmp_path, "ptx.jsonl", [{"text": "hi there how are you fine thanks"}] * 4)
+    common = [f"model.hf_dir={tmp_path / 'base'}", "batch_size=2", "loop.total_steps=1"]
+
+    sft = train_sft(load_config(SFTConfig, None, [*common, f"workdir={tmp_path / 'sft'}", f"train_data={demos}",
+                                                  f"eval_data={demos}", "buckets=[32]", "sample_prompts=1",
+                                                  "sample_max_new_tokens=4"]))
     samples = [json.loads(line) for line in (tmp_path / "sft" / "samples.jsonl").read_text().splitlines()]
     prompt = word_tok.apply_chat_template(DIALOGUE[:3], add_generation_prompt=True)
     assert [s["key"] for s in samples] == ["sample_0"] and samples[0]["text"].startswith(prompt)
+    rm = train_rm(load_config(RMConfig, None, [*common, f"workdir={tmp_path / 'rm'}", f"train_data={pairs}",
+                                               f"demos={demos}", "buckets=[32]"]))
+    train_ppo(load_config(PPOStageConfig, None, [
+        *common, f"model.hf_dir={sft}", f"workdir={tmp_path / 'ppo'}", f"reward_model={rm}", f"train_data={prompts}",
+        f"ptx_data={ptx}", "ptx_batch_size=2", "ptx_seq_len=8", "max_prompt_len=24",
+        "ppo.generation.max_new_tokens=4", "ppo.num_minibatches=1"]))
+    assert (tmp_path / "ppo" / "model" / "config.json").is_file()
