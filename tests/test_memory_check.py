@@ -106,3 +106,13 @@ def test_the_sft_stage_is_refused_before_compiling_and_force_runs_it(world, tmp_
     assert not (tmp_path / "run" / "checkpoints").exists()
     assert cli.main([*args, "--force"]) == 0
     assert (tmp_path / "run" / "model" / "model.safetensors").is_file()
+
+
+def test_stage_configs_expose_model_remat():
+    from rlhf_jax.errors import ConfigError
+    from rlhf_jax.stages.sources import ModelSource, model_config
+
+    assert model_config(ModelSource(init=MODEL, remat=True)).remat_mode == "full"
+    assert model_config(ModelSource(init=MODEL, remat_policy="dots")).remat_mode == "dots"
+    with pytest.raises(ConfigError, match="ModelSource.remat"):
+        ModelSource(init=MODEL, remat=True, remat_policy="dots")
