@@ -147,6 +147,20 @@ def ptx_loss(logits: jax.Array, tokens: jax.Array, mask: jax.Array) -> jax.Array
     return _next_token_nll("ptx_loss", logits, tokens, mask)
 
 
+def ranking_pairs(mask: jax.Array, ranks: jax.Array | None = None) -> jax.Array:
+    """``[batch, K, K]`` bool, the pairs ``ranking_loss`` averages over: ``[b, i, j]`` when
+    response ``i`` beats ``j`` and both are valid (``mask`` ``[batch, K]`` != 0).  Without
+    ``ranks`` responses are best-first (``i < j``); with ``ranks`` ``[batch, K]`` (smaller = better)
+    ``ranks[i] < ranks[j]``, so a tie is no pair."""
+    valid = mask != 0
+    if ranks is None:
+        k = mask.shape[1]
+        better = jnp.arange(k)[:, None] < jnp.arange(k)[None, :]
+    else:
+        better = ranks[:, :, None] < ranks[:, None, :]
+    return better & valid[:, :, None] & valid[:, None, :]
+
+
 def ranking_loss(
     rewards: jax.Array,
     mask: jax.Array,
@@ -188,12 +202,7 @@ def ranking_loss(
                                 custom_message="ranking_loss: `ranks` must be [batch, K] like `rewards`")
     rewards = rewards.astype(jnp.promote_types(rewards.dtype, jnp.float32))
     valid = mask != 0
-    if ranks is None:
-        k = rewards.shape[1]
-        better = jnp.arange(k)[:, None] < jnp.arange(k)[None, :]
-    else:
-        better = ranks[:, :, None] < ranks[:, None, :]
-    pairs = better & valid[:, :, None] & valid[:, None, :]  # [batch, K, K]: i beats j
+    pairs = ranking_pairs(mask, ranks)
     diff = rewards[:, :, None] - rewards[:, None, :]
     nll = -jax.nn.log_sigmoid(jnp.where(pairs, diff, 0) - margin)
     per_prompt = masked_mean(nll, pairs, axis=(1, 2))

@@ -38,11 +38,11 @@ BODY = textwrap.dedent("""
     from rlhf_jax.ppo import PPOConfig, PPOModels, init_ppo_state
     from rlhf_jax.sharding import MeshConfig, make_mesh, process_data_shard, state_shardings
     from rlhf_jax.stages import sft as sft_stage, ppo as ppo_stage
-    from rlhf_jax.stages.config import stage_optimizer
+    from rlhf_jax.stages.config import StageOptimizerConfig, stage_optimizer
     from rlhf_jax.stages.rollouts import prompt_arrays, prompt_batches
     from rlhf_jax.stages.sources import ModelSource
     from rlhf_jax.stages.steps import jit_on_mesh, setup_training
-    from rlhf_jax.stages.sft import SFTConfig, SFTOptimizerConfig, sft_step_fn
+    from rlhf_jax.stages.sft import SFTConfig, sft_step_fn
     from rlhf_jax.tokenizer import Tokenizer
     from rlhf_jax.train import OptimizerConfig, make_optimizer
 
@@ -78,7 +78,7 @@ BODY = textwrap.dedent("""
     buckets = (16, 32, 64)
     sft = SFTConfig(workdir="unused", model=ModelSource(init=ModelConfig(arch="gpt2", vocab_size=tokenizer.vocab_size,
                     d_model=32, n_layers=2, n_heads=2, max_len=64)), train_data=files["demos"], batch_size=8,
-                    buckets=buckets, optimizer=SFTOptimizerConfig(lr=1e-2, total_steps=2))
+                    buckets=buckets, optimizer=StageOptimizerConfig(schedule="cosine", lr=1e-2, total_steps=2))
     if n > 1:
         batches = sft_stage.train_batches(sft, tokenizer, buckets, mesh)
     else:

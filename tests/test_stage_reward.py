@@ -27,11 +27,10 @@ from rlhf_jax.data import BatchIterator, DataError, read_demonstrations
 from rlhf_jax.generation import score
 from rlhf_jax.hf import load_pretrained
 from rlhf_jax.model import ModelConfig, Transformer, init_params
-from rlhf_jax.stages.config import StageLoopConfig
+from rlhf_jax.stages.config import StageLoopConfig, StageOptimizerConfig
 from rlhf_jax.stages.sources import ModelSource, load_reward_model
 from rlhf_jax.stages.reward import (
     RMConfig,
-    RMOptimizerConfig,
     normalization,
     rm_batch_loss,
     train_rm,
@@ -84,7 +83,7 @@ def rm_config(world: dict[str, Path], workdir: Path, **overrides) -> RMConfig:
         demos=str(world["demos_eval"]),
         batch_size=8,
         buckets=BUCKETS,
-        optimizer=RMOptimizerConfig(lr=3e-3, total_steps=8),
+        optimizer=StageOptimizerConfig(schedule="cosine", lr=3e-3, total_steps=8),
         loop=StageLoopConfig(total_steps=8, eval_every=4, save_every=4),
     )
     return RMConfig(**{**fields, **overrides})
@@ -339,7 +338,7 @@ def test_rm_learns_graded_preferences(tmp_path):
     accuracy over all pairs, and the exported bias centres the demonstrations."""
     world = make_rm_world(tmp_path / "world", n_train=512, n_eval=128, seed=1)
     cfg = rm_config(world, tmp_path / "rm", model=ModelSource(hf_dir=str(world["base"])), batch_size=16,
-                    buckets=(32, 64), optimizer=RMOptimizerConfig(lr=3e-3, warmup_steps=10),
+                    buckets=(32, 64), optimizer=StageOptimizerConfig(schedule="cosine", lr=3e-3, warmup_steps=10),
                     loop=StageLoopConfig(total_steps=80, eval_every=40))
     path = train_rm(cfg)
     evals = [r for r in jsonl(tmp_path / "rm" / "metrics.jsonl") if "eval/accuracy" in r]

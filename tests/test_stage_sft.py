@@ -26,7 +26,6 @@ from rlhf_jax.stages.export import completed_model
 from rlhf_jax.stages.sources import ModelSource
 from rlhf_jax.stages.sft import (
     SFTConfig,
-    SFTOptimizerConfig,
     demonstration_arrays,
     pack,
     sft_batch_loss,
@@ -83,7 +82,7 @@ def sft_config(world: dict[str, Path], workdir: Path, **overrides) -> SFTConfig:
         eval_data=str(world["demos_eval"]),
         batch_size=8,
         buckets=BUCKETS,
-        optimizer=SFTOptimizerConfig(lr=3e-3, total_steps=8),
+        optimizer=StageOptimizerConfig(schedule="cosine", lr=3e-3, total_steps=8),
         loop=StageLoopConfig(total_steps=8, eval_every=4, save_every=4),
         sample_prompts=0,
     )
@@ -220,7 +219,7 @@ def test_sft_learns_the_synthetic_task(tmp_path):
     unigram = float(-(p * np.log(p)).sum())
 
     cfg = sft_config(world, tmp_path / "sft", batch_size=16, sample_prompts=2, sample_max_new_tokens=8,
-                     optimizer=SFTOptimizerConfig(lr=1e-2, warmup_steps=20),
+                     optimizer=StageOptimizerConfig(schedule="cosine", lr=1e-2, warmup_steps=20),
                      loop=StageLoopConfig(total_steps=300, eval_every=150))
     train_sft(cfg)
     evals = [r for r in jsonl(tmp_path / "sft" / "metrics.jsonl") if "eval/loss" in r]

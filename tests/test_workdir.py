@@ -22,11 +22,11 @@ import pytest
 from safetensors.numpy import load_file
 
 import rlhf_jax.train.workdir as wd
-from rlhf_jax.stages.config import StageLoopConfig
+from rlhf_jax.stages.config import StageLoopConfig, StageOptimizerConfig
 from rlhf_jax.stages.export import completed_model
 from rlhf_jax.stages.ppo import train_ppo
 from rlhf_jax.stages.reward import train_rm
-from rlhf_jax.stages.sft import SFTOptimizerConfig, train_sft
+from rlhf_jax.stages.sft import train_sft
 from rlhf_jax.train import DONE_FILE, WorkdirError, workdir_lock
 from rlhf_jax.train.workdir import clean_orphans, describe_changes, fingerprint, fingerprint_changes
 from test_checkpoint import NOISE, damage
@@ -266,7 +266,7 @@ def test_finished_stage_with_another_config_or_input_is_refused(world, sft_strai
     with pytest.raises(WorkdirError, match=rf"^{sft_straight} holds a finished run with another config or input: "
                                            r"optimizer\.lr 0\.003 -> 0\.002; use a new workdir, or set "
                                            r"loop\.force=true to train it again here$"):
-        train_sft(sft_config(world, sft_straight, eval_data=None, optimizer=SFTOptimizerConfig(lr=2e-3, total_steps=8)))
+        train_sft(sft_config(world, sft_straight, eval_data=None, optimizer=StageOptimizerConfig(schedule="cosine", lr=2e-3, total_steps=8)))
     changed = tmp_path / "demos.jsonl"
     changed.write_text(Path(world["demos"]).read_text().replace("answer", "Answer", 1))
     with pytest.raises(WorkdirError, match=rf"another config or input: train_data \({changed}\) content changed"):
@@ -305,7 +305,7 @@ def test_resume_with_another_lr_is_refused_unless_allowed(world, sft_straight, t
     for name in (DONE_FILE, "model", "checkpoints/8"):  # killed after the step-4 checkpoint
         shutil.rmtree(run / name) if (run / name).is_dir() else (run / name).unlink()
     config = (run / "config.json").read_text()
-    new_lr = SFTOptimizerConfig(lr=2e-3, total_steps=8)
+    new_lr = StageOptimizerConfig(schedule="cosine", lr=2e-3, total_steps=8)
     with pytest.raises(WorkdirError, match=r"has a checkpoint \(step 4\) of a run with another config or input: "
                                            r"optimizer\.lr 0\.003 -> 0\.002; .* loop\.allow_config_change=true to "
                                            r"continue from step 4 with the new config"):
@@ -330,7 +330,7 @@ def test_schedule_that_follows_the_stage_length_is_part_of_the_identity(world, t
     """Growing a stage is a resume (test_stage_sft: 4 then 8 steps of a fixed cosine equal 8
     straight); when the cosine decays over the stage (no optimizer.total_steps) growing it changes
     the schedule of the steps already taken, so the resume is refused."""
-    cfg = sft_config(world, tmp_path / "run", eval_data=None, optimizer=SFTOptimizerConfig(lr=3e-3),
+    cfg = sft_config(world, tmp_path / "run", eval_data=None, optimizer=StageOptimizerConfig(schedule="cosine", lr=3e-3),
                      loop=StageLoopConfig(total_steps=2))
     train_sft(cfg)
     with pytest.raises(WorkdirError, match=r"has a checkpoint \(step 2\) .*: optimizer\.total_steps 2 -> 3; "):

@@ -11,7 +11,6 @@ from rlhf_jax.stages.sources import ModelSource, load_model, load_reward_model, 
 from rlhf_jax.stages.steps import Setup, init_train_state, jit_on_mesh, setup_training
 from rlhf_jax.stages.reward import (
     RMConfig,
-    RMOptimizerConfig,
     k_way_rewards,
     rm_batch_loss,
     rm_step_fn,
@@ -20,7 +19,6 @@ from rlhf_jax.stages.reward import (
 )
 from rlhf_jax.stages.sft import (
     SFTConfig,
-    SFTOptimizerConfig,
     sft_batch_loss,
     sft_step_fn,
     sft_train_step,
@@ -36,9 +34,7 @@ __all__ = [
     "run_stage",
     "ModelSource",
     "RMConfig",
-    "RMOptimizerConfig",
     "SFTConfig",
-    "SFTOptimizerConfig",
     "StageConfig",
     "StageLoopConfig",
     "StageOptimizerConfig",

@@ -40,7 +40,7 @@ from rlhf_jax.data import (
 )
 from rlhf_jax.errors import check
 from rlhf_jax.generation import score
-from rlhf_jax.losses import ranking_loss
+from rlhf_jax.losses import ranking_loss, ranking_pairs
 from rlhf_jax.masked import masked_mean, masked_var
 from rlhf_jax.model import SCORE_POOLINGS, Params, Transformer
 from rlhf_jax.data.agreement import across_processes, data_shard, even_rows, fixed_batches, process_batches
@@ -52,16 +52,6 @@ from rlhf_jax.tokenizer import Tokenizer
 from rlhf_jax.train import OptimizerConfig, TrainState
 
 NORMALIZATIONS = ("demos_mean", "demos_mean_std", "none")
-
-
-@dataclasses.dataclass(frozen=True)
-class RMOptimizerConfig(StageOptimizerConfig):
-    """IG App. C.2: lr 9e-6, cosine decay to 10% of it (a class of its own so that a partial
-    ``optimizer`` table or ``--set optimizer.lr=...`` keeps these defaults)."""
-
-    lr: float = 9e-6
-    schedule: Literal["constant", "cosine", "linear"] = "cosine"
-    final_lr_fraction: float = 0.1
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -93,7 +83,8 @@ class RMConfig(StageConfig):
 
     batch_size: int = 64  # IG App. C.2: 64 prompts per batch
     epochs: float = 1.0  # IG App. C.2: one epoch; more overfits
-    optimizer: RMOptimizerConfig = RMOptimizerConfig()
+    # IG App. C.2: lr 9e-6, cosine decay to 10% of it (a partial ``optimizer`` table keeps the rest).
+    optimizer: StageOptimizerConfig = StageOptimizerConfig(lr=9e-6, schedule="cosine", final_lr_fraction=0.1)
     margin: float = 0.0
     centering_coef: float = 0.0
     normalize: Literal["demos_mean", "demos_mean_std", "none"] = "demos_mean"  # IG §3.5
@@ -210,8 +201,7 @@ def rm_eval_fn(model: Transformer) -> Any:
     def evaluate(params: Params, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
         rewards = k_way_rewards(model, params, batch["tokens"], batch["mask"])
         valid = batch["valid"] != 0
-        k = valid.shape[1]
-        pairs = (jnp.arange(k)[:, None] < jnp.arange(k)[None, :]) & valid[:, :, None] & valid[:, None, :]
+        pairs = ranking_pairs(batch["valid"])
         correct = pairs & (rewards[:, :, None] > rewards[:, None, :])
         loss, _ = ranking_loss(rewards, batch["valid"])
         prompts = jnp.sum(jnp.sum(valid, axis=1) >= 2)

@@ -46,18 +46,6 @@ from rlhf_jax.tokenizer import Tokenizer
 from rlhf_jax.train import MetricsWriter, OptimizerConfig, TrainState
 
 
-@dataclasses.dataclass(frozen=True)
-class SFTOptimizerConfig(StageOptimizerConfig):
-    """IG App. C.1: lr 9.65e-6 (1.3B and 6B models), cosine decay to 10% of it, no warmup.
-
-    A class of its own so that a partial ``optimizer`` table or ``--set optimizer.lr=...`` keeps
-    these defaults (config loading builds nested configs from their class defaults)."""
-
-    lr: float = 9.65e-6
-    schedule: Literal["constant", "cosine", "linear"] = "cosine"
-    final_lr_fraction: float = 0.1
-
-
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class SFTConfig(StageConfig):
     """Supervised fine-tuning.  Defaults are InstructGPT's (App. C.1) for its 1.3B/6B models.
@@ -76,7 +64,9 @@ class SFTConfig(StageConfig):
 
     batch_size: int = 32  # IG App. C.1: 32 for 1.3B and 6B (8 for 175B)
     epochs: float = 16.0  # IG §3.5, App. C.1
-    optimizer: SFTOptimizerConfig = SFTOptimizerConfig()
+    # IG App. C.1: lr 9.65e-6 (1.3B and 6B models), cosine decay to 10% of it, no warmup.  A partial
+    # ``optimizer`` table or ``--set optimizer.lr=...`` keeps the rest (``configs.from_dict``).
+    optimizer: StageOptimizerConfig = StageOptimizerConfig(lr=9.65e-6, schedule="cosine", final_lr_fraction=0.1)
     prompt_masking: bool = True  # IG silent; loss on the response (and EOS) only
     packing: bool = False
     max_len: int | None = None

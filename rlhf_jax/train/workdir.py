@@ -37,22 +37,18 @@ import jax
 from rlhf_jax.errors import WorkdirError
 
 __all__ = [
-    "FINGERPRINT_FILE",
     "LOCK_FILE",
     "WorkdirError",
     "clean_orphans",
     "describe_changes",
     "fingerprint",
     "fingerprint_changes",
-    "read_fingerprint",
     "workdir_lock",
-    "write_fingerprint",
 ]
 
 log = logging.getLogger(__name__)
 
 LOCK_FILE = ".lock"
-FINGERPRINT_FILE = "fingerprint.json"
 _CHUNK = 1 << 20
 
 
@@ -330,23 +326,3 @@ def _content(entry: Mapping[str, Any] | None) -> Any:
 
 def _where(entry: Mapping[str, Any] | None) -> str:
     return "none" if entry is None else entry["path"]
-
-
-def read_fingerprint(workdir: str | os.PathLike) -> dict[str, Any] | None:
-    """`workdir/fingerprint.json`, or None when absent (a workdir of an older version) or
-    unreadable."""
-    try:
-        data = json.loads((Path(workdir) / FINGERPRINT_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) and "config" in data else None
-
-
-def write_fingerprint(workdir: str | os.PathLike, record: Mapping[str, Any]) -> None:
-    """Write `workdir/fingerprint.json` atomically (process 0 only)."""
-    if jax.process_index() != 0:
-        return
-    path = Path(workdir) / FINGERPRINT_FILE
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
