@@ -23,7 +23,7 @@ import pytest
 from conftest import TRANSFORMERS_MISSING
 from rlhf_jax.generation import GenerateConfig, generate
 from rlhf_jax.hf import config_from_hf, config_to_hf, load_pretrained, save_pretrained
-from rlhf_jax.model import ModelConfig, Transformer, forward
+from rlhf_jax.model import ModelConfig, Transformer, forward, unembed_fn
 from rlhf_jax.rope import RopeScaling
 
 torch = pytest.importorskip("torch", reason=TRANSFORMERS_MISSING)
@@ -203,6 +203,16 @@ def test_scanned_equals_unrolled(name, family):
         np.testing.assert_array_equal(
             np.asarray(generate(scanned, params, prompts, prompt_mask, key, gen).response),
             np.asarray(generate(model, params, prompts, prompt_mask, key, gen).response))
+
+
+def test_chunked_unembedding_applies_the_final_softcap(family):
+    """`unembed_fn` (what `logits_chunk` unembeds with) soft-caps as the forward does."""
+    _, _, model, params = family("gemma2")
+    tokens, mask = map(jnp.asarray, left_padded(model.config.vocab_size))
+    out = jit_forward(model, params, tokens, mask)
+    assert np.abs(np.asarray(out.logits)).max() < model.config.final_softcap
+    np.testing.assert_allclose(np.asarray(unembed_fn(model.config, params)(out.hidden)), np.asarray(out.logits),
+                               atol=1e-5, rtol=0)
 
 
 def test_cudnn_request_falls_back_for_softcapped_attention(family):
