@@ -49,6 +49,8 @@ from rlhf_jax.pipeline import PipelineConfig, run_pipeline
 from rlhf_jax.plan import PlanConfig, run_plan
 from rlhf_jax.ppo import PRESETS
 from rlhf_jax.sample import SampleConfig, sample
+from rlhf_jax.stages.dpo import DPOConfig, train_dpo
+from rlhf_jax.stages.grpo import GRPOStageConfig, RLOOStageConfig, train_grpo, train_rloo
 from rlhf_jax.stages.ppo import PPOStageConfig, train_ppo
 from rlhf_jax.stages.reward import RMConfig, train_rm
 from rlhf_jax.stages.sft import SFTConfig, train_sft
@@ -90,6 +92,9 @@ COMMANDS: dict[str, Command] = {
     "sft": Command(SFTConfig, train_sft, "stage 1: supervised fine-tuning on demonstrations"),
     "rm": Command(RMConfig, train_rm, "stage 2: K-way reward model on ranked comparisons"),
     "ppo": Command(PPOStageConfig, train_ppo, "stage 3: PPO-ptx against the reward model"),
+    "grpo": Command(GRPOStageConfig, train_grpo, "stage 3 by GRPO: group-relative advantages, no value model"),
+    "rloo": Command(RLOOStageConfig, train_rloo, "stage 3 by RLOO: leave-one-out baseline, no value model"),
+    "dpo": Command(DPOConfig, train_dpo, "stages 2+3 by DPO: the policy on the ranked comparisons, no reward model"),
     "pipeline": Command(PipelineConfig, run_pipeline, "the whole recipe end to end (default: the built-in world)"),
     "generate": Command(SampleConfig, sample, "one answer from a model directory or GGUF file "
                                               "(--set model=DIR --set user=TEXT)"),
