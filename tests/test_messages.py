@@ -119,6 +119,8 @@ def test_comparisons_and_prompts_as_messages(word_tok, tmp_path):
     (read_demonstrations, {"messages": [{"role": "user", "content": "\ud800"}]}, r"field 'messages\[0\]\.content'"),
     (read_comparisons, {"messages": [{"role": "user", "content": "a"}], "responses": ["x", "y"], "ranking": [0, 0]},
      r"line 2, field 'ranking'"),
+    (read_comparisons, {"messages": [{"role": "user", "content": "a"}], "responses": ["x", "y"], "ranking": ["a", 1]},
+     r"line 2, field 'ranking'"),
     (read_comparisons, {"messages": [{"role": "user", "content": "a"}], "chosen": "x"}, r"line 2, field 'rejected': missing"),
     (read_comparisons, {"messages": [{"role": "user", "content": "a"}], "chosen": "x", "rejected": " "},
      r"field 'rejected': empty"),

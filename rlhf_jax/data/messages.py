@@ -103,8 +103,8 @@ def parse_comparison(obj: Mapping[str, Any]) -> ChatComparison:
                 raise _LineError("responses", f"expected a list of {K_MIN}..{K_MAX} responses")
             ranked = [_response(r, f"responses[{j}]") for j, r in enumerate(responses)]
             ranking = obj.get("ranking")
-            if not isinstance(ranking, list) or sorted(ranking) != list(range(len(ranked))) or any(
-                    isinstance(j, bool) for j in ranking):
+            if not isinstance(ranking, list) or not all(type(j) is int for j in ranking) or sorted(
+                    ranking) != list(range(len(ranked))):
                 raise _LineError("ranking", f"must be a permutation of range({len(ranked)}), got {ranking!r}")
             return ChatComparison(prefix, tuple(ranked[j] for j in ranking))
         return ChatComparison(prefix, tuple(_response(obj.get(f, ...), f) for f in ("chosen", "rejected")))
