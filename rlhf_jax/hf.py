@@ -78,9 +78,11 @@ def config_from_hf(
 ) -> ModelConfig:
     """``ModelConfig`` from a ``transformers`` ``config.json`` dict.
 
-    Settings our model does not implement (RoPE scaling, sliding windows, other activations,
-    o_proj/MLP biases, a ``head_dim`` other than ``hidden_size / num_attention_heads``) raise a
-    ``ValueError`` naming ``source`` and the field rather than loading a silently different model.
+    The family switches (docs/families.md) are read with ``transformers``' own defaults for
+    absent fields.  Settings our model does not implement (RoPE types other than ``linear``,
+    ``llama3`` and ``yarn``, partial rotary dims, other activations, o_proj/MLP biases,
+    bidirectional attention) raise a ``ValueError`` naming ``source`` and the field rather than
+    loading a silently different model.
     """
 
     def field(name: str, default: Any = ...) -> Any:
