@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-import rlhf_jax.model as model_module
+import rlhf_jax.model_config as model_config_module
 import rlhf_jax.data.agreement as agreement
 import rlhf_jax.stages.reward as reward_stage
 from rlhf_jax.configs import ConfigError
@@ -115,7 +115,7 @@ def straight(world, tmp_path_factory) -> Path:
 @pytest.fixture
 def float64(monkeypatch):
     """x64 on and a "float64" compute dtype for ModelConfig, both restored afterwards."""
-    monkeypatch.setitem(model_module._DTYPES, "float64", jnp.float64)
+    monkeypatch.setitem(model_config_module._DTYPES, "float64", jnp.float64)
     previous = jax.config.jax_enable_x64
     jax.config.update("jax_enable_x64", True)
     yield

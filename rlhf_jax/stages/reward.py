@@ -30,7 +30,6 @@ from rlhf_jax.configs import ConfigError
 from rlhf_jax.data import (
     DEFAULT_BUCKETS,
     TRUNCATIONS,
-    DataError,
     TruncationStats,
     bucket_length,
     read_comparisons,
@@ -45,7 +44,7 @@ from rlhf_jax.masked import masked_mean, masked_var
 from rlhf_jax.model import SCORE_POOLINGS, Params, Transformer
 from rlhf_jax.data.agreement import across_processes, data_shard, even_rows, fixed_batches, process_batches
 from rlhf_jax.stages.config import StageConfig, StageOptimizerConfig, length_buckets
-from rlhf_jax.stages.sources import NORMALIZATION_FILE
+from rlhf_jax.stages.sources import NORMALIZATION_FILE, naming, read_records
 from rlhf_jax.stages.steps import Batch, StepFn, jit_on_mesh
 from rlhf_jax.stages.skeleton import StageData, StageRun, SupervisedStage, make_step_fn, run_stage
 from rlhf_jax.tokenizer import Tokenizer
@@ -232,25 +231,14 @@ def comparison_arrays(
     """``tokens``, ``mask`` ``[n, k_max, L]`` and ``valid`` ``[n, k_max]`` int32 of comparisons read
     from ``path`` (``data.tokenize_comparisons`` with ``truncation``; ``stats`` gets the counts);
     ``L`` is the smallest bucket holding the longest sequence; errors name the file."""
-    try:
+    with naming(path):
         arrays = tokenize_comparisons(records, tokenizer, k_max, max_len, truncation=truncation, stats=stats)
-    except ValueError as e:
-        raise DataError(f"{path}: {e}") from None
     return _trim(arrays, buckets)
 
 
 def _trim(arrays: dict[str, np.ndarray], buckets: tuple[int, ...]) -> dict[str, np.ndarray]:
     width = bucket_length(max(int(arrays["mask"].sum(-1).max()), 1), buckets)
     return {k: v[..., :width] if v.shape == arrays["mask"].shape else v for k, v in arrays.items()}
-
-
-def _read_comparisons(path: str, skip_bad: bool, stats: TruncationStats, shard_index: int = 0,
-                      shard_count: int = 1) -> list:
-    records = read_comparisons(path, skip_bad=skip_bad, shard_index=shard_index, shard_count=shard_count)
-    stats.bad_lines += records.n_skipped
-    if not records:
-        raise DataError(f"{path}: no comparisons")
-    return records
 
 
 # ---------------------------------------------------------------------------- normalisation
@@ -282,15 +270,10 @@ def demonstration_rows(path: str | Path, tokenizer: Tokenizer, max_len: int, buc
     ``[BOS] prompt response [EOS]`` (the layout of the comparisons; ``data.tokenize_demonstrations``
     with ``truncation``, ``stats`` getting the counts), right padded to the smallest bucket that
     holds them; errors name the file."""
-    records = read_demonstrations(path, skip_bad=skip_bad)
     stats = TruncationStats() if stats is None else stats
-    stats.bad_lines += records.n_skipped
-    if not records:
-        raise DataError(f"{path}: no demonstrations")
-    try:
+    records = read_records(read_demonstrations, path, "demonstrations", stats, skip_bad=skip_bad)
+    with naming(path):
         arrays = tokenize_demonstrations(records, tokenizer, (max_len,), truncation=truncation, stats=stats)
-    except ValueError as e:
-        raise DataError(f"{path}: {e}") from None
     return _trim({"tokens": arrays["tokens"], "mask": arrays["mask"]}, buckets)
 
 
@@ -336,10 +319,10 @@ class RMStage(SupervisedStage):
         buckets = length_buckets(cfg.buckets, cfg.max_len, run.model_config.max_len, "RMConfig")
         max_len = buckets[-1]
         stats = {name: TruncationStats() for name in ("train_data", "eval_data", "demos") if getattr(cfg, name)}
-        train_records = _read_comparisons(cfg.train_data, cfg.skip_bad, stats["train_data"],
-                                          **data_shard(mesh))  # this process's part
-        eval_records = None if cfg.eval_data is None else _read_comparisons(cfg.eval_data, cfg.skip_bad,
-                                                                            stats["eval_data"])
+        train_records = read_records(read_comparisons, cfg.train_data, "comparisons", stats["train_data"],
+                                     skip_bad=cfg.skip_bad, **data_shard(mesh))  # this process's part
+        eval_records = None if cfg.eval_data is None else read_records(
+            read_comparisons, cfg.eval_data, "comparisons", stats["eval_data"], skip_bad=cfg.skip_bad)
         k_max = cfg.k_max or max([across_processes(max(len(r.responses) for r in train_records)),
                                   *(len(r.responses) for r in eval_records or [])])
         pads = {"tokens": tokenizer.pad_id}

@@ -29,6 +29,7 @@ from rlhf_jax.data import (
     tokenize_texts,
 )
 from rlhf_jax.data.agreement import data_shard, even_rows, process_batches
+from rlhf_jax.stages.sources import naming, read_records
 from rlhf_jax.tokenizer import Tokenizer
 
 
@@ -39,15 +40,11 @@ def prompt_arrays(path: str, tokenizer: Tokenizer, max_len: int, shard_index: in
     its ``shard_index``-th of ``shard_count`` parts, ``data.read_jsonl``, skipping bad lines with
     ``skip_bad``; a longer prompt follows ``truncation``, ``data.truncation``; ``stats`` gets the
     counts)."""
-    records = read_prompts(path, skip_bad=skip_bad, shard_index=shard_index, shard_count=shard_count)
     stats = TruncationStats() if stats is None else stats
-    stats.bad_lines += records.n_skipped
-    if not records:
-        raise DataError(f"{path}: no prompts")
-    try:
+    records = read_records(read_prompts, path, "prompts", stats, skip_bad=skip_bad, shard_index=shard_index,
+                           shard_count=shard_count)
+    with naming(path):
         return tokenize_prompts(records, tokenizer, max_len, truncation=truncation, stats=stats)
-    except ValueError as e:
-        raise DataError(f"{path}: {e}") from None
 
 
 def prompt_batches(cfg: Any, rl_cfg: Any, tokenizer: Tokenizer, mesh: Any,

@@ -26,7 +26,6 @@ from rlhf_jax.configs import ConfigError
 from rlhf_jax.data import (
     DEFAULT_BUCKETS,
     TRUNCATIONS,
-    DataError,
     TruncationStats,
     pack_sequences,
     read_demonstrations,
@@ -41,6 +40,7 @@ from rlhf_jax.data.messages import demonstration_prompt
 from rlhf_jax.data.agreement import data_shard, even_rows, fixed_batches, process_batches
 from rlhf_jax.stages.config import StageConfig, StageOptimizerConfig, length_buckets
 from rlhf_jax.stages.steps import Batch, StepFn, jit_on_mesh
+from rlhf_jax.stages.sources import naming, read_records
 from rlhf_jax.stages.skeleton import StageData, StageRun, SupervisedStage, make_step_fn, run_stage
 from rlhf_jax.tokenizer import Tokenizer
 from rlhf_jax.train import MetricsWriter, OptimizerConfig, TrainState
@@ -157,16 +157,12 @@ def demonstration_arrays(
     parts, ``data.read_jsonl``, skipping bad lines with ``skip_bad``): ``tokens``, ``mask``,
     ``loss_mask`` ``[n, L]`` int32 (``data.tokenize_demonstrations`` with ``truncation``;
     ``stats`` gets the counts); errors name the file."""
-    records = read_demonstrations(path, skip_bad=skip_bad, shard_index=shard_index, shard_count=shard_count)
     stats = TruncationStats() if stats is None else stats
-    stats.bad_lines += records.n_skipped
-    if not records:
-        raise DataError(f"{path}: no demonstrations")
-    try:
+    records = read_records(read_demonstrations, path, "demonstrations", stats, skip_bad=skip_bad,
+                           shard_index=shard_index, shard_count=shard_count)
+    with naming(path):
         arrays = tokenize_demonstrations(records, tokenizer, buckets, train_on_prompt=not prompt_masking,
                                          truncation=truncation, stats=stats)
-    except ValueError as e:
-        raise DataError(f"{path}: {e}") from None
     return records, arrays
 
 

@@ -11,16 +11,22 @@ import json
 import logging
 import math
 import os
+import contextlib
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any, TypeVar
 
 import jax
 
 from rlhf_jax import hf
 from rlhf_jax.configs import ConfigError
+from rlhf_jax.data import DataError, TruncationStats
 from rlhf_jax.model import ATTENTION_IMPLS, REMAT_POLICIES, ModelConfig, Params, Transformer, init_params
 from rlhf_jax.tokenizer import PAD_TOKEN, Tokenizer
 
 log = logging.getLogger(__name__)
+
+R = TypeVar("R")
 
 NORMALIZATION_FILE = "reward_normalization.json"  # beside a reward model: its gain and bias
 
@@ -177,3 +183,27 @@ def load_reward_model(path: str | Path, dtype: str = "float32") -> tuple[Transfo
     if not (math.isfinite(gain) and math.isfinite(bias)):
         raise ValueError(f"{file}: gain and bias must be finite, got {gain}, {bias}")
     return model, params, gain, bias
+
+
+# ------------------------------------------------------------------------------------ data files
+
+
+def read_records(read: Callable[..., R], path: str | os.PathLike, what: str, stats: TruncationStats,
+                 **kwargs: Any) -> R:
+    """``read(path, **kwargs)`` (a ``data`` reader; its ``n_skipped`` bad lines are added to
+    ``stats.bad_lines``); a ``DataError`` naming ``path`` when it holds no ``what``."""
+    records = read(path, **kwargs)
+    stats.bad_lines += records.n_skipped
+    if not records:
+        raise DataError(f"{path}: no {what}")
+    return records
+
+
+@contextlib.contextmanager
+def naming(path: str | os.PathLike) -> Iterator[None]:
+    """Re-raise a ``ValueError`` of the block (a record the tokenizer refuses) as a ``DataError``
+    naming ``path``."""
+    try:
+        yield
+    except ValueError as e:
+        raise DataError(f"{path}: {e}") from None
