@@ -60,7 +60,7 @@ def make_step_fn(loss_fn: LossFn, optimizer: OptimizerConfig | None = None) -> S
     ``loss_fn(params, batch) -> (loss, aux)``: a scalar loss, whose gradient the update applies
     (``TrainState.apply_gradients``), and a dict of scalar metrics computed with it.
 
-    Metrics, in this order: ``loss``, the ``aux`` entries, ``grad_norm`` (global L2 norm of the
+    Metrics: ``loss``, the ``aux`` entries, ``grad_norm`` (global L2 norm of the
     gradient), and ``lr`` (the rate of this update, ``make_schedule(optimizer)`` at update
     ``step // grad_accum_steps``) when ``optimizer`` is given.
     """
@@ -111,7 +111,8 @@ class StageRun:
 
 
 class Stage(Protocol):
-    """The hooks ``run_stage`` calls (``SupervisedStage`` has defaults for all but ``prepare``).
+    """The hooks ``run_stage`` calls (``SupervisedStage`` has defaults for all but ``prepare`` and
+    its ``loss``).
 
     ``name``: the stage's name in ``model/rlhf_jax_stage.json`` (``"sft"``, ``"rm"``, ...).
     ``inputs``: config fields (dotted) naming input files or directories, hashed into the
