@@ -34,6 +34,15 @@ TABLE_KEYS = (
 )
 
 
+LABELS = {"ppo": "PPO", "grpo": "GRPO", "rloo": "RLOO", "dpo": "DPO", "best_of_n": "best-of-N"}
+
+
+def table_keys(algorithm: str = "ppo") -> tuple[tuple[str, str], ...]:
+    """``TABLE_KEYS`` for the policy of the pipeline's ``algorithm`` (``evaluate``'s key suffix)."""
+    return tuple((key.replace("_ppo", f"_{algorithm}"), label.replace("PPO", LABELS[algorithm]))
+                 for key, label in TABLE_KEYS)
+
+
 def _jsonl(path: Path) -> list[dict[str, Any]]:
     if not path.exists():
         return []
@@ -49,8 +58,10 @@ def gold_curve(ppo_dir: Path) -> list[dict[str, float]]:
     return [{"step": s, "gold": sum(v) / len(v)} for s, v in sorted(by_step.items())]
 
 
-def format_table(summary: dict[str, Any], keys: tuple[tuple[str, str], ...] = TABLE_KEYS) -> str:
-    """A markdown table of the ``(summary key, label)`` rows of ``keys`` that ``summary`` has."""
+def format_table(summary: dict[str, Any], keys: tuple[tuple[str, str], ...] | None = None) -> str:
+    """A markdown table of the ``(summary key, label)`` rows of ``keys`` (default: ``table_keys`` of
+    the summary's ``algorithm``) that ``summary`` has."""
+    keys = table_keys(summary.get("algorithm", "ppo")) if keys is None else keys
     rows = [(label, summary[key]) for key, label in keys if summary.get(key) is not None]
     width = max(len(label) for label, _ in rows) if rows else 0
     lines = [f"| {'metric':<{width}} | value |", f"|{'-' * (width + 2)}|-------|"]
@@ -69,7 +80,8 @@ def _plots(run: Path, summary: dict[str, Any], curve: list[dict[str, float]]) ->
         import matplotlib.pyplot as plt
     except ImportError:
         return []
-    ppo = _jsonl(run / "ppo" / "metrics.jsonl")
+    algorithm = summary.get("algorithm", "ppo")
+    ppo = _jsonl(run / algorithm / "metrics.jsonl")
     train = [r for r in ppo if "score" in r]
     evals = [r for r in ppo if "eval/score" in r]
     written = []
@@ -96,8 +108,9 @@ def _plots(run: Path, summary: dict[str, Any], curve: list[dict[str, float]]) ->
         written.append(name)
 
     fig, axes = plt.subplots(1, 4, figsize=(16, 3.5))
-    for ax, stage, keys in zip(axes, ("pretrain", "sft", "rm", "ppo"),
-                               (("loss",), ("loss", "eval/loss"), ("loss", "eval/accuracy"), ("vf_loss", "ptx_loss"))):
+    policy_losses = ("vf_loss", "ptx_loss") if algorithm == "ppo" else ("pg_loss", "ptx_loss", "loss")
+    for ax, stage, keys in zip(axes, ("pretrain", "sft", "rm", algorithm),
+                               (("loss",), ("loss", "eval/loss"), ("loss", "eval/accuracy"), policy_losses)):
         rows = _jsonl(run / stage / "metrics.jsonl")
         for key in keys:
             pts = [(r["step"], r[key]) for r in rows if key in r]
@@ -112,7 +125,8 @@ def _plots(run: Path, summary: dict[str, Any], curve: list[dict[str, float]]) ->
 def write_report(cfg: Any, summary: dict[str, Any], *, log: Callable[[str], Any] = print) -> Path:
     """Write ``report.md`` and the plots into the run directory and print the final table."""
     run = Path(cfg.run_dir)
-    curve = gold_curve(run / "ppo")
+    algorithm = summary.get("algorithm", "ppo")
+    curve = gold_curve(run / algorithm)
     plots = _plots(run, summary, curve)
     table = format_table(summary)
     lines = [f"# rlhf_jax pipeline report: {cfg.name}", "", table, ""]
@@ -124,8 +138,8 @@ def write_report(cfg: Any, summary: dict[str, Any], *, log: Callable[[str], Any]
                   "| N | KL | RM score | gold |", "|---|---|---|---|"]
         lines += [f"| {r['n']} | {r['kl']:.2f} | {r['rm']:.3f} | {r['gold']:.3f} |" for r in summary["best_of_n"]] + [""]
     if summary.get("examples"):
-        lines += ["## Examples", "", "| prompt | SFT | PPO |", "|---|---|---|"]
-        lines += [f"| `{e['prompt']!r}` | `{e['sft']!r}` | `{e['ppo']!r}` |" for e in summary["examples"]] + [""]
+        lines += ["## Examples", "", f"| prompt | SFT | {LABELS[algorithm]} |", "|---|---|---|"]
+        lines += [f"| `{e['prompt']!r}` | `{e['sft']!r}` | `{e[algorithm]!r}` |" for e in summary["examples"]] + [""]
     lines += ["## Stage wall time (s)", ""] + [f"- {k}: {v:.1f}" for k, v in summary.get("stage_seconds", {}).items()]
     lines += [""] + [f"![{p}]({p})" for p in plots] if plots else ["", "(matplotlib not installed: no plots)"]
     path = run / "report.md"

@@ -75,3 +75,25 @@ def test_ppo_ema_matches_numpy_loop_and_leaves_training_unchanged():
     jax.tree_util.tree_map(np.testing.assert_array_equal, runs["off"], runs["on"])
     with pytest.raises(ValueError, match="PPOConfig.ema_decay"):
         PPOConfig(ema_decay=1.5)
+
+
+def test_ppo_stage_evaluates_and_exports_the_ema_when_kept():
+    """PPOStageConfig.use_ema: the stage's evaluation and model/ take the EMA weights when the
+    state keeps them, else the policy's."""
+    import dataclasses
+
+    from test_ppo import _setup
+
+    from rlhf_jax.generation import GenerateConfig
+    from rlhf_jax.ppo import PPOConfig
+    from rlhf_jax.stages.ppo import PPOStageConfig, _evaluated
+    from rlhf_jax.stages.sources import ModelSource
+
+    ppo = PPOConfig(generation=GenerateConfig(max_new_tokens=4, pad_id=0), ptx_coef=0.0, ema_decay=0.5)
+    _, state = _setup(ppo)
+    state = state.replace(ema_params=jax.tree_util.tree_map(lambda x: x + 1.0, state.ema_params))
+    cfg = PPOStageConfig(workdir="w", model=ModelSource(hf_dir="sft"), train_data="p.jsonl", reward_model="rm", ppo=ppo)
+    leaf = lambda s: jax.tree_util.tree_leaves(s.policy.params)[0]  # noqa: E731
+    np.testing.assert_array_equal(leaf(_evaluated(cfg, state)), jax.tree_util.tree_leaves(state.ema_params)[0])
+    np.testing.assert_array_equal(leaf(_evaluated(dataclasses.replace(cfg, use_ema=False), state)), leaf(state))
+    np.testing.assert_array_equal(leaf(_evaluated(cfg, state.replace(ema_params=None))), leaf(state))

@@ -20,6 +20,8 @@ from rlhf_jax.errors import check
 from rlhf_jax.model import ModelConfig
 from rlhf_jax.pipeline.inputs import pretrain_as_demos
 from rlhf_jax.sharding import MeshConfig
+from rlhf_jax.stages.dpo import DPOConfig
+from rlhf_jax.stages.grpo import GRPOStageConfig, RLOOStageConfig
 from rlhf_jax.stages.ppo import PPOStageConfig
 from rlhf_jax.stages.reward import RMConfig
 from rlhf_jax.stages.sft import SFTConfig
@@ -27,6 +29,7 @@ from rlhf_jax.tasks import WorldConfig
 from rlhf_jax.tokenizer import Tokenizer
 
 DEFAULTS_FILE = "defaults.json"
+ALGORITHMS = ("ppo", "grpo", "rloo", "dpo", "best_of_n")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,9 +49,14 @@ class DataFiles:
 class PipelineConfig:
     """The pipeline: run layout, the built-in world's sizes, the model, and per-stage overrides.
 
-    ``pretrain``/``sft``/``rm``/``ppo``: dicts merged over the stage configs the pipeline builds
-    (same keys as ``SFTConfig``, ``RMConfig``, ``PPOStageConfig``; e.g.
-    ``--set ppo.ppo.ptx_coef=1.0`` or ``--set sft.loop.total_steps=500``).
+    ``pretrain``/``sft``/``rm``/``ppo``/``grpo``/``rloo``/``dpo``: dicts merged over the stage
+    configs the pipeline builds (same keys as ``SFTConfig``, ``RMConfig``, ``PPOStageConfig``,
+    ``GRPOStageConfig``, ``RLOOStageConfig``, ``DPOConfig``; e.g. ``--set ppo.ppo.ptx_coef=1.0`` or
+    ``--set sft.loop.total_steps=500``).
+    ``algorithm``: how the SFT policy is aligned: ``"ppo"`` (InstructGPT), ``"grpo"``, ``"rloo"``
+    (against the reward model), ``"dpo"`` (on the comparisons), or ``"best_of_n"`` (no training: the
+    SFT policy's best of ``max(best_of_n)`` samples by the reward model).  Its stage writes under
+    ``runs/<name>/<algorithm>/``, so switching reuses every earlier stage and trains only the new one.
     ``base_model``: a Hugging Face directory to start SFT from (skips pretraining); otherwise
     ``model`` is initialised randomly and pretrained on the world's corpus.
     ``k``: responses ranked per comparison (IG §3.5: 4..9).  ``eval_samples``: responses per
@@ -89,8 +97,13 @@ class PipelineConfig:
     sft: dict[str, Any] = dataclasses.field(default_factory=dict)
     rm: dict[str, Any] = dataclasses.field(default_factory=dict)
     ppo: dict[str, Any] = dataclasses.field(default_factory=dict)
+    algorithm: Literal["ppo", "grpo", "rloo", "dpo", "best_of_n"] = "ppo"
+    grpo: dict[str, Any] = dataclasses.field(default_factory=dict)
+    rloo: dict[str, Any] = dataclasses.field(default_factory=dict)
+    dpo: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        check(self.algorithm in ALGORITHMS, self, "algorithm", f"one of {ALGORITHMS}")
         check(self.task in ("synthetic", "files"), self, "task", "'synthetic' or 'files'")
         check(self.name and "/" not in self.name, self, "name", "a non-empty name without '/'")
         check(2 <= self.k <= 9, self, "k", "in [2, 9] (IG §3.5: 4..9)")
@@ -188,4 +201,19 @@ def stage_configs(cfg: PipelineConfig, files: dict[str, Path], tokenizer: Path) 
         "max_prompt_len": cfg.prompt_len, "ptx_seq_len": cfg.prompt_len + cfg.response_len,
         "ppo": {"generation": {"max_new_tokens": cfg.response_len}},
     }, cfg.ppo, "ppo")
+    if cfg.algorithm in ("grpo", "rloo"):
+        cls = GRPOStageConfig if cfg.algorithm == "grpo" else RLOOStageConfig
+        configs[cfg.algorithm] = _stage(cls, tuned[cfg.algorithm], {
+            **_common(cfg, cfg.algorithm, tokenizer), "model": sft_model,
+            "reward_model": str(cfg.run_dir / "rm" / "model"), "train_data": str(files["prompts"]),
+            "eval_data": str(files["prompts_eval"]) if "prompts_eval" in files else None,
+            "ptx_data": str(files["pretrain"]) if "pretrain" in files else None,
+            "max_prompt_len": cfg.prompt_len, "ptx_seq_len": cfg.prompt_len + cfg.response_len,
+            "grpo": {"generation": {"max_new_tokens": cfg.response_len}},
+        }, getattr(cfg, cfg.algorithm), cfg.algorithm)
+    elif cfg.algorithm == "dpo":
+        configs["dpo"] = _stage(DPOConfig, tuned["dpo"], {
+            **_common(cfg, "dpo", tokenizer), "model": sft_model, **_comparison_files(cfg, files),
+            "buckets": [cfg.prompt_len + cfg.response_len // 2, max_len + 1],  # as the RM's
+        }, cfg.dpo, "dpo")
     return configs

@@ -15,11 +15,14 @@ from rlhf_jax.pipeline.config import PipelineConfig, stage_configs
 from rlhf_jax.pipeline.evaluate import evaluate
 from rlhf_jax.pipeline.inputs import tokenizer_file, world_files
 from rlhf_jax.report import write_report
+from rlhf_jax.stages.dpo import train_dpo
+from rlhf_jax.stages.grpo import train_grpo, train_rloo
 from rlhf_jax.stages.ppo import train_ppo
 from rlhf_jax.stages.reward import train_rm
 from rlhf_jax.stages.sft import train_sft
 
 SUMMARY_FILE = "summary.json"
+TRAINERS = {"ppo": train_ppo, "grpo": train_grpo, "rloo": train_rloo, "dpo": train_dpo}  # best_of_n: none
 
 
 def _cpu_seconds() -> float:
@@ -70,8 +73,11 @@ def run_pipeline(cfg: PipelineConfig, *, log=print) -> dict[str, Any]:
     timed("sft", train_sft, configs["sft"])
     ranked = timed("comparisons", build_comparisons, cfg, files, tokenizer)
     timed("rm", train_rm, configs["rm"])
-    timed("ppo", train_ppo, configs["ppo"])
+    if cfg.algorithm in TRAINERS:
+        timed(cfg.algorithm, TRAINERS[cfg.algorithm], configs[cfg.algorithm])
     summary: dict[str, Any] = {"name": cfg.name}
+    if cfg.algorithm != "ppo":
+        summary["algorithm"] = cfg.algorithm
     if cfg.task == "synthetic":
         summary.update(timed("evaluate", evaluate, cfg, configs, ranked))
     summary["stage_seconds"] = wall

@@ -86,10 +86,14 @@ def _rm_accuracy(reward, reward_params, tokenizer: Tokenizer, path: Path, gold: 
 
 
 def evaluate(cfg: PipelineConfig, configs: dict[str, Any], comparisons: dict[str, Any]) -> dict[str, Any]:
-    """Gold-labeler evaluation of the PPO policy against the SFT policy (synthetic task)."""
+    """Gold-labeler evaluation of the aligned policy (``cfg.algorithm``'s ``model/``) against the
+    SFT policy (synthetic task).  Its keys end in the algorithm's name (``gold_score_ppo``,
+    ``exact_grpo``, ...).  ``best_of_n`` trains nothing: its policy is the SFT policy's best of
+    ``max(best_of_n)`` samples by the reward model, one per prompt, at KL log N − (N−1)/N."""
+    name = cfg.algorithm
     tokenizer = Tokenizer.from_file(configs["sft"].tokenizer)
     policy, sft_params = load_pretrained(cfg.run_dir / "sft" / "model")
-    _, ppo_params = load_pretrained(cfg.run_dir / "ppo" / "model")
+    ppo_params = None if name == "best_of_n" else load_pretrained(cfg.run_dir / name / "model")[1]
     reward, reward_params, gain, bias = load_reward_model(cfg.run_dir / "rm" / "model")
     files = world_files(cfg)
     prompts = [r.prompt for r in read_prompts(files["prompts_eval"])]
@@ -107,16 +111,19 @@ def evaluate(cfg: PipelineConfig, configs: dict[str, Any], comparisons: dict[str
         return np.asarray(gold).T, texts, ended, rollouts
 
     gold_sft, sft_texts, _, _ = draws(sft_params, 0)
-    gold_ppo, ppo_texts, ppo_ended, ppo_rollouts = draws(ppo_params, 1)
-    kl = kl_per_sequence(policy, ppo_params, sft_params, ppo_rollouts, cfg.eval_temperature)
-    per_prompt = prompt_win_rates(gold_ppo, gold_sft)
+    if ppo_params is not None:
+        gold_ppo, ppo_texts, ppo_ended, ppo_rollouts = draws(ppo_params, 1)
+        kl = kl_per_sequence(policy, ppo_params, sft_params, ppo_rollouts, cfg.eval_temperature)
 
     # Best-of-N from the SFT policy, picked by the reward model (KL = log N − (N−1)/N).
     n_max = max(cfg.best_of_n)
     cand_gold, cand_rm = np.zeros((len(prompts), n_max)), np.zeros((len(prompts), n_max))
+    cand_texts, cand_ended = [], np.zeros((len(prompts), n_max), bool)
     for j in range(n_max):
         texts, ended, rollouts = sample(policy, sft_params, tokenizer, prompts, key=jax.random.fold_in(key, 100 + j), **kw)
         cand_gold[:, j] = [gold_score(p, t, e) for p, t, e in zip(prompts, texts, ended)]
+        cand_texts.append(texts)
+        cand_ended[:, j] = ended
         rm = [np.asarray(score(reward, reward_params, ro.tokens, ro.mask, gain=gain, bias=bias))[:keep]
               for ro, keep in rollouts]
         cand_rm[:, j] = np.concatenate(rm)
@@ -126,27 +133,34 @@ def evaluate(cfg: PipelineConfig, configs: dict[str, Any], comparisons: dict[str
         best_of_n.append({"n": n, "kl": math.log(n) - (n - 1) / n,
                           "gold": float(cand_gold[np.arange(len(prompts)), pick].mean()),
                           "rm": float(cand_rm[np.arange(len(prompts)), pick].mean())})
+    if ppo_params is None:  # best_of_n: the policy is the best of n_max (one pick per prompt)
+        pick = np.argmax(cand_rm, axis=1)
+        rows = np.arange(len(prompts))
+        gold_ppo, ppo_ended = cand_gold[rows, pick][:, None], cand_ended[rows, pick]
+        ppo_texts = [cand_texts[j][i] for i, j in enumerate(pick)]
+        ppo_params, kl = sft_params, best_of_n[-1]["kl"]  # its pretraining loss is the SFT policy's
+    per_prompt = prompt_win_rates(gold_ppo, gold_sft)
     matched = min(best_of_n, key=lambda r: abs(r["kl"] - kl))
 
     seq_len = cfg.prompt_len + cfg.response_len
     rm_eval = comparisons.get("eval")
     return {
         "gold_score_sft": float(np.mean(gold_sft)),
-        "gold_score_ppo": float(np.mean(gold_ppo)),
+        f"gold_score_{name}": float(np.mean(gold_ppo)),
         "win_rate_vs_sft": float(np.mean(per_prompt)),
         "win_rate_stderr": float(np.std(per_prompt, ddof=1) / math.sqrt(len(prompts))) if len(prompts) > 1 else 0.0,
         "eval_samples": cfg.eval_samples,
         "exact_sft": float(np.mean(gold_sft == 1.0)),
-        "exact_ppo": float(np.mean(gold_ppo == 1.0)),
+        f"exact_{name}": float(np.mean(gold_ppo == 1.0)),
         "kl_to_sft": kl,
         "rm_accuracy": _rm_accuracy(reward, reward_params, tokenizer, Path(rm_eval), gold=False),
         "rm_gold_accuracy": _rm_accuracy(reward, reward_params, tokenizer, Path(rm_eval), gold=True),
         "ptx_loss_sft": heldout_ptx_loss(policy, sft_params, tokenizer, files["pretrain_eval"], seq_len),
-        "ptx_loss_ppo": heldout_ptx_loss(policy, ppo_params, tokenizer, files["pretrain_eval"], seq_len),
+        f"ptx_loss_{name}": heldout_ptx_loss(policy, ppo_params, tokenizer, files["pretrain_eval"], seq_len),
         "labeler_agreement": comparisons.get("labeler_agreement"),
         "labeler_noise": comparisons.get("labeler_noise"),
         "best_of_n": best_of_n,
         "best_of_n_matched_kl": matched,
-        "eos_rate_ppo": float(np.mean(ppo_ended)),
-        "examples": [{"prompt": p, "sft": s, "ppo": q} for p, s, q in list(zip(prompts, sft_texts, ppo_texts))[:8]],
+        f"eos_rate_{name}": float(np.mean(ppo_ended)),
+        "examples": [{"prompt": p, "sft": s, name: q} for p, s, q in list(zip(prompts, sft_texts, ppo_texts))[:8]],
     }

@@ -36,9 +36,9 @@ from rlhf_jax.ppo import (
 )
 from rlhf_jax.sharding import place_batch, state_shardings
 from rlhf_jax.stages.config import StageConfig, StageOptimizerConfig
-from rlhf_jax.stages.sources import load_model, model_config, with_execution
+from rlhf_jax.stages.sources import load_model, load_reward_model, model_config, with_execution
 from rlhf_jax.stages.steps import Setup, cached_optimizer, check_batch_fits_mesh, jit_on_mesh
-from rlhf_jax.stages.sources import load_reward_model
+from rlhf_jax.tasks.gold_reward import GoldReward
 from rlhf_jax.stages.rollouts import TimedStep, prompt_arrays, prompt_batches, ptx_minibatches
 from rlhf_jax.stages.skeleton import StageData, StageRun, run_stage
 from rlhf_jax.tokenizer import Tokenizer
@@ -72,9 +72,15 @@ class PPOStageConfig(StageConfig):
     its end ("left": the oldest tokens go), its start ("right") or is skipped ("skip")
     (``data.truncation``); ``skip_bad``: skip (and count) malformed lines of the prompt and
     pretraining files.  Cut and skipped counts go to the log and ``metrics.jsonl``.
+    ``reward``: ``"model"`` scores with ``reward_model``; ``"gold"`` with the built-in world's gold
+    labeler (``tasks.GoldReward``, the verifiable-reward setting; ``reward_model`` then only
+    initialises the value model).  ``use_ema``: with ``ppo.ema_decay`` set, the held-out evaluation
+    and the exported ``model/`` use the EMA of the policy weights (InstructGPT App. C.4).
     """
 
     reward_model: str
+    reward: Literal["model", "gold"] = "model"
+    use_ema: bool = True
     value_model: str | None = None
     ppo: PPOConfig = PPOConfig()
     ptx_data: str | None = None
@@ -108,6 +114,8 @@ class PPOStageConfig(StageConfig):
         check(self.frozen_dtype in FROZEN_DTYPES, self, "frozen_dtype", f"one of {FROZEN_DTYPES}")
         check(self.truncation in TRUNCATIONS, self, "truncation", f"one of {TRUNCATIONS}")
         check(isinstance(self.skip_bad, bool), self, "skip_bad", "true or false")
+        check(self.reward in ("model", "gold"), self, "reward", "'model' or 'gold'")
+        check(isinstance(self.use_ema, bool), self, "use_ema", "true or false")
 
 
 def _generation(cfg: PPOStageConfig, tokenizer: Tokenizer) -> PPOConfig:
@@ -154,13 +162,19 @@ class _PhaseTimedStep:
         return state, {**metrics, **{k: jnp.float32(v) for k, v in timing.items()}}
 
 
-def load_ppo_models(cfg: PPOStageConfig, key: jax.Array) -> tuple[PPOModels, dict[str, Any]]:
+def load_ppo_models(cfg: PPOStageConfig, key: jax.Array,
+                    tokenizer: Tokenizer | None = None) -> tuple[PPOModels, dict[str, Any]]:
     """``(models, parts)``: the static models and the initial parameters
-    (``policy``, ``value``, ``reward``, ``gain``, ``bias``)."""
+    (``policy``, ``value``, ``reward``, ``gain``, ``bias``); ``tokenizer`` decodes for the gold
+    labeler (``cfg.reward == "gold"``)."""
     k_policy, k_value = jax.random.split(key)
     policy, policy_params = load_model(cfg.model, "lm", k_policy)
-    reward, reward_params, gain, bias = load_reward_model(cfg.reward_model, dtype=cfg.model.dtype)
-    reward = Transformer(with_execution(cfg.model, reward.config))  # the policy's scan / remat / attention
+    if cfg.reward == "gold":
+        reward, reward_params = GoldReward(tokenizer.decode, tokenizer.eos_id, cfg.max_prompt_len), {}
+        gain, bias = 1.0, 0.0
+    else:
+        reward, reward_params, gain, bias = load_reward_model(cfg.reward_model, dtype=cfg.model.dtype)
+        reward = Transformer(with_execution(cfg.model, reward.config))  # the policy's scan / remat / attention
     value_source = dataclasses.replace(cfg.model, hf_dir=cfg.value_model or cfg.reward_model, init=None)
     value, value_params = load_model(value_source, "scalar", k_value)
     parts = {"policy": policy_params, "value": value_params, "reward": reward_params, "gain": gain, "bias": bias}
@@ -223,7 +237,7 @@ class PPOStage:
         cfg, mesh, ppo_cfg = run.cfg, run.mesh, run.data.ppo_cfg
         check_batch_fits_mesh(cfg.batch_size, mesh, "PPOStageConfig")
         key, state_key = jax.random.split(jax.random.PRNGKey(cfg.seed))
-        models, parts = load_ppo_models(cfg, key)
+        models, parts = load_ppo_models(cfg, key, run.tokenizer)
         policy_tx = cached_optimizer(run.optimizers["optimizer"])
         value_tx = cached_optimizer(run.optimizers["value_optimizer"])
         state = initial_state(cfg, ppo_cfg, parts, policy_tx, value_tx, state_key)
@@ -248,7 +262,14 @@ class PPOStage:
         return int(batch["prompt_mask"].sum()) + run.cfg.batch_size * run.data.ppo_cfg.generation.max_new_tokens
 
     def export(self, run: StageRun, state: PPOState) -> tuple[Transformer, Any, dict[str, Any]]:
-        return run.setup.model.policy, state.policy.params, {}
+        return run.setup.model.policy, _evaluated(run.cfg, state).policy.params, {}
+
+
+def _evaluated(cfg: PPOStageConfig, state: PPOState) -> PPOState:
+    """``state`` with the EMA weights as the policy's when they are kept and ``cfg.use_ema``."""
+    if cfg.use_ema and state.ema_params is not None:
+        return state.replace(policy=state.policy.replace(params=state.ema_params))
+    return state
 
 
 def train_ppo(cfg: PPOStageConfig) -> Path:
@@ -268,6 +289,7 @@ def _make_eval(cfg: PPOStageConfig, models: PPOModels, ppo_cfg: PPOConfig, token
                           f"batch_size={cfg.batch_size}")
 
     def evaluate(state: PPOState, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+        state = _evaluated(cfg, state)
         rollout = rollout_phase(models, ppo_cfg, state, batch["tokens"], batch["mask"], jax.random.PRNGKey(cfg.seed))
         exp = experience_phase(models, ppo_cfg, state, rollout)
         m = exp.response_mask
