@@ -282,7 +282,9 @@ def stage_configs(cfg: HHRecipeConfig, base: Path, files: dict[str, str]) -> dic
     }, cfg.sft, where="sft")
     rm = {
         "model": model(sft_model), "eval_data": files["eval_pairs"], "demos": files["rm_demos"],
-        "batch_size": 32, "buckets": [length], "max_len": length, "score_pooling": "last",
+        # The score averaged over the answer's tokens: 0.663 held-out accuracy on the H200 against
+        # 0.602 read at the last token (docs/results/smollm2_hh/rm_sweep/).
+        "batch_size": 32, "buckets": [length], "max_len": length, "score_pooling": "mean",
         "optimizer": {"lr": 2e-5, "schedule": "cosine", "warmup_steps": 5},
         "loop": {"save_every": 40},
     }
