@@ -1,7 +1,7 @@
 """The leaderboard: every alignment algorithm on the built-in world, judged by its gold labeler.
 
     python -m experiments.leaderboard                 # the full run: 3 seeds, writes docs/results/leaderboard/
-    python -m experiments.leaderboard --quick         # a tiny world and a few steps (minutes; a smoke test)
+    python -m experiments.leaderboard --quick         # a tiny world and a few steps (~3 minutes; a smoke test)
 
 For each seed the pipeline's earlier stages run once (world, tokenizer, pretraining, SFT, the
 simulated labelers' comparisons, the reward model; ``rlhf-jax pipeline --set algorithm=best_of_n``,
@@ -67,25 +67,26 @@ METRICS = ("gold", "exact", "win_rate", "kl", "wall_seconds")
 
 
 def quick_config(runs_dir: Path, seed: int) -> PipelineConfig:
-    """A tiny world and a few steps per stage: the whole path in minutes (numbers mean little)."""
+    """A tiny world, a one-layer model and a few steps per stage (``tests/test_learning.py``'s
+    settings, which learn): the whole path in minutes.  The reward model of 8 steps is close to
+    noise, so only the gold-reward variants and DPO mean much here."""
     loop = {"save_every": 0, "eval_every": 0}
-    short = {"loop": {"total_steps": 3, **loop}}
+    fast = {"optimizer": {"lr": 0.003, "warmup_steps": 0}, "loop": {"total_steps": 12, **loop}}
+    group = {"batch_size": 8, "ptx_batch_size": 2, "eval_data": None,
+             "grpo": {"group_size": 4, "num_minibatches": 2, "ptx_coef": 0.0, "beta": 0.0}, **fast}
     return PipelineConfig(
         name=f"seed{seed}", runs_dir=str(runs_dir), seed=seed, world=WorldConfig(n_words=9, max_len=3),
-        n_pretrain=300, n_demos=48, n_prompts=64, n_comparison_prompts=24, n_eval_prompts=16, n_eval_demos=16,
-        k=3, model=ModelConfig(arch="llama", vocab_size=384, d_model=16, n_layers=1, n_heads=2, max_len=32),
-        prompt_len=12, response_len=6, best_of_n=(1, 2, 4), eval_samples=2,
-        pretrain={"batch_size": 8, "optimizer": {"warmup_steps": 0}, "loop": {"total_steps": 20, **loop}},
-        sft={"batch_size": 8, "sample_prompts": 0, "optimizer": {"warmup_steps": 0},
-             "loop": {"total_steps": 20, **loop}},
-        rm={"batch_size": 8, **short},
-        ppo={"batch_size": 16, "ptx_batch_size": 2, "eval_samples": 0, "phase_timing": False, "eval_data": None,
-             "ppo": {"num_minibatches": 2}, **short},
-        grpo={"batch_size": 4, "ptx_batch_size": 2, "eval_data": None, "grpo": {"group_size": 4, "num_minibatches": 2},
-              **short},
-        rloo={"batch_size": 4, "ptx_batch_size": 2, "eval_data": None, "grpo": {"group_size": 4, "num_minibatches": 2},
-              **short},
-        dpo={"batch_size": 8, "eval_data": None, **short},
+        n_pretrain=400, n_demos=96, n_prompts=64, n_comparison_prompts=64, n_eval_prompts=32, n_eval_demos=16,
+        k=3, model=ModelConfig(arch="llama", vocab_size=384, d_model=32, n_layers=1, n_heads=2, max_len=32),
+        prompt_len=12, response_len=6, best_of_n=(1, 2, 4), eval_samples=4,
+        pretrain={"batch_size": 16, "optimizer": {"warmup_steps": 0}, "loop": {"total_steps": 40, **loop}},
+        sft={"batch_size": 16, "sample_prompts": 0, "optimizer": {"warmup_steps": 0},
+             "loop": {"total_steps": 40, **loop}},
+        rm={"batch_size": 8, "loop": {"total_steps": 8, **loop}},
+        ppo={"batch_size": 32, "ptx_batch_size": 2, "eval_data": None, "phase_timing": False,
+             "ppo": {"num_minibatches": 2, "ptx_coef": 0.0}, "value_optimizer": {"lr": 0.003}, **fast},
+        grpo=group, rloo=group,
+        dpo={"batch_size": 8, "eval_data": None, **fast, "loop": {"total_steps": 16, **loop}},
     )
 
 

@@ -117,7 +117,8 @@ def test_gold_reward_iteration_sharded_equals_single_device(world):
         ref = None
         for mesh in [make_mesh(MeshConfig(fsdp=1), devices=jax.devices()[:1]), make_mesh(MeshConfig(2, 2, 2)),
                      make_mesh(MeshConfig(1, 4, 2))]:
-            state = init_grpo_state(cfg, params, None, make_optimizer(OptimizerConfig(lr=1e-2)), jax.random.PRNGKey(2))
+            tx = make_optimizer(OptimizerConfig(lr=1e-3))  # Adam's g/|g| magnifies rounding in tiny gradients
+            state = init_grpo_state(cfg, params, None, tx, jax.random.PRNGKey(2))
             state = jax.device_put(state, state_shardings(state, mesh))
             new, metrics = jit_on_mesh(grpo_step_fn(models, cfg), mesh, state)(state, batch)
             result = jax.device_get(new.policy.params), {{k: float(v) for k, v in metrics.items()}}

@@ -28,11 +28,10 @@ from rlhf_jax.grpo import (GRPOConfig, GRPOModels, GRPOState, RLOOConfig, evalua
 from rlhf_jax.model import ModelConfig, Params, Transformer
 from rlhf_jax.sharding import state_shardings
 from rlhf_jax.stages.config import StageConfig, StageOptimizerConfig
-from rlhf_jax.stages.sources import load_model, model_config, with_execution
-from rlhf_jax.stages.steps import Setup, cached_optimizer, check_batch_fits_mesh, jit_on_mesh
 from rlhf_jax.stages.rollouts import TimedStep, prompt_arrays, prompt_batches, ptx_minibatches
-from rlhf_jax.stages.sources import load_reward_model
 from rlhf_jax.stages.skeleton import StageData, StageRun, run_stage
+from rlhf_jax.stages.sources import load_model, load_reward_model, model_config, with_execution
+from rlhf_jax.stages.steps import Setup, cached_optimizer, check_batch_fits_mesh, jit_on_mesh
 from rlhf_jax.tasks.gold_reward import GoldReward
 from rlhf_jax.train import OptimizerConfig
 
