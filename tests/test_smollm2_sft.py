@@ -1,6 +1,7 @@
 """Issue 16's done-when: `rlhf-jax sft` on SmolLM2-135M-Instruct (the GGUF, as a Hugging Face
 directory by `rlhf-jax fetch smollm2 --hf-dir`) with `messages` data writes `model/`, which
-`transformers` loads with the same logits as ours, the same tokenizer ids, pad and stop ids."""
+`transformers` loads with the same logits as ours, the same tokenizer ids, pad and stop ids, and
+`rlhf-jax generate` answers from."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ DIALOGUES = [
 
 
 @pytest.mark.slow
-def test_sft_on_smollm2_with_messages_exports_hf_dir(smollm2_gguf, tmp_path):
+def test_sft_on_smollm2_with_messages_exports_hf_dir(smollm2_gguf, tmp_path, capsys):
     torch = pytest.importorskip("torch", reason=TRANSFORMERS_MISSING)
     transformers = pytest.importorskip("transformers", reason=TRANSFORMERS_MISSING)
     from rlhf_jax.cli import main
@@ -58,6 +59,9 @@ def test_sft_on_smollm2_with_messages_exports_hf_dir(smollm2_gguf, tmp_path):
         expected = ref(torch.tensor(ids)).logits.numpy()
     got = np.asarray(forward(model, params, ids, np.ones_like(ids)).logits)
     np.testing.assert_allclose(got, expected, atol=1e-3, rtol=0)
+    capsys.readouterr()
+    assert main(["generate", "--set", f"model={out}", "--set", "user=What is 2+2?", "--set", "max_new_tokens=12"]) == 0
+    assert capsys.readouterr().out.strip()  # `rlhf-jax generate` answers from the exported model
     records = [json.loads(line) for line in (tmp_path / "sft" / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if "loss" in r]
     assert [r["step"] for r in steps] == [1, 2] and all(np.isfinite(r["loss"]) and r["tokens"] > 0 for r in steps)
