@@ -6,7 +6,8 @@
 For each seed the pipeline's earlier stages run once (world, tokenizer, pretraining, SFT, the
 simulated labelers' comparisons, the reward model; ``rlhf-jax pipeline --set algorithm=best_of_n``,
 which also evaluates best-of-N).  Then every variant trains from that SFT policy with the
-pipeline's tuned settings (``rlhf_jax/pipeline/defaults.json``) and the same evaluation:
+pipeline's settings (``rlhf_jax/pipeline/defaults.json``: PPO's tuned, the others' set by analogy with
+PPO's, not swept) and the same evaluation:
 
 * ``ppo``, ``grpo``, ``rloo`` against the learned reward model, and ``dpo`` on the comparisons;
 * ``ppo/gold``, ``grpo/gold``: the same runs against the gold labeler instead of the reward model

@@ -98,7 +98,7 @@ def test_dpo_step_sharded_equals_single_device():
         from rlhf_jax.sharding import MeshConfig, make_mesh, state_shardings
         from rlhf_jax.stages.sources import ModelSource
         from rlhf_jax.stages.steps import init_train_state, jit_on_mesh
-        from rlhf_jax.stages.dpo import DPOConfig, DPOState, dpo_step_fn
+        from rlhf_jax.stages.dpo import DPOConfig, DPOLoss, DPOState, dpo_step_fn
         from rlhf_jax.train import OptimizerConfig, make_optimizer
 
         model = Transformer(ModelConfig(arch="llama", vocab_size=64, d_model=32, n_layers=1, n_heads=4, n_kv_heads=2,
@@ -114,7 +114,7 @@ def test_dpo_step_sharded_equals_single_device():
         batch["valid"][:, :2] = 1
         params = init_params(model, jax.random.PRNGKey(0))
         optimizer = OptimizerConfig(lr=1e-3)  # Adam's g/|g| magnifies rounding in tiny gradients
-        step_fn = dpo_step_fn(cfg, model, optimizer)
+        step_fn = dpo_step_fn(DPOLoss.of(cfg), model, optimizer)
         ref = None
         meshes = [make_mesh(MeshConfig(fsdp=1), devices=jax.devices()[:1])] + [
             make_mesh(MeshConfig(*s)) for s in ((8, 1, 1), (1, 8, 1), (2, 2, 2), (1, 4, 2))]

@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import flax.struct
 import jax
@@ -103,20 +103,34 @@ class DPOState:
     ref_params: Params
 
 
-def _loss(cfg: DPOConfig, model: Transformer, ref_params: Params, params: Params,
+class DPOLoss(NamedTuple):
+    """The loss settings of a ``DPOConfig`` (hashable: one compiled step per settings)."""
+
+    beta: float
+    loss_type: str
+    label_smoothing: float
+    best_vs_rest: bool
+
+    @classmethod
+    def of(cls, cfg: DPOConfig) -> DPOLoss:
+        return cls(cfg.beta, cfg.loss_type, cfg.label_smoothing, cfg.best_vs_rest)
+
+
+def _loss(settings: DPOLoss, model: Transformer, ref_params: Params, params: Params,
           batch: Batch) -> tuple[jax.Array, dict[str, jax.Array]]:
-    return dpo_batch_loss(model, params, ref_params, batch, beta=cfg.beta, loss_type=cfg.loss_type,
-                          label_smoothing=cfg.label_smoothing, best_vs_rest=cfg.best_vs_rest)
+    return dpo_batch_loss(model, params, ref_params, batch, **settings._asdict())
 
 
-def dpo_step_fn(cfg: DPOConfig, model: Transformer, optimizer: OptimizerConfig | None = None) -> StepFn:
+@functools.lru_cache(maxsize=None)
+def dpo_step_fn(settings: DPOLoss, model: Transformer, optimizer: OptimizerConfig | None = None) -> StepFn:
     """``(DPOState, batch) -> (DPOState, metrics)``: one update of the policy on
     ``dpo_batch_loss`` (``batch``: ``tokens``, ``mask``, ``loss_mask`` ``[b, K, L]``, ``valid``
     ``[b, K]``).  Metrics: ``loss``, ``rewards_chosen``, ``rewards_rejected``, ``margin``,
-    ``accuracy``, ``grad_norm`` and ``lr`` (``skeleton.make_step_fn``)."""
+    ``accuracy``, ``grad_norm`` and ``lr`` (``skeleton.make_step_fn``).  One function per
+    arguments, so that re-created stages (a resumed run) reuse the compiled step."""
 
     def step(state: DPOState, batch: Batch) -> tuple[DPOState, dict[str, jax.Array]]:
-        update = make_step_fn(functools.partial(_loss, cfg, model, state.ref_params), optimizer)
+        update = make_step_fn(functools.partial(_loss, settings, model, state.ref_params), optimizer)
         policy, metrics = update(state.policy, batch)
         return state.replace(policy=policy), metrics
 
@@ -188,7 +202,8 @@ class DPOStage(SupervisedStage):
         optimizer = run.optimizers["optimizer"]
         ref = jax.device_put(jax.tree.map(jnp.array, params), state_shardings(params, mesh))
         state = DPOState(init_train_state(params, cached_optimizer(optimizer), state_key, mesh), ref)
-        step = jit_on_mesh(dpo_step_fn(cfg, model, optimizer), mesh, state, donate=True, process_local=True)
+        step = jit_on_mesh(dpo_step_fn(DPOLoss.of(cfg), model, optimizer), mesh, state, donate=True,
+                           process_local=True)
         return Setup(model, state, step)
 
     def evaluator(self, run: StageRun) -> Any:
@@ -197,7 +212,7 @@ class DPOStage(SupervisedStage):
         cfg, model = run.cfg, run.setup.model
 
         def sums(state: DPOState, batch: Batch) -> dict[str, jax.Array]:
-            loss, stats = _loss(cfg, model, state.ref_params, state.policy.params, batch)
+            loss, stats = _loss(DPOLoss.of(cfg), model, state.ref_params, state.policy.params, batch)
             n = jnp.sum(ranked_pairs(batch["valid"], batch["valid"], best_vs_rest=cfg.best_vs_rest)[2])
             n = n.astype(jnp.float32)
             return {"pairs": n, "loss": loss * n, "accuracy": stats["accuracy"] * n, "margin": stats["margin"] * n}

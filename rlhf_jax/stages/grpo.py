@@ -13,6 +13,7 @@ use the EMA of the policy weights (InstructGPT App. C.4).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from pathlib import Path
 from typing import Any, Literal
 
@@ -102,9 +103,11 @@ class _Data(StageData):
     grpo_cfg: GRPOConfig | None = None
 
 
+@functools.lru_cache(maxsize=None)
 def grpo_step_fn(models: GRPOModels, grpo_cfg: GRPOConfig):
     """``(state, batch) -> (state, metrics)``: one GRPO/RLOO iteration on a host batch with
-    ``prompt_tokens``/``prompt_mask`` ``[b, P]`` and optional ``ptx_tokens``/``ptx_mask``."""
+    ``prompt_tokens``/``prompt_mask`` ``[b, P]`` and optional ``ptx_tokens``/``ptx_mask``.  One
+    function per arguments, so that re-created stages (a resumed run) reuse the compiled step."""
 
     def step(state: GRPOState, batch: dict[str, jax.Array]):
         return grpo_iteration(models, grpo_cfg, state, batch["prompt_tokens"], batch["prompt_mask"],
