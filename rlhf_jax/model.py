@@ -46,7 +46,7 @@ import jax.numpy as jnp
 
 from rlhf_jax.model_config import (  # noqa: F401  (re-exported: the config lives with the model)
     ACTIVATIONS, ATTENTION_IMPLS, LAYER_TYPES, REMAT_POLICIES, SCORE_POOLINGS, ModelConfig)
-from rlhf_jax.rope import apply_rope
+from rlhf_jax.rope import apply_rope, default_inv_freq
 from rlhf_jax.sharding import BATCH_AXES
 
 Array = jax.Array
@@ -171,7 +171,9 @@ def _attention_xla(q: Array, k: Array, v: Array, allowed: Array, config: ModelCo
     groups = c.n_heads // c.kv_heads
     q = q.reshape(b, t, c.kv_heads, groups, c.head_dim)
     scores = jnp.einsum("bqhgd,bhkd->bhgqk", q, k.astype(q.dtype)).astype(jnp.float32)
-    scores = _softcap(scores * _attention_scale(c), c.attn_softcap)
+    # Divided by sqrt(head_dim) as before Gemma's scalar came, which keeps earlier runs bitwise.
+    scaled = scores * _attention_scale(c) if c.query_pre_attn_scalar else scores / math.sqrt(c.head_dim)
+    scores = _softcap(scaled, c.attn_softcap)
     scores = jnp.where(allowed[:, None, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(c.compute_dtype)
     out = jnp.einsum("bhgqk,bhkd->bqhgd", probs, v.astype(c.compute_dtype))
@@ -227,9 +229,12 @@ class Attention(nn.Module):
         if c.qk_norm:
             q = RMSNorm(c.norm_eps, c.norm_plus_one, name="q_norm")(q)
             k = RMSNorm(c.norm_eps, c.norm_plus_one, name="k_norm")(k)
-        if c.arch == "llama":
+        if c.arch == "llama" and c.rope_scaling is None and c.rope_local_theta is None:
+            inv_freq, factor = default_inv_freq(c.rope_theta, c.head_dim), 1.0
+        elif c.arch == "llama":
             inv_freq, factor = c.rope_tables()
             inv_freq, factor = _per_layer(inv_freq, layer), _per_layer(factor, layer)
+        if c.arch == "llama":
             q = apply_rope(q, positions, inv_freq, factor)
             k = apply_rope(k, positions, inv_freq, factor)
 

@@ -118,6 +118,14 @@ def rope_frequencies(theta: float, dim: int, scaling: RopeScaling | None, max_le
     return mixed.astype(np.float32), float(attention)
 
 
+def default_inv_freq(theta: float, dim: int) -> jax.Array:
+    """The default variant's ``inv_freq [dim/2]`` computed in the graph (XLA's float32 pow), the
+    form every default-RoPE model used before the variants came: its values differ from the
+    float32 NumPy table of ``rope_frequencies`` by a few ulp (11 at ``dim`` 24), well inside the
+    ``transformers`` parity tolerance, and keeping it keeps earlier runs' numbers bitwise."""
+    return 1.0 / (theta ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim))
+
+
 def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array, attention_factor: jax.Array | float = 1.0) -> jax.Array:
     """Rotary embedding in the Hugging Face "rotate half" layout.  x ``[b, t, h, d]``, positions
     ``[b, t]``, inv_freq ``[d/2]``; cos and sin are multiplied by ``attention_factor`` (yarn)."""
