@@ -34,28 +34,27 @@ Pad positions are always masked; the pad id only fills them.
 
 from __future__ import annotations
 
-import json
 import os
-import struct
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import tokenizers
-from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, trainers
+from tokenizers import AddedToken, decoders, models, pre_tokenizers, trainers
 
 from rlhf_jax.chat import apply_chat_template
+from rlhf_jax.tokenizer_files import (
+    BOS_CANDIDATES,
+    EOS_CANDIDATES,
+    PAD_CANDIDATES,
+    find_id,
+    read_tokenizer_json,
+    write_config_files,
+)
+from rlhf_jax.tokenizer_import import gguf_tokenizer, llama2c_tokenizer
 
 PAD_TOKEN = "<|pad|>"
-_GENERATION_CONFIG = "generation_config.json"
-
-# Names tried, in order, when no config file names the token.
-_BOS_CANDIDATES = (
-    "<s>", "<|bos|>", "<bos>", "<|begin_of_text|>", "<|startoftext|>", "<|endoftext|>"
-)
-_EOS_CANDIDATES = ("</s>", "<|eos|>", "<eos>", "<|end_of_text|>", "<|endoftext|>")
-_PAD_CANDIDATES = ("<|pad|>", "<pad>", "[PAD]", "<|padding|>", "<|finetune_right_pad_id|>")
 
 _SIDES = ("left", "right")
 _TRUNCATIONS = ("error", "left", "right")
@@ -95,14 +94,14 @@ class Tokenizer:
         self.add_bos_token = bool(add_bos_token)
         self.chat_template = chat_template
         self.template_source = template_source
-        self._bos_id = _find_id(hf, bos_token, _BOS_CANDIDATES, "bos_token")
-        self._eos_id = _find_id(hf, eos_token, _EOS_CANDIDATES, "eos_token")
-        stops = {_find_id(hf, t, (), "stop token") for t in stop_tokens}
+        self._bos_id = find_id(hf, bos_token, BOS_CANDIDATES, "bos_token")
+        self._eos_id = find_id(hf, eos_token, EOS_CANDIDATES, "eos_token")
+        stops = {find_id(hf, t, (), "stop token") for t in stop_tokens}
         turn_end = self.template_turn_end()
         self._stop_ids = tuple(sorted(
             i for i in {self._eos_id, *stops, None if turn_end is None else hf.token_to_id(turn_end)}
             if i is not None))
-        pad_id = _find_id(hf, pad_token, _PAD_CANDIDATES, "pad_token")
+        pad_id = find_id(hf, pad_token, PAD_CANDIDATES, "pad_token")
         if pad_id is None or pad_id in self._stop_ids or pad_id == self._eos_id:
             pad_id = self.spare_special()
         self.added_pad = pad_id is None
@@ -146,171 +145,33 @@ class Tokenizer:
           ValueError: a file does not parse, or names a token or id the vocabulary lacks (the
             message names the file).
         """
-        path = Path(path)
-        file = path / "tokenizer.json" if path.is_dir() else path
-        if not file.is_file():
-            raise FileNotFoundError(f"tokenizer file not found: {file}")
+        file, hf, settings = read_tokenizer_json(path)
+        given = {"bos_token": bos_token, "eos_token": eos_token, "pad_token": pad_token}
+        settings.update({k: v for k, v in given.items() if v})
         try:
-            hf = tokenizers.Tokenizer.from_file(str(file))
-        except Exception as e:  # tokenizers raises a bare Exception on parse errors
-            raise ValueError(f"cannot parse tokenizer file {file}: {e}") from e
-        names = _special_names_beside(file)
-        extra = names.get("extra_special", [])
-        if extra:
-            hf.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in extra])
-        stop_tokens = list(names.get("stop_tokens", []))
-        for i in names.get("stop_ids", []):
-            if hf.id_to_token(i) is None:
-                raise ValueError(f"{file.parent / _GENERATION_CONFIG}: eos_token_id {i} is not in "
-                                 f"the tokenizer's vocabulary")
-            stop_tokens.append(hf.id_to_token(i))
-        try:
-            return cls(
-                hf,
-                bos_token=bos_token or names.get("bos_token"),
-                eos_token=eos_token or names.get("eos_token"),
-                pad_token=pad_token or names.get("pad_token"),
-                add_bos_token=names.get("add_bos_token", False),
-                chat_template=names.get("chat_template"),
-                stop_tokens=stop_tokens,
-                template_source=names.get("chat_template_source", "chat_template"),
-            )
+            return cls(hf, **settings)
         except ValueError as e:
             raise ValueError(f"{file}: {e}") from None
 
     @classmethod
     def from_gguf(cls, path: str | os.PathLike) -> Tokenizer:
-        """The tokenizer described by a GGUF file's `tokenizer.ggml.*` metadata.
-
-        Only `tokenizer.ggml.model = "gpt2"` (byte-level BPE: GPT-2, SmolLM2, Llama 3, Qwen2) is
-        supported. It is built as `transformers`' GGUF loader builds it (`gguf_tokenizer_mapping`:
-        `byte_level_tokenizer`, `add_gguf_special_tokens`, `set_split_regex`), so the ids are
-        identical: the vocabulary `tokens` (a token not spelled in GPT-2's byte alphabet is
-        respelled byte by byte), the `merges`, GPT-2's byte-level pre-tokenizer, or the split
-        regex named by `tokenizer.ggml.pre` for the Llama 3 and Qwen2 families; tokens of
-        `token_type` 3 (control) become special added tokens, type 4 (user-defined) plain added
-        tokens. BOS/EOS/pad come from `tokenizer.ggml.{bos,eos,padding}_token_id` (pad = EOS is
-        replaced by an added `<|pad|>`, module docstring), `add_bos_token` from
-        `tokenizer.ggml.add_bos_token`, the template from `tokenizer.chat_template`.
+        """The tokenizer described by a GGUF file's `tokenizer.ggml.*` metadata (byte-level BPE,
+        ids identical to `transformers`' GGUF loader's; `tokenizer_import.gguf_tokenizer`).
 
         Raises:
           FileNotFoundError: no file at `path`.
           GGUFError (a ValueError): not a GGUF file, or a tokenizer model, pre-tokenizer or merge
             that is not supported, naming the file and the key.
         """
-        from rlhf_jax.gguf import GGUFError, gguf_metadata
-
-        path = Path(path)
-        meta = gguf_metadata(path)
-
-        def key(name: str, default: Any = ...) -> Any:
-            if name in meta:
-                return meta[name]
-            if default is ...:
-                raise GGUFError(f"{path}: metadata {name!r} is missing")
-            return default
-
-        model_type = key("tokenizer.ggml.model")
-        if model_type != "gpt2":
-            raise GGUFError(f"{path}: metadata 'tokenizer.ggml.model' = {model_type!r} is not "
-                            "supported (only 'gpt2', byte-level BPE)")
-        pre = key("tokenizer.ggml.pre", "default")
-        if pre in _GGUF_UNSUPPORTED_PRE:
-            raise GGUFError(f"{path}: metadata 'tokenizer.ggml.pre' = {pre!r} is not supported")
-        tokens = key("tokenizer.ggml.tokens")
-        spelling = _byte_spelling()
-        alphabet = set(spelling.values())
-        vocab = {
-            tok if set(tok) <= alphabet else "".join(spelling[b] for b in tok.encode("utf-8")): i
-            for i, tok in enumerate(tokens)
-        }
-        merges = []
-        for i, merge in enumerate(key("tokenizer.ggml.merges")):
-            pair = merge.split(" ")
-            if len(pair) != 2:
-                raise GGUFError(f"{path}: metadata 'tokenizer.ggml.merges'[{i}] = {merge!r} is not "
-                                "two tokens separated by one space")
-            merges.append(tuple(pair))
-        hf = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=merges, dropout=None,
-                                             continuing_subword_prefix="", end_of_word_suffix="",
-                                             fuse_unk=False))
-        split = _GGUF_PRE_SPLITS.get(pre)
-        if split is None:
-            hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-        else:
-            hf.pre_tokenizer = pre_tokenizers.Sequence([
-                pre_tokenizers.Split(Regex(split), behavior="isolated"),
-                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-            ])
-        hf.decoder = decoders.ByteLevel()
-        types = key("tokenizer.ggml.token_type", [])
-        # A control token spelled outside the byte alphabet is a llama.cpp mislabel (transformers
-        # skips it too: adding it would grow the vocabulary past the embedding).
-        hf.add_special_tokens([AddedToken(t, special=True, normalized=False)
-                               for t, kind in zip(tokens, types) if kind == 3 and set(t) <= alphabet])
-        hf.add_tokens([AddedToken(t, special=False, normalized=False)
-                       for t, kind in zip(tokens, types) if kind == 4 and t in vocab])
-
-        def name(field: str) -> str | None:
-            i = meta.get(f"tokenizer.ggml.{field}_token_id")
-            if i is None:
-                return None
-            if not 0 <= i < len(tokens):
-                raise GGUFError(f"{path}: metadata 'tokenizer.ggml.{field}_token_id' = {i} is outside "
-                                f"the {len(tokens)} tokens")
-            return tokens[i]
-
-        return cls(hf, bos_token=name("bos"), eos_token=name("eos"), pad_token=name("padding"),
-                   add_bos_token=key("tokenizer.ggml.add_bos_token", False),
-                   chat_template=key("tokenizer.chat_template", None),
-                   stop_tokens=[t for t in (name("eot"), name("eom")) if t is not None],
-                   template_source=f"{path}: tokenizer.chat_template")
+        hf, settings = gguf_tokenizer(path)
+        return cls(hf, **settings)
 
     @classmethod
     def from_llama2c(cls, path: str | os.PathLike) -> Tokenizer:
-        """Reads a llama2.c tokenizer (`tok512.bin`) as an equivalent `tokenizers` BPE.
-
-        Format: int32 max token length, then per id: float32 score, int32 byte length, bytes.
-        Ids 0, 1, 2 are `<unk>`, BOS, EOS; byte-fallback tokens are `<0xXX>`.
-        llama2.c encodes by prepending one space, mapping each character to its id (else its
-        UTF-8 bytes to byte tokens) and repeatedly merging the adjacent pair whose concatenation
-        has the highest score. That is a BPE whose merge ranks are the merged tokens' scores in
-        descending order, which is what is built here (the tests check it against a direct
-        implementation of the loop). Decoding drops the prepended space, as Hugging Face's Llama
-        tokenizers do. The special tokens are renamed to `<unk>`, `<s>`, `</s>` (llama2.c stores
-        them as "\\n<s>\\n" etc.), and `<|pad|>` is added as id = vocab size (llama2.c has none).
-        """
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"llama2.c tokenizer file not found: {path}")
-        pieces, scores = _read_llama2c(path)
-        specials = {0: "<unk>", 1: "<s>", 2: "</s>"}
-        vocab: dict[str, int] = {}
-        for i, piece in enumerate(pieces):
-            vocab.setdefault(specials.get(i, piece), i)
-        mergeable = {p: i for p, i in vocab.items() if i >= 3 and not _is_byte_token(p)}
-        merges = []
-        for piece, i in mergeable.items():
-            for cut in range(1, len(piece)):
-                left, right = piece[:cut], piece[cut:]
-                if left in mergeable and right in mergeable:
-                    merges.append((-scores[i], i, left, right))
-        merges.sort()
-        model = models.BPE(
-            vocab=vocab,
-            merges=[(a, b) for _, _, a, b in merges],
-            unk_token="<unk>",
-            byte_fallback=True,
-        )
-        hf = tokenizers.Tokenizer(model)
-        hf.normalizer = normalizers.Prepend(" ")
-        hf.decoder = decoders.Sequence(
-            [decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
-        )
-        hf.add_special_tokens(
-            [AddedToken(t, special=True, normalized=False) for t in specials.values()]
-        )
-        return cls(hf, bos_token="<s>", eos_token="</s>")
+        """Reads a llama2.c tokenizer (`tok512.bin`) as an equivalent `tokenizers` BPE
+        (`tokenizer_import.llama2c_tokenizer`); `<|pad|>` is added as id = vocab size."""
+        hf, settings = llama2c_tokenizer(path)
+        return cls(hf, **settings)
 
     @classmethod
     def train(
@@ -361,20 +222,9 @@ class Tokenizer:
         path = Path(path)
         if path.is_dir() or not path.suffix:
             path.mkdir(parents=True, exist_ok=True)
-            config: dict[str, Any] = {
-                f"{k}_token": self.hf.id_to_token(i)
-                for k, i in (("bos", self._bos_id), ("eos", self._eos_id), ("pad", self._pad_id))
-                if i is not None
-            }
-            config.update(tokenizer_class="PreTrainedTokenizerFast", add_bos_token=self.add_bos_token)
-            if self.chat_template is not None:
-                config["chat_template"] = self.chat_template
-            (path / "chat_template.jinja").unlink(missing_ok=True)  # would shadow ours
-            (path / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
-            generation = {"bos_token_id": self._bos_id, "pad_token_id": self._pad_id,
-                          "eos_token_id": list(self._stop_ids) if len(self._stop_ids) > 1 else self._eos_id}
-            (path / _GENERATION_CONFIG).write_text(
-                json.dumps({k: v for k, v in generation.items() if v is not None}, indent=2))
+            write_config_files(path, self.hf, bos_id=self._bos_id, eos_id=self._eos_id,
+                               pad_id=self._pad_id, stop_ids=self._stop_ids,
+                               add_bos_token=self.add_bos_token, chat_template=self.chat_template)
             path = path / "tokenizer.json"
         self.hf.save(str(path))
         return path
@@ -545,135 +395,3 @@ class Tokenizer:
             ids = [*ids, self._eos_id]
         return list(ids)
 
-
-def _find_id(
-    hf: tokenizers.Tokenizer, name: str | None, candidates: Sequence[str], field: str
-) -> int | None:
-    """Id of the token `name` (which must exist), else of the first candidate that exists."""
-    if name is not None:
-        i = hf.token_to_id(name)
-        if i is None:
-            raise ValueError(f"{field} {name!r} is not in the tokenizer's vocabulary")
-        return i
-    for cand in candidates:
-        i = hf.token_to_id(cand)
-        if i is not None:
-            return i
-    return None
-
-
-def _special_names_beside(file: Path) -> dict[str, Any]:
-    """What the config files beside a `tokenizer.json` say: bos/eos/pad token names from
-    `special_tokens_map.json` then `tokenizer_config.json` (an `eos_token` list: the first is
-    EOS, all go to "stop_tokens"); "extra_special" from `additional_special_tokens` /
-    `extra_special_tokens`; from `tokenizer_config.json` also `add_bos_token` and `chat_template`
-    (a `chat_template.jinja` file wins, as in `transformers`; of a list of named templates, the
-    one named "default"); "stop_ids" from `generation_config.json`'s `eos_token_id`."""
-    names: dict[str, Any] = {}
-
-    def content(value: Any) -> str | None:  # "<s>" or {"content": "<s>", "lstrip": false, ...}
-        value = value.get("content") if isinstance(value, dict) else value
-        return value if isinstance(value, str) else None
-
-    for cfg_name in ("special_tokens_map.json", "tokenizer_config.json"):
-        cfg = _read_json(file.parent / cfg_name)
-        if cfg is None:
-            continue
-        for key in ("bos_token", "eos_token", "pad_token"):
-            value = cfg.get(key)
-            if key == "eos_token" and isinstance(value, list):
-                stops = [t for t in map(content, value) if t is not None]
-                names.setdefault("stop_tokens", []).extend(stops)
-                value = stops[0] if stops else None
-            value = content(value)
-            if value is not None and key not in names:
-                names[key] = value
-        for key in ("additional_special_tokens", "extra_special_tokens"):
-            value = cfg.get(key)
-            value = list(value.values()) if isinstance(value, dict) else value
-            if isinstance(value, list):
-                names.setdefault("extra_special", []).extend(t for t in map(content, value) if t is not None)
-        if isinstance(cfg.get("add_bos_token"), bool):
-            names["add_bos_token"] = cfg["add_bos_token"]
-        template = cfg.get("chat_template")
-        if isinstance(template, list):  # [{"name": "default", "template": "..."}, ...]
-            template = next((t.get("template") for t in template
-                             if isinstance(t, dict) and t.get("name") == "default"), None)
-        if isinstance(template, str):
-            names["chat_template"] = template
-            names["chat_template_source"] = str(file.parent / cfg_name)
-    jinja = file.parent / "chat_template.jinja"
-    if jinja.is_file():
-        names["chat_template"] = jinja.read_text(encoding="utf-8")
-        names["chat_template_source"] = str(jinja)
-    generation = _read_json(file.parent / _GENERATION_CONFIG) or {}
-    eos = generation.get("eos_token_id")
-    eos = [eos] if isinstance(eos, int) else eos
-    if isinstance(eos, list):
-        names["stop_ids"] = [i for i in eos if isinstance(i, int) and not isinstance(i, bool)]
-    return names
-
-
-def _read_json(path: Path) -> dict[str, Any] | None:
-    """The JSON object in `path`, None when the file is absent; ValueError naming the file when it
-    does not parse or is not an object."""
-    if not path.is_file():
-        return None
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"cannot parse {path}: {e}") from e
-    if not isinstance(data, dict):
-        raise ValueError(f"cannot parse {path}: expected a JSON object, got {type(data).__name__}")
-    return data
-
-
-def _byte_spelling() -> dict[int, str]:
-    """GPT-2's `bytes_to_unicode`: each byte's printable stand-in in byte-level BPE vocabularies
-    (printable Latin-1 bytes as themselves, the other 68 as chr(256 + k) in byte order)."""
-    keep = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
-    extra = [b for b in range(256) if b not in keep]
-    return {**{b: chr(b) for b in keep}, **{b: chr(256 + k) for k, b in enumerate(extra)}}
-
-
-# `tokenizer.ggml.pre` values whose split regex differs from GPT-2's, as in transformers'
-# `GGUF_PRE_TOKENIZER_SPLITS` (Llama 3 and Qwen2 families); the remaining ones there are refused.
-_LLAMA3_SPLIT = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
-    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-_QWEN2_SPLIT = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
-    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-_GGUF_PRE_SPLITS = {
-    **dict.fromkeys(("llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral",
-                     "midm-2.0", "lfm2", "jina-v5-nano", "dbrx", "smaug-bpe"), _LLAMA3_SPLIT),
-    **dict.fromkeys(("qwen2", "deepseek-r1-qwen", "kormo", "f2llmv2", "megrez"), _QWEN2_SPLIT),
-}
-_GGUF_UNSUPPORTED_PRE = ("tekken", "qwen35", "gpt-4o", "llama4", "kanana2", "talkie", "minimax-m2")
-
-
-def _read_llama2c(path: Path) -> tuple[list[str], list[float]]:
-    """(pieces, scores) of a llama2.c tokenizer file."""
-    data = path.read_bytes()
-    pieces, scores = [], []
-    offset = 4  # skips the int32 max token length
-    try:
-        while offset < len(data):
-            score, length = struct.unpack_from("<fi", data, offset)
-            piece = data[offset + 8 : offset + 8 + length]
-            if length < 0 or len(piece) != length:
-                raise struct.error(f"token {len(pieces)} runs past the end of the file")
-            pieces.append(piece.decode("utf-8"))
-            scores.append(score)
-            offset += 8 + length
-    except (struct.error, UnicodeDecodeError) as e:
-        raise ValueError(f"cannot parse llama2.c tokenizer file {path}: {e}") from e
-    if len(pieces) < 3:
-        raise ValueError(f"cannot parse llama2.c tokenizer file {path}: only {len(pieces)} tokens")
-    return pieces, scores
-
-
-def _is_byte_token(piece: str) -> bool:
-    return len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">")
