@@ -22,7 +22,8 @@ import pytest
 
 from conftest import TRANSFORMERS_MISSING
 from rlhf_jax.generation import GenerateConfig, generate
-from rlhf_jax.hf import config_from_hf, config_to_hf, load_pretrained, save_pretrained
+from rlhf_jax.hf import load_pretrained, save_pretrained
+from rlhf_jax.hf_config import config_from_hf, config_to_hf
 from rlhf_jax.model import ModelConfig, Transformer, forward, unembed_fn
 from rlhf_jax.rope import RopeScaling
 

@@ -11,7 +11,9 @@ import pytest
 
 from _gguf import Q, gguf, write_model_gguf
 from conftest import TRANSFORMERS_MISSING, random_params
-from rlhf_jax.gguf import GGUFError, dequantize, gguf_metadata, load_gguf, read_gguf
+from rlhf_jax.gguf import GGUFError, gguf_metadata, load_gguf
+from rlhf_jax.gguf_quants import dequantize
+from rlhf_jax.gguf_reader import read_gguf
 from rlhf_jax.model import ModelConfig, Transformer, forward
 from rlhf_jax.tokenizer import Tokenizer
 

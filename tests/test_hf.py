@@ -13,7 +13,8 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 from conftest import HF_TINY_CONFIGS, TRANSFORMERS_MISSING, random_params
-from rlhf_jax.hf import config_from_hf, load_pretrained, save_pretrained
+from rlhf_jax.hf import load_pretrained, save_pretrained
+from rlhf_jax.hf_config import config_from_hf
 from rlhf_jax.model import Transformer, forward, init_params
 
 torch = pytest.importorskip("torch", reason=TRANSFORMERS_MISSING)

@@ -7,8 +7,8 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
-from rlhf_jax import hf
 from rlhf_jax.errors import ConfigError, check
+from rlhf_jax.hf_config import CONFIG_FILE, config_from_hf
 from rlhf_jax.model import ModelConfig
 from rlhf_jax.sharding import MeshConfig
 from rlhf_jax.train.optim import OptimizerConfig
@@ -24,7 +24,7 @@ class PlanConfig:
     """What to plan: a model, a stage and its batch shapes, a mesh, and the target's devices.
 
     ``model`` (a ``ModelConfig``) or ``hf_config`` (a Hugging Face ``config.json``, or the
-    directory holding one, read with ``hf.config_from_hf``): exactly one.  ``compute_dtype`` and
+    directory holding one, read with ``hf_config.config_from_hf``): exactly one.  ``compute_dtype`` and
     ``remat`` replace the model's ``dtype`` and ``remat``.
 
     ``devices``: JAX devices of the target (``jax.device_count()``): 8 on an 8×H100 host; 16 on
@@ -116,7 +116,7 @@ class PlanConfig:
         else:
             path = Path(self.hf_config)
             if path.is_dir():
-                path = path / hf.CONFIG_FILE
+                path = path / CONFIG_FILE
             try:
                 data = json.loads(path.read_text())
             except OSError as e:
@@ -124,7 +124,7 @@ class PlanConfig:
             except json.JSONDecodeError as e:
                 raise ConfigError(f"{path}:{e.lineno}:{e.colno}: invalid JSON: {e.msg}") from e
             try:
-                config = hf.config_from_hf(data, source=path)
+                config = config_from_hf(data, source=path)
             except ValueError as e:
                 raise ConfigError(f"PlanConfig.hf_config: {e}") from e
         config = config.replace(dtype=self.compute_dtype, remat=self.remat, head="lm")

@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 
 import jax
 
-from rlhf_jax import hf
+from rlhf_jax import hf, hf_config
 from rlhf_jax.configs import ConfigError
 from rlhf_jax.data import DataError, TruncationStats
 from rlhf_jax.model import ATTENTION_IMPLS, REMAT_POLICIES, ModelConfig, Params, Transformer, init_params
@@ -110,10 +110,10 @@ def with_execution(source: ModelSource, config: ModelConfig) -> ModelConfig:
 def _source_config(source: ModelSource, head: str) -> ModelConfig:
     if source.init is not None:
         return source.init.replace(head=head, dtype=source.dtype)
-    config_file = Path(source.hf_dir) / hf.CONFIG_FILE
+    config_file = Path(source.hf_dir) / hf_config.CONFIG_FILE
     if not config_file.is_file():
         raise FileNotFoundError(f"{config_file}: no such file (ModelSource.hf_dir)")
-    return hf.read_config(source.hf_dir, dtype=source.dtype, head=head)
+    return hf_config.read_config(source.hf_dir, dtype=source.dtype, head=head)
 
 
 def load_model(
