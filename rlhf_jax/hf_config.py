@@ -17,7 +17,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from rlhf_jax.model import SCORE_POOLINGS, ModelConfig
+from rlhf_jax.model_config import SCORE_POOLINGS, ModelConfig
 from rlhf_jax.rope import ROPE_TYPES, RopeScaling
 
 CONFIG_FILE = "config.json"

@@ -28,8 +28,7 @@ Sliding windows count in cache slots (columns): query column ``q`` sees key colu
 left-padded row, a packed document or a decoded sequence are contiguous columns, so this is the
 distance in positions; decoding past the window masks the older slots of the full-length cache.
 
-``ModelConfig`` lives in ``model_config.py`` and the RoPE variants in ``rope.py``; both are
-re-exported or used from here.
+``ModelConfig`` lives in ``model_config.py`` and the RoPE variants in ``rope.py``.
 """
 
 from __future__ import annotations
@@ -44,8 +43,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from rlhf_jax.model_config import (  # noqa: F401  (re-exported: the config lives with the model)
-    ACTIVATIONS, ATTENTION_IMPLS, LAYER_TYPES, REMAT_POLICIES, SCORE_POOLINGS, ModelConfig)
+from rlhf_jax.model_config import ModelConfig
 from rlhf_jax.rope import apply_rope, default_inv_freq
 from rlhf_jax.sharding import BATCH_AXES
 

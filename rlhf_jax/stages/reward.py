@@ -41,7 +41,8 @@ from rlhf_jax.errors import check
 from rlhf_jax.generation import score
 from rlhf_jax.losses import ranking_loss, ranking_pairs
 from rlhf_jax.masked import masked_mean, masked_var
-from rlhf_jax.model import SCORE_POOLINGS, Params, Transformer
+from rlhf_jax.model import Params, Transformer
+from rlhf_jax.model_config import SCORE_POOLINGS
 from rlhf_jax.data.agreement import across_processes, data_shard, even_rows, fixed_batches, process_batches
 from rlhf_jax.stages.config import StageConfig, StageOptimizerConfig, length_buckets
 from rlhf_jax.stages.sources import NORMALIZATION_FILE, naming, read_records

@@ -21,7 +21,8 @@ import jax
 from rlhf_jax import hf, hf_config
 from rlhf_jax.configs import ConfigError
 from rlhf_jax.data import DataError, TruncationStats
-from rlhf_jax.model import ATTENTION_IMPLS, REMAT_POLICIES, ModelConfig, Params, Transformer, init_params
+from rlhf_jax.model import ModelConfig, Params, Transformer, init_params
+from rlhf_jax.model_config import ATTENTION_IMPLS, REMAT_POLICIES
 from rlhf_jax.tokenizer import PAD_TOKEN, Tokenizer
 
 log = logging.getLogger(__name__)
