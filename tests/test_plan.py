@@ -238,3 +238,49 @@ def test_main_exit_codes(tmp_path, capsys):
     assert "needs" in capsys.readouterr().err
     assert cli_main(["plan", "--config", str(path), "--set", "mesh.fsdpp=2"]) == 2
     assert "mesh.fsdpp" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ GRPO / RLOO and DPO
+
+
+def test_grpo_plan_is_ppo_without_the_value_model_on_the_groups_rollouts():
+    """GRPO on b prompts × G samples == PPO on b·G episodes minus the value model (its weights,
+    optimizer, gradients, activations); no reward model drops its frozen copy; the EMA adds one
+    float32 policy."""
+    lm = llama_count(LLAMA)
+    value = lm - LLAMA.d_model * LLAMA.vocab_size + LLAMA.d_model + 1
+    shape = dict(ppo_minibatches=2, prompt_len=16, max_new_tokens=16, ptx_batch_size=2, seq_len=32)
+    grpo = plan(cfg(stage="grpo", batch_size=4, group_size=4, **shape))
+    ppo = plan(cfg(stage="ppo", batch_size=16, **shape))
+    assert grpo.row_bytes("params") == grpo.row_bytes("gradients") == 4 * lm
+    assert ppo.row_bytes("params") - grpo.row_bytes("params") == 4 * value
+    assert grpo.row_bytes("frozen models") == ppo.row_bytes("frozen models") == 4 * (lm + value)
+    for row in ("KV cache", "logits (scoring)", "logits"):
+        assert grpo.row_bytes(row) == ppo.row_bytes(row) > 0, row
+    model = LLAMA.replace(dtype="bfloat16")
+    assert grpo.row_bytes("KV cache") == kv_cache_bytes(model, 16, 32)
+    assert grpo.row_bytes("activations") == activation_bytes(model, 8, 32) + activation_bytes(model, 2, 32)
+    gold = plan(cfg(stage="grpo", batch_size=4, group_size=4, reward_model=False, **shape))
+    assert gold.row_bytes("frozen models") == 4 * lm
+    ema = plan(cfg(stage="grpo", batch_size=4, group_size=4, ema=True, **shape))
+    assert ema.row_bytes("EMA weights") == 4 * lm and ema.total_bytes - grpo.total_bytes == 4 * lm
+    assert "rollout 4 × 4 samples × (16 + 16) tokens" in grpo.table()
+    with pytest.raises(ConfigError, match="PlanConfig.batch_size"):
+        cfg(stage="grpo", batch_size=3, group_size=3, ppo_minibatches=2)
+
+
+def test_dpo_plan_is_sft_on_the_b_k_sequences_plus_the_frozen_reference():
+    """DPO on b prompts × K responses of L tokens == SFT on b·K sequences, plus the reference's
+    weights (float32: 4 bytes a parameter) and its logits with their log-softmax (8 bytes an entry)."""
+    lm = llama_count(LLAMA)
+    b, k, length, vocab = 2, 3, 64, LLAMA.vocab_size
+    dpo = plan(cfg(stage="dpo", batch_size=b, k_responses=k, seq_len=length))
+    sft = plan(cfg(stage="sft", batch_size=b * k, seq_len=length))
+    for row in ("params", "optimizer", "gradients", "activations"):
+        assert dpo.row_bytes(row) == sft.row_bytes(row), row
+    assert dpo.row_bytes("frozen models") == 4 * lm
+    assert dpo.row_bytes("logits (reference)") == 8 * b * k * length * vocab
+    assert dpo.total_bytes == sft.total_bytes + 4 * lm + 8 * b * k * length * vocab
+    assert "batch 2 prompts × 3 responses × 64 tokens" in dpo.table()
+    with pytest.raises(ConfigError, match="k_responses"):
+        cfg(stage="dpo", k_responses=1)

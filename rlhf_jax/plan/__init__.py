@@ -26,7 +26,8 @@ Each row of the plan is one kind of buffer, in bytes *per device*, and says how 
     its input ``act·b·s·h``, and the backward pass holds one recomputed layer at a time
     (Korthikanti et al. §4.3, "full recomputation").
   - logits: float32 ``[b, s, V / t]``: the logits, their log-softmax and their gradient (12 bytes
-    per entry) while training; when PPO scores a rollout, the logits of the whole sequence and
+    per entry) while training (DPO adds its frozen reference's logits and log-softmax, 8 bytes,
+    on the same sequences); when PPO or GRPO scores a rollout, the logits of the whole sequence and
     the log-softmax and entropy terms of the response (4 + 8 bytes per entry).
   - gathered weights (``fsdp`` > 1): FSDP all-gathers a layer's weights where it is used and
     reduce-scatters its gradient, so one layer's float32 weights and gradient are held whole
@@ -51,16 +52,21 @@ Each row of the plan is one kind of buffer, in bytes *per device*, and says how 
   A model of ``L`` layers is compiled with ``compile_layers - 1`` and ``compile_layers`` layers
   and every quantity extrapolated linearly to ``L`` (the layers are unrolled, so each adds the
   same buffers; on the H200, 1 and 2 layers extrapolated to 22 gave 17.50 GiB against 17.62
-  compiled whole); ``compile_layers=0`` compiles the whole model.  For PPO the compiled program
-  is the policy's update at the PPO minibatch shape (``sft_loss`` on ``[minibatch, prompt_len +
-  max_new_tokens]``), a proxy for the policy half of the update phase.
+  compiled whole); ``compile_layers=0`` compiles the whole model.  For PPO and GRPO the compiled
+  program is the policy's update at the minibatch shape (``sft_loss`` on ``[minibatch, prompt_len +
+  max_new_tokens]``), a proxy for the policy half of the update phase; for DPO, ``sft_loss`` on the
+  batch's ``batch_size × k_responses`` sequences (the reference's forward pass not included).
 
 The analytic rows are an upper bound: XLA fuses the AdamW update into the gradient and the
 log-softmax into the loss, so neither is held whole.  The verdict uses them.
 
 Phases.  Parameters, optimizer state and frozen models live throughout (``state``); the other
 rows live only in one phase of a step: ``update`` (gradients, activations, training logits,
-gathered weights), ``rollout`` (PPO's KV cache) and ``experience`` (PPO's scoring logits).  The
+gathered weights), ``rollout`` (PPO's and GRPO's KV cache) and ``experience`` (their scoring logits).
+
+GRPO (and RLOO) is planned as PPO without the value model on ``batch_size × group_size``
+rollouts, plus the EMA weights when kept; DPO as the reward model's ``batch_size × k_responses``
+sequences on the LM head (with logits), plus the frozen reference's weights and logits.  The
 total is ``state`` plus the largest phase.
 """
 

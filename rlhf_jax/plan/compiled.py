@@ -45,9 +45,13 @@ def _program(cfg: PlanConfig, config: ModelConfig) -> tuple[str, Any, Transforme
     model = Transformer(config)
     if cfg.stage == "sft":
         b, s, what = cfg.batch_size, cfg.seq_len, "SFT train step"
+    elif cfg.stage == "dpo":
+        b, s = cfg.batch_size * cfg.k_responses, cfg.seq_len
+        what = "DPO policy update proxy (sft_loss on the batch's b·K sequences, no reference)"
     else:
-        b, s = cfg.batch_size // cfg.ppo_minibatches, cfg.prompt_len + cfg.max_new_tokens
-        what = "PPO policy update proxy (sft_loss on one minibatch)"
+        group = cfg.group_size if cfg.stage == "grpo" else 1
+        b, s = cfg.batch_size * group // cfg.ppo_minibatches, cfg.prompt_len + cfg.max_new_tokens
+        what = f"{cfg.stage.upper()} policy update proxy (sft_loss on one minibatch)"
     batch = {name: jax.ShapeDtypeStruct((b, s), i32) for name in ("tokens", "mask", "loss_mask")}
     return what, sft_step_fn(model, opt), model, batch
 

@@ -14,7 +14,8 @@ from rlhf_jax.sharding import MeshConfig
 from rlhf_jax.train.optim import OptimizerConfig
 
 GiB = 2**30
-STAGES = ("sft", "rm", "ppo")
+STAGES = ("sft", "rm", "ppo", "grpo", "dpo")
+RL_STAGES = ("ppo", "grpo")  # sample rollouts (KV cache, scoring), update on minibatches, frozen models
 PHASES = ("state", "update", "rollout", "experience")
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
@@ -37,12 +38,19 @@ class PlanConfig:
     ``rm``: ``batch_size`` prompts × ``k_responses`` sequences of ``seq_len``; ``ppo``:
     ``batch_size`` rollout episodes of ``prompt_len + max_new_tokens`` tokens, updated in
     ``ppo_minibatches`` minibatches (InstructGPT App. C.4: 512 episodes, minibatch 64), each with
-    ``ptx_batch_size`` pretraining sequences of ``seq_len``.  ``batch_size`` is one step's
-    (micro-)batch; ``grad_accum_steps`` > 1 adds ``optax.MultiSteps``'s accumulator.
+    ``ptx_batch_size`` pretraining sequences of ``seq_len``; ``grpo`` (GRPO and RLOO): as ``ppo``
+    with each of the ``batch_size`` prompts sampled ``group_size`` times (``batch_size ×
+    group_size`` rollouts, ``ppo_minibatches`` = ``GRPOConfig.num_minibatches``); ``dpo``:
+    ``batch_size`` prompts × ``k_responses`` sequences of ``seq_len``, as ``rm``.  ``batch_size``
+    is one step's (micro-)batch; ``grad_accum_steps`` > 1 adds ``optax.MultiSteps``'s accumulator.
 
     PPO holds four models of the same architecture: policy (LM) and value (scalar head) trained
     with AdamW, reference (LM) and reward (scalar head) frozen, stored in ``frozen_dtype`` (the
-    PPO stage's ``PPOStageConfig.frozen_dtype``: set both the same).
+    PPO stage's ``PPOStageConfig.frozen_dtype``: set both the same).  GRPO has no value model;
+    DPO trains the policy beside its frozen reference (LM, ``frozen_dtype``; the DPO stage keeps
+    it in float32) and no reward model.  ``reward_model``: false when the reward is not a model
+    (``reward="gold"``, PPO and GRPO); ``ema``: the policy's float32 EMA is kept (GRPO's
+    ``ema_decay``).
     """
 
     model: ModelConfig | None = None
@@ -51,10 +59,11 @@ class PlanConfig:
     devices: int = 8
     device_memory_gib: float = 80.0
     headroom: float = 0.9
-    stage: Literal["sft", "rm", "ppo"] = "sft"
+    stage: Literal["sft", "rm", "ppo", "grpo", "dpo"] = "sft"
     batch_size: int = 32  # IG App. C.1: SFT batch 32
     seq_len: int = 2048
     k_responses: int = 4  # IG §3.5: K = 4..9
+    group_size: int = 8  # GRPO's G (TRL num_generations 8)
     prompt_len: int = 256
     max_new_tokens: int = 256
     ppo_minibatches: int = 8  # IG App. C.4: 512 episodes / minibatch 64
@@ -64,6 +73,8 @@ class PlanConfig:
     compute_dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
     remat: bool = False
     frozen_dtype: Literal["float32", "bfloat16"] = "float32"
+    reward_model: bool = True
+    ema: bool = False
     optimizer: Literal["adam"] = "adam"  # AdamW (train.optim): two float32 moments
     compile: Literal["cpu", "local", "none"] = "cpu"
     compile_layers: int = 2
@@ -82,30 +93,34 @@ class PlanConfig:
         for field, allowed in choices.items():
             check(getattr(self, field) in allowed, self, field, f"one of {allowed}")
         for field in ("devices", "batch_size", "seq_len", "k_responses", "prompt_len", "max_new_tokens",
-                      "ppo_minibatches", "grad_accum_steps"):
+                      "ppo_minibatches", "grad_accum_steps", "group_size"):
             check(is_int(getattr(self, field)) and getattr(self, field) >= 1, self, field, "an int >= 1")
-        check(self.stage != "rm" or self.k_responses >= 2, self, "k_responses", "an int >= 2 (IG §3.5: K = 4..9)")
+        check(self.stage not in ("rm", "dpo") or self.k_responses >= 2, self, "k_responses",
+              "an int >= 2 (IG §3.5: K = 4..9)")
         check(is_int(self.ptx_batch_size) and self.ptx_batch_size >= 0, self, "ptx_batch_size", "an int >= 0")
         check(is_int(self.compile_layers) and self.compile_layers != 1 and self.compile_layers >= 0,
               self, "compile_layers", "0 (compile the whole model) or an int >= 2")
         check(isinstance(self.device_memory_gib, (int, float)) and self.device_memory_gib > 0,
               self, "device_memory_gib", "> 0")
         check(isinstance(self.headroom, (int, float)) and 0 < self.headroom <= 1, self, "headroom", "in (0, 1]")
-        check(isinstance(self.remat, bool), self, "remat", "true or false")
+        for field in ("remat", "reward_model", "ema"):
+            check(isinstance(getattr(self, field), bool), self, field, "true or false")
         try:
             data, fsdp, _ = self.mesh.shape(self.devices)
         except ValueError as e:
             raise ConfigError(f"PlanConfig.mesh: {e}") from e
         shards = data * fsdp
-        per_step = {"sft": ("batch_size", self.batch_size), "rm": ("batch_size", self.batch_size),
-                    "ppo": ("batch_size / ppo_minibatches", self.batch_size // self.ppo_minibatches)}
+        per_step = {"ppo": ("batch_size / ppo_minibatches", self.batch_size // self.ppo_minibatches)}
         check(self.stage != "ppo" or self.batch_size % self.ppo_minibatches == 0,
               self, "batch_size", f"divisible by ppo_minibatches={self.ppo_minibatches}")
-        name, rows = per_step[self.stage]
+        check(self.stage != "grpo" or self.batch_size * self.group_size % self.ppo_minibatches == 0,
+              self, "batch_size", f"such that batch_size × group_size divides into ppo_minibatches="
+              f"{self.ppo_minibatches}")
+        name, rows = per_step.get(self.stage, ("batch_size", self.batch_size))
         if rows % shards:
             raise ConfigError(f"PlanConfig.{name} = {rows} does not divide over the mesh's {shards} "
                               f"batch shards (data×fsdp = {data}×{fsdp}); use a multiple of {shards}")
-        check(not (self.stage == "ppo" and self.ptx_batch_size % shards),
+        check(not (self.stage in RL_STAGES and self.ptx_batch_size % shards),
               self, "ptx_batch_size", f"a multiple of the {shards} batch shards (data×fsdp)")
 
     def model_config(self) -> ModelConfig:
@@ -128,9 +143,8 @@ class PlanConfig:
             except ValueError as e:
                 raise ConfigError(f"PlanConfig.hf_config: {e}") from e
         config = config.replace(dtype=self.compute_dtype, remat=self.remat, head="lm")
-        longest = {"sft": self.seq_len, "rm": self.seq_len,
-                   "ppo": max(self.prompt_len + self.max_new_tokens,
-                              self.seq_len if self.ptx_batch_size else 0)}[self.stage]
+        longest = (max(self.prompt_len + self.max_new_tokens, self.seq_len if self.ptx_batch_size else 0)
+                   if self.stage in RL_STAGES else self.seq_len)
         if config.arch == "gpt2" and longest > config.max_len:
             raise ConfigError(f"PlanConfig: sequences of {longest} tokens exceed the model's learned "
                               f"positions (max_len={config.max_len}); shorten seq_len/prompt_len/max_new_tokens")

@@ -124,50 +124,27 @@ def plan(cfg: PlanConfig) -> Plan:
 
     lm = _abstract(model_cfg)
     rows: list[Row] = []
-    if cfg.stage in ("sft", "rm"):
-        trained = lm if cfg.stage == "sft" else _abstract(model_cfg.replace(head="scalar"))
+    if cfg.stage in ("sft", "rm", "dpo"):
+        trained = _abstract(model_cfg.replace(head="scalar")) if cfg.stage == "rm" else lm
         p_bytes, o_bytes = trainable(trained)
         rows += [Row("params", "state", p_bytes, "exact", cfg.param_dtype),
                  Row("optimizer", "state", o_bytes, "exact", _opt_detail(cfg)),
                  Row("gradients", "update", p_bytes, "exact", "float32")]
-        seqs = cfg.batch_size * (cfg.k_responses if cfg.stage == "rm" else 1) // shards
+        seqs = cfg.batch_size * (1 if cfg.stage == "sft" else cfg.k_responses) // shards
         rows.append(Row("activations", "update", activation_bytes(model_cfg, seqs, cfg.seq_len, tensor),
                         "analytic", f"{seqs} seq/device"))
-        if cfg.stage == "sft":
+        if cfg.stage != "rm":
             rows.append(Row("logits", "update", logits_bytes(model_cfg, seqs, cfg.seq_len, tensor),
                             "analytic", "f32 + log-softmax + grad"))
+        if cfg.stage == "dpo":  # the frozen reference: its weights, and its logits in the same step
+            rows += [Row("frozen models", "state", _local_bytes(lm, mesh, DTYPE_BYTES[cfg.frozen_dtype]),
+                         "exact", f"ref, {cfg.frozen_dtype}"),
+                     Row("logits (reference)", "update",
+                         logits_bytes(model_cfg, seqs, cfg.seq_len, tensor, per_entry=8),
+                         "analytic", "f32 + log-softmax, no grad")]
         fallbacks = _fallbacks(trained, mesh)
     else:
-        value = _abstract(model_cfg.replace(head="scalar"))
-        lm_bytes, lm_opt = trainable(lm)
-        v_bytes, v_opt = trainable(value)
-        frozen_size = DTYPE_BYTES[cfg.frozen_dtype]
-        frozen = _local_bytes(lm, mesh, frozen_size) + _local_bytes(value, mesh, frozen_size)
-        length = cfg.prompt_len + cfg.max_new_tokens
-        mb = cfg.batch_size // cfg.ppo_minibatches // shards
-        ptx = cfg.ptx_batch_size // shards
-        policy_act = activation_bytes(model_cfg, mb, length, tensor)
-        policy_logits = logits_bytes(model_cfg, mb, length, tensor)
-        if ptx:
-            policy_act += activation_bytes(model_cfg, ptx, cfg.seq_len, tensor)
-            policy_logits += logits_bytes(model_cfg, ptx, cfg.seq_len, tensor)
-        value_act = activation_bytes(model_cfg.replace(head="scalar"), mb, length, tensor)
-        rollouts = cfg.batch_size // shards
-        rows += [
-            Row("params", "state", lm_bytes + v_bytes, "exact", f"policy + value, {cfg.param_dtype}"),
-            Row("optimizer", "state", lm_opt + v_opt, "exact", _opt_detail(cfg)),
-            Row("frozen models", "state", frozen, "exact", f"ref + reward, {cfg.frozen_dtype}"),
-            Row("gradients", "update", lm_bytes + v_bytes, "exact", "float32"),
-            Row("activations", "update", policy_act + value_act, "analytic",
-                f"policy + value, {mb}{f' + {ptx} ptx' if ptx else ''} seq/device"),
-            Row("logits", "update", policy_logits, "analytic", "f32 + log-softmax + grad"),
-            Row("KV cache", "rollout", kv_cache_bytes(model_cfg, rollouts, length, tensor), "analytic",
-                f"{rollouts} seq/device × {length}"),
-            Row("logits (scoring)", "experience",
-                logits_bytes(model_cfg, rollouts, length, tensor, per_entry=4)
-                + logits_bytes(model_cfg, rollouts, cfg.max_new_tokens, tensor, per_entry=8),
-                "analytic", f"{rollouts} seq/device"),
-        ]
+        rows += _rl_rows(cfg, model_cfg, lm, mesh, trainable, shards, tensor)
         fallbacks = _fallbacks(lm, mesh)
     if fsdp > 1:
         layer = _local_bytes(lm["layer_0"], _abstract_mesh((1, 1, tensor)))
@@ -177,6 +154,51 @@ def plan(cfg: PlanConfig) -> Plan:
     if cfg.compile != "none":
         result = dataclasses.replace(result, compiled=compiled_memory(cfg))
     return result
+
+
+def _rl_rows(cfg: PlanConfig, model_cfg: ModelConfig, lm: Any, mesh: AbstractMesh,
+             trainable: Any, shards: int, tensor: int) -> list[Row]:
+    """PPO's and GRPO's rows: the policy (and PPO's value model) trained on minibatches of the
+    rollouts, frozen reference (and reward model, unless ``reward_model`` is false) in
+    ``frozen_dtype``, GRPO's EMA, the rollout's KV cache and the scoring logits.  GRPO is PPO
+    without the value model on ``batch_size × group_size`` rollouts."""
+    ppo = cfg.stage == "ppo"
+    value = _abstract(model_cfg.replace(head="scalar"))
+    lm_bytes, lm_opt = trainable(lm)
+    v_bytes, v_opt = trainable(value) if ppo else (0, 0)
+    frozen_size = DTYPE_BYTES[cfg.frozen_dtype]
+    frozen = _local_bytes(lm, mesh, frozen_size) + (_local_bytes(value, mesh, frozen_size) if cfg.reward_model else 0)
+    length = cfg.prompt_len + cfg.max_new_tokens
+    episodes = cfg.batch_size * (1 if ppo else cfg.group_size)
+    mb = episodes // cfg.ppo_minibatches // shards
+    ptx = cfg.ptx_batch_size // shards
+    policy_act = activation_bytes(model_cfg, mb, length, tensor)
+    policy_logits = logits_bytes(model_cfg, mb, length, tensor)
+    if ptx:
+        policy_act += activation_bytes(model_cfg, ptx, cfg.seq_len, tensor)
+        policy_logits += logits_bytes(model_cfg, ptx, cfg.seq_len, tensor)
+    value_act = activation_bytes(model_cfg.replace(head="scalar"), mb, length, tensor) if ppo else 0
+    rollouts = episodes // shards
+    trained = "policy + value" if ppo else "policy"
+    rows = [
+        Row("params", "state", lm_bytes + v_bytes, "exact", f"{trained}, {cfg.param_dtype}"),
+        Row("optimizer", "state", lm_opt + v_opt, "exact", _opt_detail(cfg)),
+        Row("frozen models", "state", frozen, "exact",
+            f"ref{' + reward' if cfg.reward_model else ''}, {cfg.frozen_dtype}"),
+        Row("gradients", "update", lm_bytes + v_bytes, "exact", "float32"),
+        Row("activations", "update", policy_act + value_act, "analytic",
+            f"{trained}, {mb}{f' + {ptx} ptx' if ptx else ''} seq/device"),
+        Row("logits", "update", policy_logits, "analytic", "f32 + log-softmax + grad"),
+        Row("KV cache", "rollout", kv_cache_bytes(model_cfg, rollouts, length, tensor), "analytic",
+            f"{rollouts} seq/device × {length}"),
+        Row("logits (scoring)", "experience",
+            logits_bytes(model_cfg, rollouts, length, tensor, per_entry=4)
+            + logits_bytes(model_cfg, rollouts, cfg.max_new_tokens, tensor, per_entry=8),
+            "analytic", f"{rollouts} seq/device"),
+    ]
+    if cfg.ema:
+        rows.insert(3, Row("EMA weights", "state", lm_bytes, "exact", f"policy, {cfg.param_dtype}"))
+    return rows
 
 
 def _opt_detail(cfg: PlanConfig) -> str:

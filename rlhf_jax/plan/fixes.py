@@ -7,7 +7,7 @@ import dataclasses
 from typing import Any
 
 from rlhf_jax.errors import ConfigError, PlanError
-from rlhf_jax.plan.config import GiB, PlanConfig
+from rlhf_jax.plan.config import RL_STAGES, GiB, PlanConfig
 from rlhf_jax.plan.estimate import plan
 from rlhf_jax.plan.result import Plan
 from rlhf_jax.sharding import MeshConfig
@@ -53,7 +53,7 @@ def _fixes(cfg: PlanConfig) -> list[tuple[tuple[str, ...], float]]:
         out.append((sets, _replan(cfg, mesh=MeshConfig(data=1, fsdp=data * fsdp, tensor=tensor))))
     if not cfg.remat:
         out.append((("remat=true",), _replan(cfg, remat=True)))
-    if cfg.stage == "ppo" and cfg.frozen_dtype == "float32":
+    if cfg.stage in RL_STAGES and cfg.frozen_dtype == "float32":
         out.append((("frozen_dtype=bfloat16",), _replan(cfg, frozen_dtype="bfloat16")))
     out.append(_smaller_batch(cfg))
     return [(o, gib) for o, gib in out if gib is not None]
@@ -61,13 +61,14 @@ def _fixes(cfg: PlanConfig) -> list[tuple[tuple[str, ...], float]]:
 
 def _smaller_batch(cfg: PlanConfig, **changes: Any) -> tuple[tuple[str, ...], float | None]:
     """The largest halved ``batch_size`` that fits, else the smallest valid one (SFT and RM keep
-    the effective batch by raising ``grad_accum_steps``); ``((), None)`` if none is valid."""
+    the effective batch by raising ``grad_accum_steps``; PPO and GRPO, whose batch is the
+    rollout's, do not); ``((), None)`` if none is valid."""
     usable = cfg.device_memory_gib * cfg.headroom
     best: tuple[tuple[str, ...], float | None] = ((), None)
     factor = 2
     while cfg.batch_size % factor == 0:
         batch = {"batch_size": cfg.batch_size // factor}
-        if cfg.stage != "ppo":
+        if cfg.stage not in RL_STAGES:
             batch["grad_accum_steps"] = cfg.grad_accum_steps * factor
         gib = _replan(cfg, **batch, **changes)
         if gib is None:
@@ -87,7 +88,7 @@ def _combined_fix(cfg: PlanConfig) -> tuple[tuple[str, ...], float] | None:
     if data > 1:
         changes["mesh"] = MeshConfig(data=1, fsdp=data * fsdp, tensor=tensor)
         sets += ["mesh.data=1", f"mesh.fsdp={data * fsdp}", f"mesh.tensor={tensor}"]
-    if cfg.stage == "ppo":
+    if cfg.stage in RL_STAGES:
         changes["frozen_dtype"] = "bfloat16"
         sets.append("frozen_dtype=bfloat16")
     gib = _replan(cfg, **changes)

@@ -125,8 +125,9 @@ class Plan:
         c = self.config
         if c.stage == "sft":
             return f"batch {c.batch_size} × {c.seq_len} tokens"
-        if c.stage == "rm":
+        if c.stage in ("rm", "dpo"):
             return f"batch {c.batch_size} prompts × {c.k_responses} responses × {c.seq_len} tokens"
         ptx = f", ptx {c.ptx_batch_size} × {c.seq_len}" if c.ptx_batch_size else ""
-        return (f"rollout {c.batch_size} × ({c.prompt_len} + {c.max_new_tokens}) tokens in "
+        group = f" × {c.group_size} samples" if c.stage == "grpo" else ""
+        return (f"rollout {c.batch_size}{group} × ({c.prompt_len} + {c.max_new_tokens}) tokens in "
                 f"{c.ppo_minibatches} minibatches{ptx}, frozen {c.frozen_dtype}")
