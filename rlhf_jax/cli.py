@@ -76,7 +76,8 @@ OOM_ADVICE = (
 
 _PACKAGE_DIR = Path(__file__).resolve().parent
 
-MEMORY_CHECKED = ("sft", "rm", "ppo")  # commands whose config has ``memory`` (train.memory): they take --force
+# Commands whose config has ``memory`` (train.memory): they take --force.
+MEMORY_CHECKED = ("sft", "rm", "ppo", "grpo", "rloo", "dpo")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -116,3 +116,104 @@ def test_stage_configs_expose_model_remat():
     assert model_config(ModelSource(init=MODEL, remat_policy="dots")).remat_mode == "dots"
     with pytest.raises(ConfigError, match="ModelSource.remat"):
         ModelSource(init=MODEL, remat=True, remat_policy="dots")
+
+
+# ------------------------------------------------------------------------ GRPO, RLOO, DPO
+
+
+@pytest.fixture(scope="module")
+def rl_world(tmp_path_factory):
+    from test_stage_dpo import write_comparisons
+    from test_stage_ppo import make_ppo_world
+    from test_stage_sft import jsonl
+
+    root = tmp_path_factory.mktemp("rl_memory_world")
+    files = make_ppo_world(root)
+    prompts = [r["prompt"] for r in jsonl(files["prompts"])]
+    return {**files, "comparisons": write_comparisons(root / "comparisons.jsonl", prompts[:8], 0)}
+
+
+def rl_args(world, command: str, workdir) -> list[str]:
+    """A one-step `rlhf-jax grpo|rloo|dpo` on the tiny world (batch 4; GRPO: G = 2, 24 + 6 tokens)."""
+    common = ["--set", f"workdir={workdir}", "--set", f"model.hf_dir={world['sft']}", "--set", "batch_size=4",
+              "--set", "loop.total_steps=1"]
+    if command == "dpo":
+        return ["dpo", *common, "--set", f"train_data={world['comparisons']}", "--set", "max_len=48",
+                "--set", "buckets=[48]"]
+    return [command, *common, "--set", f"train_data={world['prompts']}", "--set", f"reward_model={world['rm']}",
+            "--set", "max_prompt_len=24", "--set", "grpo.group_size=2", "--set", "grpo.generation.max_new_tokens=6"]
+
+
+SHAPES = {"grpo": "batch_size 4, group_size 2, prompt_len 24, max_new_tokens 6, ppo_minibatches 1",
+          "rloo": "batch_size 4, group_size 2, prompt_len 24, max_new_tokens 6, ppo_minibatches 1",
+          "dpo": "batch_size 4, k_responses 3, seq_len 48"}
+
+
+@pytest.mark.parametrize("command, train", [("grpo", True), ("rloo", False), ("dpo", True)])
+def test_grpo_rloo_and_dpo_are_refused_before_compiling_and_force_runs_them(rl_world, tmp_path, capsys,
+                                                                           command, train):
+    """Through `rlhf_jax.cli.main`, as SFT: `memory.limit_gib=0.001` refuses the plan of the
+    stage's own shape in one line (exit 1, nothing trained); `--force` trains and exports (RLOO is
+    the GRPO stage under another name: only its refusal is run)."""
+    workdir = tmp_path / "run"
+    args = rl_args(rl_world, command, workdir) + ["--set", "memory.limit_gib=0.001"]
+    assert cli.main(args) == 1
+    lines = capsys.readouterr().err.strip().splitlines()
+    plan_stage = "dpo" if command == "dpo" else "grpo"
+    assert len(lines) == 1 and lines[0].startswith(f"rlhf-jax: error: {plan_stage} stage: the memory plan needs "), lines
+    assert SHAPES[command] in lines[0] and "memory.limit_gib" in lines[0] and "--force" in lines[0], lines[0]
+    assert not (workdir / "checkpoints").exists()
+    if train:
+        assert cli.main([*args, "--force"]) == 0
+        assert (workdir / "model" / "model.safetensors").is_file()
+
+
+def test_rl_stages_plan_their_own_config(rl_world, tmp_path, monkeypatch):
+    """The check gets the stage's shape (GRPO: its reward model, EMA and ptx batch; DPO: K from the
+    data), `model.remat` (as remat), `memory.limit_gib` and `--force` (check off)."""
+    from rlhf_jax.stages import skeleton
+
+    seen = []
+
+    def recording(stage, model, mesh, memory, accum, **shape):
+        seen.append((stage, model, memory, shape))
+        raise PlanError("stop after the check")
+
+    monkeypatch.setattr(skeleton, "check_memory", recording)
+    grpo = rl_args(rl_world, "grpo", tmp_path / "g") + [
+        "--set", "grpo.ema_decay=0.9", "--set", "grpo.ptx_coef=0.5", "--set", f"ptx_data={rl_world['pretrain']}",
+        "--set", "ptx_batch_size=2", "--set", "ptx_seq_len=16", "--set", "model.remat=true",
+        "--set", "memory.limit_gib=3.5", "--force"]
+    assert cli.main(grpo) == 1
+    assert cli.main(rl_args(rl_world, "dpo", tmp_path / "d")) == 1
+    (stage, model, memory, shape), (dpo_stage, dpo_model, dpo_memory, dpo_shape) = seen
+    assert stage == "grpo" and model.remat_mode == "full" and memory == MemoryCheckConfig(check=False, limit_gib=3.5)
+    assert shape == {"batch_size": 4, "group_size": 2, "prompt_len": 24, "max_new_tokens": 6, "ppo_minibatches": 1,
+                     "ptx_batch_size": 2, "seq_len": 16, "frozen_dtype": "float32", "reward_model": True, "ema": True}
+    assert dpo_stage == "dpo" and dpo_model.remat_mode == "none" and dpo_memory == MemoryCheckConfig()
+    assert dpo_shape == {"batch_size": 4, "k_responses": 3, "seq_len": 48}
+
+
+@pytest.mark.parametrize("command", ["grpo", "dpo"])
+def test_rl_stage_out_of_memory_names_stage_step_shape_and_estimate(rl_world, tmp_path, capsys, monkeypatch,
+                                                                   command):
+    """An out-of-memory error in the GRPO or DPO step (here raised by a stand-in for the compiled
+    step) ends in one line naming the stage, the step, the batch shape and the plan's estimate."""
+    import importlib
+
+    module = importlib.import_module(f"rlhf_jax.stages.{command}")
+
+    def out_of_memory(*args, **kwargs):
+        def step(state, batch):
+            raise JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating 123 bytes.")
+        return step
+
+    monkeypatch.setattr(module, "jit_on_mesh", out_of_memory)
+    assert cli.main(rl_args(rl_world, command, tmp_path / "run")) == 1
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("rlhf-jax: ")]  # after the progress line
+    shape = "prompt_tokens [4, 24]" if command == "grpo" else "tokens [4, 3, 48]"
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert lines[0].startswith(f"rlhf-jax: error: out of device memory in the {command} stage at step 1 "
+                               f"(batch {shape})"), lines[0]
+    assert "the planner estimated" in lines[0] and "model.remat=true" in lines[0]

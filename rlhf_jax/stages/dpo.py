@@ -163,6 +163,13 @@ def preference_arrays(path: str, records: list, tokenizer: Tokenizer, k_max: int
     return {key: v[..., :width] if v.ndim == 3 else v for key, v in arrays.items()}
 
 
+@dataclasses.dataclass
+class _Data(StageData):
+    """``StageData`` plus ``k_max``: the responses per comparison (the batches' K)."""
+
+    k_max: int = 2
+
+
 class DPOStage(SupervisedStage):
     """``run_stage``'s hooks for DPO: comparison batches with response masks, the policy and its
     frozen reference in one state, held-out loss / accuracy / margin, and the policy exported."""
@@ -171,7 +178,7 @@ class DPOStage(SupervisedStage):
     inputs = ("model.hf_dir", "train_data", "tokenizer")
     head = "lm"
 
-    def prepare(self, run: StageRun) -> StageData:
+    def prepare(self, run: StageRun) -> _Data:
         cfg, tokenizer, mesh = run.cfg, run.tokenizer, run.mesh
         buckets = length_buckets(cfg.buckets, cfg.max_len, run.model_config.max_len, "DPOConfig")
         stats = {name: TruncationStats() for name in ("train_data", "eval_data") if getattr(cfg, name)}
@@ -191,7 +198,11 @@ class DPOStage(SupervisedStage):
                               f"{cfg.train_data}")
         batches = process_batches(train, cfg.batch_size, mesh, seed=cfg.seed, buckets=buckets, pad_values=pads,
                                   where="DPOConfig.batch_size")
-        return StageData(batches, len(batches), held_out, stats)
+        return _Data(batches, len(batches), held_out, stats, k_max=k_max)
+
+    def memory_shape(self, run: StageRun) -> tuple[str, dict[str, Any]]:
+        max_len = length_buckets(run.cfg.buckets, run.cfg.max_len, run.model_config.max_len, "DPOConfig")[-1]
+        return "dpo", {"batch_size": run.cfg.batch_size, "k_responses": run.data.k_max, "seq_len": max_len}
 
     def setup(self, run: StageRun) -> Setup:
         """Keys: ``split(PRNGKey(cfg.seed))`` -> (model init, train-state rng), as ``setup_training``."""

@@ -196,8 +196,13 @@ class GRPOStage:
         g = run.data.grpo_cfg
         return g.group_size * (int(batch["prompt_mask"].sum()) + run.cfg.batch_size * g.generation.max_new_tokens)
 
-    def memory_shape(self, run: StageRun) -> None:
-        return None  # no memory plan for GRPO yet (rlhf-jax plan covers SFT, RM and PPO)
+    def memory_shape(self, run: StageRun) -> tuple[str, dict[str, Any]]:
+        cfg, g = run.cfg, run.data.grpo_cfg
+        return "grpo", {"batch_size": cfg.batch_size, "group_size": g.group_size, "prompt_len": cfg.max_prompt_len,
+                        "max_new_tokens": g.generation.max_new_tokens, "ppo_minibatches": g.num_minibatches,
+                        "ptx_batch_size": cfg.ptx_batch_size if g.ptx_coef > 0 else 0, "seq_len": cfg.ptx_seq_len,
+                        "frozen_dtype": cfg.frozen_dtype, "reward_model": cfg.reward == "model",
+                        "ema": g.ema_decay is not None}
 
     def export(self, run: StageRun, state: GRPOState) -> tuple[Transformer, Params, dict[str, Any]]:
         return run.setup.model.policy, _exported(run.cfg, state), {}
