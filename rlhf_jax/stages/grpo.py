@@ -29,7 +29,7 @@ from rlhf_jax.grpo import (GRPOConfig, GRPOModels, GRPOState, RLOOConfig, evalua
 from rlhf_jax.model import ModelConfig, Params, Transformer
 from rlhf_jax.sharding import state_shardings
 from rlhf_jax.stages.config import StageConfig, StageOptimizerConfig
-from rlhf_jax.stages.rollouts import TimedStep, prompt_arrays, prompt_batches, ptx_minibatches
+from rlhf_jax.stages.rollouts import TimedStep, eval_prompt_arrays, prompt_batches, ptx_minibatches
 from rlhf_jax.stages.skeleton import StageData, StageRun, run_stage
 from rlhf_jax.stages.sources import load_model, load_reward_model, model_config, with_execution
 from rlhf_jax.stages.steps import Setup, cached_optimizer, check_batch_fits_mesh, jit_on_mesh
@@ -98,7 +98,8 @@ class RLOOStageConfig(GRPOStageConfig):
 
 @dataclasses.dataclass
 class _Data(StageData):
-    """``StageData`` plus ``grpo_cfg``: ``cfg.grpo`` with the tokenizer's EOS and pad ids."""
+    """``StageData`` plus ``grpo_cfg``: ``cfg.grpo`` with the tokenizer's EOS and pad ids
+    (``held_out``: the held-out prompts, or None)."""
 
     grpo_cfg: GRPOConfig | None = None
 
@@ -141,7 +142,8 @@ class GRPOStage:
                               f"{run.model_config.max_len}")
         stats: dict[str, TruncationStats] = {}
         batches, n_prompts = prompt_batches(cfg, grpo_cfg, tokenizer, run.mesh, stats)
-        return _Data(batches, n_prompts // cfg.batch_size, stats=stats, grpo_cfg=grpo_cfg)
+        held_out = eval_prompt_arrays(cfg, tokenizer, stats)
+        return _Data(batches, n_prompts // cfg.batch_size, held_out, stats, grpo_cfg=grpo_cfg)
 
     def optimizers(self, run: StageRun) -> dict[str, OptimizerConfig]:
         grpo_cfg = run.data.grpo_cfg
@@ -168,11 +170,9 @@ class GRPOStage:
         return Setup(models, state, TimedStep(step))
 
     def evaluator(self, run: StageRun) -> Any:
-        cfg, models, grpo_cfg = run.cfg, run.setup.model, run.data.grpo_cfg
-        if cfg.eval_data is None:
+        cfg, models, grpo_cfg, prompts = run.cfg, run.setup.model, run.data.grpo_cfg, run.data.held_out
+        if prompts is None:
             return None
-        prompts = prompt_arrays(cfg.eval_data, run.tokenizer, cfg.max_prompt_len, truncation=cfg.truncation,
-                                skip_bad=cfg.skip_bad)
         n = len(prompts["tokens"]) // cfg.batch_size * cfg.batch_size
         if n == 0:
             raise ConfigError(f"{type(cfg).__name__}.eval_data: {len(prompts['tokens'])} prompts; need at least "

@@ -39,7 +39,7 @@ from rlhf_jax.stages.config import StageConfig, StageOptimizerConfig
 from rlhf_jax.stages.sources import load_model, load_reward_model, model_config, with_execution
 from rlhf_jax.stages.steps import Setup, cached_optimizer, check_batch_fits_mesh, jit_on_mesh
 from rlhf_jax.tasks.gold_reward import GoldReward
-from rlhf_jax.stages.rollouts import TimedStep, prompt_arrays, prompt_batches, ptx_minibatches
+from rlhf_jax.stages.rollouts import TimedStep, eval_prompt_arrays, prompt_batches, ptx_minibatches
 from rlhf_jax.stages.skeleton import StageData, StageRun, run_stage
 from rlhf_jax.tokenizer import Tokenizer
 from rlhf_jax.train import MetricsWriter, OptimizerConfig
@@ -193,7 +193,8 @@ def initial_state(cfg: PPOStageConfig, ppo_cfg: PPOConfig, parts: dict[str, Any]
 
 @dataclasses.dataclass
 class _Data(StageData):
-    """The PPO stage's ``StageData``: ``held_out`` unused, ``ppo_cfg`` with the tokenizer's ids."""
+    """The PPO stage's ``StageData``: ``held_out`` the held-out prompts (or None), ``ppo_cfg``
+    with the tokenizer's ids."""
 
     ppo_cfg: PPOConfig | None = None
 
@@ -217,7 +218,8 @@ class PPOStage:
                               f"{ppo_cfg.generation.max_new_tokens} exceeds the model's context {config.max_len}")
         stats: dict[str, TruncationStats] = {}
         batches, n_prompts = prompt_batches(cfg, ppo_cfg, run.tokenizer, run.mesh, stats)
-        return _Data(batches, n_prompts // cfg.batch_size, stats=stats, ppo_cfg=ppo_cfg)
+        held_out = eval_prompt_arrays(cfg, run.tokenizer, stats)
+        return _Data(batches, n_prompts // cfg.batch_size, held_out, stats, ppo_cfg=ppo_cfg)
 
     def memory_shape(self, run: StageRun) -> tuple[str, dict[str, Any]]:
         cfg, ppo_cfg = run.cfg, run.data.ppo_cfg
@@ -250,13 +252,10 @@ class PPOStage:
         return Setup(models, state, train_step)
 
     def evaluator(self, run: StageRun) -> Any:
-        cfg = run.cfg
-        if cfg.eval_data is None:
+        if run.data.held_out is None:
             return None
-        eval_prompts = prompt_arrays(cfg.eval_data, run.tokenizer, cfg.max_prompt_len, truncation=cfg.truncation,
-                                     skip_bad=cfg.skip_bad)
-        return _make_eval(cfg, run.setup.model, run.data.ppo_cfg, run.tokenizer, run.setup.state, run.mesh,
-                          eval_prompts, run.samples)
+        return _make_eval(run.cfg, run.setup.model, run.data.ppo_cfg, run.tokenizer, run.setup.state, run.mesh,
+                          run.data.held_out, run.samples)
 
     def tokens_in_batch(self, run: StageRun, batch: dict[str, np.ndarray]) -> int:
         return int(batch["prompt_mask"].sum()) + run.cfg.batch_size * run.data.ppo_cfg.generation.max_new_tokens

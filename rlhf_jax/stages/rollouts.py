@@ -1,7 +1,7 @@
 """What the RL stages (PPO, GRPO, RLOO) share around their iteration: prompt files as left-padded
 arrays, the per-step batches of prompts and pretraining rows (``prompt_batches``), the
 pretraining rows cut into one minibatch per update (``ptx_minibatches``), and the wall time of a
-fused iteration (``TimedStep``).
+fused iteration (``TimedStep``), and the held-out prompts (``eval_prompt_arrays``).
 
 ``rl_cfg`` is the algorithm's config (``ppo.PPOConfig``, ``grpo.GRPOConfig``): its ``epochs``,
 ``num_minibatches`` and ``ptx_coef``; ``cfg`` the stage's config with ``train_data``,
@@ -45,6 +45,17 @@ def prompt_arrays(path: str, tokenizer: Tokenizer, max_len: int, shard_index: in
                            shard_count=shard_count)
     with naming(path):
         return tokenize_prompts(records, tokenizer, max_len, truncation=truncation, stats=stats)
+
+
+def eval_prompt_arrays(cfg: Any, tokenizer: Tokenizer,
+                       stats: dict[str, TruncationStats]) -> dict[str, np.ndarray] | None:
+    """The held-out prompts of ``cfg.eval_data`` (``prompt_arrays``, whole on every process), or
+    None without one; ``stats["eval_data"]`` gets their cut, skipped and bad-line counts, which
+    ``run_stage`` writes to ``metrics.jsonl`` with the training file's."""
+    if cfg.eval_data is None:
+        return None
+    return prompt_arrays(cfg.eval_data, tokenizer, cfg.max_prompt_len, truncation=cfg.truncation,
+                         skip_bad=cfg.skip_bad, stats=stats.setdefault("eval_data", TruncationStats()))
 
 
 def prompt_batches(cfg: Any, rl_cfg: Any, tokenizer: Tokenizer, mesh: Any,
