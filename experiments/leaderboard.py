@@ -6,8 +6,9 @@
 For each seed the pipeline's earlier stages run once (world, tokenizer, pretraining, SFT, the
 simulated labelers' comparisons, the reward model; ``rlhf-jax pipeline --set algorithm=best_of_n``,
 which also evaluates best-of-N).  Then every variant trains from that SFT policy with the
-pipeline's settings (``rlhf_jax/pipeline/defaults.json``: PPO's tuned, the others' set by analogy with
-PPO's, not swept) and the same evaluation:
+pipeline's settings (``rlhf_jax/pipeline/defaults.json``: PPO's tuned by hand, GRPO's, RLOO's and
+DPO's β and learning rate chosen by ``experiments.leaderboard_sweep`` on tuning seed 3, which is not
+reported here) and the same evaluation:
 
 * ``ppo``, ``grpo``, ``rloo`` against the learned reward model, and ``dpo`` on the comparisons;
 * ``ppo/gold``, ``grpo/gold``: the same runs against the gold labeler instead of the reward model
@@ -18,9 +19,11 @@ PPO's, not swept) and the same evaluation:
 * ``best_of_n``: no training, the SFT policy's best of 16 samples by the reward model.
 
 Compute budget: PPO, GRPO and RLOO sample 256 responses per iteration (PPO 256 prompts × 1, GRPO
-and RLOO 32 prompts × 8) for 80 iterations, with the same learning rate and ptx term; PPO also
-trains its value model.  DPO takes 2 epochs over the same comparisons the reward model is
-trained on (it samples nothing).  Wall times are stated per variant.
+and RLOO 32 prompts × 8) for 80 iterations, one epoch of 4 minibatches, with the same ptx term;
+PPO also trains its value model.  DPO takes 2 epochs over the same comparisons the reward model
+is trained on (it samples nothing); docs/algorithms.md counts the passes.  The wall time of a
+variant is its stage's training time as recorded when it trained (``trained_seconds``), with the
+1-minute load average at its end (``load_1min``) in ``leaderboard.json``.
 
 Evaluation (``pipeline.evaluate``'s protocol): ``eval_samples`` responses of each policy per
 held-out prompt; the gold score, the exact answers, the win rate against the SFT policy over all
@@ -34,6 +37,7 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -51,6 +55,7 @@ from rlhf_jax.pipeline.driver import TRAINERS
 from rlhf_jax.pipeline.inputs import tokenizer_file, world_files
 from rlhf_jax.tasks import WorldConfig, gold_score
 from rlhf_jax.tokenizer import Tokenizer
+from rlhf_jax.train.loop import CONFIG_FILE, DONE_FILE
 
 EMA = {"ema_decay": INSTRUCTGPT_EMA_DECAY}
 # name -> (algorithm, overrides of its stage config)
@@ -64,6 +69,7 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "rloo": ("rloo", {}),
     "dpo": ("dpo", {}),
 }
+LOAD_FILE = "leaderboard_load.json"  # the load average as a variant's stage finished training
 METRICS = ("gold", "exact", "win_rate", "kl", "wall_seconds")
 
 
@@ -130,28 +136,65 @@ class Judge:
                 "kl": kl_per_sequence(self.model, params, self.sft_params, rollouts, self.cfg.eval_temperature)}
 
 
+def trained_seconds(workdir: Path) -> float:
+    """A stage's training time as the stage recorded it when it trained: from its ``config.json``
+    (written by ``train.run_loop`` as the loop starts, after the data are prepared) to its ``DONE``
+    marker (written after the last step and its evaluation and checkpoint), so the first step's
+    compilation is in it and the export is not.  A reused stage leaves both files untouched, so this
+    is the time of the run that trained it, never the seconds of a reuse."""
+    workdir = Path(workdir)
+    return (workdir / DONE_FILE).stat().st_mtime - (workdir / CONFIG_FILE).stat().st_mtime
+
+
+class Seed:
+    """One seed's earlier stages and best-of-N (one pipeline run, reused when finished), its judge,
+    and ``train(name, algorithm, overrides, workdir)``: a variant trained (or reused) from its SFT
+    policy and judged."""
+
+    def __init__(self, cfg: PipelineConfig):
+        self.cfg = cfg
+        self.base = run_pipeline(dataclasses.replace(cfg, algorithm="best_of_n"), log=lambda *_: None)
+        self.files = world_files(cfg)
+        self.tokenizer = tokenizer_file(cfg, self.files)
+        self.judge = Judge(cfg)
+
+    def baselines(self) -> dict[str, dict[str, float]]:
+        """``sft`` (wall time: pretraining + SFT) and ``best_of_n`` (wall time: the reward model;
+        its sampling is the evaluation's)."""
+        base, run = self.base, self.cfg.run_dir
+        return {"sft": {"gold": base["gold_score_sft"], "exact": base["exact_sft"], "win_rate": 0.5, "kl": 0.0,
+                        "wall_seconds": trained_seconds(run / "pretrain") + trained_seconds(run / "sft")},
+                "best_of_n": {"gold": base["gold_score_best_of_n"], "exact": base["exact_best_of_n"],
+                              "win_rate": base["win_rate_vs_sft"], "win_rate_stderr": base["win_rate_stderr"],
+                              "kl": base["kl_to_sft"], "wall_seconds": trained_seconds(run / "rm")}}
+
+    def train(self, algorithm: str, overrides: dict[str, Any], workdir: Path) -> dict[str, float]:
+        """``algorithm``'s stage with the pipeline's table for it merged with ``overrides``, in
+        ``workdir``; the judge's metrics, its ``wall_seconds`` (``trained_seconds``) and the machine's
+        1-minute load average as the stage finished training (``load_1min``, kept in ``workdir/leaderboard_load.json``;
+        None for a stage trained before the file was kept)."""
+        cfg, workdir = self.cfg, Path(workdir)
+        table = merge_dicts(merge_dicts(getattr(cfg, algorithm), overrides), {"workdir": str(workdir)})
+        stage_cfg = stage_configs(dataclasses.replace(cfg, algorithm=algorithm, **{algorithm: table}),
+                                  self.files, self.tokenizer)[algorithm]
+        done = workdir / DONE_FILE
+        finished = done.stat().st_mtime if done.exists() else None
+        model_dir = TRAINERS[algorithm](stage_cfg)
+        load_file = workdir / LOAD_FILE
+        if done.stat().st_mtime != finished:  # trained now
+            load_file.write_text(json.dumps({"load_1min": os.getloadavg()[0]}) + "\n")
+        load = json.loads(load_file.read_text())["load_1min"] if load_file.exists() else None
+        return {**self.judge(model_dir), "wall_seconds": trained_seconds(workdir), "load_1min": load}
+
+
 def run_seed(cfg: PipelineConfig, variants: list[str], log=print) -> dict[str, dict[str, float]]:
-    """The earlier stages and best-of-N (one pipeline run), then every variant: ``{name: metrics}``."""
-    base = run_pipeline(dataclasses.replace(cfg, algorithm="best_of_n"), log=lambda *_: None)
-    # wall time: sft = pretraining + SFT; best_of_n = the reward model (its sampling is the evaluation's)
-    results = {"sft": {"gold": base["gold_score_sft"], "exact": base["exact_sft"], "win_rate": 0.5, "kl": 0.0,
-                       "wall_seconds": sum(base["stage_seconds"].get(s, 0.0) for s in ("pretrain", "sft"))},
-               "best_of_n": {"gold": base["gold_score_best_of_n"], "exact": base["exact_best_of_n"],
-                             "win_rate": base["win_rate_vs_sft"], "win_rate_stderr": base["win_rate_stderr"],
-                             "kl": base["kl_to_sft"], "wall_seconds": base["stage_seconds"]["rm"]}}
-    files = world_files(cfg)
-    tokenizer = tokenizer_file(cfg, files)
-    judge = Judge(cfg)
+    """The earlier stages and best-of-N, then every variant: ``{name: metrics}``."""
+    seed = Seed(cfg)
+    results = seed.baselines()
     for name in variants:
         algorithm, overrides = VARIANTS[name]
-        workdir = str(cfg.run_dir / name.replace("/", "_").replace("+", "_"))
-        table = merge_dicts(merge_dicts(getattr(cfg, algorithm), overrides), {"workdir": workdir})
-        stage_cfg = stage_configs(dataclasses.replace(cfg, algorithm=algorithm, **{algorithm: table}),
-                                  files, tokenizer)[algorithm]
         log(f"[leaderboard] seed {cfg.seed}: {name} ...")
-        start = time.time()
-        model_dir = TRAINERS[algorithm](stage_cfg)
-        results[name] = {**judge(model_dir), "wall_seconds": time.time() - start}
+        results[name] = seed.train(algorithm, overrides, cfg.run_dir / name.replace("/", "_").replace("+", "_"))
     return results
 
 
