@@ -13,8 +13,11 @@ batch they are ``cumsum(mask) - 1`` (clipped at 0), which makes left padding exa
 The KV cache is an explicit pytree (no mutable Linen collections), so decoding is a pure
 function: ``prefill`` writes the prompt's keys/values at slots ``[0, prompt_len)`` and each decode
 step writes one slot.  The cache holds the segment id of each slot so the same masking rule
-applies.  Its keys and values are stacked over the layers (``[L, b, kv_heads, slots, d]``) and each
-layer writes its slots in place at its layer index, unrolled or scanned alike.
+applies.  For the scanned form its keys and values are stacked over the layers (``[L, b, kv_heads,
+slots, d]``, carried by the scan) and each layer writes its slots in place at its layer index; for
+the unrolled form they are one array per layer, which each layer updates in place and attends to
+as it is (reading a layer out of a stacked array is a copy of its whole cache on XLA's CPU
+backend: 8 copies of 3 MB per decode step of the tiny benchmark model, ~25% of its step).
 
 ``ModelConfig.scan_layers`` runs the blocks as one ``jax.lax.scan`` over parameters stacked at
 trace time, so compile time stops growing with depth; the stored parameter tree stays
@@ -75,12 +78,20 @@ def positions_from_mask(mask: Array) -> Array:
 
 
 def init_cache(config: ModelConfig, batch: int, length: int, dtype: Any = None) -> dict[str, Any]:
-    """An empty KV cache of ``length`` slots: ``k``/``v`` ``[n_layers, batch, kv_heads, length,
-    head_dim]`` (stacked over the layers; heads before slots, so a decode step attends without
-    transposing the cache) and ``seg`` ``[batch, length]`` (0 = empty slot)."""
+    """An empty KV cache of ``length`` slots: ``seg`` ``[batch, length]`` (0 = empty slot) and
+    ``k``/``v``, heads before slots so a decode step attends without transposing the cache:
+    ``[n_layers, batch, kv_heads, length, head_dim]`` stacked over the layers when the cached
+    calls are scanned (``config.scans(cached=True)``), else a tuple of ``n_layers`` arrays
+    ``[batch, kv_heads, length, head_dim]`` (the unrolled blocks then attend to their own array
+    without copying it out of a stacked one).  ``Transformer`` accepts either form (the other
+    one is only slower)."""
     dtype = dtype or config.compute_dtype
-    shape = (config.n_layers, batch, config.kv_heads, length, config.head_dim)
-    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype), "seg": jnp.zeros((batch, length), jnp.int32)}
+    shape = (batch, config.kv_heads, length, config.head_dim)
+    if config.scans(cached=True):
+        k = v = jnp.zeros((config.n_layers, *shape), dtype)
+    else:
+        k = v = tuple(jnp.zeros(shape, dtype) for _ in range(config.n_layers))
+    return {"k": k, "v": v, "seg": jnp.zeros((batch, length), jnp.int32)}
 
 
 def stack_layers(params: Params, n_layers: int) -> Params:
@@ -215,9 +226,10 @@ class Attention(nn.Module):
     def __call__(self, x, positions, seg, k_seg, cache, cache_index, layer):
         """x ``[b, t, d]``; ``seg`` the queries' segment ids ``[b, t]``; ``k_seg`` the keys' segment ids
         (``seg`` itself without a cache, the whole cache's ``[b, slots]`` with one).  ``cache``:
-        ``{"k", "v"}`` stacked ``[L, b, kv_heads, slots, d]``; this layer (index ``layer``, an int
-        or a traced scalar) writes its keys/values at ``[layer, :, :, cache_index:cache_index + t]``
-        in place and attends to ``cache[layer]``."""
+        ``{"k", "v"}`` stacked ``[L, b, kv_heads, slots, d]``, where this layer (index ``layer``, an
+        int or a traced scalar) writes its keys/values at ``[layer, :, :, cache_index:cache_index +
+        t]`` in place and attends to ``cache[layer]``; or this layer's own ``[b, kv_heads, slots,
+        d]``, written at ``[:, :, cache_index:cache_index + t]``."""
         c = self.config
         b, t, _ = x.shape
         bias = c.arch == "gpt2" or c.qkv_bias
@@ -240,11 +252,16 @@ class Attention(nn.Module):
         q_slots = jnp.arange(t)
         if cache is not None:
             zero = jnp.zeros((), jnp.int32)
-            at = (jnp.asarray(layer, jnp.int32), zero, zero, jnp.asarray(cache_index, jnp.int32), zero)
-            cache = {name: jax.lax.dynamic_update_slice(cache[name], new[None].astype(cache[name].dtype), at)
+            stacked = cache["k"].ndim == 5
+            at = (zero, zero, jnp.asarray(cache_index, jnp.int32), zero)
+            if stacked:
+                at, k, v = (jnp.asarray(layer, jnp.int32), *at), k[None], v[None]
+            cache = {name: jax.lax.dynamic_update_slice(cache[name], new.astype(cache[name].dtype), at)
                      for name, new in (("k", k), ("v", v))}
-            k = jax.lax.dynamic_index_in_dim(cache["k"], layer, 0, keepdims=False)
-            v = jax.lax.dynamic_index_in_dim(cache["v"], layer, 0, keepdims=False)
+            k, v = cache["k"], cache["v"]
+            if stacked:
+                k = jax.lax.dynamic_index_in_dim(k, layer, 0, keepdims=False)
+                v = jax.lax.dynamic_index_in_dim(v, layer, 0, keepdims=False)
             q_slots = q_slots + cache_index
         k_slots = jnp.arange(k.shape[2])
 
@@ -366,13 +383,20 @@ class Transformer(nn.Module):
             kv = {"k": cache["k"], "v": cache["v"]}
 
         if c.scans(cached=cache is not None) and not self.is_initializing():
+            if kv is not None and isinstance(kv["k"], tuple):  # per-layer arrays: the carry is stacked
+                kv = {name: jnp.stack(kv[name]) for name in kv}
             x, kv = _scan_blocks(c, self.variables["params"], x, positions, segment_ids, k_seg, kv, cache_index)
         else:  # unrolled (and always under init, which creates the stored layer_{i} parameters)
             policy = _REMAT_POLICY[c.remat_mode]
             block_cls = Block if policy is _NO_REMAT else nn.remat(Block, policy=policy)
+            per_layer = kv is not None and isinstance(kv["k"], tuple)
             for i in range(c.n_layers):
                 x = _keep_batch_sharded(x)
-                x, kv = block_cls(c, name=f"layer_{i}")(x, positions, segment_ids, k_seg, kv, cache_index, i)
+                layer_kv = {name: kv[name][i] for name in kv} if per_layer else kv
+                x, layer_kv = block_cls(c, name=f"layer_{i}")(x, positions, segment_ids, k_seg, layer_kv,
+                                                              cache_index, i)
+                kv = {name: kv[name][:i] + (layer_kv[name],) + kv[name][i + 1:] for name in kv} if per_layer \
+                    else layer_kv
         hidden = _norm(c, "final_norm")(x)
         new_cache = None if cache is None else {**kv, "seg": k_seg}
 

@@ -60,6 +60,32 @@ def test_kv_cache_decoding_matches_full_forward(tiny):
         np.testing.assert_allclose(np.asarray(out.logits[:, 0]), full[:, i], atol=1e-5, rtol=0)
 
 
+
+def test_per_layer_and_stacked_caches_decode_bitwise_alike(tiny):
+    """The unrolled model's own cache form (one array per layer, ``init_cache``) and the stacked
+    ``[L, ...]`` form (read through a per-layer slice) give the same logits and cache bits, and a
+    scanned model takes the per-layer form too (stacking it)."""
+    model, params = tiny
+    tokens, mask = left_padded_batch(model.config.vocab_size)
+    positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
+    per_layer = init_cache(model.config, 3, 12)
+    assert isinstance(per_layer["k"], tuple) and len(per_layer["k"]) == model.config.n_layers
+    stacked = {name: jnp.stack(x) if isinstance(x, tuple) else x for name, x in per_layer.items()}
+    scanned = Transformer(model.config.replace(scan_layers=True))
+    runs = []
+    for m, cache in ((model, per_layer), (model, stacked), (scanned, per_layer)):
+        out = jit_decode(m, params, tokens[:, :9], positions[:, :9], mask[:, :9], cache, jnp.int32(0))
+        logits = [out.logits]
+        for i in range(9, 12):
+            out = jit_decode(m, params, tokens[:, i:i + 1], positions[:, i:i + 1], mask[:, i:i + 1], out.cache,
+                             jnp.int32(i))
+            logits.append(out.logits)
+        cache = {name: np.stack(x) if isinstance(x, tuple) else np.asarray(x) for name, x in out.cache.items()}
+        runs.append((np.concatenate(logits, axis=1), cache))
+    np.testing.assert_array_equal(runs[0][0], runs[1][0])
+    jax.tree.map(np.testing.assert_array_equal, runs[0][1], runs[1][1])
+    np.testing.assert_allclose(runs[2][0], runs[0][0], rtol=1e-5, atol=1e-5)
+
 def test_packed_documents_match_separate_rows(tiny):
     """Two documents packed in one row (segment ids 1, 2, positions restarting at 0) give each
     document's logits from a row of its own."""

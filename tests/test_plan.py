@@ -105,7 +105,7 @@ def test_reward_model_plan_counts_the_scalar_head_and_k_responses():
 def test_kv_cache_matches_the_generation_cache():
     model = LLAMA.replace(dtype="bfloat16")
     cache = jax.eval_shape(lambda: init_cache(model, 6, 40))
-    kv = sum(cache[name].size * cache[name].dtype.itemsize for name in ("k", "v"))
+    kv = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves((cache["k"], cache["v"])))  # per layer or stacked
     assert kv_cache_bytes(model, 6, 40) == kv
     assert kv_cache_bytes(model, 6, 40, tensor=2) == kv // 2
 

@@ -79,7 +79,10 @@ def test_scanned_prefill_and_decode_through_the_cache(base):
             cache, logits = step.cache, logits + [step.logits[:, 0]]
         outs.append((np.stack(logits, 1), cache))
     np.testing.assert_allclose(outs[0][0], outs[1][0], **TOL)
-    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, **TOL), outs[0][1], outs[1][1])
+    # the unrolled cache holds one array per layer, the scanned one stacks them
+    assert isinstance(outs[0][1]["k"], tuple) and outs[1][1]["k"].shape[0] == base.n_layers
+    unrolled_cache = {name: np.stack(x) if isinstance(x, tuple) else x for name, x in outs[0][1].items()}
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, **TOL), unrolled_cache, outs[1][1])
     # and the cached decode equals the full forward's logits at the last columns
     full = forward(unrolled, params, tokens, mask).logits[:, p - 1:]
     np.testing.assert_allclose(outs[1][0], np.asarray(full), rtol=1e-4, atol=1e-5)
