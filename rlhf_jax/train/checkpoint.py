@@ -176,7 +176,7 @@ class Checkpointer:
 
         Each newer step that fails is moved aside to `<step>.corrupt` (kept for inspection) with
         one warning naming it and the reason, once an older step has restored.  The noise a failed
-        orbax read leaves behind is silenced (`_silence_abandoned_reads`).  Multi-host: every process calls it; a step counts as restored only if it
+        orbax read leaves behind is silenced (`_silence_abandoned_io`).  Multi-host: every process calls it; a step counts as restored only if it
         restored on every process.
 
         Raises:
@@ -248,7 +248,11 @@ class Checkpointer:
     @contextlib.contextmanager
     def _failures(self, what: str) -> Iterator[None]:
         """Turn an orbax save failure into a one-line CheckpointError and release the orbax
-        threads still waiting on the failed save (so the process can exit)."""
+        threads still waiting on the failed save (so the process can exit).  The noise of the
+        writes a failing save abandons is filtered from before the save starts
+        (``_silence_abandoned_io``): TensorStore reports them as soon as orbax closes its loop,
+        before the failure reaches this thread."""
+        _silence_abandoned_io()
         try:
             yield
         except Exception as e:
@@ -257,7 +261,7 @@ class Checkpointer:
 
     def _try_restore(self, step: int, target: Any) -> tuple[tuple[Any, dict[str, Any]] | None, str | None]:
         hook = sys.unraisablehook
-        _silence_abandoned_reads()  # TensorStore's callbacks hit the closed loop during the failing read
+        _silence_abandoned_io()  # TensorStore's callbacks hit the closed loop during the failing read
         try:
             restored = self.restore(step, target)
         except Exception as e:  # any failure to read the step back means: try an older one
@@ -330,19 +334,21 @@ def _on_all_processes(ok: bool) -> bool:
     return bool(np.min(multihost_utils.process_allgather(np.int32(ok))))
 
 
-def _silence_abandoned_reads() -> None:
-    """Filter what a failed orbax read leaves behind: "Exception ignored in
-    <coroutine>" when its abandoned read coroutines are collected, asyncio's "Task (or Future) exception was
-    never retrieved" for its abandoned tasks, and "Event loop is closed" when
-    TensorStore reads still in flight complete after orbax closed their event loop (from
-    TensorStore's threads, during the failing read or at any later time).  Other unraisable
-    exceptions reach the previous hook.  Installed for each restore attempt (once per hook) and
-    kept after a failed one."""
+def _silence_abandoned_io() -> None:
+    """Filter what a failed orbax read or write leaves behind: "Exception ignored in
+    <coroutine>" when its abandoned coroutines are collected, asyncio's "Task (or Future) exception was
+    never retrieved" for its abandoned tasks, and "Event loop is closed" when TensorStore reads
+    or writes still in flight complete after orbax closed their event loop (TensorStore's threads
+    report it through ``sys.unraisablehook`` with no object, as a bare traceback, during the
+    failing call or at any later time, e.g. while the process exits after a failed save: seen in
+    2 to 3 of 10 runs of a save onto a full disk).  Other unraisable exceptions reach the
+    previous hook.  Installed for each restore attempt (once per hook) and kept after a failed
+    one, and before every save (``Checkpointer._failures``)."""
     asyncio_log = logging.getLogger("asyncio")
     if not any(isinstance(f, _AbandonedTasks) for f in asyncio_log.filters):
         asyncio_log.addFilter(_AbandonedTasks())
     previous = sys.unraisablehook
-    if getattr(previous, "_abandoned_reads_filter", False):
+    if getattr(previous, "_abandoned_io_filter", False):
         return
 
     def hook(unraisable: Any) -> None:
@@ -353,7 +359,7 @@ def _silence_abandoned_reads() -> None:
             return
         previous(unraisable)
 
-    hook._abandoned_reads_filter = True  # type: ignore[attr-defined]
+    hook._abandoned_io_filter = True  # type: ignore[attr-defined]
     sys.unraisablehook = hook
 
 
