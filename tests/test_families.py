@@ -192,7 +192,7 @@ def test_scanned_equals_unrolled(name, family):
     unrolled one; for Gemma 3 (windows and RoPE bases differ by layer) so does the scanned
     prefill + decode past the window (generation)."""
     _, _, model, params = family(name)
-    scanned = Transformer(model.config.replace(scan_layers=True))
+    scanned = Transformer(model.config.replace(scan_layers=True, scan_decode=True))
     tokens, mask = left_padded(model.config.vocab_size, seed=4)
     args = (jnp.asarray(tokens), jnp.asarray(mask))
     assert_close_on_mask(jit_forward(scanned, params, *args).logits, jit_forward(model, params, *args).logits,

@@ -71,7 +71,7 @@ def test_per_layer_and_stacked_caches_decode_bitwise_alike(tiny):
     per_layer = init_cache(model.config, 3, 12)
     assert isinstance(per_layer["k"], tuple) and len(per_layer["k"]) == model.config.n_layers
     stacked = {name: jnp.stack(x) if isinstance(x, tuple) else x for name, x in per_layer.items()}
-    scanned = Transformer(model.config.replace(scan_layers=True))
+    scanned = Transformer(model.config.replace(scan_layers=True, scan_decode=True))
     runs = []
     for m, cache in ((model, per_layer), (model, stacked), (scanned, per_layer)):
         out = jit_decode(m, params, tokens[:, :9], positions[:, :9], mask[:, :9], cache, jnp.int32(0))

@@ -63,7 +63,7 @@ def test_scanned_equals_unrolled_forward_and_gradients(base, policy):
 
 @pytest.mark.parametrize("base", [GPT2, LLAMA], ids=["gpt2", "llama"])
 def test_scanned_prefill_and_decode_through_the_cache(base):
-    unrolled, scanned = Transformer(base), Transformer(base.replace(scan_layers=True))
+    unrolled, scanned = Transformer(base), Transformer(base.replace(scan_layers=True, scan_decode=True))
     params = init_params(unrolled, jax.random.PRNGKey(0))
     tokens, mask = _batch(base, t=10)
     p = 7
@@ -90,13 +90,13 @@ def test_scanned_prefill_and_decode_through_the_cache(base):
 
 @pytest.mark.parametrize("base", [GPT2, LLAMA], ids=["gpt2", "llama"])
 def test_scanned_generation_gives_the_same_tokens(base):
-    """Sampling with scanned layers (and with ``scan_decode=False``: scanned full forwards,
-    unrolled cached calls) draws the same tokens as the unrolled model."""
+    """Sampling with scanned layers, cached calls scanned (``scan_decode=True``) or unrolled (the
+    default: scanned full forwards only), draws the same tokens as the unrolled model."""
     params = init_params(Transformer(base), jax.random.PRNGKey(0))
     tokens, mask = _batch(base, t=6)
     gen = GenerateConfig(max_new_tokens=8, temperature=1.0, top_k=20)
     a = generate(Transformer(base), params, tokens, mask, jax.random.PRNGKey(3), gen)
-    for config in (base.replace(scan_layers=True), base.replace(scan_layers=True, scan_decode=False)):
+    for config in (base.replace(scan_layers=True, scan_decode=True), base.replace(scan_layers=True)):
         b = generate(Transformer(config), params, tokens, mask, jax.random.PRNGKey(3), gen)
         np.testing.assert_array_equal(np.asarray(a.tokens), np.asarray(b.tokens))
         np.testing.assert_allclose(np.asarray(a.logprobs), np.asarray(b.logprobs), **TOL)
@@ -128,3 +128,18 @@ def test_scanned_program_size_does_not_grow_with_depth():
     assert sizes[True, 8][0] < 1.3 * sizes[True, 2][0]
     assert sizes[False, 8][0] > 3 * sizes[False, 2][0]
     assert sizes[True, 8][0] < sizes[False, 8][0] / 3
+
+
+def test_stage_configs_expose_scan_decode():
+    """``model.scan_decode`` in a stage config reaches ``ModelConfig`` (default ``False``: the cached
+    calls unroll even with ``scan_layers``, and their cache is one array per layer)."""
+    from rlhf_jax.errors import ConfigError
+    from rlhf_jax.stages.sources import ModelSource, model_config
+
+    default = model_config(ModelSource(init=GPT2, scan_layers=True))
+    assert default.scan_layers and not default.scan_decode and not default.scans(cached=True)
+    assert default.scans(cached=False) and isinstance(init_cache(default, 2, 4)["k"], tuple)
+    scanned = model_config(ModelSource(init=GPT2, scan_layers=True, scan_decode=True))
+    assert scanned.scans(cached=True) and init_cache(scanned, 2, 4)["k"].shape == (3, 2, 4, 4, 8)
+    with pytest.raises(ConfigError, match="ModelSource.scan_decode must be true or false"):
+        ModelSource(init=GPT2, scan_decode="yes")

@@ -46,7 +46,8 @@ STAGE_FILE = "rlhf_jax_stage.json"  # inside model/: which stage wrote it, after
 OPERATIONAL_FIELDS = (
     "workdir", "epochs", "loop", "eval_data", "eval_batches", "mesh", "distributed",
     "sample_prompts", "sample_max_new_tokens", "eval_samples", "phase_timing",
-    "memory", "model.scan_layers", "model.remat", "model.remat_policy", "model.attention_impl", "model.logits_chunk",
+    "memory", "model.scan_layers", "model.scan_decode", "model.remat", "model.remat_policy", "model.attention_impl",
+    "model.logits_chunk",
 )
 
 

@@ -43,8 +43,8 @@ class ModelSource:
       the compute dtype.
 
     ``dtype`` is the compute dtype (``ModelConfig.dtype``); parameters are always float32.
-    ``scan_layers``, ``remat``, ``remat_policy``, ``attention_impl`` and ``logits_chunk`` set the
-    ``ModelConfig`` execution switches of the same names (see there; the weights do not change;
+    ``scan_layers``, ``scan_decode``, ``remat``, ``remat_policy``, ``attention_impl`` and ``logits_chunk``
+    set the ``ModelConfig`` execution switches of the same names (see there; the weights do not change;
     ``remat=true`` is ``remat_policy="full"``: keep only each block's input for the backward pass).
     """
 
@@ -52,6 +52,7 @@ class ModelSource:
     init: ModelConfig | None = None
     dtype: str = "float32"
     scan_layers: bool = False
+    scan_decode: bool = False
     remat_policy: str = "none"
     attention_impl: str = "xla"
     logits_chunk: int = 0
@@ -68,8 +69,9 @@ class ModelSource:
             raise ConfigError(
                 f"ModelSource.dtype must be one of float32, bfloat16, float16, got {self.dtype!r}"
             )
-        if not isinstance(self.scan_layers, bool):
-            raise ConfigError(f"ModelSource.scan_layers must be true or false, got {self.scan_layers!r}")
+        for name in ("scan_layers", "scan_decode"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"ModelSource.{name} must be true or false, got {getattr(self, name)!r}")
         if not isinstance(self.remat, bool) or (self.remat and self.remat_policy not in ("none", "full")):
             raise ConfigError(f"ModelSource.remat must be true or false and, when true, remat_policy 'none' or "
                               f"'full' (remat=true means 'full'); got remat={self.remat!r}, "
@@ -102,8 +104,9 @@ def model_config(source: ModelSource, head: str = "lm", score_pooling: str | Non
 def with_execution(source: ModelSource, config: ModelConfig) -> ModelConfig:
     """``config`` with ``source``'s execution switches (a bad value is a ConfigError naming it)."""
     try:
-        return config.replace(scan_layers=source.scan_layers, remat=source.remat, remat_policy=source.remat_policy,
-                              attention_impl=source.attention_impl, logits_chunk=source.logits_chunk)
+        return config.replace(scan_layers=source.scan_layers, scan_decode=source.scan_decode, remat=source.remat,
+                              remat_policy=source.remat_policy, attention_impl=source.attention_impl,
+                              logits_chunk=source.logits_chunk)
     except ValueError as e:
         raise ConfigError(f"ModelSource: {e}") from e
 
