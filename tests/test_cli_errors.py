@@ -36,6 +36,24 @@ def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Complet
                           text=True, timeout=120, env={**os.environ, "JAX_PLATFORMS": "cpu", **(env or {})})
 
 
+def can_mount() -> bool:
+    """Root with `unshare -m` (a private mount namespace): tmpfs and read-only bind mounts."""
+    return (os.geteuid() == 0 and shutil.which("unshare") is not None
+            and subprocess.run(["unshare", "-m", "true"], capture_output=True).returncode == 0)
+
+
+def run_cli_mounted(mount: str, *args: str) -> subprocess.CompletedProcess:
+    """`run_cli` after the shell command `mount`, in a private mount namespace (`can_mount`)."""
+    command = " ".join(shlex.quote(a) for a in [sys.executable, "-m", "rlhf_jax.cli", *args])
+    return subprocess.run(["unshare", "-m", "sh", "-c", f"{mount} && {command}"], cwd=REPO, capture_output=True,
+                          text=True, timeout=120, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+
+
+def read_only(path: Path) -> str:
+    """The shell command that bind-mounts `path` read-only onto itself."""
+    return f"mount --bind {path} {path} && mount -o remount,bind,ro {path}"
+
+
 def sft_args(world: dict[str, Path], workdir: Path | str, model_dir: Path | str) -> list[str]:
     return ["sft", "--set", f"workdir={workdir}", "--set", f"model.hf_dir={model_dir}",
             "--set", f"train_data={world['demos']}", "--set", "batch_size=4", "--set", "buckets=[64]",
@@ -97,15 +115,36 @@ def test_unusable_workdir_exits_2_and_debug_shows_the_traceback(world):
         assert "rlhf-jax: error:" not in result.stderr
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root can write a read-only directory")
 def test_read_only_workdir_exits_2(world, tmp_path):
+    """A directory without write permission for a user; a read-only bind mount for root (who
+    writes into any directory)."""
     locked = tmp_path / "locked"
     locked.mkdir()
-    locked.chmod(0o500)
-    try:
-        assert_one_line(run_cli(*sft_args(world, locked / "run", world["base"])), 2, str(locked / "run"))
-    finally:
-        locked.chmod(0o700)
+    args = sft_args(world, locked / "run", world["base"])
+    if os.geteuid() == 0:
+        if not can_mount():
+            pytest.skip("root without unshare -m: cannot make a directory read-only")
+        result = run_cli_mounted(read_only(locked), *args)
+    else:
+        locked.chmod(0o500)
+        try:
+            result = run_cli(*args)
+        finally:
+            locked.chmod(0o700)
+    assert_one_line(result, 2, str(locked / "run"))
+
+
+def test_mesh_that_does_not_match_the_devices_exits_2(world, tmp_path):
+    assert_one_line(run_cli(*sft_args(world, tmp_path / "run", world["base"]), "--set", "mesh.fsdp=3"), 2,
+                    "mesh shape data×fsdp×tensor = 1×3×1 = 3 does not match the 1 devices")
+
+
+def test_lone_surrogate_in_the_data_exits_1_naming_the_line(world, tmp_path):
+    data = tmp_path / "demos.jsonl"
+    data.write_text('{"prompt": "a", "response": "b"}\n{"prompt": "x", "response": "a\\ud800"}\n')
+    args = sft_args(world, tmp_path / "run", world["base"])
+    args[args.index(f"train_data={world['demos']}")] = f"train_data={data}"
+    assert_one_line(run_cli(*args), 1, f"{data}, line 2, field 'response': not valid Unicode: a lone surrogate")
 
 
 def always_overcommits() -> bool:
@@ -142,20 +181,14 @@ def test_failed_checkpoint_save_exits_1_promptly_with_one_error_line(world, tmp_
     records, one line each (their tracebacks cut): no traceback, none of TensorStore's "Event loop
     is closed" reports (2 to 3 of 10 full-disk runs printed dozens before `Checkpointer` filtered
     them) and no "never awaited" coroutine warnings."""
-    if os.geteuid() != 0 or shutil.which("unshare") is None:
-        pytest.skip("mounting needs root and unshare")
-    if subprocess.run(["unshare", "-m", "true"], capture_output=True).returncode != 0:
-        pytest.skip("unshare -m is not permitted here")
+    if not can_mount():
+        pytest.skip("mounting needs root and unshare -m")
     root = tmp_path / "disk"
     checkpoints = root / "run" / "checkpoints"
     checkpoints.mkdir(parents=True)
-    mount = {"full": f"mount -t tmpfs -o size=300k tmpfs {root}",
-             "read-only": f"mount --bind {checkpoints} {checkpoints} && mount -o remount,bind,ro {checkpoints}"}[disk]
-    command = " ".join(shlex.quote(a) for a in [sys.executable, "-m", "rlhf_jax.cli",
-                                                *sft_args(world, root / "run", world["base"])])
+    mount = {"full": f"mount -t tmpfs -o size=300k tmpfs {root}", "read-only": read_only(checkpoints)}[disk]
     start = time.monotonic()
-    result = subprocess.run(["unshare", "-m", "sh", "-c", f"{mount} && {command}"], cwd=REPO, capture_output=True,
-                            text=True, timeout=120, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    result = run_cli_mounted(mount, *sft_args(world, root / "run", world["base"]))
     seconds = time.monotonic() - start
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 1, result.stderr[-3000:]
