@@ -130,7 +130,8 @@ class Judge:
         _, params = load_pretrained(policy_dir)
         gold, rollouts = self.draws(params, 1)
         per_prompt = prompt_win_rates(gold, self.sft_gold)
-        return {"gold": float(gold.mean()), "exact": float(np.mean(gold == 1.0)),
+        return {"gold": float(gold.mean()), "gold_stderr": float(gold.mean(1).std(ddof=1) / math.sqrt(len(gold))),
+                "exact": float(np.mean(gold == 1.0)),
                 "win_rate": float(per_prompt.mean()),
                 "win_rate_stderr": float(per_prompt.std(ddof=1) / math.sqrt(len(per_prompt))),
                 "kl": kl_per_sequence(self.model, params, self.sft_params, rollouts, self.cfg.eval_temperature)}

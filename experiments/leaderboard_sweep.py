@@ -7,8 +7,10 @@ leaderboard's own path (``experiments.leaderboard.Seed``); every point then trai
 policy with the pipeline's table for its algorithm (``rlhf_jax/pipeline/defaults.json``) and the
 point's settings on top, and is judged like a leaderboard row: the gold score, exact answers and
 win rate against the SFT policy on the seed's held-out prompts, and the KL to the SFT policy.  The
-point with the highest gold score is chosen per algorithm (one seed: differences under ~0.05 are
-within the seed-to-seed spread of the leaderboard).  The grid (``GRID``) varies only the KL
+chosen point per algorithm (``choose``) follows the one-standard-error rule (Hastie, Tibshirani and
+Friedman, *Elements of Statistical Learning*, §7.10): of the points whose gold score is within one
+standard error (over the held-out prompts) of the best point's, the one with the least KL to the
+SFT policy.  The grid (``GRID``) varies only the KL
 coefficient β and the learning rate, so the compute budget of a point is the algorithm's:
 
 * GRPO: β (k3 KL in the loss) {0.04, 0.1, 0.2} × lr {1e-4, 3e-4};
@@ -44,6 +46,12 @@ def settings(point: dict[str, Any]) -> dict[str, float]:
     return {"beta": inner["beta"], **({"lr": point["optimizer"]["lr"]} if "optimizer" in point else {})}
 
 
+def choose(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """One algorithm's chosen point: the least KL among those with ``gold ≥ best gold − its stderr``."""
+    best = max(rows, key=lambda r: r["gold"])
+    return min((r for r in rows if r["gold"] >= best["gold"] - best["gold_stderr"]), key=lambda r: r["kl"])
+
+
 def point_name(algorithm: str, point: dict[str, Any]) -> str:
     return algorithm + "".join(f"_{k}{v:g}" for k, v in settings(point).items())
 
@@ -52,11 +60,11 @@ def markdown(rows: list[dict[str, Any]], chosen: dict[str, str], seed: int) -> s
     head = ("| algorithm | β | lr | gold score | exact answers | win rate vs SFT | KL to SFT | train time (s) "
             "| chosen |\n|---|---|---|---|---|---|---|---|---|")
     lines = [f"| {r['algorithm']} | {r['settings']['beta']:g} | {r['settings'].get('lr', '—')} | "
-             f"{r['gold']:.3f} | {r['exact']:.3f} | {r['win_rate']:.3f} ± {r['win_rate_stderr']:.3f} | "
-             f"{r['kl']:.2f} | {r['wall_seconds']:.0f} | {'**yes**' if chosen[r['algorithm']] == r['name'] else ''} |"
-             for r in rows]
-    return "\n".join([head, *lines, "", f"Tuning seed {seed} (not a leaderboard seed), one run per point; "
-                      "chosen: the highest gold score per algorithm.", ""])
+             f"{r['gold']:.3f} ± {r['gold_stderr']:.3f} | {r['exact']:.3f} | "
+             f"{r['win_rate']:.3f} ± {r['win_rate_stderr']:.3f} | {r['kl']:.2f} | {r['wall_seconds']:.0f} | "
+             f"{'**yes**' if chosen[r['algorithm']] == r['name'] else ''} |" for r in rows]
+    return "\n".join([head, *lines, "", f"Tuning seed {seed} (not a leaderboard seed), one run per point. Chosen: "
+                      "the least KL within one standard error (over held-out prompts) of the best gold score.", ""])
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -79,8 +87,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             rows.append({"name": name, "algorithm": algorithm, "settings": settings(point), "overrides": point,
                          **metrics})
             print(f"[sweep] {name}: " + ", ".join(f"{c} {metrics[c]:.3f}" for c in COLUMNS), flush=True)
-    chosen = {a: max((r for r in rows if r["algorithm"] == a), key=lambda r: r["gold"])["name"]
-              for a in args.algorithms}
+    chosen = {a: choose([r for r in rows if r["algorithm"] == a])["name"] for a in args.algorithms}
     command = "python -m experiments.leaderboard_sweep" + (f" --seed {args.seed}" if args.seed != TUNING_SEED else "")
     result = {"command": command, "seed": args.seed, "wall_seconds": time.time() - start,
               "sft": seed.baselines()["sft"], "chosen": chosen, "points": rows}
