@@ -1,7 +1,9 @@
 """Held-out files follow the truncation rule and `skip_bad` like the training file, and their
 counts go to metrics.jsonl at the start step (`data/eval_data/<count>`) for every stage: SFT, RM,
-PPO, GRPO and DPO, through each stage's `train_*` function.  Each run stops at its first step
-(the loop's train step is replaced by one that raises): the start record is written before it."""
+PPO, GRPO and DPO, through each stage's `train_*` function, with `truncation="left"` (a long
+prompt is cut, a response too long by itself is skipped) and a UTF-8 BOM at the file's start.
+Each run stops at its first step (the loop's train step is replaced by one that raises): the
+start record is written before it."""
 
 from __future__ import annotations
 
@@ -25,10 +27,10 @@ from test_stage_sft import jsonl, sft_config
 LONG = " ".join(["seven"] * 200)  # longer than every max_len below
 
 
-def _with_bad_and_long(path, records, long_record):
-    """`records` as JSONL, then one malformed line and one record too long for the stage."""
-    lines = [json.dumps(r) for r in records] + ["{not json", json.dumps(long_record)]
-    path.write_text("\n".join(lines) + "\n")
+def _with_bad_and_long(path, records, *long_records):
+    """`records` as JSONL after a BOM, then one malformed line and the records too long for the stage."""
+    lines = [json.dumps(r) for r in records] + ["{not json", *map(json.dumps, long_records)]
+    path.write_text("\ufeff" + "\n".join(lines) + "\n", encoding="utf-8")
     return path
 
 
@@ -43,12 +45,12 @@ def world(tmp_path_factory):
     return {**files, "base": files["sft"], "demos": root / "demos.jsonl", "comparisons": comparisons,
             "comparisons_eval": comparisons,
             "eval_demos": _with_bad_and_long(root / "eval_demos.jsonl", demos[16:24],
-                                             {"prompt": "a", "response": LONG}),
+                                             {"prompt": LONG, "response": "a"}, {"prompt": "a", "response": LONG}),
             "eval_prompts": _with_bad_and_long(root / "eval_prompts.jsonl", jsonl(files["prompts_eval"]),
                                                {"prompt": LONG}),
-            "eval_comparisons": _with_bad_and_long(root / "eval_comparisons.jsonl",
-                                                   jsonl(comparisons)[:4], {"prompt": "a", "chosen": LONG,
-                                                                            "rejected": "b"})}
+            "eval_comparisons": _with_bad_and_long(root / "eval_comparisons.jsonl", jsonl(comparisons)[:4],
+                                                   {"prompt": LONG, "chosen": "a", "rejected": "b"},
+                                                   {"prompt": "a", "chosen": LONG, "rejected": "b"})}
 
 
 def _rm_config(world, workdir, **overrides):
@@ -78,12 +80,13 @@ def test_held_out_cut_and_skip_counts_go_to_metrics_jsonl(world, tmp_path, monke
 
     real_loop = skeleton.run_loop
     monkeypatch.setattr(skeleton, "run_loop", lambda **kw: real_loop(**{**kw, "train_step": stop}))
-    cfg = config(world, tmp_path, eval_data=str(world[eval_file]), truncation="skip", skip_bad=True,
+    cfg = config(world, tmp_path, eval_data=str(world[eval_file]), truncation="left", skip_bad=True,
                  loop=StageLoopConfig(total_steps=1), **extra)
     with pytest.raises(Stop):
         train(cfg)
     first = jsonl(tmp_path / "metrics.jsonl")[0]
     assert first["step"] == 0
     got = {k: v for k, v in first.items() if k.startswith("data/eval_data/")}
-    assert got == {"data/eval_data/records": n_good + 1, "data/eval_data/cut": 0, "data/eval_data/skipped": 1,
-                   "data/eval_data/bad_lines": 1}, first
+    too_long_responses = 0 if eval_file == "eval_prompts" else 1  # prompts alone are only ever cut
+    assert got == {"data/eval_data/records": n_good + 1 + too_long_responses, "data/eval_data/cut": 1,
+                   "data/eval_data/skipped": too_long_responses, "data/eval_data/bad_lines": 1}, first
