@@ -251,6 +251,7 @@ def test_missing_model_dir_names_its_config_json_for_every_stage(world, tmp_path
     """The model's config is read before its tokenizer, so each stage names the missing file."""
     nope = tmp_path / "nope"
     common = ["--set", f"workdir={tmp_path / 'run'}", "--set", f"model.hf_dir={nope}", "--set", "train_data=t.jsonl"]
-    for command in (["sft"], ["rm", "--set", "normalize=none"], ["ppo", "--set", "reward_model=r", "--set", "ppo.ptx_coef=0"]):
+    for command in (["sft"], ["rm", "--set", "normalize=none"], ["ppo", "--set", "reward_model=r", "--set", "ppo.ptx_coef=0"],
+                    ["grpo", "--set", "reward_model=r"], ["rloo", "--set", "reward_model=r"], ["dpo"]):
         assert cli.main([*command, *common]) == 2
         assert capsys.readouterr().err == f"rlhf-jax: error: {nope / 'config.json'}: no such file (ModelSource.hf_dir)\n"
