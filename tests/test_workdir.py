@@ -287,6 +287,17 @@ def test_finished_stage_with_another_config_or_input_is_refused(world, sft_strai
         (sft_straight / ".lock").unlink()
 
 
+def test_a_field_made_operational_later_is_no_change(world, sft_straight, tmp_path):
+    """A DONE written when a field was still part of the identity (``model.scan_decode`` here,
+    ``model.init.scan_decode`` for pretraining before 7d68cbc) is reused after it became operational."""
+    run = tmp_path / "run"
+    shutil.copytree(sft_straight, run)
+    done = json.loads((run / DONE_FILE).read_text())
+    done["fingerprint"]["config"]["model"]["scan_decode"] = True
+    (run / DONE_FILE).write_text(json.dumps(done))
+    assert train_sft(sft_config(world, run, eval_data=None)) == run / "model"
+
+
 def test_force_retrains_and_keeps_the_previous_run(world, sft_straight, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(sft_straight, run)

@@ -47,7 +47,7 @@ OPERATIONAL_FIELDS = (
     "workdir", "epochs", "loop", "eval_data", "eval_batches", "mesh", "distributed",
     "sample_prompts", "sample_max_new_tokens", "eval_samples", "phase_timing",
     "memory", "model.scan_layers", "model.scan_decode", "model.remat", "model.remat_policy", "model.attention_impl",
-    "model.logits_chunk",
+    "model.logits_chunk", "model.init.scan_decode",  # pretraining's from-scratch ModelConfig: decoding only
 )
 
 
@@ -149,12 +149,21 @@ def completed_model(workdir: str | os.PathLike, steps: int, fingerprint: Mapping
         log.warning("%s: DONE records no fingerprint (an older version wrote it); reusing the stage unchecked",
                     workdir)
         return model_dir(workdir)
-    changes = fingerprint_changes(done["fingerprint"], fingerprint)
+    changes = fingerprint_changes(_without_operational(done["fingerprint"]), fingerprint)
     if changes:
         raise WorkdirError(f"{workdir} holds a finished run with another config or input: "
                            f"{describe_changes(changes)}; use a new workdir, or set loop.force=true to train "
                            "it again here")
     return model_dir(workdir)
+
+
+def _without_operational(recorded: Mapping[str, Any]) -> dict[str, Any]:
+    """A fingerprint recorded in ``DONE`` without today's ``OPERATIONAL_FIELDS``: a field made
+    operational after the stage ran (e.g. ``model.init.scan_decode``) is no change."""
+    config = json.loads(json.dumps(recorded.get("config", {})))
+    for key in OPERATIONAL_FIELDS:
+        _pop(config, key)
+    return {**recorded, "config": config}
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
