@@ -140,6 +140,10 @@ def test_summary_rows_from_benchmark_json():
     assert bound.ratio == pytest.approx(5333.0 / 8000.0)
     # the step against its matmuls alone: half of it would be matmuls at XLA's rate
     assert matmuls.ratio == pytest.approx(0.5) and matmuls.cells()[2:4] == ["6.00 ms", "3.00 ms"]
+    # with the attention timed too: the step against its kernel floor, issue 18's ≤ 1.5× for tiny at batch 32
+    floor = summary_rows({"roofline": {"decode": [{**roof["decode"][0], "floor_s": 0.004}]}})[2]
+    assert floor.ours == pytest.approx(1.5) and floor.met is True and floor.cells()[5] == "≤ 1.5"
+    assert summary_rows({"roofline": {"decode": [{**roof["decode"][0], "floor_s": 0.0035}]}})[2].met is False
 
 
 def test_linear_fit():

@@ -1,9 +1,11 @@
 """Compile time of one whole PPO iteration, layers unrolled vs scanned (``ModelConfig.scan_layers``).
 
 The iteration is ``ppo_step``'s tiny one (GPT-2 shape, ``d_model`` 256, batch 32, 32 + 64 tokens,
-one epoch), at a few depths: the unrolled program grows with every layer, the scanned one
-traces and compiles one block whatever the depth.  Printed, not asserted (the box is shared).
-The 1.1B Llama's compile on an accelerator is in ``gpu_check``.
+one epoch), at a few depths, in three forms: unrolled; scanned with the rollout's cached calls
+unrolled (``scan_decode=False``, the default); and scanned throughout (``scan_decode=True``).
+The unrolled program grows with every layer, the scanned one traces and compiles one block
+whatever the depth.  Printed, not asserted (the box is shared).  The 1.1B Llama's compile on an
+accelerator is in ``gpu_check``.
 
     python -m experiments.benchmarks.compile_time [--layers 4 12] [--dry-run] [--json out.json]
 """
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import time
 from typing import Any
 
@@ -25,9 +28,12 @@ from rlhf_jax.model import Transformer, init_params
 from rlhf_jax.ppo import PPOModels, init_ppo_state, make_ppo_iteration
 
 
-def compile_seconds(bench: Bench, scan: bool) -> float:
+FORMS = {"unrolled_s": (False, False), "scanned_s": (True, False), "scanned_decode_s": (True, True)}
+
+
+def compile_seconds(bench: Bench, scan: bool, scan_decode: bool = False) -> float:
     """Seconds to lower and compile one ``make_ppo_iteration`` program of ``bench``'s shapes."""
-    policy = Transformer(bench.model_config("lm").replace(scan_layers=scan))
+    policy = Transformer(bench.model_config("lm").replace(scan_layers=scan, scan_decode=scan_decode))
     value = Transformer(policy.config.replace(head="scalar"))
     cfg = bench.ppo_config(epochs=1)
     shapes = jax.eval_shape(lambda: (init_params(policy, jax.random.PRNGKey(0)),
@@ -49,15 +55,17 @@ def main(argv: list[str] | None = None) -> None:
     base = Bench(d_model=64, n_heads=2, vocab=256, batch=4, prompt=8, new=8, context=32) if args.dry_run else Bench()
     layers = [2] if args.dry_run else args.layers
     rows: list[dict[str, Any]] = []
+    info = machine_info()
     for n in layers:
         bench = dataclasses.replace(base, n_layers=n)
-        unrolled, scanned = compile_seconds(bench, False), compile_seconds(bench, True)
-        rows.append({"layers": n, "unrolled_s": unrolled, "scanned_s": scanned})
-        print(f"{n} layers: unrolled {unrolled:.1f} s, scanned {scanned:.1f} s", flush=True)
-    print(format_table(["layers", "unrolled compile", "scanned compile"],
-                       [[r["layers"], f"{r['unrolled_s']:.1f} s", f"{r['scanned_s']:.1f} s"] for r in rows]))
+        rows.append({"layers": n, **{name: compile_seconds(bench, *form) for name, form in FORMS.items()}})
+        print(rows[-1], flush=True)
+    info["load_avg_end"] = list(os.getloadavg())
+    print(f"load average (1 min) {info['load_avg'][0]:.1f} at start, {info['load_avg_end'][0]:.1f} at end")
+    print(format_table(["layers", "unrolled compile", "scanned (decode unrolled, default)", "scanned with decode"],
+                       [[r["layers"], *(f"{r[name]:.1f} s" for name in FORMS)] for r in rows]))
     if args.json:
-        write_json(args.json, {"machine": machine_info(), "bench": dataclasses.asdict(base), "results": rows})
+        write_json(args.json, {"machine": info, "bench": dataclasses.asdict(base), "results": rows})
 
 
 if __name__ == "__main__":

@@ -19,11 +19,15 @@ n]`` for every weight), each timed in a ``fori_loop`` whose next input depends o
 XLA cannot hoist it), and on a CPU the same products in PyTorch (its default threads): the time
 a step needs for its matmuls at the rate each library's kernels reach at these thin shapes, with
 nothing else in the step.  Then the step's attention alone: the model's two one-query dots and
-the softmax over the whole cache (``prompt + new`` slots, as ``generate`` allocates it), every
-layer, as dots (the model's form) and as broadcast multiplies and sums (the multiply-and-reduce
-form; on the 2-core CPU it was ~100× slower at batch 32, so the model keeps the dots).  A
-decode-speed target whose step budget is below the sum of the XLA columns cannot be met by any
-change to our program.
+the softmax over the whole cache (``prompt + new`` slots, as ``generate`` allocates it), one
+layer's cache timed ``n_layers`` times, as dots (the model's form) and as broadcast multiplies
+and sums (the multiply-and-reduce form: ~15× slower alone at batch 32 on the 2-core CPU, and 6×
+slower as the whole tiny decode step when the model used it, so the model keeps the dots); and
+as dots over every layer's own cache in turn, which reads ``n_layers`` times the bytes, as the
+step does.  The kernel floor is the XLA matmuls plus the one-layer attention (issue 18's
+definition), and ``step ÷ floor`` their ratio (issue 18's CPU target: ≤ 1.5× for tiny at batch
+32).  A decode-speed target whose step budget is below the floor cannot be met by any change to
+our program.
 
     python -m experiments.benchmarks.roofline [--quick] [--models tiny small] [--new N] [--json out.json]
 """
@@ -144,18 +148,25 @@ def time_matmuls(config: Any, batch: int, dtype: str, repeats: int, loops: int) 
 
 
 def time_attention(config: Any, batch: int, slots: int, dtype: str, repeats: int, loops: int,
-                   form: str = "dot") -> float:
+                   form: str = "dot", own_caches: bool = False) -> float:
     """Seconds per decode step in the one-query attention alone, per iteration of a dependent
-    ``fori_loop``, times ``n_layers``, over a ``[batch, kv_heads, slots, head_dim]`` K/V cache.
+    ``fori_loop``, over ``[batch, kv_heads, slots, head_dim]`` K/V caches: one layer's, the
+    time multiplied by ``n_layers``, or (``own_caches``) every layer's own cache in turn, as the
+    step reads them (``n_layers`` times the bytes, which may not stay in the CPU's caches).
     ``form="dot"``: the model's two dots (``bqhgd,bhkd->bhgqk`` and back) and the softmax;
     ``"reduce"``: the same as broadcast multiplies and sums (the multiply-and-reduce form)."""
     rng = np.random.default_rng(0)
     groups = config.n_heads // config.kv_heads
     q = jnp.asarray(rng.standard_normal((batch, 1, config.kv_heads, groups, config.head_dim)), dtype)
-    k, v = (jnp.asarray(rng.standard_normal((batch, config.kv_heads, slots, config.head_dim)), dtype)
-            for _ in range(2))
+    caches = [tuple(jnp.asarray(rng.standard_normal((batch, config.kv_heads, slots, config.head_dim)), dtype)
+                    for _ in range(2)) for _ in range(config.n_layers if own_caches else 1)]
 
     def body(q):
+        for k, v in caches:
+            q = attend(q, k, v)
+        return q
+
+    def attend(q, k, v):
         if form == "dot":
             scores = jnp.einsum("bqhgd,bhkd->bhgqk", q, k).astype(jnp.float32)
         else:
@@ -167,7 +178,7 @@ def time_attention(config: Any, batch: int, slots: int, dtype: str, repeats: int
             out = jnp.sum(probs[:, :, :, 0, :, None] * v[:, :, None], axis=-2)[:, None]
         return q + out * 1e-3
 
-    return config.n_layers * _seconds_per_iteration(body, q, loops, repeats)
+    return (1 if own_caches else config.n_layers) * _seconds_per_iteration(body, q, loops, repeats)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -205,6 +216,9 @@ def main(argv: list[str] | None = None) -> None:
         loops = 5 if args.dry_run else 50
         r["matmuls"] = time_matmuls(config, case.batch, dtype, repeats, loops)
         r["attention_s"] = time_attention(config, case.batch, case.prompt + case.new, dtype, repeats, loops)
+        r["attention_own_caches_s"] = time_attention(config, case.batch, case.prompt + case.new, dtype, repeats,
+                                                     loops, own_caches=True)
+        r["floor_s"] = r["matmuls"]["xla_s"] + r["attention_s"]
         r["attention_reduce_s"] = time_attention(config, case.batch, case.prompt + case.new, dtype, repeats, loops,
                                                  form="reduce")
         if spec:
@@ -234,13 +248,15 @@ def main(argv: list[str] | None = None) -> None:
             + ([f"{r['bound_spec']['bound_tok_s']:.0f}", f"{100 * r['fraction_spec']:.0f}%"] if spec else [])
             + [f"{r['matmuls']['xla_s'] * 1e3:.2f}",
                "-" if r["matmuls"]["torch_s"] is None else f"{r['matmuls']['torch_s'] * 1e3:.2f}",
-               f"{r['attention_s'] * 1e3:.2f}", f"{r['attention_reduce_s'] * 1e3:.2f}"]
+               f"{r['attention_s'] * 1e3:.2f}", f"{r['attention_reduce_s'] * 1e3:.2f}",
+               f"{r['attention_own_caches_s'] * 1e3:.2f}", f"{r['step_s'] / r['floor_s']:.2f}×"]
             for r in results]
     print(format_table(["model", "batch", "prompt+new", "FLOP/byte", "ms/step", "tok/s", "compute bound tok/s",
                         "bandwidth bound tok/s", "of roofline"]
                        + (["sheet bound tok/s", "of sheet"] if spec else [])
                        + ["its matmuls alone: XLA ms", "torch ms", "its attention alone: XLA ms",
-                          "as multiply-and-reduce ms"], rows))
+                          "as multiply-and-reduce ms", "attention, each layer's own cache ms",
+                          "step ÷ floor (matmuls + attention, XLA)"], rows))
     if args.json:
         write_json(args.json, {"machine": info, "matmul_peak": peak, "bandwidth": bandwidth, "spec": spec,
                                "ridge_flop_per_byte": ridge, "dtype": dtype, "repeats": repeats, "decode": results})
