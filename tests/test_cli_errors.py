@@ -92,9 +92,10 @@ def test_corrupt_config_json_exits_2(world, tmp_path):
                     f"{model / 'config.json'}: invalid JSON")
 
 
-def test_truncated_safetensors_exits_2(world, tmp_path):
+@pytest.mark.parametrize("size", [100, 0])
+def test_truncated_or_empty_safetensors_exits_2(world, tmp_path, size):
     blob = (Path(world["base"]) / "model.safetensors").read_bytes()
-    model = damaged_model(world, tmp_path, "model.safetensors", blob[:100])
+    model = damaged_model(world, tmp_path, "model.safetensors", blob[:size])
     assert_one_line(run_cli(*sft_args(world, tmp_path / "run", model)), 2,
                     f"{model / 'model.safetensors'}: not a valid safetensors file")
 
@@ -195,6 +196,8 @@ def test_failed_checkpoint_save_exits_1_promptly_with_one_error_line(world, tmp_
     expected = {"full": f"saving a checkpoint in {checkpoints} failed",
                 "read-only": f"cannot write checkpoint step 1 in {checkpoints}: Read-only file system"}[disk]
     assert lines[-1].startswith(f"rlhf-jax: error: {expected}"), lines[-1]
+    if disk == "full":  # step 1 was logged before its save failed: the progress line shows pad and MFU (§6)
+        assert any(line.startswith("run 1/1") and " pad " in line and " MFU " in line for line in lines), lines
     others = [line for line in lines[:-1] if "steps/s" not in line]
     assert all(line.startswith("ERROR:absl:") for line in others), result.stderr[-3000:]
     assert not any(noise in result.stderr for noise in ("Traceback", "Event loop is closed", "never awaited"))
