@@ -168,7 +168,8 @@ def test_grpo_rloo_and_dpo_are_refused_before_compiling_and_force_runs_them(rl_w
     assert cli.main(args) == 1
     lines = capsys.readouterr().err.strip().splitlines()
     plan_stage = "dpo" if command == "dpo" else "grpo"
-    assert len(lines) == 1 and lines[0].startswith(f"rlhf-jax: error: {plan_stage} stage: the memory plan needs "), lines
+    assert len(lines) == 1, lines
+    assert lines[0].startswith(f"rlhf-jax: error: {plan_stage} stage: the memory plan needs "), lines
     assert SHAPES[command] in lines[0] and "memory.limit_gib" in lines[0] and "--force" in lines[0], lines[0]
     assert not (workdir / "checkpoints").exists()
     monkeypatch.setattr(skeleton, "run_loop", stop)

@@ -264,6 +264,8 @@ def test_grpo_plan_is_ppo_without_the_value_model_on_the_groups_rollouts():
     assert gold.row_bytes("frozen models") == 4 * lm
     ema = plan(cfg(stage="grpo", batch_size=4, group_size=4, ema=True, **shape))
     assert ema.row_bytes("EMA weights") == 4 * lm and ema.total_bytes - grpo.total_bytes == 4 * lm
+    ppo_gold_ema = plan(cfg(stage="ppo", batch_size=16, reward_model=False, ema=True, **shape))  # PPO's options too
+    assert ppo_gold_ema.total_bytes - ppo.total_bytes == 4 * lm - 4 * value
     assert "rollout 4 × 4 samples × (16 + 16) tokens" in grpo.table()
     with pytest.raises(ConfigError, match="PlanConfig.batch_size"):
         cfg(stage="grpo", batch_size=3, group_size=3, ppo_minibatches=2)

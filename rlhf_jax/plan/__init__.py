@@ -62,12 +62,14 @@ log-softmax into the loss, so neither is held whole.  The verdict uses them.
 
 Phases.  Parameters, optimizer state and frozen models live throughout (``state``); the other
 rows live only in one phase of a step: ``update`` (gradients, activations, training logits,
-gathered weights), ``rollout`` (PPO's and GRPO's KV cache) and ``experience`` (their scoring logits).
+gathered weights), ``rollout`` (PPO's and GRPO's KV cache) and ``experience`` (their scoring
+logits).  The total is ``state`` plus the largest phase.
 
-GRPO (and RLOO) is planned as PPO without the value model on ``batch_size × group_size``
-rollouts, plus the EMA weights when kept; DPO as the reward model's ``batch_size × k_responses``
-sequences on the LM head (with logits), plus the frozen reference's weights and logits.  The
-total is ``state`` plus the largest phase.
+Stages.  GRPO (and RLOO) is planned as PPO without the value model on ``batch_size ×
+group_size`` rollouts; PPO and GRPO add the policy's float32 EMA when kept (``ema``) and drop
+the frozen reward model for a gold reward (``reward_model=False``).  DPO is planned as the
+reward model's ``batch_size × k_responses`` sequences on the LM head (with its logits), plus
+the frozen reference's weights and logits.
 """
 
 from rlhf_jax.errors import PlanError

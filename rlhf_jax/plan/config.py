@@ -49,8 +49,8 @@ class PlanConfig:
     PPO stage's ``PPOStageConfig.frozen_dtype``: set both the same).  GRPO has no value model;
     DPO trains the policy beside its frozen reference (LM, ``frozen_dtype``; the DPO stage keeps
     it in float32) and no reward model.  ``reward_model``: false when the reward is not a model
-    (``reward="gold"``, PPO and GRPO); ``ema``: the policy's float32 EMA is kept (GRPO's
-    ``ema_decay``).
+    (``reward="gold"``, PPO and GRPO); ``ema``: the policy's float32 EMA is kept (PPO's and
+    GRPO's ``ema_decay``).
     """
 
     model: ModelConfig | None = None

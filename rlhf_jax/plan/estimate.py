@@ -160,7 +160,7 @@ def _rl_rows(cfg: PlanConfig, model_cfg: ModelConfig, lm: Any, mesh: AbstractMes
              trainable: Any, shards: int, tensor: int) -> list[Row]:
     """PPO's and GRPO's rows: the policy (and PPO's value model) trained on minibatches of the
     rollouts, frozen reference (and reward model, unless ``reward_model`` is false) in
-    ``frozen_dtype``, GRPO's EMA, the rollout's KV cache and the scoring logits.  GRPO is PPO
+    ``frozen_dtype``, the policy's EMA (``ema``), the rollout's KV cache and the scoring logits.  GRPO is PPO
     without the value model on ``batch_size × group_size`` rollouts."""
     ppo = cfg.stage == "ppo"
     value = _abstract(model_cfg.replace(head="scalar"))

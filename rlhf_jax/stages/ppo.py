@@ -226,7 +226,8 @@ class PPOStage:
         return "ppo", {"batch_size": cfg.batch_size, "prompt_len": cfg.max_prompt_len,
                        "max_new_tokens": ppo_cfg.generation.max_new_tokens, "ppo_minibatches": ppo_cfg.num_minibatches,
                        "ptx_batch_size": cfg.ptx_batch_size if ppo_cfg.ptx_coef > 0 else 0,
-                       "seq_len": cfg.ptx_seq_len, "frozen_dtype": cfg.frozen_dtype}
+                       "seq_len": cfg.ptx_seq_len, "frozen_dtype": cfg.frozen_dtype,
+                       "reward_model": cfg.reward == "model", "ema": ppo_cfg.ema_decay is not None}
 
     def optimizers(self, run: StageRun) -> dict[str, OptimizerConfig]:
         ppo_cfg = run.data.ppo_cfg
