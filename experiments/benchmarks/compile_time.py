@@ -7,7 +7,7 @@ The unrolled program grows with every layer, the scanned one traces and compiles
 whatever the depth.  Printed, not asserted (the box is shared).  The 1.1B Llama's compile on an
 accelerator is in ``gpu_check``.
 
-    python -m experiments.benchmarks.compile_time [--layers 4 12] [--dry-run] [--json out.json]
+    python -m experiments.benchmarks.compile_time [--layers 4 12] [--repeats N] [--dry-run] [--json out.json]
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import statistics
 import time
 from typing import Any
 
@@ -49,6 +50,8 @@ def compile_seconds(bench: Bench, scan: bool, scan_decode: bool = False) -> floa
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--layers", type=int, nargs="+", default=[4, 12])
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="compiles of each form per depth, in turn (the median is shown; the load varies)")
     parser.add_argument("--dry-run", action="store_true", help="2 layers, micro shapes")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
@@ -58,7 +61,11 @@ def main(argv: list[str] | None = None) -> None:
     info = machine_info()
     for n in layers:
         bench = dataclasses.replace(base, n_layers=n)
-        rows.append({"layers": n, **{name: compile_seconds(bench, *form) for name, form in FORMS.items()}})
+        times: dict[str, list[float]] = {name: [] for name in FORMS}
+        for _ in range(args.repeats):  # the forms in turn, so a change in load hits all of them
+            for name, form in FORMS.items():
+                times[name].append(compile_seconds(bench, *form))
+        rows.append({"layers": n, **{name: statistics.median(t) for name, t in times.items()}, "all_s": times})
         print(rows[-1], flush=True)
     info["load_avg_end"] = list(os.getloadavg())
     print(f"load average (1 min) {info['load_avg'][0]:.1f} at start, {info['load_avg_end'][0]:.1f} at end")

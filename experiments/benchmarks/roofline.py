@@ -21,7 +21,7 @@ a step needs for its matmuls at the rate each library's kernels reach at these t
 nothing else in the step.  Then the step's attention alone: the model's two one-query dots and
 the softmax over the whole cache (``prompt + new`` slots, as ``generate`` allocates it), one
 layer's cache timed ``n_layers`` times, as dots (the model's form) and as broadcast multiplies
-and sums (the multiply-and-reduce form: ~15× slower alone at batch 32 on the 2-core CPU, and 6×
+and sums (the multiply-and-reduce form: 15 to 60× slower alone at batch 32 on the 2-core CPU, and 6×
 slower as the whole tiny decode step when the model used it, so the model keeps the dots); and
 as dots over every layer's own cache in turn, which reads ``n_layers`` times the bytes, as the
 step does.  The kernel floor is the XLA matmuls plus the one-layer attention (issue 18's
@@ -29,7 +29,11 @@ definition), and ``step ÷ floor`` their ratio (issue 18's CPU target: ≤ 1.5×
 32).  A decode-speed target whose step budget is below the floor cannot be met by any change to
 our program.
 
-    python -m experiments.benchmarks.roofline [--quick] [--models tiny small] [--new N] [--json out.json]
+Under load (the shared 2-core machine) the step and the floor's loops are timed in the same
+rounds, one call each in turn, so the load hits both alike; the ratio's range over the rounds is
+printed next to the ratio of the medians.
+
+    python -m experiments.benchmarks.roofline [--quick] [--repeats N] [--models tiny small] [--new N] [--json out.json]
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ import argparse
 import dataclasses
 import os
 import statistics
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -83,76 +88,74 @@ def decode_cases(models: list[str], on_cpu: bool, new: int | None = None) -> lis
     return [Decode(m, b, prompt, new or default_new) for m in models for b in batches]
 
 
-def time_decode(case: Decode, dtype: str, repeats: int) -> dict[str, Any]:
-    """Seconds per decode step of ``generate`` (see the module docstring) and the two runs' medians."""
+Timed = list[tuple[float, Callable[[], Any]]]  # (weight, blocking call): a part's time is Σ weight · median
+
+
+def decode_calls(case: Decode, dtype: str) -> tuple[dict[str, Any], Timed, Timed]:
+    """The model config and two blocking calls of ``generate`` (greedy, no stop): ``case.new`` new
+    tokens and 1 new token (the step is their difference over ``new − 1``)."""
     model = Transformer(CASES[case.model].model_config("lm", dtype))
     params = jax.jit(lambda k: init_params(model, k))(jax.random.key(0))
     rng = np.random.default_rng(0)
     ids = jnp.asarray(rng.integers(1, model.config.vocab_size, (case.batch, case.prompt)), jnp.int32)
     mask = jnp.ones_like(ids)
 
-    def run(new: int) -> Any:
+    def run(new: int) -> Timed:
         config = GenerateConfig(new, greedy=True)
-        return lambda: jax.block_until_ready(generate(model, params, ids, mask, jax.random.key(1), config).tokens)
+        return [(1.0, lambda: jax.block_until_ready(generate(model, params, ids, mask, jax.random.key(1),
+                                                             config).tokens))]
 
-    full, one = run(case.new), run(1)
-    compile_s = timed(full) + timed(one)
-    full_t, one_t = [], []
-    for _ in range(repeats):  # alternate: the load hits both alike
-        full_t.append(timed(full))
-        one_t.append(timed(one))
-    full_s, one_s = statistics.median(full_t), statistics.median(one_t)
-    step_s = max(full_s - one_s, 1e-9) / (case.new - 1)
-    return {"config": dataclasses.asdict(model.config), "full_s": full_s, "one_token_s": one_s, "step_s": step_s,
-            "tok_s": case.batch / step_s, "compile_s": compile_s, "full_times": full_t, "one_times": one_t}
+    return dataclasses.asdict(model.config), run(case.new), run(1)
 
 
-def _seconds_per_iteration(body: Any, init: Any, loops: int, repeats: int) -> float:
-    """Median seconds of one ``body`` iteration in a jitted ``fori_loop`` of ``loops`` iterations
-    (``body(x) -> x``: each iteration feeds the next, so XLA cannot hoist the work)."""
-    loop = jax.jit(lambda x: jax.lax.fori_loop(0, loops, lambda _, x: body(x), x))
-    return median_time(lambda: loop(init).block_until_ready(), repeats)[0] / loops
+def _loop(body: Any, init: Any, loops: int, operands: Any = ()) -> Callable[[], Any]:
+    """A blocking call of a jitted ``fori_loop`` of ``loops`` ``body`` iterations (``body(x,
+    operands) -> x``: each iteration feeds the next, so XLA cannot hoist the work; ``operands``
+    are arguments of the program, not constants in it)."""
+    loop = jax.jit(lambda x, c: jax.lax.fori_loop(0, loops, lambda _, x: body(x, c), x))
+    return lambda: jax.block_until_ready(loop(init, operands))
 
 
-def time_matmuls(config: Any, batch: int, dtype: str, repeats: int, loops: int) -> dict[str, Any]:
-    """Seconds per decode step spent in its weight matmuls alone (see the module docstring):
-    ``{"xla_s": ..., "torch_s": ... or None, "flops": ...}``, each the sum over shapes of the
-    median per-product time times its count."""
+def matmul_calls(config: Any, batch: int, dtype: str, loops: int) -> tuple[Timed, float]:
+    """The decode step's weight matmuls alone (see the module docstring), one loop per shape
+    weighted by ``count / loops``, and their FLOPs."""
     rng = np.random.default_rng(0)
-    xla_s, torch_s, flops = 0.0, 0.0, 0.0
+    calls, flops = [], 0.0
+    for k, n, count in decode_matmul_shapes(config):
+        x = jnp.asarray(rng.standard_normal((batch, k)), dtype)
+        w = jnp.asarray(rng.standard_normal((k, n)) * 0.01, dtype)
+        calls.append((count / loops, _loop(lambda x, w: x + (x @ w)[:, :1] * 1e-9, x, loops, w)))
+        flops += 2 * batch * k * n * count
+    return calls, flops
+
+
+def torch_matmul_s(config: Any, batch: int, repeats: int, loops: int) -> float | None:
+    """The same products in PyTorch (float32, its default threads), or None without torch."""
     try:
         import torch
     except ImportError:
-        torch = None
-    with_torch = torch is not None and dtype == "float32" and jax.default_backend() == "cpu"
+        return None
+    rng = np.random.default_rng(0)
+    total = 0.0
     for k, n, count in decode_matmul_shapes(config):
-        x = rng.standard_normal((batch, k), np.float32)
-        w = rng.standard_normal((k, n), np.float32) * 0.01
-        xj, wj = jnp.asarray(x, dtype), jnp.asarray(w, dtype)
+        xt = torch.from_numpy(rng.standard_normal((batch, k), np.float32))
+        wt = torch.from_numpy(rng.standard_normal((k, n), np.float32) * 0.01)
 
-        def body(x, wj=wj):  # the next input depends on this product: nothing to hoist
-            return x + (x @ wj)[:, :1] * 1e-9
+        def torch_loop(xt=xt, wt=wt) -> None:
+            with torch.no_grad():
+                for _ in range(loops):
+                    xt @ wt
 
-        xla_s += count * _seconds_per_iteration(body, xj, loops, repeats)
-        if with_torch:
-            xt, wt = torch.from_numpy(x), torch.from_numpy(w)
-
-            def torch_loop(xt=xt, wt=wt) -> None:
-                with torch.no_grad():
-                    for _ in range(loops):
-                        xt @ wt
-
-            torch_s += count * median_time(torch_loop, repeats)[0] / loops
-        flops += 2 * batch * k * n * count
-    return {"xla_s": xla_s, "torch_s": torch_s if with_torch else None, "flops": flops}
+        total += count * median_time(torch_loop, repeats)[0] / loops
+    return total
 
 
-def time_attention(config: Any, batch: int, slots: int, dtype: str, repeats: int, loops: int,
-                   form: str = "dot", own_caches: bool = False) -> float:
-    """Seconds per decode step in the one-query attention alone, per iteration of a dependent
-    ``fori_loop``, over ``[batch, kv_heads, slots, head_dim]`` K/V caches: one layer's, the
-    time multiplied by ``n_layers``, or (``own_caches``) every layer's own cache in turn, as the
-    step reads them (``n_layers`` times the bytes, which may not stay in the CPU's caches).
+def attention_calls(config: Any, batch: int, slots: int, dtype: str, loops: int, form: str = "dot",
+                    own_caches: bool = False) -> Timed:
+    """The decode step's one-query attention alone, in a dependent ``fori_loop``, over ``[batch,
+    kv_heads, slots, head_dim]`` K/V caches: one layer's, weighted ``n_layers / loops``, or
+    (``own_caches``) every layer's own cache in turn, as the step reads them (``n_layers`` times
+    the bytes, which may not stay in the CPU's caches), weighted ``1 / loops``.
     ``form="dot"``: the model's two dots (``bqhgd,bhkd->bhgqk`` and back) and the softmax;
     ``"reduce"``: the same as broadcast multiplies and sums (the multiply-and-reduce form)."""
     rng = np.random.default_rng(0)
@@ -160,11 +163,6 @@ def time_attention(config: Any, batch: int, slots: int, dtype: str, repeats: int
     q = jnp.asarray(rng.standard_normal((batch, 1, config.kv_heads, groups, config.head_dim)), dtype)
     caches = [tuple(jnp.asarray(rng.standard_normal((batch, config.kv_heads, slots, config.head_dim)), dtype)
                     for _ in range(2)) for _ in range(config.n_layers if own_caches else 1)]
-
-    def body(q):
-        for k, v in caches:
-            q = attend(q, k, v)
-        return q
 
     def attend(q, k, v):
         if form == "dot":
@@ -178,7 +176,54 @@ def time_attention(config: Any, batch: int, slots: int, dtype: str, repeats: int
             out = jnp.sum(probs[:, :, :, 0, :, None] * v[:, :, None], axis=-2)[:, None]
         return q + out * 1e-3
 
-    return (1 if own_caches else config.n_layers) * _seconds_per_iteration(body, q, loops, repeats)
+    def body(q, caches):
+        for k, v in caches:
+            q = attend(q, k, v)
+        return q
+
+    return [((1 if own_caches else config.n_layers) / loops, _loop(body, q, loops, caches))]
+
+
+def interleaved(parts: dict[str, Timed], repeats: int) -> dict[str, dict[str, Any]]:
+    """Every call of every part once (compiles: ``first_s``), then ``repeats`` rounds in which
+    each call runs once in turn, so the machine's load hits all parts alike.  A part's seconds
+    are ``Σ weight · median``; its ``rounds`` are the per-round sums."""
+    first = {name: sum(timed(fn) for _, fn in calls) for name, calls in parts.items()}
+    times: dict[str, list[list[float]]] = {name: [[] for _ in calls] for name, calls in parts.items()}
+    for _ in range(repeats):
+        for name, calls in parts.items():
+            for i, (_, fn) in enumerate(calls):
+                times[name][i].append(timed(fn))
+    return {name: {"s": sum(w * statistics.median(t) for (w, _), t in zip(calls, times[name])),
+                   "rounds": [sum(w * t[r] for (w, _), t in zip(calls, times[name])) for r in range(repeats)],
+                   "first_s": first[name]}
+            for name, calls in parts.items()}
+
+
+def time_case(case: Decode, dtype: str, repeats: int, loops: int) -> dict[str, Any]:
+    """One decode case: the step of ``generate`` and its kernel floor's parts, interleaved."""
+    config_dict, full, one = decode_calls(case, dtype)
+    config = CASES[case.model].model_config("lm", dtype)
+    slots = case.prompt + case.new
+    matmuls, flops = matmul_calls(config, case.batch, dtype, loops)
+    t = interleaved({"full": full, "one": one, "matmuls": matmuls,
+                     "attention": attention_calls(config, case.batch, slots, dtype, loops),
+                     "attention_own_caches": attention_calls(config, case.batch, slots, dtype, loops, own_caches=True),
+                     "attention_reduce": attention_calls(config, case.batch, slots, dtype, loops, form="reduce")},
+                    repeats)
+    step_s = max(t["full"]["s"] - t["one"]["s"], 1e-9) / (case.new - 1)
+    floor_s = t["matmuls"]["s"] + t["attention"]["s"]
+    step_rounds = [(f - o) / (case.new - 1) for f, o in zip(t["full"]["rounds"], t["one"]["rounds"])]
+    floor_rounds = [m + a for m, a in zip(t["matmuls"]["rounds"], t["attention"]["rounds"])]
+    with_torch = dtype == "float32" and jax.default_backend() == "cpu"
+    return {"config": config_dict, "full_s": t["full"]["s"], "one_token_s": t["one"]["s"], "step_s": step_s,
+            "tok_s": case.batch / step_s, "compile_s": t["full"]["first_s"] + t["one"]["first_s"],
+            "full_times": t["full"]["rounds"], "one_times": t["one"]["rounds"],
+            "matmuls": {"xla_s": t["matmuls"]["s"], "flops": flops,
+                        "torch_s": torch_matmul_s(config, case.batch, repeats, loops) if with_torch else None},
+            "attention_s": t["attention"]["s"], "attention_own_caches_s": t["attention_own_caches"]["s"],
+            "attention_reduce_s": t["attention_reduce"]["s"], "floor_s": floor_s,
+            "step_over_floor_by_round": [s / f for s, f in zip(step_rounds, floor_rounds)]}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -189,7 +234,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="compute dtype (default float32 on CPU, bfloat16 otherwise)")
     parser.add_argument("--new", type=int, default=None,
                         help="new tokens per decode run (default 32 on CPU, 128 otherwise; must be >= 2)")
-    parser.add_argument("--quick", action="store_true", help="2 timed runs instead of 3")
+    parser.add_argument("--quick", action="store_true", help="2 timed rounds instead of 3")
+    parser.add_argument("--repeats", type=int, default=None, help="timed rounds (default 3, --quick 2)")
     parser.add_argument("--dry-run", action="store_true", help="the micro model, small arrays, 1 run")
     parser.add_argument("--json", type=str, default=None, help="write the results here")
     args = parser.parse_args(argv)
@@ -198,7 +244,7 @@ def main(argv: list[str] | None = None) -> None:
     on_cpu = jax.default_backend() == "cpu"
     dtype = args.dtype or ("float32" if on_cpu else "bfloat16")
     models = args.models or (["tiny", "small"] if on_cpu else ["gpt2-medium", "gpt2-large", "llama-1b"])
-    repeats = 2 if args.quick else 3
+    repeats = args.repeats or (2 if args.quick else 3)
     if args.dry_run:
         models, repeats = ["micro"], 1
 
@@ -209,18 +255,11 @@ def main(argv: list[str] | None = None) -> None:
     spec = None if on_cpu else device_spec(info["device_kind"])
     results = []
     for case in decode_cases(models, on_cpu, args.new):
-        r = {**dataclasses.asdict(case), "context": case.context, **time_decode(case, dtype, repeats)}
+        loops = 5 if args.dry_run else 50
+        r = {**dataclasses.asdict(case), "context": case.context, **time_case(case, dtype, repeats, loops)}
         config = CASES[case.model].model_config("lm", dtype)
         r["bound"] = decode_bound_tokens_per_s(config, case.batch, case.context, peak["median"], bandwidth["median"])
         r["fraction"] = r["tok_s"] / r["bound"]["bound_tok_s"]
-        loops = 5 if args.dry_run else 50
-        r["matmuls"] = time_matmuls(config, case.batch, dtype, repeats, loops)
-        r["attention_s"] = time_attention(config, case.batch, case.prompt + case.new, dtype, repeats, loops)
-        r["attention_own_caches_s"] = time_attention(config, case.batch, case.prompt + case.new, dtype, repeats,
-                                                     loops, own_caches=True)
-        r["floor_s"] = r["matmuls"]["xla_s"] + r["attention_s"]
-        r["attention_reduce_s"] = time_attention(config, case.batch, case.prompt + case.new, dtype, repeats, loops,
-                                                 form="reduce")
         if spec:
             r["bound_spec"] = decode_bound_tokens_per_s(config, case.batch, case.context, spec["bf16_flops"],
                                                         spec["hbm_bytes_s"])
@@ -241,7 +280,7 @@ def main(argv: list[str] | None = None) -> None:
     if spec:
         print(f"data sheet: {spec['bf16_flops'] / 1e12:.0f} TFLOP/s bf16, {spec['hbm_bytes_s'] / 1e12:.2f} TB/s HBM")
     print(f"decode steps: greedy, {dtype} compute, float32 weights; step = (t(N) − t(1)) / (N − 1); "
-          f"median of {repeats}\n")
+          f"median of {repeats} rounds, each timing the decode runs and the floor's loops in turn\n")
     rows = [[r["model"], r["batch"], f"{r['prompt']}+{r['new']}", f"{r['bound']['intensity']:.1f}",
              f"{r['step_s'] * 1e3:.2f}", f"{r['tok_s']:.0f}", f"{r['bound']['compute_tok_s']:.0f}",
              f"{r['bound']['bandwidth_tok_s']:.0f}", f"{100 * r['fraction']:.0f}%"]
@@ -249,7 +288,9 @@ def main(argv: list[str] | None = None) -> None:
             + [f"{r['matmuls']['xla_s'] * 1e3:.2f}",
                "-" if r["matmuls"]["torch_s"] is None else f"{r['matmuls']['torch_s'] * 1e3:.2f}",
                f"{r['attention_s'] * 1e3:.2f}", f"{r['attention_reduce_s'] * 1e3:.2f}",
-               f"{r['attention_own_caches_s'] * 1e3:.2f}", f"{r['step_s'] / r['floor_s']:.2f}×"]
+               f"{r['attention_own_caches_s'] * 1e3:.2f}",
+               f"{r['step_s'] / r['floor_s']:.2f}× ({min(r['step_over_floor_by_round']):.2f}-"
+               f"{max(r['step_over_floor_by_round']):.2f} by round)"]
             for r in results]
     print(format_table(["model", "batch", "prompt+new", "FLOP/byte", "ms/step", "tok/s", "compute bound tok/s",
                         "bandwidth bound tok/s", "of roofline"]
