@@ -219,7 +219,9 @@ def markdown(summary: dict[str, dict[str, Any]], seeds: int, quick: bool) -> str
             f"{fmt(s, 'wall_seconds', 0)} |" for name, s in summary.items()]
     note = (f"{seeds} seed(s), mean ± standard error over seeds"
             + (" — QUICK smoke-test settings: the numbers mean little" if quick else ""))
-    return "\n".join([head, *rows, "", note, ""])
+    wall = ("Wall time: each stage's training time as recorded when it trained (config.json to DONE), "
+            "on a shared machine; the load average as each variant finished is `load_1min` in leaderboard.json.")
+    return "\n".join([head, *rows, "", note, "", wall, ""])
 
 
 def plot(summary: dict[str, dict[str, Any]], path: Path) -> None:
