@@ -14,7 +14,7 @@ SFT policy.  The grid (``GRID``) varies only the KL
 coefficient β and the learning rate, so the compute budget of a point is the algorithm's:
 
 * GRPO: β (k3 KL in the loss) {0.04, 0.1, 0.2} × lr {1e-4, 3e-4};
-* RLOO: β (k1 KL in the reward) {0.1, 0.2, 0.4};
+* RLOO: β (k1 KL in the reward) {0.1, 0.2, 0.4, 0.8} (0.8 added when 0.4, the first grid's edge, won);
 * DPO: β {0.1, 0.3, 1.0} at lr 3e-4, and β 0.1 at lr 1e-4.
 
 A point's workdir is reused when it has finished with the same settings, so a rerun only judges.
@@ -33,7 +33,7 @@ from experiments.leaderboard import Seed, full_config
 TUNING_SEED = 3  # the leaderboard reports seeds 0, 1, 2
 GRID: dict[str, list[dict[str, Any]]] = {
     "grpo": [{"grpo": {"beta": beta}, "optimizer": {"lr": lr}} for beta in (0.04, 0.1, 0.2) for lr in (1e-4, 3e-4)],
-    "rloo": [{"grpo": {"beta": beta}} for beta in (0.1, 0.2, 0.4)],
+    "rloo": [{"grpo": {"beta": beta}} for beta in (0.1, 0.2, 0.4, 0.8)],
     "dpo": [{"beta": 0.1, "optimizer": {"lr": 1e-4}}]
     + [{"beta": beta, "optimizer": {"lr": 3e-4}} for beta in (0.1, 0.3, 1.0)],
 }
