@@ -60,11 +60,17 @@ def stage_fingerprint(cfg: StageConfig, inputs: tuple[str, ...], resolved: Mappi
     whose size and modification time are unchanged."""
     data = to_dict(cfg)
     paths = {key: _pop(data, key) for key in inputs}
-    for key in OPERATIONAL_FIELDS:
-        _pop(data, key)
+    _drop_operational(data)
     data.update({key: to_dict(value) for key, value in resolved.items()})
     done = _read_json(Path(cfg.workdir) / DONE_FILE) or {}
     return fingerprint(data, paths, previous=done.get("fingerprint"))
+
+
+def _drop_operational(data: dict[str, Any]) -> dict[str, Any]:
+    """``data`` (a config as a dict) without ``OPERATIONAL_FIELDS``, removed in place."""
+    for key in OPERATIONAL_FIELDS:
+        _pop(data, key)
+    return data
 
 
 def _pop(data: dict[str, Any], dotted: str) -> Any:
@@ -160,10 +166,7 @@ def completed_model(workdir: str | os.PathLike, steps: int, fingerprint: Mapping
 def _without_operational(recorded: Mapping[str, Any]) -> dict[str, Any]:
     """A fingerprint recorded in ``DONE`` without today's ``OPERATIONAL_FIELDS``: a field made
     operational after the stage ran (e.g. ``model.init.scan_decode``) is no change."""
-    config = json.loads(json.dumps(recorded.get("config", {})))
-    for key in OPERATIONAL_FIELDS:
-        _pop(config, key)
-    return {**recorded, "config": config}
+    return {**recorded, "config": _drop_operational(json.loads(json.dumps(recorded.get("config", {}))))}
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
