@@ -60,7 +60,6 @@ def test_kv_cache_decoding_matches_full_forward(tiny):
         np.testing.assert_allclose(np.asarray(out.logits[:, 0]), full[:, i], atol=1e-5, rtol=0)
 
 
-
 def test_per_layer_and_stacked_caches_decode_bitwise_alike(tiny):
     """The unrolled model's own cache form (one array per layer, ``init_cache``) and the stacked
     ``[L, ...]`` form (read through a per-layer slice) give the same logits and cache bits, and a
@@ -85,6 +84,7 @@ def test_per_layer_and_stacked_caches_decode_bitwise_alike(tiny):
     np.testing.assert_array_equal(runs[0][0], runs[1][0])
     jax.tree.map(np.testing.assert_array_equal, runs[0][1], runs[1][1])
     np.testing.assert_allclose(runs[2][0], runs[0][0], rtol=1e-5, atol=1e-5)
+
 
 def test_packed_documents_match_separate_rows(tiny):
     """Two documents packed in one row (segment ids 1, 2, positions restarting at 0) give each
