@@ -94,6 +94,23 @@ def init_cache(config: ModelConfig, batch: int, length: int, dtype: Any = None) 
     return {"k": k, "v": v, "seg": jnp.zeros((batch, length), jnp.int32)}
 
 
+def resize_cache(cache: dict[str, Any], length: int) -> dict[str, Any]:
+    """``cache`` (``init_cache``'s form, either layout) cut or zero-padded to ``length`` slots.
+    Padded slots are empty (segment 0), as ``init_cache`` makes them; cutting keeps the first
+    ``length`` slots (the caller knows they hold every filled one)."""
+    def resize(x: Array, axis: int) -> Array:
+        if x.shape[axis] == length:
+            return x
+        if x.shape[axis] > length:
+            return jax.lax.slice_in_dim(x, 0, length, axis=axis)
+        return jnp.pad(x, [(0, length - x.shape[axis]) if a == axis else (0, 0) for a in range(x.ndim)])
+
+    def kv(x: Any) -> Any:
+        return tuple(resize(a, 2) for a in x) if isinstance(x, tuple) else resize(x, 3)
+
+    return {"k": kv(cache["k"]), "v": kv(cache["v"]), "seg": resize(cache["seg"], 1)}
+
+
 def stack_layers(params: Params, n_layers: int) -> Params:
     """``params`` with ``layer_0 .. layer_{n-1}`` replaced by one ``layers`` subtree whose leaves
     are the per-layer leaves stacked on a new leading axis ``[n_layers, ...]`` (the scanned
@@ -108,6 +125,50 @@ def stack_layers(params: Params, n_layers: int) -> Params:
         raise ValueError(f"stack_layers: params lack {missing[:3]} (ModelConfig.n_layers={n_layers})")
     rest = {k: v for k, v in params.items() if k not in names}
     return {**rest, "layers": jax.tree.map(lambda *xs: jnp.stack(xs), *[params[n] for n in names])}
+
+
+def fuse_projections(params: Params, config: ModelConfig) -> Params:
+    """Decode weights: each layer's ``q``/``k``/``v`` projections as one ``attn/qkv`` and (Llama
+    family) ``mlp/gate``/``up`` as one ``mlp/gate_up``, so a decode step makes one matmul where it
+    made three (or two).  At batch 32 and ``d_model`` 256 a step's matmuls are latency-bound, and
+    the fused ones read the same weights in fewer, wider products (Megatron-LM and vLLM fuse them
+    the same way).
+
+    ``attn/qkv/kernel`` is ``[d, kv_heads, (groups + 2)·head_dim]``: for each key/value head its
+    ``groups`` query heads, then its key, then its value, so splitting the last axis over a
+    ``tensor`` mesh axis keeps a device's query heads with their key/value head; ``attn/qkv/bias``
+    ``[kv_heads, (groups + 2)·head_dim]`` likewise.  ``mlp/gate_up/kernel`` is ``[d, 2, d_ff]``
+    (gate, up).  Every output column is the same dot over ``d`` as before, so on the CPU the
+    outputs are bitwise those of the separate matmuls (``test_model.py``).  ``Transformer`` takes
+    either form; fusing costs a copy of those weights, so it is done once per ``generate`` call,
+    outside the decode loop.  Already fused params are returned as they are."""
+    c = config
+    groups = c.n_heads // c.kv_heads
+
+    def by_kv_head(leaf: Array, heads_per_kv: int) -> Array:  # [..., heads·hd] -> [..., kv, heads_per_kv·hd]
+        return leaf.reshape(*leaf.shape[:-1], c.kv_heads, heads_per_kv * c.head_dim)
+
+    def fuse_layer(layer: Params) -> Params:
+        attn, mlp = dict(layer["attn"]), dict(layer["mlp"])
+        if "qkv" not in attn:
+            parts = [attn.pop(n) for n in ("q", "k", "v")]
+            attn["qkv"] = {leaf: jnp.concatenate([by_kv_head(p[leaf], h) for p, h in zip(parts, (groups, 1, 1))],
+                                                 axis=-1)
+                           for leaf in parts[0]}
+        if "gate" in mlp:
+            gate, up = mlp.pop("gate"), mlp.pop("up")
+            mlp["gate_up"] = {"kernel": jnp.stack([gate["kernel"], up["kernel"]], axis=-2)}
+        return {**layer, "attn": attn, "mlp": mlp}
+
+    return {name: fuse_layer(sub) if name.startswith("layer_") else sub for name, sub in params.items()}
+
+
+def _fused_dense(x: Array, param: Params, dtype: Any) -> Array:
+    """``x [b, t, d]`` times a fused ``kernel [d, ...]`` (plus ``bias [...]``) -> ``[b, t, ...]``,
+    cast as ``nn.Dense`` casts (inputs and weights in the compute ``dtype``)."""
+    kernel = param["kernel"].astype(dtype)
+    y = jax.lax.dot_general(x.astype(dtype), kernel, (((x.ndim - 1,), (0,)), ((), ())))
+    return y + param["bias"].astype(dtype) if "bias" in param else y
 
 
 def cast_floating(tree: Any, dtype: Any) -> Any:
@@ -233,9 +294,16 @@ class Attention(nn.Module):
         c = self.config
         b, t, _ = x.shape
         bias = c.arch == "gpt2" or c.qkv_bias
-        q = _dense(c, c.n_heads * c.head_dim, "q", bias)(x).reshape(b, t, c.n_heads, c.head_dim)
-        k = _dense(c, c.kv_heads * c.head_dim, "k", bias)(x).reshape(b, t, c.kv_heads, c.head_dim)
-        v = _dense(c, c.kv_heads * c.head_dim, "v", bias)(x).reshape(b, t, c.kv_heads, c.head_dim)
+        fused = self.variables.get("params", {}).get("qkv")  # fuse_projections' decode weights
+        if fused is not None:
+            qkv = _fused_dense(x, fused, c.compute_dtype).reshape(b, t, c.kv_heads, -1, c.head_dim)
+            groups = c.n_heads // c.kv_heads
+            q, k, v = qkv[:, :, :, :groups].reshape(b, t, c.n_heads, c.head_dim), qkv[:, :, :, groups], \
+                qkv[:, :, :, groups + 1]
+        else:
+            q = _dense(c, c.n_heads * c.head_dim, "q", bias)(x).reshape(b, t, c.n_heads, c.head_dim)
+            k = _dense(c, c.kv_heads * c.head_dim, "k", bias)(x).reshape(b, t, c.kv_heads, c.head_dim)
+            v = _dense(c, c.kv_heads * c.head_dim, "v", bias)(x).reshape(b, t, c.kv_heads, c.head_dim)
         if c.qk_norm:
             q = RMSNorm(c.norm_eps, c.norm_plus_one, name="q_norm")(q)
             k = RMSNorm(c.norm_eps, c.norm_plus_one, name="k_norm")(k)
@@ -289,8 +357,13 @@ class MLP(nn.Module):
     def __call__(self, x: Array) -> Array:
         c = self.config
         if c.arch == "llama":  # SwiGLU / GeGLU (Shazeer 2020): down(act(gate x) * up x)
-            gate = _dense(c, c.ff_dim, "gate", False)(x)
-            up = _dense(c, c.ff_dim, "up", False)(x)
+            fused = self.variables.get("params", {}).get("gate_up")  # fuse_projections' decode weights
+            if fused is not None:
+                gate_up = _fused_dense(x, fused, c.compute_dtype)
+                gate, up = gate_up[..., 0, :], gate_up[..., 1, :]
+            else:
+                gate = _dense(c, c.ff_dim, "gate", False)(x)
+                up = _dense(c, c.ff_dim, "up", False)(x)
             act = nn.silu(gate) if c.activation == "silu" else nn.gelu(gate, approximate=True)
             return _dense(c, c.d_model, "down", False)(act * up)
         h = _dense(c, c.ff_dim, "fc", True)(x)  # GPT-2: gelu_new (tanh approximation)

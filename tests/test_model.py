@@ -17,7 +17,8 @@ import pytest
 
 from conftest import random_params
 from rlhf_jax.llama2c import load_llama2c
-from rlhf_jax.model import ModelConfig, Transformer, decode_step, forward, init_cache, init_params
+from rlhf_jax.model import (ModelConfig, Transformer, decode_step, forward, fuse_projections, init_cache, init_params,
+                            resize_cache)
 from rlhf_jax.tokenizer import Tokenizer
 
 jit_forward = jax.jit(forward, static_argnums=0)
@@ -84,6 +85,58 @@ def test_per_layer_and_stacked_caches_decode_bitwise_alike(tiny):
     np.testing.assert_array_equal(runs[0][0], runs[1][0])
     jax.tree.map(np.testing.assert_array_equal, runs[0][1], runs[1][1])
     np.testing.assert_allclose(runs[2][0], runs[0][0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "qwen3-like"])
+def test_fused_projections_decode_bitwise_as_the_separate_ones(family, tiny_gpt2_config, tiny_llama_config):
+    """``fuse_projections``' one ``qkv`` (and ``gate_up``) matmul per layer gives the logits and
+    cache bits of the separate q/k/v (gate/up) matmuls: prefill, then three decode steps (GPT-2
+    with biases; GQA Llama; the Llama with q/k/v biases and q/k norms, as Qwen2/3)."""
+    config = {"gpt2": tiny_gpt2_config, "llama": tiny_llama_config,
+              "qwen3-like": tiny_llama_config.replace(qkv_bias=True, qk_norm=True)}[family]
+    model = Transformer(config)
+    params = random_params(model, seed=2)
+    fused = fuse_projections(params, model.config)
+    attn = fused["layer_0"]["attn"]
+    assert "qkv" in attn and not {"q", "k", "v"} & set(attn)
+    c = model.config
+    assert attn["qkv"]["kernel"].shape == (c.d_model, c.kv_heads, (c.n_heads // c.kv_heads + 2) * c.head_dim)
+    assert ("gate_up" in fused["layer_0"]["mlp"]) == (c.arch == "llama")
+    assert fuse_projections(fused, c) == fused  # already fused: unchanged
+    tokens, mask = left_padded_batch(c.vocab_size)
+    positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
+    runs = []
+    for p in (params, fused):
+        out = jit_decode(model, p, tokens[:, :9], positions[:, :9], mask[:, :9], init_cache(c, 3, 12), jnp.int32(0))
+        logits = [out.logits]
+        for i in range(9, 12):
+            out = jit_decode(model, p, tokens[:, i:i + 1], positions[:, i:i + 1], mask[:, i:i + 1], out.cache,
+                             jnp.int32(i))
+            logits.append(out.logits)
+        runs.append((np.concatenate(logits, axis=1), out.cache))
+    np.testing.assert_array_equal(runs[1][0], runs[0][0])
+    jax.tree.map(np.testing.assert_array_equal, runs[1][1], runs[0][1])
+
+
+def test_resize_cache_cuts_and_pads_both_layouts(tiny_gpt2_config):
+    """``resize_cache`` keeps the first slots and pads with empty ones (zeros, segment 0), in the
+    per-layer and the stacked layout."""
+    rng = np.random.default_rng(0)
+    per_layer = {name: tuple(jnp.asarray(rng.standard_normal(x.shape), jnp.float32) for x in xs)
+                 for name, xs in init_cache(tiny_gpt2_config, 2, 6).items() if name != "seg"}
+    per_layer["seg"] = jnp.asarray([[1, 1, 1, 0, 0, 0], [0, 1, 1, 0, 0, 0]], jnp.int32)
+    stacked = {**per_layer, "k": jnp.stack(per_layer["k"]), "v": jnp.stack(per_layer["v"])}
+    for cache in (per_layer, stacked):  # slots: axis 3 of [L, b, kv_heads, slots, d]
+        cut, grown = resize_cache(cache, 4), resize_cache(cache, 9)
+        for name in ("k", "v", "seg"):
+            full = np.stack(cache[name]) if isinstance(cache[name], tuple) else np.asarray(cache[name])
+            small = np.stack(cut[name]) if isinstance(cut[name], tuple) else np.asarray(cut[name])
+            big = np.stack(grown[name]) if isinstance(grown[name], tuple) else np.asarray(grown[name])
+            axis = 1 if name == "seg" else 3
+            np.testing.assert_array_equal(small, np.take(full, range(4), axis=axis))
+            np.testing.assert_array_equal(np.take(big, range(6), axis=axis), full)
+            assert big.shape[axis] == 9 and not np.take(big, range(6, 9), axis=axis).any()
+        assert resize_cache(cache, 6) is not cache and resize_cache(cache, 6)["seg"] is cache["seg"]
 
 
 def test_packed_documents_match_separate_rows(tiny):
