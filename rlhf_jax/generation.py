@@ -26,8 +26,8 @@ from rlhf_jax.advantages import last_index
 from rlhf_jax.errors import check
 from rlhf_jax.losses import chunked_logprobs, logprobs_of, sft_loss, token_entropy
 from rlhf_jax.masked import masked_mean
-from rlhf_jax.model import (Params, Transformer, decode_step, forward, init_cache, positions_from_mask, stack_layers,
-                            unembed_fn)
+from rlhf_jax.model import (Params, Transformer, decode_step, forward, fuse_projections, init_cache, positions_from_mask,
+                            resize_cache, stack_layers, unembed_fn)
 from rlhf_jax.sampling import greedy_token, sample_token
 
 Array = jax.Array
@@ -175,6 +175,18 @@ def _next_token(key: Array, logits: Array, config: GenerateConfig) -> tuple[Arra
     return new, (picked - top[:, 0]) / temperature - log_norm
 
 
+def cache_lengths(prompt_len: int, new: int, block: int) -> tuple[int, ...]:
+    """The KV-cache lengths of ``generate``'s decode loops (``ModelConfig.cache_block``): with
+    ``block > 0`` the multiples of ``block`` from the first that holds the prompt (step 0 writes
+    slot ``prompt_len - 1``) up to, and then, ``prompt_len + new``; with ``block = 0`` only
+    ``prompt_len + new``.  A loop over a cache of ``L`` slots runs the steps that write slots
+    below ``L``, so each step attends to at most ``block - 1`` empty slots past the filled ones."""
+    total = prompt_len + new
+    if block <= 0:
+        return (total,)
+    return (*range(-(-prompt_len // block) * block, total, block), total)
+
+
 def generate_traced(
     model: Transformer,
     params: Params,
@@ -191,6 +203,10 @@ def generate_traced(
     else response token ``i - 1``) at position ``prompt_len - 1 + i`` with segment id 1 and
     samples response token ``i`` from its logits. The loop stops once every row has emitted a
     stop token (``config.stops``), or after ``N`` steps.
+
+    The decode steps use ``model.fuse_projections``' weights, made once here.  With
+    ``ModelConfig.cache_block`` the steps run as one loop per ``cache_lengths`` entry, over the
+    prefilled cache cut to that length and then zero-padded block by block.
     """
     b, p = prompt_ids.shape
     n = config.max_new_tokens
@@ -199,6 +215,7 @@ def generate_traced(
     prompt_len = prompt_mask.sum(axis=1)
     stops = config.stops
 
+    params = fuse_projections(params, model.config)  # once, outside the decode loop
     if model.config.scans(cached=True):  # stack the layers once, not in every decode step
         params = stack_layers(params, model.config.n_layers)
     cache = init_cache(model.config, b, p + n)
@@ -223,11 +240,11 @@ def generate_traced(
         logprobs = jax.lax.dynamic_update_slice_in_dim(logprobs, logprob[:, None], i, 1)
         return i + 1, new, out.cache, done, response, response_mask, logprobs
 
-    def cond(state):
+    def cond(state, end):
         i, done = state[0], state[3]
         if not stops:  # nothing ends early: no per-step all-reduce over the batch
-            return i < n
-        return (i < n) & ~jnp.all(done)
+            return i < end
+        return (i < end) & ~jnp.all(done)
 
     state = (
         jnp.int32(0),
@@ -238,7 +255,10 @@ def generate_traced(
         jnp.zeros((b, n), jnp.int32),
         jnp.zeros((b, n), jnp.float32),
     )
-    _, _, _, done, response, response_mask, logprobs = jax.lax.while_loop(cond, body, state)
+    for length in cache_lengths(p, n, model.config.cache_block):  # step i writes slot p - 1 + i
+        state = (*state[:2], resize_cache(state[2], length), *state[3:])
+        state = jax.lax.while_loop(functools.partial(cond, end=min(n, length - p + 1)), body, state)
+    _, _, _, done, response, response_mask, logprobs = state
     return Rollout(
         tokens=jnp.concatenate([prompt_ids, response], axis=1),
         prompt_mask=prompt_mask,

@@ -79,6 +79,14 @@ class ModelConfig:
     - ``logits_chunk``: ``> 0`` computes the log-probs of chosen tokens (``sequence_logprobs``,
       the SFT and ptx losses) ``logits_chunk`` time steps at a time, so the ``[b, T, V]`` float32
       logits are never held whole (0: all at once).
+    - ``cache_block``: ``> 0`` grows ``generate``'s KV cache in blocks of ``cache_block`` slots
+      (``generation.cache_lengths``), so a decode step attends to the slots filled so far rounded
+      up to a block instead of the whole ``prompt + new`` cache; each block compiles its own
+      decode loop.  0 (the default): one cache of ``prompt + new`` slots and one loop.  The
+      rollout is the same: bit for bit on the CPU with a multiple of 8, else within float
+      rounding (``test_generation.py``).  With 16 the tiny benchmark's decode step is ~15%
+      faster on the CPU (``docs/performance.md``); the price is compile time, one decode body
+      per block, so it is off by default.
 
     Attention through cuDNN (``attention_impl`` ``"cudnn"``/``"auto"``) takes the window in its
     mask and ``query_pre_attn_scalar`` as its scale; with ``attn_softcap``, which
@@ -106,6 +114,7 @@ class ModelConfig:
     remat_policy: Literal["none", "dots", "full"] = "none"
     attention_impl: Literal["xla", "cudnn", "auto"] = "xla"
     logits_chunk: int = 0
+    cache_block: int = 0
     d_head: int | None = None
     rope_scaling: RopeScaling | None = None
     rope_local_theta: float | None = None
@@ -144,6 +153,8 @@ class ModelConfig:
         check(self.attention_impl in ATTENTION_IMPLS, self, "attention_impl", f"one of {ATTENTION_IMPLS}")
         check(isinstance(self.logits_chunk, int) and self.logits_chunk >= 0,
               self, "logits_chunk", "an int >= 0 (0 = off)")
+        check(isinstance(self.cache_block, int) and not isinstance(self.cache_block, bool) and self.cache_block >= 0,
+              self, "cache_block", "an int >= 0 (0 = off)")
         family = ("d_head", "rope_scaling", "rope_local_theta", "sliding_window", "layer_types", "qk_norm",
                   "norm_plus_one", "embed_scale", "post_norms", "attn_softcap", "final_softcap",
                   "query_pre_attn_scalar")

@@ -11,6 +11,7 @@ from _multidevice import run_on_devices
 from rlhf_jax.generation import (
     GenerateConfig,
     Rollout,
+    cache_lengths,
     generate,
     score,
     score_rollout,
@@ -199,6 +200,58 @@ def test_several_stop_ids_match_loop_reference(lm):
                       (dict(stop_ids=[1.5]), "stop_ids"), (dict(stop_ids=[0]), "pad_id must be none of stop_ids")]:
         with pytest.raises(ValueError, match=match):
             GenerateConfig(4, **kw)
+
+
+def test_cache_lengths():
+    """The decode loops' cache lengths: multiples of the block from the first that holds the
+    prompt, then ``prompt + new``; one length without blocks or when one block holds all."""
+    assert cache_lengths(32, 64, 16) == (32, 48, 64, 80, 96)
+    assert cache_lengths(6, 10, 4) == (8, 12, 16)
+    assert cache_lengths(6, 10, 3) == (6, 9, 12, 15, 16)
+    assert cache_lengths(5, 10, 0) == (15,) and cache_lengths(3, 1, 16) == (4,)
+
+
+@pytest.mark.parametrize("block, scanned", [(8, False), (8, True), (3, False)])
+def test_cache_blocks_decode_the_same_rollout(lm, block, scanned):
+    """``ModelConfig.cache_block`` (the cache grown block by block, one decode loop per block)
+    gives the same rollout as one ``prompt + new`` cache: sampled without stops, and with stops
+    that end every row in an early block (the later loops run no step); unrolled and with the
+    stacked cache of a scanned decode.  With lengths that are multiples of 8 (a block of 8) it is
+    the same bit for bit on the CPU: its float32 reductions add 8 lanes at a time, so the empty
+    slots past the filled ones add exact zeros to each lane; other lengths regroup the sums
+    (log-probs within 1e-6, the same tokens)."""
+    model, params = lm
+    ids, mask = left_padded([6, 1, 3, 4, 6, 2], 6, model.config.vocab_size, seed=4)
+    key = jax.random.key(5)
+    base = GenerateConfig(10, temperature=1.0)
+    free = generate(model, params, ids, mask, key, base)
+    early = dataclasses.replace(base, stop_ids=sorted({int(t) for t in np.asarray(free.response[:, 2])} - {PAD}))
+    config = model.config.replace(scan_layers=scanned, scan_decode=scanned)
+    one_cache, blocked = Transformer(config), Transformer(config.replace(cache_block=block))
+    for gen in (base, early):
+        want = generate(one_cache, params, ids, mask, key, gen)
+        got = generate(blocked, params, ids, mask, key, gen)
+        if block % 8 == 0 and jax.default_backend() == "cpu":
+            jax.tree.map(np.testing.assert_array_equal, got, want)
+        else:
+            np.testing.assert_allclose(got.logprobs, want.logprobs, rtol=0, atol=1e-5)
+            jax.tree.map(np.testing.assert_array_equal, got.replace(logprobs=want.logprobs), want)
+    assert np.asarray(want.ended).all() and np.asarray(want.response_mask).sum(axis=1).max() <= 3
+
+
+def test_stage_configs_expose_cache_block(tiny_gpt2_config):
+    """``model.cache_block`` in a stage config reaches ``ModelConfig`` (default 0); a bad value is
+    an error naming the field."""
+    from rlhf_jax.errors import ConfigError
+    from rlhf_jax.stages.sources import ModelSource, model_config
+
+    assert model_config(ModelSource(init=tiny_gpt2_config)).cache_block == 0
+    assert model_config(ModelSource(init=tiny_gpt2_config, cache_block=16)).cache_block == 16
+    for bad in (-1, True, 2.5):
+        with pytest.raises(ConfigError, match="ModelSource.cache_block must be an int >= 0"):
+            ModelSource(init=tiny_gpt2_config, cache_block=bad)
+        with pytest.raises(ValueError, match="cache_block"):
+            tiny_gpt2_config.replace(cache_block=bad)
 
 
 def test_compiled_once_usable_inside_jit_and_greedy_logprobs_at_temperature_one(lm):

@@ -26,6 +26,7 @@ from rlhf_jax.stages.config import StageLoopConfig, StageOptimizerConfig
 from rlhf_jax.stages.export import completed_model
 from rlhf_jax.stages.ppo import train_ppo
 from rlhf_jax.stages.reward import train_rm
+from rlhf_jax.stages.sources import ModelSource
 from rlhf_jax.stages.sft import train_sft
 from rlhf_jax.train import DONE_FILE, WorkdirError, workdir_lock
 from rlhf_jax.train.workdir import clean_orphans, describe_changes, fingerprint, fingerprint_changes
@@ -289,13 +290,16 @@ def test_finished_stage_with_another_config_or_input_is_refused(world, sft_strai
 
 def test_a_field_made_operational_later_is_no_change(world, sft_straight, tmp_path):
     """A DONE written when a field was still part of the identity (``model.scan_decode`` here,
-    ``model.init.scan_decode`` for pretraining before 7d68cbc) is reused after it became operational."""
+    ``model.init.scan_decode`` for pretraining before 7d68cbc) is reused after it became
+    operational, and with an execution switch (``model.cache_block``) set now."""
     run = tmp_path / "run"
     shutil.copytree(sft_straight, run)
     done = json.loads((run / DONE_FILE).read_text())
     done["fingerprint"]["config"]["model"]["scan_decode"] = True
     (run / DONE_FILE).write_text(json.dumps(done))
     assert train_sft(sft_config(world, run, eval_data=None)) == run / "model"
+    blocked = ModelSource(hf_dir=str(world["base"]), cache_block=16)
+    assert train_sft(sft_config(world, run, eval_data=None, model=blocked)) == run / "model"
 
 
 def test_force_retrains_and_keeps_the_previous_run(world, sft_straight, tmp_path):

@@ -47,7 +47,8 @@ OPERATIONAL_FIELDS = (
     "workdir", "epochs", "loop", "eval_data", "eval_batches", "mesh", "distributed",
     "sample_prompts", "sample_max_new_tokens", "eval_samples", "phase_timing",
     "memory", "model.scan_layers", "model.scan_decode", "model.remat", "model.remat_policy", "model.attention_impl",
-    "model.logits_chunk", "model.init.scan_decode",  # pretraining's from-scratch ModelConfig: decoding only
+    "model.logits_chunk", "model.cache_block",
+    "model.init.scan_decode", "model.init.cache_block",  # pretraining's from-scratch ModelConfig: decoding only
 )
 
 

@@ -43,8 +43,8 @@ class ModelSource:
       the compute dtype.
 
     ``dtype`` is the compute dtype (``ModelConfig.dtype``); parameters are always float32.
-    ``scan_layers``, ``scan_decode``, ``remat``, ``remat_policy``, ``attention_impl`` and ``logits_chunk``
-    set the ``ModelConfig`` execution switches of the same names (see there; the weights do not change;
+    ``scan_layers``, ``scan_decode``, ``remat``, ``remat_policy``, ``attention_impl``, ``logits_chunk``
+    and ``cache_block`` set the ``ModelConfig`` execution switches of the same names (see there; the weights do not change;
     ``remat=true`` is ``remat_policy="full"``: keep only each block's input for the backward pass).
     """
 
@@ -56,6 +56,7 @@ class ModelSource:
     remat_policy: str = "none"
     attention_impl: str = "xla"
     logits_chunk: int = 0
+    cache_block: int = 0
     remat: bool = False
 
     def __post_init__(self) -> None:
@@ -82,8 +83,10 @@ class ModelSource:
         if self.attention_impl not in ATTENTION_IMPLS:
             raise ConfigError(f"ModelSource.attention_impl must be one of {', '.join(ATTENTION_IMPLS)}, "
                               f"got {self.attention_impl!r}")
-        if isinstance(self.logits_chunk, bool) or not isinstance(self.logits_chunk, int) or self.logits_chunk < 0:
-            raise ConfigError(f"ModelSource.logits_chunk must be an int >= 0 (0 = off), got {self.logits_chunk!r}")
+        for name in ("logits_chunk", "cache_block"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ConfigError(f"ModelSource.{name} must be an int >= 0 (0 = off), got {value!r}")
         if self.init is not None and (self.init.head != "lm" or self.init.dtype != "float32"):
             raise ConfigError(
                 "ModelSource.init.head/dtype must stay at their defaults ('lm', 'float32'): the "
@@ -106,7 +109,7 @@ def with_execution(source: ModelSource, config: ModelConfig) -> ModelConfig:
     try:
         return config.replace(scan_layers=source.scan_layers, scan_decode=source.scan_decode, remat=source.remat,
                               remat_policy=source.remat_policy, attention_impl=source.attention_impl,
-                              logits_chunk=source.logits_chunk)
+                              logits_chunk=source.logits_chunk, cache_block=source.cache_block)
     except ValueError as e:
         raise ConfigError(f"ModelSource: {e}") from e
 
