@@ -24,7 +24,7 @@ from experiments.benchmarks.flops import (
 )
 from experiments.benchmarks.scaling import linear_fit
 from experiments.benchmarks.summary import Row, summary_rows
-from rlhf_jax.model import ModelConfig, Transformer, init_params
+from rlhf_jax.model import ModelConfig, Transformer, fuse_projections, init_params
 
 REPO = Path(__file__).resolve().parents[1]
 GPT2 = ModelConfig(arch="gpt2", vocab_size=64, d_model=32, n_layers=2, n_heads=2, max_len=16)
@@ -55,15 +55,17 @@ def test_matmul_params_match_hand_count_and_parameter_tree():
 
 
 def test_decode_matmul_shapes_are_the_parameter_trees_kernels():
-    """Every matmul weight of the real parameter tree, as ``(k, n)`` (a tied unembedding is the
+    """Every matmul weight of the decode weights (``fuse_projections`` of the real parameter
+    tree), as ``(k, n)`` with a fused kernel's output axes flattened (a tied unembedding is the
     embedding ``[V, d]`` transposed), once per step: the same multiset as ``decode_matmul_shapes``."""
     for config in (GPT2, LLAMA, GPT2.replace(head="scalar")):
-        shapes = jax.eval_shape(lambda k, c=config: init_params(Transformer(c), k), jax.random.key(0))
+        shapes = jax.eval_shape(lambda k, c=config: fuse_projections(init_params(Transformer(c), k), c),
+                                jax.random.key(0))
         kernels = []
         for path, x in jax.tree_util.tree_flatten_with_path(shapes)[0]:
             name = jax.tree_util.keystr(path)
             if name.endswith("['kernel']") and ("layer_" in name or "head" in name):
-                kernels.append(tuple(x.shape))
+                kernels.append((x.shape[0], int(np.prod(x.shape[1:]))))
             elif name == "['embed']['embedding']" and config.tie_embeddings and config.head == "lm":
                 kernels.append(tuple(x.shape[::-1]))
         expanded = [(k, n) for k, n, count in decode_matmul_shapes(config) for _ in range(count)]

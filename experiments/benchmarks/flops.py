@@ -31,11 +31,13 @@ def block_matmul_params(c: ModelConfig) -> int:
 
 def decode_matmul_shapes(c: ModelConfig) -> list[tuple[int, int, int]]:
     """The weight matmuls of one decode step as ``(k, n, count)``: each multiplies ``[batch, k]``
-    by a ``[k, n]`` weight, ``count`` times per step (once per layer; the head once).  Their
+    by a ``[k, n]`` weight, ``count`` times per step (once per layer; the head once), with the
+    projections ``generate`` fuses (``model.fuse_projections``: q, k and v as one ``[d, (n_heads +
+    2·kv_heads)·head_dim]``, Llama's gate and up as one ``[d, 2·d_ff]``).  Their
     ``2·batch·k·n·count`` sum to ``2·batch·(blocks + head)``, the matmul part of ``decode_step_flops``."""
     d, hd, ff = c.d_model, c.head_dim, c.ff_dim
-    attn = [(d, c.n_heads * hd), (d, c.kv_heads * hd), (d, c.kv_heads * hd), (c.n_heads * hd, d)]  # q, k, v, o
-    mlp = [(d, ff), (d, ff), (ff, d)] if c.arch == "llama" else [(d, ff), (ff, d)]  # gate, up, down | fc, proj
+    attn = [(d, (c.n_heads + 2 * c.kv_heads) * hd), (c.n_heads * hd, d)]  # qkv, o
+    mlp = [(d, 2 * ff), (ff, d)] if c.arch == "llama" else [(d, ff), (ff, d)]  # gate_up, down | fc, proj
     per_layer: dict[tuple[int, int], int] = {}
     for shape in attn + mlp:
         per_layer[shape] = per_layer.get(shape, 0) + c.n_layers
