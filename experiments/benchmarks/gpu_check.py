@@ -16,7 +16,11 @@
    (rollout: prefill FLOPs / peak + 128 steps at the HBM bound; experience and update: their
    FLOPs / peak).
 
-Order: SFT, decode at batch 64, the PPO iteration, the other decode batches, the phase split.
+Last, budget allowing, the batch-64 decode again with ``ModelConfig.cache_block`` at half the new
+tokens (three decode loops over caches of 128, 192 and 256 slots).
+
+Order: SFT, decode at batch 64, the PPO iteration, the other decode batches, the phase split, the
+blocked decode.
 A part is skipped when less of ``--budget-s`` is left than it needs (the skipped parts are
 listed in the JSON), and a part that fails records its error and the rest still run.  The JSON
 is rewritten after every part; at ``--hard-limit-s`` (default: the budget + 40 s) a watchdog
@@ -138,7 +142,8 @@ def decode_check(config: ModelConfig, params16: Any, batch: int, shapes: Shapes,
     context = shapes.prompt + shapes.new / 2
     step_bytes = decode_step_bytes(config, batch, context, weight_bytes=2)
     bound_s = step_bytes / bandwidth
-    return {"batch": batch, "scan_decode": config.scan_decode, "prompt": shapes.prompt, "new": shapes.new,
+    return {"batch": batch, "scan_decode": config.scan_decode, "cache_block": config.cache_block,
+            "prompt": shapes.prompt, "new": shapes.new,
             "step_s": step_s, "full_s": full_s,
             "one_token_s": one_s, "tokens_per_s": batch / step_s, "compile_s": compile_s, "step_bytes": step_bytes,
             "hbm_bound_step_s": bound_s, "hbm_bound_fraction": bound_s / step_s, "weights": "bfloat16 copy"}
@@ -292,6 +297,10 @@ def main(argv: list[str] | None = None) -> None:
              result["decode"].append)
     if ppo is not None:
         part("ppo_phases", lambda: ppo_phases(run[0], ppo["floors_s"]), 40, result["ppo"].update)
+    block = shapes.new // 2  # the cache grown in two blocks past the prompt (ModelConfig.cache_block)
+    part(f"decode[{batches[0]},cache_block={block}]",
+         lambda: decode_check(config.replace(cache_block=block), params16, batches[0], shapes, bandwidth, 2), 40,
+         result["decode"].append)
     result["seconds"] = time.time() - start
     save()
     print(f"gpu_check done in {result['seconds']:.0f} s; skipped {result['skipped']}, failed {list(result['errors'])}",
