@@ -188,14 +188,16 @@ def test_cpu_suite_dry_run_end_to_end(tmp_path):
 @pytest.mark.slow
 def test_gpu_suite_dry_run_on_cpu(tmp_path):
     """The GPU suite's gpu_check (scanned layers, bf16, SFT / decode sweep / PPO-ptx with its
-    phase split) with micro shapes on the CPU, and its summary rows with issue 18's targets."""
+    phase split / blocked decode) with micro shapes on the CPU, and its summary rows with issue
+    18's targets."""
     record = _suite(tmp_path, "--suite", "gpu")
     assert {n: s["status"] for n, s in record["steps"].items()} == {"gpu_check": "ok"}
     check = json.loads((tmp_path / "out" / "gpu_check.json").read_text())
     assert check["errors"] == {} and check["skipped"] == [], (check["errors"], check["skipped"])
     assert check["config"]["scan_layers"] and check["config"]["dtype"] == "bfloat16"
     scanned = check["decode_form"] == "scanned"  # batch 4 both ways, then the faster form
-    assert [(d["batch"], d["scan_decode"]) for d in check["decode"]] == [(4, True), (4, False), (2, scanned)]
+    assert [(d["batch"], d["scan_decode"], d["cache_block"]) for d in check["decode"]] == \
+        [(4, True, 0), (4, False, 0), (2, scanned, 0), (4, scanned, 4)]  # last: the cache in blocks of new / 2
     assert set(check["ppo"]["phases_s"]) == {"rollout", "experience", "update"}
     metrics = [r["metric"] for r in record["summary"]]
     for needle in ("SFT step", "fraction of the HBM bound", "PPO-ptx iteration", "PPO-ptx iteration: compile",
