@@ -83,10 +83,11 @@ class ModelConfig:
       (``generation.cache_lengths``), so a decode step attends to the slots filled so far rounded
       up to a block instead of the whole ``prompt + new`` cache; each block compiles its own
       decode loop.  0 (the default): one cache of ``prompt + new`` slots and one loop.  The
-      rollout is the same: bit for bit on the CPU with a multiple of 8, else within float
-      rounding (``test_generation.py``).  With 16 the tiny benchmark's decode step is ~15%
-      faster on the CPU (``docs/performance.md``); the price is compile time, one decode body
-      per block, so it is off by default.
+      rollout is the same up to float rounding (the softmax sums run over fewer empty slots):
+      the same tokens, log-probs within ~1e-5 (``test_generation.py``), so a sampled run drifts
+      from the one-cache run as after any re-association.  With 16 the tiny benchmark's decode
+      step is ~15% faster on the CPU (``docs/performance.md``); the price is compile time, one
+      decode body per block, so it is off by default.
 
     Attention through cuDNN (``attention_impl`` ``"cudnn"``/``"auto"``) takes the window in its
     mask and ``query_pre_attn_scalar`` as its scale; with ``attn_softcap``, which
