@@ -29,21 +29,26 @@ def block_matmul_params(c: ModelConfig) -> int:
     return c.n_layers * (attn + mlp)
 
 
-def decode_matmul_shapes(c: ModelConfig) -> list[tuple[int, int, int]]:
-    """The weight matmuls of one decode step as ``(k, n, count)``: each multiplies ``[batch, k]``
-    by a ``[k, n]`` weight, ``count`` times per step (once per layer; the head once), with the
-    projections ``generate`` fuses (``model.fuse_projections``: q, k and v as one ``[d, (n_heads +
-    2·kv_heads)·head_dim]``, Llama's gate and up as one ``[d, 2·d_ff]``).  Their
-    ``2·batch·k·n·count`` sum to ``2·batch·(blocks + head)``, the matmul part of ``decode_step_flops``."""
+def decode_matmul_sequence(c: ModelConfig) -> list[tuple[int, int]]:
+    """The weight matmuls of one decode step in the order the step runs them, as ``(k, n)``: each
+    multiplies ``[batch, k]`` by a ``[k, n]`` weight of its own, with the projections ``generate``
+    fuses (``model.fuse_projections``: q, k and v as one ``[d, (n_heads + 2·kv_heads)·head_dim]``,
+    Llama's gate and up as one ``[d, 2·d_ff]``): per layer qkv, o, then the MLP (gate_up, down |
+    fc, proj); the head last."""
     d, hd, ff = c.d_model, c.head_dim, c.ff_dim
     attn = [(d, (c.n_heads + 2 * c.kv_heads) * hd), (c.n_heads * hd, d)]  # qkv, o
     mlp = [(d, 2 * ff), (ff, d)] if c.arch == "llama" else [(d, ff), (ff, d)]  # gate_up, down | fc, proj
-    per_layer: dict[tuple[int, int], int] = {}
-    for shape in attn + mlp:
-        per_layer[shape] = per_layer.get(shape, 0) + c.n_layers
-    head = (d, c.vocab_size if c.head == "lm" else 1)
-    per_layer[head] = per_layer.get(head, 0) + 1
-    return [(k, n, count) for (k, n), count in per_layer.items()]
+    return (attn + mlp) * c.n_layers + [(d, c.vocab_size if c.head == "lm" else 1)]
+
+
+def decode_matmul_shapes(c: ModelConfig) -> list[tuple[int, int, int]]:
+    """``decode_matmul_sequence`` counted by shape: ``(k, n, count)``, ``count`` times per step.
+    Their ``2·batch·k·n·count`` sum to ``2·batch·(blocks + head)``, the matmul part of
+    ``decode_step_flops``."""
+    counts: dict[tuple[int, int], int] = {}
+    for shape in decode_matmul_sequence(c):
+        counts[shape] = counts.get(shape, 0) + 1
+    return [(k, n, count) for (k, n), count in counts.items()]
 
 
 def head_matmul_params(c: ModelConfig) -> int:

@@ -18,7 +18,9 @@ Next to it, the step's weight matmuls alone (``flops.decode_matmul_shapes``: ``[
 n]`` for every weight), each timed in a ``fori_loop`` whose next input depends on its output (so
 XLA cannot hoist it), and on a CPU the same products in PyTorch (its default threads): the time
 a step needs for its matmuls at the rate each library's kernels reach at these thin shapes, with
-nothing else in the step.  Then the step's attention alone: the model's two one-query dots and
+nothing else in the step.  Then the same matmuls in the step's order, each with its own weight (``matmul_sequence_calls``:
+the step's whole set of weights, which do not stay in a core's cache as one weight in its own loop
+does).  Then the step's attention alone: the model's two one-query dots and
 the softmax over the whole cache (``prompt + new`` slots, as ``generate`` allocates it), one
 layer's cache timed ``n_layers`` times, as dots (the model's form) and as broadcast multiplies
 and sums (the multiply-and-reduce form: 15 to 60× slower alone at batch 32 on the 2-core CPU, and 6×
@@ -64,7 +66,7 @@ from experiments.benchmarks.common import (
     timed,
     write_json,
 )
-from experiments.benchmarks.flops import decode_bound_tokens_per_s, decode_matmul_shapes
+from experiments.benchmarks.flops import decode_bound_tokens_per_s, decode_matmul_sequence, decode_matmul_shapes
 from experiments.benchmarks.shapes import CASES
 from rlhf_jax.generation import GenerateConfig, generate
 from rlhf_jax.model import Transformer, init_params
@@ -133,6 +135,26 @@ def matmul_calls(config: Any, batch: int, dtype: str, loops: int) -> tuple[Timed
         calls.append((count / loops, _loop(lambda x, w: x + (x @ w)[:, :1] * 1e-9, x, loops, w)))
         flops += 2 * batch * k * n * count
     return calls, flops
+
+
+def matmul_sequence_calls(config: Any, batch: int, dtype: str, loops: int) -> Timed:
+    """The decode step's weight matmuls in the step's order (``flops.decode_matmul_sequence``),
+    each with a weight of its own and fed by the one before (its first ``k`` columns), one loop
+    iteration per step: the matmuls with the step's whole set of weights (14 MB for tiny), which
+    the per-shape loops of ``matmul_calls`` keep in the core's cache.  Weights are ``N(0, 1/k)`` so
+    the values neither grow nor fall into denormals along the chain."""
+    rng = np.random.default_rng(0)
+    weights = [jnp.asarray(rng.standard_normal((k, n)) / np.sqrt(k), dtype)
+               for k, n in decode_matmul_sequence(config)]
+    x = jnp.asarray(rng.standard_normal((batch, config.d_model)), dtype)
+
+    def step(x: Any, weights: Any) -> Any:
+        h = x
+        for w in weights:
+            h = h[:, :w.shape[0]] @ w
+        return x + h[:, :1] * 1e-3
+
+    return [(1 / loops, _loop(step, x, loops, weights))]
 
 
 def torch_matmul_s(config: Any, batch: int, repeats: int, loops: int) -> float | None:
@@ -217,6 +239,7 @@ def time_case(case: Decode, dtype: str, repeats: int, loops: int, cache_block: i
     if cache_block:
         _, parts["blocked_full"], parts["blocked_one"] = decode_calls(case, dtype, cache_block)
     t = interleaved({**parts, "matmuls": matmuls,
+                     "matmul_sequence": matmul_sequence_calls(config, case.batch, dtype, loops),
                      "attention": attention_calls(config, case.batch, slots, dtype, loops),
                      "attention_own_caches": attention_calls(config, case.batch, slots, dtype, loops, own_caches=True),
                      "attention_reduce": attention_calls(config, case.batch, slots, dtype, loops, form="reduce")},
@@ -234,7 +257,7 @@ def time_case(case: Decode, dtype: str, repeats: int, loops: int, cache_block: i
 
     with_torch = dtype == "float32" and jax.default_backend() == "cpu"
     return {"config": config_dict, **step(""),
-            "matmuls": {"xla_s": t["matmuls"]["s"], "flops": flops,
+            "matmuls": {"xla_s": t["matmuls"]["s"], "flops": flops, "sequence_xla_s": t["matmul_sequence"]["s"],
                         "torch_s": torch_matmul_s(config, case.batch, repeats, loops) if with_torch else None},
             "attention_s": t["attention"]["s"], "attention_own_caches_s": t["attention_own_caches"]["s"],
             "attention_reduce_s": t["attention_reduce"]["s"], "floor_s": floor_s,
@@ -312,7 +335,7 @@ def main(argv: list[str] | None = None) -> None:
              f"{r['step_s'] * 1e3:.2f}", f"{r['tok_s']:.0f}", f"{r['bound']['compute_tok_s']:.0f}",
              f"{r['bound']['bandwidth_tok_s']:.0f}", f"{100 * r['fraction']:.0f}%"]
             + ([f"{r['bound_spec']['bound_tok_s']:.0f}", f"{100 * r['fraction_spec']:.0f}%"] if spec else [])
-            + [f"{r['matmuls']['xla_s'] * 1e3:.2f}",
+            + [f"{r['matmuls']['xla_s'] * 1e3:.2f}", f"{r['matmuls']['sequence_xla_s'] * 1e3:.2f}",
                "-" if r["matmuls"]["torch_s"] is None else f"{r['matmuls']['torch_s'] * 1e3:.2f}",
                f"{r['attention_s'] * 1e3:.2f}", f"{r['attention_reduce_s'] * 1e3:.2f}",
                f"{r['attention_own_caches_s'] * 1e3:.2f}",
@@ -322,7 +345,8 @@ def main(argv: list[str] | None = None) -> None:
     print(format_table(["model", "batch", "prompt+new", "FLOP/byte", "ms/step", "tok/s", "compute bound tok/s",
                         "bandwidth bound tok/s", "of roofline"]
                        + (["sheet bound tok/s", "of sheet"] if spec else [])
-                       + ["its matmuls alone: XLA ms", "torch ms", "its attention alone: XLA ms",
+                       + ["its matmuls alone: XLA ms", "in sequence, own weights ms", "torch ms",
+                          "its attention alone: XLA ms",
                           "as multiply-and-reduce ms", "attention, each layer's own cache ms",
                           "step ÷ floor (matmuls + attention, XLA)"]
                        + ([f"cache_block={cache_block}: ms/step", "its step ÷ floor"] if cache_block else []),
