@@ -138,8 +138,9 @@ def fuse_projections(params: Params, config: ModelConfig) -> Params:
     ``groups`` query heads, then its key, then its value, so splitting the last axis over a
     ``tensor`` mesh axis keeps a device's query heads with their key/value head; ``attn/qkv/bias``
     ``[kv_heads, (groups + 2)·head_dim]`` likewise.  ``mlp/gate_up/kernel`` is ``[d, 2, d_ff]``
-    (gate, up).  Every output column is the same dot over ``d`` as before, so on the CPU the
-    outputs are bitwise those of the separate matmuls (``test_model.py``).  ``Transformer`` takes
+    (gate, up).  Every output column is the same dot over ``d`` as before; on the CPU the outputs
+    have been bitwise those of the separate matmuls in every shape tried (``test_model.py``, the
+    default pipeline).  ``Transformer`` takes
     either form; fusing costs a copy of those weights, so it is done once per ``generate`` call,
     outside the decode loop.  Already fused params are returned as they are."""
     c = config
