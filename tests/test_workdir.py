@@ -302,6 +302,23 @@ def test_a_field_made_operational_later_is_no_change(world, sft_straight, tmp_pa
     assert train_sft(sft_config(world, run, eval_data=None, model=blocked)) == run / "model"
 
 
+def test_a_checkpoint_recorded_before_a_field_became_operational_resumes(world, sft_straight, tmp_path):
+    """A run killed after a checkpoint whose fingerprint still holds a field that has since
+    become operational (``model.scan_decode``, as a checkpoint written before 7d68cbc) resumes
+    without ``allow_config_change`` and ends as the straight run did."""
+    run = tmp_path / "run"
+    shutil.copytree(sft_straight, run)
+    for name in (DONE_FILE, "model", "checkpoints/8"):  # killed after the step-4 checkpoint
+        shutil.rmtree(run / name) if (run / name).is_dir() else (run / name).unlink()
+    meta_file = run / "checkpoints" / "4" / "meta" / "metadata"
+    meta = json.loads(meta_file.read_text())
+    meta["fingerprint"]["config"]["model"]["scan_decode"] = True
+    meta_file.write_text(json.dumps(meta))
+    train_sft(sft_config(world, run, eval_data=None))
+    assert "config_changes" not in json.loads((run / "config.json").read_text())
+    same_model(run, sft_straight)
+
+
 def test_force_retrains_and_keeps_the_previous_run(world, sft_straight, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(sft_straight, run)

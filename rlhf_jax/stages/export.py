@@ -156,7 +156,7 @@ def completed_model(workdir: str | os.PathLike, steps: int, fingerprint: Mapping
         log.warning("%s: DONE records no fingerprint (an older version wrote it); reusing the stage unchecked",
                     workdir)
         return model_dir(workdir)
-    changes = fingerprint_changes(_without_operational(done["fingerprint"]), fingerprint)
+    changes = fingerprint_changes(recorded_as_today(done["fingerprint"]), fingerprint)
     if changes:
         raise WorkdirError(f"{workdir} holds a finished run with another config or input: "
                            f"{describe_changes(changes)}; use a new workdir, or set loop.force=true to train "
@@ -164,9 +164,11 @@ def completed_model(workdir: str | os.PathLike, steps: int, fingerprint: Mapping
     return model_dir(workdir)
 
 
-def _without_operational(recorded: Mapping[str, Any]) -> dict[str, Any]:
-    """A fingerprint recorded in ``DONE`` without today's ``OPERATIONAL_FIELDS``: a field made
-    operational after the stage ran (e.g. ``model.init.scan_decode``) is no change."""
+def recorded_as_today(recorded: Mapping[str, Any]) -> dict[str, Any]:
+    """A fingerprint recorded in ``DONE`` or a checkpoint without today's ``OPERATIONAL_FIELDS``:
+    a field made operational after the stage ran (e.g. ``model.init.scan_decode``) is no change,
+    for reusing a finished stage (``completed_model``) and for resuming one (``run_loop``'s
+    ``read_recorded``)."""
     return {**recorded, "config": _drop_operational(json.loads(json.dumps(recorded.get("config", {}))))}
 
 

@@ -41,7 +41,8 @@ from jax.sharding import Mesh
 from rlhf_jax.model import ModelConfig, Params, Transformer
 from rlhf_jax.sharding import make_mesh
 from rlhf_jax.stages.config import StageConfig, stage_optimizer, total_steps
-from rlhf_jax.stages.export import STAGE_FILE, completed_model, export_model, stage_fingerprint, stage_record
+from rlhf_jax.stages.export import (STAGE_FILE, completed_model, export_model, recorded_as_today, stage_fingerprint,
+                                   stage_record)
 from rlhf_jax.stages.sources import check_vocab, load_tokenizer, model_config
 from rlhf_jax.stages.steps import Batch, Setup, StepFn, setup_training
 from rlhf_jax.data import TruncationStats, data_metrics
@@ -175,6 +176,7 @@ def run_stage(stage: Stage, cfg: StageConfig) -> Path:
                     fingerprint=run.fingerprint,
                     config=cfg,
                     start_record=data_metrics(run.data.stats),
+                    read_recorded=recorded_as_today,
                 )
             finally:
                 run.samples.close()

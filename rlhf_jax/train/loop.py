@@ -101,6 +101,7 @@ def run_loop(
     fingerprint: Mapping[str, Any] | None = None,
     config: Any = None,
     start_record: Mapping[str, Any] | None = None,
+    read_recorded: Callable[[Mapping[str, Any]], Mapping[str, Any]] | None = None,
 ) -> tuple[Any, list[dict[str, Any]]]:
     """Run `train_step` from the current (or resumed) step to `loop_cfg.total_steps`.
 
@@ -123,6 +124,9 @@ def run_loop(
         once the run is known to start or resume (with its `config_changes`, if any).
       start_record: scalars written to metrics.jsonl at the start step when training starts or
         resumes (e.g. the data's cut and skipped records, `data.data_metrics`).
+      read_recorded: how this version reads a fingerprint an earlier run recorded (e.g. without
+        the fields that have since stopped defining the result), applied to the restored
+        checkpoint's fingerprint before the comparison; None compares it as recorded.
 
     Returns:
       The final state and the history: every record of metrics.jsonl (train and eval lines,
@@ -142,11 +146,11 @@ def run_loop(
         if loop_cfg.force:
             _set_previous_run_aside(workdir)
         return _run(state, train_step, batches, loop_cfg, workdir, eval_fn, tokens_in_batch, on_log,
-                    fingerprint, config, start_record)
+                    fingerprint, config, start_record, read_recorded)
 
 
 def _run(state, train_step, batches, loop_cfg, workdir, eval_fn, tokens_in_batch, on_log, fingerprint, config,
-         start_record):
+         start_record, read_recorded):
     """`run_loop`'s body, run holding the workdir lock."""
     primary = jax.process_index() == 0
     total = loop_cfg.total_steps
@@ -165,7 +169,7 @@ def _run(state, train_step, batches, loop_cfg, workdir, eval_fn, tokens_in_batch
         restored = None if latest is None else ckpt.restore_newest_valid(state)
         if restored is not None:
             state, meta = restored
-            changes = _resume_changes(meta, fingerprint, loop_cfg, workdir)
+            changes = _resume_changes(meta, fingerprint, loop_cfg, workdir, read_recorded)
             batches.set_state(meta["data"])
             start, last_train, last_eval = meta["step"], meta["metrics"], meta["eval"]
             config_changes = list(meta.get("config_changes", []))
@@ -255,9 +259,10 @@ def _run(state, train_step, batches, loop_cfg, workdir, eval_fn, tokens_in_batch
 
 
 def _resume_changes(meta: Mapping[str, Any], fingerprint: Mapping[str, Any] | None, loop_cfg: LoopConfig,
-                    workdir: Path) -> list[str]:
-    """What differs between the restored checkpoint's fingerprint and this run's; WorkdirError
-    unless nothing or `allow_config_change`."""
+                    workdir: Path, read_recorded: Callable[[Mapping[str, Any]], Mapping[str, Any]] | None
+                    ) -> list[str]:
+    """What differs between the restored checkpoint's fingerprint (read by `read_recorded`) and
+    this run's; WorkdirError unless nothing or `allow_config_change`."""
     if fingerprint is None:
         return []
     saved = meta.get("fingerprint")
@@ -265,7 +270,7 @@ def _resume_changes(meta: Mapping[str, Any], fingerprint: Mapping[str, Any] | No
         log.warning("%s: checkpoint step %s records no fingerprint (an older version wrote it); resuming "
                     "without checking the config", workdir, meta.get("step"))
         return []
-    changes = fingerprint_changes(saved, fingerprint)
+    changes = fingerprint_changes(saved if read_recorded is None else read_recorded(saved), fingerprint)
     if changes and not loop_cfg.allow_config_change:
         raise WorkdirError(
             f"{workdir} has a checkpoint (step {meta['step']}) of a run with another config or input: "
