@@ -269,6 +269,16 @@ def test_grpo_plan_is_ppo_without_the_value_model_on_the_groups_rollouts():
     assert "rollout 4 × 4 samples × (16 + 16) tokens" in grpo.table()
     with pytest.raises(ConfigError, match="PlanConfig.batch_size"):
         cfg(stage="grpo", batch_size=3, group_size=3, ppo_minibatches=2)
+    # On 8 batch shards: the 8 prompts divide, but not a minibatch of their samples (8 × 2 / 4 = 4 rows);
+    # and 4 × 8 / 2 = 16 rows would divide, but not the 4 prompts.
+    eight = dict(devices=8, mesh=MeshConfig(fsdp=8), **{**shape, "ptx_batch_size": 8})
+    del eight["ppo_minibatches"]
+    with pytest.raises(ConfigError, match=r"PlanConfig.batch_size × group_size / ppo_minibatches = 4 does not divide "
+                                          r"over the mesh's 8 batch shards"):
+        cfg(stage="grpo", batch_size=8, group_size=2, ppo_minibatches=4, **eight)
+    with pytest.raises(ConfigError, match=r"PlanConfig.batch_size = 4 does not divide over the mesh's 8"):
+        cfg(stage="grpo", batch_size=4, group_size=8, ppo_minibatches=2, **eight)
+    assert plan(cfg(stage="grpo", batch_size=8, group_size=4, ppo_minibatches=4, **eight)).total_bytes > 0
 
 
 def test_dpo_plan_is_sft_on_the_b_k_sequences_plus_the_frozen_reference():

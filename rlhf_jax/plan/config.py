@@ -116,10 +116,14 @@ class PlanConfig:
         check(self.stage != "grpo" or self.batch_size * self.group_size % self.ppo_minibatches == 0,
               self, "batch_size", f"such that batch_size × group_size divides into ppo_minibatches="
               f"{self.ppo_minibatches}")
-        name, rows = per_step.get(self.stage, ("batch_size", self.batch_size))
-        if rows % shards:
-            raise ConfigError(f"PlanConfig.{name} = {rows} does not divide over the mesh's {shards} "
-                              f"batch shards (data×fsdp = {data}×{fsdp}); use a multiple of {shards}")
+        if self.stage == "grpo":  # the prompts are sharded, then each minibatch of their samples
+            per_step["grpo"] = ("batch_size × group_size / ppo_minibatches",
+                                self.batch_size * self.group_size // self.ppo_minibatches)
+        for name, rows in [("batch_size", self.batch_size)] * (self.stage == "grpo") + \
+                [per_step.get(self.stage, ("batch_size", self.batch_size))]:
+            if rows % shards:
+                raise ConfigError(f"PlanConfig.{name} = {rows} does not divide over the mesh's {shards} "
+                                  f"batch shards (data×fsdp = {data}×{fsdp}); use a multiple of {shards}")
         check(not (self.stage in RL_STAGES and self.ptx_batch_size % shards),
               self, "ptx_batch_size", f"a multiple of the {shards} batch shards (data×fsdp)")
 
