@@ -140,9 +140,9 @@ def fuse_projections(params: Params, config: ModelConfig) -> Params:
     ``[kv_heads, (groups + 2)·head_dim]`` likewise.  ``mlp/gate_up/kernel`` is ``[d, 2, d_ff]``
     (gate, up).  Every output column is the same dot over ``d`` as before; on the CPU the outputs
     have been bitwise those of the separate matmuls in every shape tried (``test_model.py``, the
-    default pipeline).  ``Transformer`` takes
-    either form; fusing costs a copy of those weights, so it is done once per ``generate`` call,
-    outside the decode loop.  Already fused params are returned as they are."""
+    default pipeline).  ``Transformer`` takes either form; fusing costs a copy of those weights,
+    so it is done once per ``generate`` call, outside the decode loop.  Already fused params are
+    returned as they are."""
     c = config
     groups = c.n_heads // c.kv_heads
 

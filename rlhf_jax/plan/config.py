@@ -110,17 +110,17 @@ class PlanConfig:
         except ValueError as e:
             raise ConfigError(f"PlanConfig.mesh: {e}") from e
         shards = data * fsdp
-        per_step = {"ppo": ("batch_size / ppo_minibatches", self.batch_size // self.ppo_minibatches)}
         check(self.stage != "ppo" or self.batch_size % self.ppo_minibatches == 0,
               self, "batch_size", f"divisible by ppo_minibatches={self.ppo_minibatches}")
         check(self.stage != "grpo" or self.batch_size * self.group_size % self.ppo_minibatches == 0,
               self, "batch_size", f"such that batch_size × group_size divides into ppo_minibatches="
               f"{self.ppo_minibatches}")
-        if self.stage == "grpo":  # the prompts are sharded, then each minibatch of their samples
-            per_step["grpo"] = ("batch_size × group_size / ppo_minibatches",
-                                self.batch_size * self.group_size // self.ppo_minibatches)
-        for name, rows in [("batch_size", self.batch_size)] * (self.stage == "grpo") + \
-                [per_step.get(self.stage, ("batch_size", self.batch_size))]:
+        sharded_rows = {  # what is split over the batch shards: PPO's minibatch; GRPO's prompts, then a minibatch
+            "ppo": [("batch_size / ppo_minibatches", self.batch_size // self.ppo_minibatches)],
+            "grpo": [("batch_size", self.batch_size), ("batch_size × group_size / ppo_minibatches",
+                                                       self.batch_size * self.group_size // self.ppo_minibatches)],
+        }
+        for name, rows in sharded_rows.get(self.stage, [("batch_size", self.batch_size)]):
             if rows % shards:
                 raise ConfigError(f"PlanConfig.{name} = {rows} does not divide over the mesh's {shards} "
                                   f"batch shards (data×fsdp = {data}×{fsdp}); use a multiple of {shards}")
