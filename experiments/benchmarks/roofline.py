@@ -18,10 +18,10 @@ Next to it, the step's weight matmuls alone (``flops.decode_matmul_shapes``: ``[
 n]`` for every weight), each timed in a ``fori_loop`` whose next input depends on its output (so
 XLA cannot hoist it), and on a CPU the same products in PyTorch (its default threads): the time
 a step needs for its matmuls at the rate each library's kernels reach at these thin shapes, with
-nothing else in the step.  Then the same matmuls in the step's order, each with its own weight (``matmul_sequence_calls``:
-the step's whole set of weights, which do not stay in a core's cache as one weight in its own loop
-does).  Then the step's attention alone: the model's two one-query dots and
-the softmax over the whole cache (``prompt + new`` slots, as ``generate`` allocates it), one
+nothing else in the step.  Then the same matmuls in the step's order, each with its own weight
+(``matmul_sequence_calls``: the step's whole set of weights, which do not stay in a core's cache
+as one weight in its own loop does).  Then the step's attention alone: the model's two one-query
+dots and the softmax over the whole cache (``prompt + new`` slots, as ``generate`` allocates it), one
 layer's cache timed ``n_layers`` times, as dots (the model's form) and as broadcast multiplies
 and sums (the multiply-and-reduce form: 15 to 60× slower alone at batch 32 on the 2-core CPU, and 6×
 slower as the whole tiny decode step when the model used it, so the model keeps the dots); and
@@ -31,9 +31,9 @@ definition), and ``step ÷ floor`` their ratio (issue 18's CPU target: ≤ 1.5×
 32).  A decode-speed target whose step budget is below the floor cannot be met by any change to
 our program.
 
-On a CPU the step is timed a second time with ``ModelConfig.cache_block`` (``--cache-block``,
-default 16 there): the KV cache grown 16 slots at a time, so a step attends to the filled slots
-rounded up to 16 rather than to all ``prompt + new`` slots; the floor stays the issue's.
+On a CPU the step is timed a second time with ``ModelConfig.cache_block`` (``--cache-block B``,
+default 16 there): the KV cache grown B slots at a time, so a step attends to the filled slots
+rounded up to B rather than to all ``prompt + new`` slots; the floor stays the issue's.
 
 Under load (the shared 2-core machine) the step and the floor's loops are timed in the same
 rounds, one call each in turn, so the load hits both alike; the ratio's range over the rounds is
