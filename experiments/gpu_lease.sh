@@ -1,19 +1,25 @@
 #!/usr/bin/env bash
-# One GPU lease, prepared: the GPU benchmark suite, then the SmolLM2 HH-RLHF recipe.
+# One GPU lease, prepared: the GPU benchmark suite (with the TRL peer), then the SmolLM2 HH-RLHF recipe.
 #
 # The device tool carries at most 64 MiB per call and the SmolLM2 GGUF is 98 MB, so the lease is
 # back-to-back calls. A carried folder did not survive into the next call on 2026-12-04, but /tmp
-# did, so the first call keeps part 1 there:
+# did, so the call that carries GGUF part 1 keeps it there:
 #
-#   call 1  carry [.gpu1]  bash experiments/gpu_lease.sh keep     # GGUF part 1 + data -> /tmp/keep1
-#   call 2  carry [.gpu1]  bash experiments/gpu_lease.sh suite    # the GPU suite (about 160 s)
+#   call 1  carry [.whl]   bash experiments/gpu_lease.sh suite    # the GPU suite + TRL peer (about 7 min)
+#   call 2  carry [.gpu1]  bash experiments/gpu_lease.sh keep     # GGUF part 1 + data -> /tmp/keep1
 #   call 3  carry [.gpu2]  bash experiments/gpu_lease.sh recipe   # GGUF part 2; join; the recipe
 #
-# (1 and 2 can be one call: `bash experiments/gpu_lease.sh keep && bash experiments/gpu_lease.sh suite`.)
+# The suite's TRL peer (ppo_step_gpu) needs TRL 1.9.0, which the GPU machine lacks: its wheels and
+# the ones it needs there (55 MB, pyarrow most of it) go in .whl, installed to /tmp/site for the
+# machine's python; TRL_PYTHON=/path/to/python instead names an interpreter that has TRL. With
+# neither, the suite skips the peer and says why. Without the peer: SUITE_ONLY=gpu_check.
 # Recipe variations: RECIPE_NAME=NAME RECIPE_SET="name=NAME key=value ..." (extra --set overrides);
 # RECIPE_TIMEOUT (seconds, default 480) stops the recipe in time for its outputs to be copied.
 # Prepare the parts here (ignored by git through .git/info/exclude):
 #   split -n 2 -d SmolLM2-135M-Instruct.Q4_1.gguf part && mv part00 .gpu1/gguf.part00 && mv part01 .gpu2/gguf.part01
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl \
+#     trl==1.9.0 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 pyarrow==26.0.1
 #   cp ../shared/data/hh-rlhf/harmless-base-test.jsonl.gz ../shared/data/tinyshakespeare/input.txt .gpu1/data/
 #
 # `--dry-run` runs the same two steps on CPU with micro settings (the suite's dry run and the
@@ -37,10 +43,16 @@ keep)  # the first call's carried part 1 and data, kept outside the tree for the
   rm -rf /tmp/keep1 && cp -r .gpu1 /tmp/keep1 && ls -la /tmp/keep1
   ;;
 suite)
+  if [ -z "${TRL_PYTHON:-}" ] && ls .whl/*.whl >/dev/null 2>&1; then  # the carried TRL wheels, for this python
+    $py -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+      && export PYTHONPATH=$PYTHONPATH:/tmp/site && TRL_PYTHON=$(command -v "$py")
+  fi
+  only=(); [ -n "${SUITE_ONLY:-}" ] && only=(--only $SUITE_ONLY)
+  suite=(--suite gpu --trl-python "${TRL_PYTHON:-none}" "${only[@]}" --out "$OUT/suite")
   if [ "$dry" = --dry-run ]; then
-    $py -m experiments.benchmarks --suite gpu --dry-run --out "$OUT/suite" 2>&1 | tee "$OUT/suite.log"
+    $py -m experiments.benchmarks "${suite[@]}" --dry-run 2>&1 | tee "$OUT/suite.log"
   else
-    timeout 300 $py -m experiments.benchmarks --suite gpu --out "$OUT/suite" 2>&1 | tee "$OUT/suite.log"
+    timeout 540 $py -m experiments.benchmarks "${suite[@]}" 2>&1 | tee "$OUT/suite.log"
   fi
   ;;
 recipe)

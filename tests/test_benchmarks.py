@@ -4,6 +4,7 @@ met / not-met logic, the scaling fit) against hand counts, and its dry runs end 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -129,6 +130,15 @@ def test_summary_rows_from_benchmark_json():
         {"label": "ours ×2dev", "seconds": 0.7, "tokens_per_s": 1300.0, "mfu": 0.45},
         {"label": "torch ×2thr", "seconds": 1.5, "tokens_per_s": 600.0, "mfu": 0.2},
         {"label": "torch ×1thr", "seconds": 0.9, "tokens_per_s": 1000.0, "mfu": 0.35}]}]}
+    gpu_peer = {"shape_name": "llama-1b", "bench": {"arch": "llama", "n_layers": 22, "d_model": 2048,
+                                                     "dtype": "bfloat16", "minibatches": 4},
+                "results": [{"epochs": 1, "ours": {"seconds_per_iter": 1.5, "split": {"gen": 0.5}},
+                             "trl": {"seconds_per_iter": 9.0, "split": {"gen": 6.0}}}]}
+    iteration, generation = summary_rows({"ppo_step_gpu": gpu_peer})
+    # issue 18 item 5: ≥ 5× TRL per iteration on the GPU, and the generation ratio printed (no target)
+    assert (iteration.ratio, iteration.target, iteration.met) == (6.0, 5.0, True)
+    assert "4 minibatches" in iteration.metric and iteration.benchmark == "ppo_step_gpu"
+    assert (generation.ratio, generation.target) == (12.0, None) and "transformers.generate" in generation.metric
     rows = summary_rows({"ppo_step": ppo, "train_step": train})
     assert [(r.ratio, r.met) for r in rows[:2]] == [(3.0, True), (None, None)]  # TRL skipped: n/a
     speed, mfu = rows[2:]
@@ -185,13 +195,38 @@ def test_cpu_suite_dry_run_end_to_end(tmp_path):
     assert any(r["benchmark"] == "scaling" for r in record["summary"])
 
 
+TRL_PYTHON = os.environ.get("TRL_PYTHON", "/work/trl-venv/bin/python")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path(TRL_PYTHON).exists(), reason=f"no TRL 1.9.0 interpreter at {TRL_PYTHON} (set TRL_PYTHON; "
+                    "experiments/benchmarks/README.md, 'The TRL virtualenv')")
+def test_gpu_suite_trl_peer_dry_run_on_cpu(tmp_path):
+    """The GPU suite's TRL peer (ppo_step's llama-1b path) with micro shapes on the CPU: both
+    sides run the Llama in bf16 with 2 minibatches, TRL samples every token, and the summary has
+    the iteration (issue 18's ≥ 5× target) and generation rows."""
+    record = _suite(tmp_path, "--suite", "gpu", "--only", "ppo_step_gpu", "--trl-python", TRL_PYTHON)
+    assert {n: s["status"] for n, s in record["steps"].items()} == {"ppo_step_gpu": "ok"}
+    peer = json.loads((tmp_path / "out" / "ppo_step_gpu.json").read_text())
+    assert peer["shape_name"] == "micro-llama" and peer["bench"]["minibatches"] == 2
+    (result,) = peer["results"]
+    trl = result["trl"]
+    assert trl["versions"]["trl"] == "1.9.0" and (trl["dtype"], trl["minibatches"]) == ("bfloat16", 2)
+    assert trl["new_tokens_per_iteration"] == [peer["bench"]["new"]] * 2  # warm-up + 1 timed, no early stop
+    assert result["ours"]["split"]["gen"] > 0 and trl["split"]["gen"] > 0
+    rows = [r for r in record["summary"] if r["benchmark"] == "ppo_step_gpu"]
+    assert [r["target"] for r in rows] == [5.0, None] and all(r["ratio"] for r in rows)
+
+
 @pytest.mark.slow
 def test_gpu_suite_dry_run_on_cpu(tmp_path):
     """The GPU suite's gpu_check (scanned layers, bf16, SFT / decode sweep / PPO-ptx with its
     phase split / blocked decode) with micro shapes on the CPU, and its summary rows with issue
     18's targets."""
-    record = _suite(tmp_path, "--suite", "gpu")
-    assert {n: s["status"] for n, s in record["steps"].items()} == {"gpu_check": "ok"}
+    record = _suite(tmp_path, "--suite", "gpu", "--trl-python", str(tmp_path / "no-python"))
+    # without TRL's interpreter the TRL peer is skipped, with the reason
+    assert {n: s["status"] for n, s in record["steps"].items()} == {"gpu_check": "ok", "ppo_step_gpu": "skipped"}
+    assert "no TRL interpreter" in record["steps"]["ppo_step_gpu"]["reason"]
     check = json.loads((tmp_path / "out" / "gpu_check.json").read_text())
     assert check["errors"] == {} and check["skipped"] == [], (check["errors"], check["skipped"])
     assert check["config"]["scan_layers"] and check["config"]["dtype"] == "bfloat16"

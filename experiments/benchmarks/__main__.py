@@ -11,10 +11,14 @@ peer, ratio, target, met?) is printed and written to ``DIR/summary.json``.
 
 - ``cpu``: generation (vs ``transformers.generate``), train_step (SFT and RM vs ``torch``),
   ppo_step (vs TRL 1.9.0, skipped without a TRL interpreter), roofline, scaling.
-- ``gpu``: gpu_check alone (issue 18's targets on the 1.1B Llama with scanned layers: SFT MFU at
+- ``gpu``: gpu_check (issue 18's targets on the 1.1B Llama with scanned layers: SFT MFU at
   8 × 2048, bf16-weight decode vs the HBM bound at batch 64 and the 32/128/256 sweep, one
   PPO-ptx iteration with its compile time and phase split), within a 170 s budget and a hard
-  stop at 210 s that keeps what was measured, so the suite ends within 4 minutes on an H200.
+  stop at 210 s that keeps what was measured, so it ends within 4 minutes on an H200; then
+  ``ppo_step_gpu``: ppo_step's 1.1B peer (``--shape llama-1b``: our PPO iteration against TRL
+  1.9.0's ``PPOTrainer`` on the same GPU, bf16, 64 prompts × (128 + 128), 4 minibatches, one
+  epoch, with the generation ratio), skipped with the reason when ``--trl-python`` cannot import
+  ``trl`` (about 3 minutes more; ``--only gpu_check`` leaves it out).
 - ``gpu-extra``: train_step (bf16, GPT-2 medium and large and the 1.1B Llama, MFU; no torch
   peer) and roofline (bf16 decode vs the HBM bound).
   Without an accelerator either GPU suite falls back to its dry run.
@@ -60,12 +64,14 @@ class Step:
     """One benchmark of a suite: ``args(options)`` is its command line after ``-m
     experiments.benchmarks.<name>`` (``--json`` is added); ``skip(options)`` a reason not to run
     it, or None; ``dry`` what a dry run does with it: ``"run"`` (its own ``--dry-run``) or
-    ``"help"`` (only ``--help``)."""
+    ``"help"`` (only ``--help``); ``module`` the benchmark it runs when that is not ``name``
+    (one benchmark in two settings: its JSON and log are named after ``name``)."""
 
     name: str
     args: Callable[[Options], list[str]]
     dry: str = "run"
     skip: Callable[[Options], str | None] = lambda o: None
+    module: str | None = None  # experiments.benchmarks.<module> (default: name)
 
 
 def _quick(o: Options) -> list[str]:
@@ -77,6 +83,24 @@ def _no_trl(o: Options) -> str | None:
         return None
     return (f"no TRL interpreter at {o.trl_python or DEFAULT_TRL_PYTHON}; pass --trl-python /path/to/trl-venv/bin/python "
             f"(setup: experiments/benchmarks/README.md, 'The TRL virtualenv')")
+
+
+def _trl_not_importable(o: Options) -> str | None:
+    """``_no_trl``, and whether that interpreter imports ``trl`` (on a GPU machine: the system
+    python with the carried wheels on its ``PYTHONPATH``, see ``experiments/gpu_lease.sh``)."""
+    reason = _no_trl(o)
+    if reason:
+        return reason
+    probe = subprocess.run([o.trl_python, "-c", "import trl, datasets"], capture_output=True, text=True)
+    if probe.returncode:
+        return f"{o.trl_python} cannot import trl and datasets: {(probe.stderr.strip().splitlines() or ['?'])[-1]}"
+    return None
+
+
+def _ppo_gpu_args(o: Options) -> list[str]:
+    """ppo_step's GPU peer: the 1.1B Llama, bf16, one epoch, two timed iterations a side."""
+    shape = ["--dry-run"] if o.dry_run else ["--shape", "llama-1b", "--epochs", "1", "--repeats", "2"]
+    return [*shape, "--trl-python", o.trl_python]
 
 
 GPU_MODELS = ["gpt2-medium", "gpt2-large", "llama-1b"]
@@ -92,6 +116,7 @@ SUITES: dict[str, list[Step]] = {
     ],
     "gpu": [
         Step("gpu_check", lambda o: ["--dry-run"] if o.dry_run else ["--budget-s", str(GPU_CHECK_BUDGET_S)]),
+        Step("ppo_step_gpu", _ppo_gpu_args, skip=_trl_not_importable, module="ppo_step"),
     ],
     "gpu-extra": [
         Step("train_step", lambda o: ["--dtype", "bfloat16", "--no-peer"]
@@ -104,7 +129,7 @@ SUITES: dict[str, list[Step]] = {
 
 def command(step: Step, o: Options) -> list[str]:
     """The step's command line (``--help`` only in a dry run of a ``dry="help"`` step)."""
-    base = [sys.executable, "-m", f"experiments.benchmarks.{step.name}"]
+    base = [sys.executable, "-m", f"experiments.benchmarks.{step.module or step.name}"]
     if o.dry_run and step.dry == "help":
         return [*base, "--help"]
     return [*base, *step.args(o), "--json", str(o.out / f"{step.name}.json")]

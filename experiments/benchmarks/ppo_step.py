@@ -24,8 +24,13 @@ uses its intra-op threads on every op). The output says which setting ran.
 FLOPs (``iteration_flops``) give a floor time = FLOPs / (f32 matmul FLOP/s measured in this run)
 and the fraction of that peak each side reaches.
 
+``--shape llama-1b`` is issue 18's GPU peer: ``gpu_check``'s 1.1B TinyLlama-shaped Llama, 64
+prompts × (128 + 128), 4 minibatches, bf16 on both sides (ours: bf16 compute on float32 master
+weights, scanned layers, a bf16 rollout copy; TRL: bf16 weights and ``bf16=True``), the peak
+from the GPU's data sheet.  ``--dry-run`` runs that path with micro shapes on any backend.
+
     python -m experiments.benchmarks.ppo_step --trl-python /work/trl-venv/bin/python [--quick]
-        [--data-parallel N] [--json out.json]
+        [--data-parallel N] [--shape tiny|llama-1b] [--dry-run] [--json out.json]
 """
 
 from __future__ import annotations
@@ -51,12 +56,15 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 from experiments.benchmarks.common import (
+    device_spec,
     format_table,
     machine_info,
     measure_matmul_peak,
     median_time,
     write_json,
 )
+from experiments.benchmarks.flops import (attention_flops_per_key, block_matmul_params, forward_flops,
+                                          head_matmul_params)
 from rlhf_jax.generation import GenerateConfig
 from rlhf_jax.hf import load_pretrained, save_pretrained
 from rlhf_jax.kl_control import KLControllerConfig
@@ -79,7 +87,7 @@ PAD_TOKEN, EOS_TOKEN = "<pad>", "<eos>"  # ids 0 and 1; prompts use ids >= 2
 
 @dataclasses.dataclass(frozen=True)
 class Bench:
-    """The benchmark's shapes and hyper-parameters (the issue's definition)."""
+    """The benchmark's shapes and hyper-parameters (the issue's definition; ``SHAPES`` names them)."""
 
     n_layers: int = 4
     d_model: int = 256
@@ -93,45 +101,71 @@ class Bench:
     temperature: float = 1.0  # TRL's default is 0.7; InstructGPT samples at 1
     learning_rate: float = 3e-6  # TRL's default
     seed: int = 0
+    arch: str = "gpt2"
+    n_kv_heads: int | None = None
+    d_ff: int | None = None
+    tie_embeddings: bool = True
+    minibatches: int = 1  # TRL: num_mini_batches, per_device_train_batch_size = batch / minibatches
+    dtype: str = "float32"  # ours: the compute dtype (float32 master weights); TRL: its weights' dtype and autocast
+    scan_layers: bool = False  # ours only, applied after loading (not in the checkpoint)
+    logits_chunk: int = 0  # ours only, likewise
 
     def model_config(self, head: str) -> ModelConfig:
-        return ModelConfig(arch="gpt2", vocab_size=self.vocab, d_model=self.d_model, n_layers=self.n_layers,
-                           n_heads=self.n_heads, max_len=self.context, head=head)
+        return ModelConfig(arch=self.arch, vocab_size=self.vocab, d_model=self.d_model, n_layers=self.n_layers,
+                           n_heads=self.n_heads, n_kv_heads=self.n_kv_heads, d_ff=self.d_ff, max_len=self.context,
+                           tie_embeddings=self.tie_embeddings, head=head)
+
+    def runtime(self, model: Transformer) -> Transformer:
+        """``model`` (as ``load_pretrained`` built it) with our side's compute settings."""
+        return Transformer(model.config.replace(dtype=self.dtype, scan_layers=self.scan_layers,
+                                                logits_chunk=self.logits_chunk))
 
     def ppo_config(self, epochs: int) -> PPOConfig:
         return PPOConfig(
             generation=GenerateConfig(max_new_tokens=self.new, temperature=self.temperature, eos_id=None, pad_id=0),
             kl=KLControllerConfig(kind="fixed", init_kl_coef=self.kl_coef),
-            ptx_coef=0.0, vf_coef=0.1, epochs=epochs, num_minibatches=1, score_position="after_last")
+            ptx_coef=0.0, vf_coef=0.1, epochs=epochs, num_minibatches=self.minibatches, score_position="after_last")
+
+    def describe(self) -> str:
+        heads = f", {self.n_kv_heads} KV heads" if self.n_kv_heads else ""
+        return (f"{self.arch} {self.n_layers}L d={self.d_model}{heads} V={self.vocab}, {self.dtype}; batch {self.batch} × "
+                f"({self.prompt} prompt + {self.new} new), {self.minibatches} minibatch(es), T={self.temperature:g}, no stop")
+
+
+SHAPES: dict[str, Bench] = {
+    # the CPU benchmark: a tiny GPT-2, float32, one minibatch
+    "tiny": Bench(),
+    # issue 18's GPU peer: gpu_check's 1.1B TinyLlama shape, bf16, 64 prompts × (128 + 128), 4 minibatches
+    "llama-1b": Bench(arch="llama", n_layers=22, d_model=2048, n_heads=32, n_kv_heads=4, d_ff=5632, vocab=32000,
+                      context=256, batch=64, prompt=128, new=128, tie_embeddings=False, minibatches=4,
+                      dtype="bfloat16", scan_layers=True, logits_chunk=512),
+    # the dry run of llama-1b's path: micro shapes, same settings otherwise
+    "micro-llama": Bench(arch="llama", n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, d_ff=96, vocab=256,
+                         context=32, batch=8, prompt=8, new=8, tie_embeddings=False, minibatches=2,
+                         dtype="bfloat16", scan_layers=True, logits_chunk=8),
+}
 
 
 # ------------------------------------------------------------------------------------------ FLOPs
 
 
 def iteration_flops(b: Bench, epochs: int) -> dict[str, float]:
-    """Matmul FLOPs of one iteration, by phase (multiply-add = 2 FLOPs).
-
-    Per token through the blocks: ``2·12·d²·layers`` (q, k, v, o and the 4d MLP); the LM head adds
-    ``2·d·V`` where logits are needed, a scalar head ``2·d``; attention adds ``4·d·layers`` per
-    attended key (QKᵀ and AV) over the causal context only (the useful work).
+    """Matmul FLOPs of one iteration, by phase (multiply-add = 2 FLOPs; ``flops.py``'s counts:
+    every block matmul per token, the head where it is needed, attention over the causal context
+    only, the useful work).
 
     - generation: prefill of ``P − 1`` prompt tokens, then ``N`` one-token steps with the head;
     - scoring: forwards of the reference, value and reward models over all ``P + N`` tokens (the
       rollout's own log-probs come from sampling on both sides);
     - update: per epoch, forward + backward (≈ 3 forwards) of the policy and the value model.
     """
-    d, layers, v, p, n, t = b.d_model, b.n_layers, b.vocab, b.prompt, b.new, b.prompt + b.new
-    block = 2 * 12 * d * d * layers
-    attn_per_key = 4 * d * layers
-    causal_keys = t * (t + 1) / 2
-
-    def forward(head: float) -> float:
-        return b.batch * (t * (block + 2 * d * head) + attn_per_key * causal_keys)
-
-    lm, scalar = forward(v), forward(1)
+    lm_config, scalar_config = b.model_config("lm"), b.model_config("scalar")
+    p, n, t = b.prompt, b.new, b.prompt + b.new
+    lm, scalar = forward_flops(lm_config, b.batch, t), forward_flops(scalar_config, b.batch, t)
     prefill_keys = (p - 1) * p / 2
     decode_keys = sum(p + i for i in range(n))
-    gen = b.batch * ((p - 1 + n) * block + n * 2 * d * v + attn_per_key * (prefill_keys + decode_keys))
+    gen = b.batch * (2 * block_matmul_params(lm_config) * (p - 1 + n) + 2 * head_matmul_params(lm_config) * n
+                     + attention_flops_per_key(lm_config) * (prefill_keys + decode_keys))
     score = lm + 2 * scalar
     update = epochs * 3 * (lm + scalar)
     return {"gen": gen, "score": score, "update": update, "total": gen + score + update}
@@ -161,7 +195,7 @@ def write_shared(b: Bench, directory: Path) -> None:
     prompts = np.random.default_rng(b.seed).integers(2, b.vocab, size=(b.batch, b.prompt))
     spec = {"prompts": prompts.tolist(), "pad_token": PAD_TOKEN, "eos_token": EOS_TOKEN,
             "response_length": b.new, "kl_coef": b.kl_coef, "temperature": b.temperature,
-            "learning_rate": b.learning_rate, "seed": b.seed}
+            "learning_rate": b.learning_rate, "seed": b.seed, "minibatches": b.minibatches, "dtype": b.dtype}
     (directory / "spec.json").write_text(json.dumps(spec))
 
 
@@ -172,7 +206,7 @@ def load_shared(b: Bench, directory: Path) -> tuple[PPOModels, dict[str, Any], n
     reward, reward_params = load_pretrained(directory / "reward", head="scalar")
     prompts = np.asarray(json.loads((directory / "spec.json").read_text())["prompts"], np.int32)
     params = {"policy": policy_params, "value": value_params, "reward": reward_params}
-    return PPOModels(policy=policy, value=value, reward=reward), params, prompts
+    return PPOModels(policy=b.runtime(policy), value=b.runtime(value), reward=b.runtime(reward)), params, prompts
 
 
 # ------------------------------------------------------------------------------------------ ours
@@ -323,8 +357,14 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, nargs="+", default=[1, 4], help="PPO epochs settings (default 1 4)")
     parser.add_argument("--data-parallel", type=int, default=1, metavar="N",
                         help="our side on N simulated host devices, batch split over them (default 1)")
+    parser.add_argument("--shape", choices=list(SHAPES), default="tiny",
+                        help="tiny: GPT-2 4L float32 (the CPU benchmark); llama-1b: issue 18's GPU peer (bf16)")
+    parser.add_argument("--dry-run", action="store_true", help="micro-llama shapes, 1 repeat, 1 epoch: checks the "
+                        "wiring of the llama-1b path on any backend (its numbers mean nothing)")
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
     args = parser.parse_args()
+    if args.dry_run:
+        args.shape, args.repeats, args.epochs = "micro-llama", 1, [1]
     repeats = args.repeats or (2 if args.quick else 5)
     if repeats < 1 or any(e < 1 for e in args.epochs):
         parser.error("--repeats and --epochs must be >= 1")
@@ -334,14 +374,26 @@ def main() -> None:
         print("TRL skipped: pass --trl-python /path/to/trl-venv/bin/python or set TRL_PYTHON "
               "(see experiments/benchmarks/README.md)", file=sys.stderr)
 
-    b = Bench()
+    b = SHAPES[args.shape]
+    # Both sides share one accelerator: JAX takes 60% of its memory (not its default 75%), TRL the rest.
+    os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.6")
     if args.data_parallel < 1 or b.batch % args.data_parallel:
         parser.error(f"--data-parallel must be >= 1 and divide the batch {b.batch} (got {args.data_parallel})")
     if args.data_parallel > 1:  # before anything starts the CPU backend
         jax.config.update("jax_num_cpu_devices", args.data_parallel)
     mesh = make_mesh(MeshConfig(data=args.data_parallel, fsdp=1)) if args.data_parallel > 1 else None
     info = machine_info()
-    peaks = [measure_matmul_peak(repeats=max(5, repeats))]  # again after each setting: the load drifts
+    spec = device_spec(info["device_kind"]) if info["backend"] != "cpu" else None
+
+    def peak_now() -> dict[str, Any]:
+        """The matmul peak: a known accelerator's data sheet, else measured (again after each
+        setting: the CPU's load drifts)."""
+        if spec:
+            return {"median": spec["bf16_flops"], "best": spec["bf16_flops"], "torch": None, "n": 0,
+                    "source": "data sheet (bf16)"}
+        return measure_matmul_peak(repeats=max(5, repeats), dtype=b.dtype)
+
+    peaks = [peak_now()]
     results = []
     with tempfile.TemporaryDirectory(prefix="ppo_step_") as tmp:
         directory = Path(tmp)
@@ -351,13 +403,14 @@ def main() -> None:
         for epochs in args.epochs:
             iteration = OursIteration(b, models, params, prompts, epochs, mesh)
             trl, times = run_alternating(args.trl_python, directory, epochs, repeats, iteration)
+            compile_s = iteration.compile_s
+            del iteration  # its state, before the split makes another (the 1.1B's fill a GPU's share)
             ours = {"seconds_per_iter": statistics.median(t for t, _ in times),
                     "cpu_seconds_per_iter": statistics.median(c for _, c in times),
                     "times": [t for t, _ in times], "cpu_times": [c for _, c in times],
-                    "compile_s": iteration.compile_s, "split": phases.split(epochs)}
-            del iteration
+                    "compile_s": compile_s, "split": phases.split(epochs)}
             results.append({"epochs": epochs, "ours": ours, "trl": trl, "flops": iteration_flops(b, epochs)})
-            peaks.append(measure_matmul_peak(repeats=max(5, repeats)))
+            peaks.append(peak_now())
     info["load_avg_end"] = list(os.getloadavg())
 
     peak = statistics.median(p["median"] for p in peaks)
@@ -370,10 +423,11 @@ def main() -> None:
             r["speedup"] = trl["seconds_per_iter"] / ours["seconds_per_iter"]
             r["cpu_speedup"] = trl["cpu_seconds_per_iter"] / ours["cpu_seconds_per_iter"]
             r["trl_peak_frac"] = floor / trl["seconds_per_iter"]
+            r["gen_speedup"] = trl["split"]["gen"] / ours["split"]["gen"]  # transformers.generate vs our rollout
         rows.append([
             f"epochs={r['epochs']}", f"{ours['seconds_per_iter']:.2f}",
             f"{trl['seconds_per_iter']:.2f}" if trl else "-",
-            f"{r['speedup']:.2f}×" if trl else "-",
+            f"{r['speedup']:.2f}×" if trl else "-", f"{r['gen_speedup']:.2f}×" if trl else "-",
             _split_str(ours["split"]), _split_str(trl["split"]) if trl else "-",
             f"{ours['compile_s']:.1f}", f"{r['flops']['total'] / 1e9:.0f}", f"{floor:.2f}",
             f"{100 * r['ours_peak_frac']:.0f}%", f"{100 * r['trl_peak_frac']:.0f}%" if trl else "-",
@@ -391,17 +445,20 @@ def main() -> None:
               f"transformers {t['versions']['transformers']}")
     each = ", ".join(f"{p['median'] / 1e9:.0f}" for p in peaks)
     libs = "jax" + ("/torch" if peaks[0]["torch"] else "")
-    print(f"f32 matmul peak ({peaks[0]['n']}², better of {libs}): {peak / 1e9:.0f} GFLOP/s (median of the "
-          f"{len(peaks)} measurements {each}; best single matmul {max(p['best'] for p in peaks) / 1e9:.0f})")
-    print(f"GPT-2 {b.n_layers}L d={b.d_model} V={b.vocab}; batch {b.batch} × ({b.prompt} prompt + {b.new} new), "
-          f"1 minibatch, T=1, no stop; median of {repeats} iterations per side; split in seconds;\n"
+    if spec:
+        print(f"matmul peak: {peak / 1e12:.0f} TFLOP/s, {info['device_kind']}'s data sheet (bf16)")
+    else:
+        print(f"{b.dtype} matmul peak ({peaks[0]['n']}², better of {libs}): {peak / 1e9:.0f} GFLOP/s (median of the "
+              f"{len(peaks)} measurements {each}; best single matmul {max(p['best'] for p in peaks) / 1e9:.0f})")
+    print(f"{b.describe()}; median of {repeats} iterations per side; split in seconds;\n"
           f"ours: {'one device' if mesh is None else f'data-parallel over {args.data_parallel} host devices'}\n"
           f"CPU s = process CPU time per iteration (all threads), a load-robust second view of the ratio\n")
-    print(format_table(["", "ours s/it", "TRL s/it", "speedup", "ours gen/score/upd", "TRL gen/score/upd",
+    print(format_table(["", "ours s/it", "TRL s/it", "speedup", "gen speedup", "ours gen/score/upd", "TRL gen/score/upd",
                         "compile s", "GFLOP", "floor s", "ours %pk", "TRL %pk", "CPU s ours/TRL", "CPU ratio"],
                        rows))
     if args.json:
-        write_json(args.json, {"bench": dataclasses.asdict(b), "machine": info, "peaks": peaks,
+        write_json(args.json, {"shape": b.describe(), "shape_name": args.shape, "dry_run": args.dry_run,
+                               "bench": dataclasses.asdict(b), "machine": info, "peaks": peaks,
                                "peak_flops": peak, "repeats": repeats, "data_parallel": args.data_parallel,
                                "results": results})
 

@@ -11,8 +11,13 @@ wrote::
                                   "response_length": int, "kl_coef": float, "temperature": float,
                                   "learning_rate": float, "seed": int}
 
-builds a ``PPOTrainer`` with separate policy / reference / value / reward models, one minibatch,
-no stop token, float32 on CPU, runs ``warmup + updates`` PPO iterations and writes JSON with the
+builds a ``PPOTrainer`` with separate policy / reference / value / reward models, no stop token,
+and runs ``warmup + updates`` PPO iterations. ``spec.json`` may also give ``"minibatches"``
+(default 1: ``num_mini_batches``, which splits the batch of ``per_device_train_batch_size`` = all
+the prompts into that many optimizer steps per epoch)
+and ``"dtype"`` (default ``"float32"``; ``"bfloat16"`` loads the models in bf16 and sets
+``bf16=True``). It runs on the GPU when torch sees one, else on the CPU (``use_cpu``); on a GPU
+every timestamp waits for the queued CUDA work first. It writes JSON with the
 per-iteration wall time (between consecutive ``on_step_end`` callbacks), its process CPU time
 (``cpu``, all threads) and its split:
 
@@ -74,8 +79,16 @@ class _Clock(TrainerCallback):
         self.iterations: list[dict[str, float]] = []
         self.generated: list[int] = []
 
+    @staticmethod
+    def _now() -> float:
+        """``perf_counter`` once the GPU's queued work is done (CUDA runs asynchronously)."""
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
     def mark(self, name: str) -> None:
-        self.events[-1].setdefault(name, time.perf_counter())
+        if name not in self.events[-1]:
+            self.events[-1][name] = self._now()
 
     def _start(self) -> None:
         self.events.append({"start": time.perf_counter(), "cpu_start": time.process_time()})
@@ -92,7 +105,7 @@ class _Clock(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         ev = self.events[-1]
-        ev["step_end"], ev["cpu_end"] = time.perf_counter(), time.process_time()
+        ev["step_end"], ev["cpu_end"] = self._now(), time.process_time()
         total = ev["step_end"] - ev["start"]
         gen = ev["gen_end"] - ev["gen_start"]
         score = ev["update_start"] - ev["gen_end"]
@@ -130,22 +143,27 @@ def run(directory: Path, epochs: int, updates: int, warmup: int, threads: int | 
     torch.manual_seed(spec["seed"])
     tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(directory / "tokenizer.json"),
                                         pad_token=spec["pad_token"], eos_token=spec["eos_token"])
-    f32 = {"dtype": torch.float32}
-    policy = AutoModelForCausalLM.from_pretrained(directory / "policy", **f32)
-    ref = AutoModelForCausalLM.from_pretrained(directory / "policy", **f32)
-    value = AutoModelForSequenceClassification.from_pretrained(directory / "value", num_labels=1, **f32)
-    reward = AutoModelForSequenceClassification.from_pretrained(directory / "reward", num_labels=1, **f32)
+    dtype = spec.get("dtype", "float32")
+    as_dtype = {"dtype": getattr(torch, dtype)}
+    policy = AutoModelForCausalLM.from_pretrained(directory / "policy", **as_dtype)
+    ref = AutoModelForCausalLM.from_pretrained(directory / "policy", **as_dtype)
+    value = AutoModelForSequenceClassification.from_pretrained(directory / "value", num_labels=1, **as_dtype)
+    reward = AutoModelForSequenceClassification.from_pretrained(directory / "reward", num_labels=1, **as_dtype)
     prompts = spec["prompts"]
-    batch = len(prompts)
+    batch, minibatches = len(prompts), spec.get("minibatches", 1)
+    if batch % minibatches:
+        raise ValueError(f"trl_ppo_runner: {directory / 'spec.json'}: minibatches {minibatches} must divide "
+                         f"the {batch} prompts")
+    cuda = torch.cuda.is_available()
     dataset = datasets.Dataset.from_dict({"input_ids": prompts})
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         args = PPOConfig(
             output_dir=str(directory / f"trl_out_{epochs}"),
-            per_device_train_batch_size=batch,
+            per_device_train_batch_size=batch,  # TRL 1.9.0: the rollout batch; minibatches split it
             gradient_accumulation_steps=1,
-            num_mini_batches=1,
+            num_mini_batches=minibatches,
             num_ppo_epochs=epochs,
             total_episodes=batch * (warmup + updates),
             local_rollout_forward_batch_size=batch,
@@ -157,9 +175,9 @@ def run(directory: Path, epochs: int, updates: int, warmup: int, threads: int | 
             missing_eos_penalty=None,
             learning_rate=spec["learning_rate"],
             num_sample_generations=0,
-            bf16=False,
+            bf16=dtype == "bfloat16",
             fp16=False,
-            use_cpu=True,
+            use_cpu=not cuda,
             report_to="none",
             save_strategy="no",
             disable_tqdm=True,
@@ -185,7 +203,8 @@ def run(directory: Path, epochs: int, updates: int, warmup: int, threads: int | 
         "iterations": iterations,
         "versions": {"trl": trl.__version__, "torch": torch.__version__,
                      "transformers": transformers.__version__, "datasets": datasets.__version__},
-        "torch_threads": torch.get_num_threads(),
+        "torch_threads": torch.get_num_threads(), "device": torch.cuda.get_device_name() if cuda else "cpu",
+        "dtype": dtype, "minibatches": minibatches,
         "new_tokens_per_iteration": clock.generated,
     }
 
