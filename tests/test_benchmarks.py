@@ -234,8 +234,49 @@ def test_gpu_suite_dry_run_on_cpu(tmp_path):
     assert [(d["batch"], d["scan_decode"], d["cache_block"]) for d in check["decode"]] == \
         [(4, True, 0), (4, False, 0), (2, scanned, 0), (4, scanned, 4)]  # last: the cache in blocks of new / 2
     assert set(check["ppo"]["phases_s"]) == {"rollout", "experience", "update"}
+    # the SFT step and the unrolled decode profiled (on a CPU: XLA:CPU's ops on the host)
+    profiled = [check["sft"]["profile"]] + [d["profile"] for d in check["decode"] if "profile" in d]
+    assert len(profiled) == 2 and all(p["mode"] == "host" and p["calls"] == 1 for p in profiled)
+    for p in profiled:
+        assert 0 < p["busy_s"] <= p["wall_s"] and p["by_category"]["matmul"] > 0 and p["top"]
     metrics = [r["metric"] for r in record["summary"]]
     for needle in ("SFT step", "fraction of the HBM bound", "PPO-ptx iteration", "PPO-ptx iteration: compile",
                    "PPO phase rollout"):
         assert any(needle in m for m in metrics), (needle, metrics)
     assert sum(r["target"] is not None for r in record["summary"]) == 4
+
+
+def test_profile_summary_device_kernels_by_call():
+    """A hand-made GPU trace: kernels on the device's Stream line only (a derived line repeats
+    them), inside the profiled calls' windows only, overlaps counted once in the busy time."""
+    from experiments.benchmarks.profile_summary import CALL, category, summarize
+
+    def x(pid, tid, name, ts, dur, **args):
+        return {"ph": "X", "pid": pid, "tid": tid, "name": name, "ts": ts, "dur": dur, "args": args}
+
+    events = [
+        {"ph": "M", "pid": 1, "name": "process_name", "args": {"name": "/host:CPU"}},
+        {"ph": "M", "pid": 2, "name": "process_name", "args": {"name": "/device:GPU:0"}},
+        {"ph": "M", "pid": 2, "tid": 10, "name": "thread_name", "args": {"name": "Stream #7(Compute)"}},
+        {"ph": "M", "pid": 2, "tid": 11, "name": "thread_name", "args": {"name": "XLA Ops"}},
+        x(1, 5, CALL, 0, 100), x(1, 5, CALL, 200, 100),
+        x(2, 10, "sm90_xmma_gemm_bf16", 10, 30, hlo_op="custom-call.1"),
+        x(2, 10, "loop_add_fusion", 30, 20, hlo_op="add_fusion"),
+        x(2, 10, "cudnn_flash_fprop", 210, 50, hlo_op="custom-call.2"),
+        x(2, 10, "loop_add_fusion", 150, 10, hlo_op="add_fusion"),  # between the calls: not counted
+        x(2, 11, "sm90_xmma_gemm_bf16", 10, 30),  # the derived line's copy: not counted
+        x(1, 5, "loop_add_fusion", 10, 5, hlo_op="add_fusion"),  # a host event: not a kernel here
+    ]
+    s = summarize(events)
+    assert (s["mode"], s["calls"], s["kernels_per_call"]) == ("device", 2, 1.5)
+    assert s["wall_s"] == pytest.approx(100e-6) and s["busy_s"] == pytest.approx(45e-6)  # (40 + 50) / 2
+    assert s["busy_fraction"] == pytest.approx(0.45)
+    assert s["by_category"] == pytest.approx({"attention": 25e-6, "matmul": 15e-6, "fusion/other": 10e-6})
+    assert [k["name"] for k in s["top"]] == ["cudnn_flash_fprop", "sm90_xmma_gemm_bf16", "loop_add_fusion"]
+    # without a device process: the host's HLO-op events are the kernels
+    host = summarize([e for e in events if e.get("pid") == 1])
+    assert host["mode"] == "host" and host["kernels_per_call"] == 0.5 and host["busy_s"] == pytest.approx(2.5e-6)
+    names = ["ynn_fusion", "dot.3", "copy.2", "ncclDevKernel_AllReduce", "input_reduce_fusion"]
+    assert [category(n) for n in names] == ["matmul", "matmul", "copy", "collective", "fusion/other"]
+    with pytest.raises(ValueError, match="profile_summary.call"):
+        summarize(events[:4])

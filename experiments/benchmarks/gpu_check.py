@@ -19,6 +19,11 @@
 Last, budget allowing, the batch-64 decode again with ``ModelConfig.cache_block`` at half the new
 tokens (three decode loops over caches of 128, 192 and 256 slots).
 
+The SFT step that counts and the unrolled batch-64 decode are each run once more under the
+profiler (``profile_summary.profile``): their kernels' time by category (matmul, attention,
+copy, fusion/other), the top kernels, and the device's busy time against the call's wall time
+(``busy_fraction``: well under 1 means launch- or loop-bound), in the part's ``"profile"``.
+
 Order: SFT, decode at batch 64, the PPO iteration, the other decode batches, the phase split, the
 blocked decode.
 A part is skipped when less of ``--budget-s`` is left than it needs (the skipped parts are
@@ -50,6 +55,7 @@ import optax
 
 from experiments.benchmarks.common import device_spec, machine_info, timed, write_json
 from experiments.benchmarks.flops import decode_step_bytes, forward_flops, train_step_flops
+from experiments.benchmarks.profile_summary import profile
 from rlhf_jax.generation import GenerateConfig, generate
 from rlhf_jax.model import ModelConfig, Transformer, cast_floating, init_params
 from rlhf_jax.ppo import (PPOConfig, PPOModels, experience_phase, init_ppo_state, make_ppo_iteration, rollout_phase,
@@ -96,8 +102,10 @@ def _compile(fn: Callable, *args: Any) -> tuple[Any, float]:
     return compiled, time.perf_counter() - start
 
 
-def sft_check(config: ModelConfig, params: Any, shapes: Shapes, peak: float, repeats: int) -> dict[str, Any]:
-    """One SFT setting: compile time, median step time and MFU."""
+def sft_check(config: ModelConfig, params: Any, shapes: Shapes, peak: float, repeats: int,
+              profiled: bool = False) -> dict[str, Any]:
+    """One SFT setting: compile time, median step time and MFU; ``profiled``: then one more step
+    under the profiler (``profile_summary``: its kernels by category, busy against wall)."""
     model = Transformer(config)
     b, t = shapes.sft
     opt = OptimizerConfig(lr=1e-5)
@@ -115,14 +123,23 @@ def sft_check(config: ModelConfig, params: Any, shapes: Shapes, peak: float, rep
         times.append(time.perf_counter() - start)
     step_s = statistics.median(times)
     flops = train_step_flops(config, b, t)
-    return {"batch": b, "seq": t, "attention_impl": config.attention_impl, "remat_policy": config.remat_policy,
-            "step_s": step_s, "times": times, "compile_s": compile_s, "tokens_per_s": b * t / step_s,
-            "flops": flops, "mfu": flops / step_s / peak, "loss": float(m["loss"])}
+    out = {"batch": b, "seq": t, "attention_impl": config.attention_impl, "remat_policy": config.remat_policy,
+           "step_s": step_s, "times": times, "compile_s": compile_s, "tokens_per_s": b * t / step_s,
+           "flops": flops, "mfu": flops / step_s / peak, "loss": float(m["loss"])}
+    if profiled:
+        def one_step() -> None:
+            nonlocal state
+            state, metrics = step(state, batch)
+            jax.block_until_ready(metrics)
+
+        out["profile"] = profile(one_step)
+    return out
 
 
 def decode_check(config: ModelConfig, params16: Any, batch: int, shapes: Shapes, bandwidth: float,
-                 repeats: int) -> dict[str, Any]:
-    """Seconds per decode step from bf16 weights (prefill removed) against the HBM bound."""
+                 repeats: int, profiled: bool = False) -> dict[str, Any]:
+    """Seconds per decode step from bf16 weights (prefill removed) against the HBM bound;
+    ``profiled``: then one more ``new``-token call under the profiler (as in ``sft_check``)."""
     model = Transformer(config)
     ids = jax.random.randint(jax.random.PRNGKey(3), (batch, shapes.prompt), 0, config.vocab_size)
     mask = jnp.ones_like(ids)
@@ -142,11 +159,14 @@ def decode_check(config: ModelConfig, params16: Any, batch: int, shapes: Shapes,
     context = shapes.prompt + shapes.new / 2
     step_bytes = decode_step_bytes(config, batch, context, weight_bytes=2)
     bound_s = step_bytes / bandwidth
-    return {"batch": batch, "scan_decode": config.scan_decode, "cache_block": config.cache_block,
-            "prompt": shapes.prompt, "new": shapes.new,
-            "step_s": step_s, "full_s": full_s,
-            "one_token_s": one_s, "tokens_per_s": batch / step_s, "compile_s": compile_s, "step_bytes": step_bytes,
-            "hbm_bound_step_s": bound_s, "hbm_bound_fraction": bound_s / step_s, "weights": "bfloat16 copy"}
+    out = {"batch": batch, "scan_decode": config.scan_decode, "cache_block": config.cache_block,
+           "prompt": shapes.prompt, "new": shapes.new,
+           "step_s": step_s, "full_s": full_s,
+           "one_token_s": one_s, "tokens_per_s": batch / step_s, "compile_s": compile_s, "step_bytes": step_bytes,
+           "hbm_bound_step_s": bound_s, "hbm_bound_fraction": bound_s / step_s, "weights": "bfloat16 copy"}
+    if profiled:
+        out["profile"] = profile(full)
+    return out
 
 
 def ppo_check(config: ModelConfig, params: Any, shapes: Shapes, peak: float, bandwidth: float) -> dict[str, Any]:
@@ -273,7 +293,7 @@ def main(argv: list[str] | None = None) -> None:
     for impl, policy in SFT_SETTINGS:
         sft = part(f"sft[{impl},{policy}]",
                    lambda: sft_check(config.replace(attention_impl=impl, remat_policy=policy), params, shapes, peak,
-                                     repeats), 0, lambda out: result.update(sft=out))
+                                     repeats, profiled=True), 0, lambda out: result.update(sft=out))
         if sft is not None:
             settings = {"attention_impl": impl, "remat_policy": policy}
             break
@@ -284,7 +304,7 @@ def main(argv: list[str] | None = None) -> None:
     for scan_decode in (True, False):  # decode scanned, then unrolled; the faster one serves the rest
         part(f"decode[{batches[0]},scan_decode={scan_decode}]",
              lambda: decode_check(config.replace(scan_decode=scan_decode), params16, batches[0], shapes, bandwidth,
-                                  repeats), 0 if scan_decode else 80, result["decode"].append)
+                                  repeats, profiled=not scan_decode), 0 if scan_decode else 80, result["decode"].append)
     if result["decode"]:
         best = min(result["decode"], key=lambda d: d["step_s"])
         config = config.replace(scan_decode=best["scan_decode"])

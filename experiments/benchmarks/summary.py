@@ -155,6 +155,19 @@ def _scaling(d: Mapping[str, Any]) -> Iterator[Row]:
                   devices[0]["seconds"], unit="s", higher_is_better=False)
 
 
+def _profile_rows(what: str, profile: Mapping[str, Any] | None) -> Iterator[Row]:
+    """A profiled call (``profile_summary``): its kernels' busy time against its wall time, and
+    the matmuls' share of the kernel time."""
+    if not profile or not profile.get("wall_s"):
+        return
+    yield Row("gpu_check", f"{what}: kernels busy vs the call's wall time (profiled)", profile["busy_s"],
+              profile["wall_s"], unit="s")
+    kernel_s = sum(profile["by_category"].values())
+    if kernel_s:
+        yield Row("gpu_check", f"{what}: matmul share of the kernel time (profiled)",
+                  profile["by_category"].get("matmul", 0.0) / kernel_s, unit="%")
+
+
 def _gpu_check(d: Mapping[str, Any]) -> Iterator[Row]:
     """Issue 18's targets on the 1.1B Llama (``gpu_check.TARGETS``), then the figures around them."""
     targets = d.get("targets", {})
@@ -164,6 +177,7 @@ def _gpu_check(d: Mapping[str, Any]) -> Iterator[Row]:
                   f"remat {sft['remat_policy']})", sft["mfu"], target=targets.get("sft_mfu"), target_on="ours",
                   unit="%")
         yield Row("gpu_check", "1.1B SFT step: compile", sft["compile_s"], unit="s", higher_is_better=False)
+        yield from _profile_rows("1.1B SFT step", sft.get("profile"))
     decode = d.get("decode", [])
     best = {}  # the headline batch's faster form carries the target
     for r in decode:
@@ -176,6 +190,7 @@ def _gpu_check(d: Mapping[str, Any]) -> Iterator[Row]:
                   r["hbm_bound_fraction"], target=targets.get("decode_hbm_fraction") if r is best else None,
                   target_on="ours", unit="%")
         yield Row("gpu_check", f"1.1B decode batch {r['batch']}{form}: tokens/s", r["tokens_per_s"], unit="tok/s")
+        yield from _profile_rows(f"1.1B decode batch {r['batch']}{form} ({r['new']} steps)", r.get("profile"))
     ppo = d.get("ppo")
     if ppo:
         shape = f"{ppo['prompts']}×({ppo['prompt']}+{ppo['new']}), {ppo['minibatches']} minibatches"
