@@ -105,7 +105,7 @@ class Bench:
     n_kv_heads: int | None = None
     d_ff: int | None = None
     tie_embeddings: bool = True
-    minibatches: int = 1  # TRL: num_mini_batches, per_device_train_batch_size = batch / minibatches
+    minibatches: int = 1  # optimizer steps per epoch (TRL: num_mini_batches of its per-device batch = batch)
     dtype: str = "float32"  # ours: the compute dtype (float32 master weights); TRL: its weights' dtype and autocast
     scan_layers: bool = False  # ours only, applied after loading (not in the checkpoint)
     logits_chunk: int = 0  # ours only, likewise
