@@ -10,8 +10,8 @@
 #   call 3  carry [.gpu2]  bash experiments/gpu_lease.sh recipe   # GGUF part 2; join; the recipe
 #
 # The suite's TRL peer (ppo_step_gpu) needs TRL 1.9.0, which the GPU machine lacks: its wheels and
-# the ones it needs there (55 MB, pyarrow most of it) go in .whl, installed to /tmp/site for the
-# machine's python; TRL_PYTHON=/path/to/python instead names an interpreter that has TRL. With
+# the ones it needs there (55 MB, pyarrow most of it) go in .whl, installed to /tmp/site-packages
+# for the machine's python; TRL_PYTHON=/path/to/python instead names an interpreter that has TRL. With
 # neither, the suite skips the peer and says why. Without the peer: SUITE_ONLY=gpu_check.
 # Recipe variations: RECIPE_NAME=NAME RECIPE_SET="name=NAME key=value ..." (extra --set overrides);
 # RECIPE_TIMEOUT (seconds, default 480) stops the recipe in time for its outputs to be copied.
@@ -44,8 +44,10 @@ keep)  # the first call's carried part 1 and data, kept outside the tree for the
   ;;
 suite)
   if [ -z "${TRL_PYTHON:-}" ] && ls .whl/*.whl >/dev/null 2>&1; then  # the carried TRL wheels, for this python
-    $py -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-      && export PYTHONPATH=$PYTHONPATH:/tmp/site && TRL_PYTHON=$(command -v "$py")
+    # A folder named site-packages: dill (datasets' hasher) pickles modules from other folders by
+    # value, and fails on pyarrow's types there ("Can't pickle <class 'MonthDayNano'>").
+    $py -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site-packages \
+      .whl/*.whl && export PYTHONPATH=$PYTHONPATH:/tmp/site-packages && TRL_PYTHON=$(command -v "$py")
   fi
   only=(); [ -n "${SUITE_ONLY:-}" ] && only=(--only $SUITE_ONLY)
   suite=(--suite gpu --trl-python "${TRL_PYTHON:-none}" "${only[@]}" --out "$OUT/suite")

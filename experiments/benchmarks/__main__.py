@@ -87,14 +87,17 @@ def _no_trl(o: Options) -> str | None:
 
 
 def _trl_not_importable(o: Options) -> str | None:
-    """``_no_trl``, and whether that interpreter imports ``trl`` (on a GPU machine: the system
-    python with the carried wheels on its ``PYTHONPATH``, see ``experiments/gpu_lease.sh``)."""
+    """``_no_trl``, and whether that interpreter imports ``trl`` and makes a ``datasets.Dataset``
+    (on a GPU machine: the system python with the carried wheels on its ``PYTHONPATH``, see
+    ``experiments/gpu_lease.sh``)."""
     reason = _no_trl(o)
     if reason:
         return reason
-    probe = subprocess.run([o.trl_python, "-c", "import trl, datasets"], capture_output=True, text=True)
+    # the runner's first use of datasets too: a dataset's fingerprint pickles pyarrow's types
+    probe = subprocess.run([o.trl_python, "-c", "import trl, datasets; datasets.Dataset.from_dict({'x': [[1]]})"],
+                           capture_output=True, text=True)
     if probe.returncode:
-        return f"{o.trl_python} cannot import trl and datasets: {(probe.stderr.strip().splitlines() or ['?'])[-1]}"
+        return f"{o.trl_python} cannot run trl and datasets: {(probe.stderr.strip().splitlines() or ['?'])[-1]}"
     return None
 
 
