@@ -5,7 +5,7 @@
 # back-to-back calls. A carried folder did not survive into the next call on 2026-12-04, but /tmp
 # did, so the call that carries GGUF part 1 keeps it there:
 #
-#   call 1  carry [.whl]   bash experiments/gpu_lease.sh suite    # the GPU suite + TRL peer (about 7 min)
+#   call 1  carry [.whl]   bash experiments/gpu_lease.sh suite    # the GPU suite + TRL peer (6 to 8 min)
 #   call 2  carry [.gpu1]  bash experiments/gpu_lease.sh keep     # GGUF part 1 + data -> /tmp/keep1
 #   call 3  carry [.gpu2]  bash experiments/gpu_lease.sh recipe   # GGUF part 2; join; the recipe
 #
