@@ -230,12 +230,13 @@ def test_gpu_suite_dry_run_on_cpu(tmp_path):
     check = json.loads((tmp_path / "out" / "gpu_check.json").read_text())
     assert check["errors"] == {} and check["skipped"] == [], (check["errors"], check["skipped"])
     assert check["config"]["scan_layers"] and check["config"]["dtype"] == "bfloat16"
-    # the headline batch and the sweep unrolled (the default), then batch 4 scanned and with the cache
-    # in blocks of new / 2; every part timed, in the order run
-    assert [(d["batch"], d["scan_decode"], d["cache_block"]) for d in check["decode"]] == \
-        [(4, False, 0), (2, False, 0), (4, True, 0), (4, False, 4)]
+    # the headline batch and the sweep unrolled (the default), then batch 4 compiled with XLA's
+    # command buffers (an option the CPU ignores), with the cache in blocks of new / 2, and scanned;
+    # every part timed, in the order run
+    assert [(d["batch"], d["scan_decode"], d["cache_block"], bool(d["compiler_options"])) for d in check["decode"]] \
+        == [(4, False, 0, False), (2, False, 0, False), (4, False, 0, True), (4, False, 4, False), (4, True, 0, False)]
     assert list(check["part_s"]) == ["sft[auto,none]", "decode[4]", "ppo", "decode[2]", "ppo_phases",
-                                     "decode[4,scan_decode=True]", "decode[4,cache_block=4]"]
+                                     "decode[4,command_buffers]", "decode[4,cache_block=4]", "decode[4,scan_decode=True]"]
     assert check["setup_s"] > 0 and all(s > 0 for s in check["part_s"].values())
     assert set(check["ppo"]["phases_s"]) == {"rollout", "experience", "update"}
     # the SFT step and the unrolled decode profiled (on a CPU: XLA:CPU's ops on the host)

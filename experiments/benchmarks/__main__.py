@@ -13,10 +13,11 @@ peer, ratio, target, met?) is printed and written to ``DIR/summary.json``.
   ppo_step (vs TRL 1.9.0, skipped without a TRL interpreter), roofline, scaling.
 - ``gpu``: gpu_check (issue 18's targets on the 1.1B Llama with scanned layers: SFT MFU at
   8 × 2048, bf16-weight decode vs the HBM bound at batch 64 and the 32/128/256 sweep, one
-  PPO-ptx iteration with its compile time and phase split; then, budget allowing, the scanned and
-  the blocked decode), within a 240 s budget and a hard stop at 280 s that keeps what was
-  measured, so it ends within 5 minutes on an H200 (the 2026-12-04 run had 170 s and skipped the
-  sweep at 128 and 256 and the phase split; each part's seconds are now in its JSON); then
+  PPO-ptx iteration with its compile time and phase split; then, budget allowing, the batch-64
+  decode under XLA's command buffers, with the cache in blocks, and scanned), within a 240 s
+  budget and a hard stop at 280 s that keeps what was measured, so it ends within 5 minutes on
+  an H200 (the 2026-12-04 run had 170 s and skipped the sweep at 128 and 256 and the phase
+  split; each part's seconds are now in its JSON); then
   ``ppo_step_gpu``: ppo_step's 1.1B peer (``--shape llama-1b``: our PPO iteration against TRL
   1.9.0's ``PPOTrainer`` on the same GPU, bf16, 64 prompts × (128 + 128), 4 minibatches, one
   epoch, with the generation ratio), skipped with the reason when ``--trl-python`` cannot import

@@ -16,9 +16,12 @@
    (rollout: prefill FLOPs / peak + 128 steps at the HBM bound; experience and update: their
    FLOPs / peak).
 
-Last, budget allowing, two other forms of the batch-64 decode: scanned (``scan_decode=True``,
-1.8× slower than unrolled on the 2026-12-04 H200 run) and with ``ModelConfig.cache_block`` at half
-the new tokens (three decode loops over caches of 128, 192 and 256 slots).
+Last, budget allowing, three other forms of the batch-64 decode: compiled with XLA's command
+buffers for while loops and conditionals too (``COMMAND_BUFFERS``: whether the step, 3.5× its
+bandwidth bound on the 2026-12-04 H200 run, is held back by per-kernel launches and the loop's
+host round trips), with ``ModelConfig.cache_block`` at half the new tokens (three decode loops
+over caches of 128, 192 and 256 slots), and scanned (``scan_decode=True``, 1.8× slower than
+unrolled on that run).
 
 The SFT step that counts and the unrolled batch-64 decode are each run once more under the
 profiler (``profile_summary.profile``): their kernels' time by category (matmul, attention,
@@ -26,7 +29,7 @@ copy, fusion/other), the top kernels, and the device's busy time against the cal
 (``busy_fraction``: well under 1 means launch- or loop-bound), in the part's ``"profile"``.
 
 Order: what issue 18 asks for first (SFT, decode at batch 64, the PPO iteration, the other
-decode batches, the phase split), then the two other decode forms.  The 2026-12-04 run, in its
+decode batches, the phase split), then the other decode forms.  The 2026-12-04 run, in its
 old order and a 170 s budget, skipped the sweep at 128 and 256 and the phase split.  Each part's
 seconds, compiles included, go to ``"part_s"`` (and ``"setup_s"`` for the parameters' start), so
 the next budget can be set from them.
@@ -60,7 +63,7 @@ import optax
 from experiments.benchmarks.common import device_spec, machine_info, timed, write_json
 from experiments.benchmarks.flops import decode_step_bytes, forward_flops, train_step_flops
 from experiments.benchmarks.profile_summary import profile
-from rlhf_jax.generation import GenerateConfig, generate
+from rlhf_jax.generation import GenerateConfig, generate_traced
 from rlhf_jax.model import ModelConfig, Transformer, cast_floating, init_params
 from rlhf_jax.ppo import (PPOConfig, PPOModels, experience_phase, init_ppo_state, make_ppo_iteration, rollout_phase,
                           update_phase)
@@ -75,6 +78,10 @@ MICRO = ModelConfig(arch="llama", vocab_size=256, d_model=64, n_layers=2, n_head
 
 # (attention_impl, remat_policy) of the SFT step, best first
 SFT_SETTINGS = (("auto", "none"), ("xla", "dots"), ("xla", "full"))
+# XLA:GPU's command buffers (CUDA graphs) with while loops and conditionals in them too, so that a
+# decode loop's steps can run as graphs rather than one launch per kernel and a host round trip per
+# step; an option of the compile, not of the process (other backends ignore it)
+COMMAND_BUFFERS = {"xla_gpu_enable_command_buffer": "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL"}
 # issue 18's targets
 TARGETS = {"sft_mfu": 0.45, "decode_hbm_fraction": 0.60, "ppo_iteration_s": 0.8, "ppo_compile_s": 30.0}
 
@@ -141,19 +148,31 @@ def sft_check(config: ModelConfig, params: Any, shapes: Shapes, peak: float, rep
 
 
 def decode_check(config: ModelConfig, params16: Any, batch: int, shapes: Shapes, bandwidth: float,
-                 repeats: int, profiled: bool = False) -> dict[str, Any]:
+                 repeats: int, profiled: bool = False,
+                 compiler_options: dict[str, str] | None = None) -> dict[str, Any]:
     """Seconds per decode step from bf16 weights (prefill removed) against the HBM bound;
-    ``profiled``: then one more ``new``-token call under the profiler (as in ``sft_check``)."""
+    ``profiled``: then one more ``new``-token call under the profiler (as in ``sft_check``);
+    ``compiler_options``: XLA options for these two programs only (``Lowered.compile``)."""
     model = Transformer(config)
     ids = jax.random.randint(jax.random.PRNGKey(3), (batch, shapes.prompt), 0, config.vocab_size)
     mask = jnp.ones_like(ids)
+    key = jax.random.PRNGKey(4)
+    jitted = jax.jit(generate_traced, static_argnames=("model", "config"))  # generate's program, compiled here
 
     def run(new: int) -> Callable[[], Any]:
         gen = GenerateConfig(max_new_tokens=new, greedy=True)
-        return lambda: jax.block_until_ready(generate(model, params16, ids, mask, jax.random.PRNGKey(4), gen).tokens)
+        compiled = None
+
+        def call() -> Any:
+            nonlocal compiled
+            if compiled is None:
+                compiled = jitted.lower(model, params16, ids, mask, key, gen).compile(compiler_options)
+            return jax.block_until_ready(compiled(params16, ids, mask, key).tokens)
+
+        return call
 
     full, one = run(shapes.new), run(1)
-    compile_s = timed(full) + timed(one)
+    compile_s = timed(full) + timed(one)  # each first call compiles its program
     full_t, one_t = [], []
     for _ in range(repeats):
         full_t.append(timed(full))
@@ -164,6 +183,7 @@ def decode_check(config: ModelConfig, params16: Any, batch: int, shapes: Shapes,
     step_bytes = decode_step_bytes(config, batch, context, weight_bytes=2)
     bound_s = step_bytes / bandwidth
     out = {"batch": batch, "scan_decode": config.scan_decode, "cache_block": config.cache_block,
+           "compiler_options": compiler_options or {},
            "prompt": shapes.prompt, "new": shapes.new,
            "step_s": step_s, "full_s": full_s,
            "one_token_s": one_s, "tokens_per_s": batch / step_s, "compile_s": compile_s, "step_bytes": step_bytes,
@@ -321,13 +341,17 @@ def main(argv: list[str] | None = None) -> None:
              result["decode"].append)
     if ppo is not None:
         part("ppo_phases", lambda: ppo_phases(run[0], ppo["floors_s"]), 40, result["ppo"].update)
-    # the other forms of the headline decode: scanned, then the cache grown in two blocks past the prompt
-    part(f"decode[{batches[0]},scan_decode=True]",
-         lambda: decode_check(config.replace(scan_decode=True), params16, batches[0], shapes, bandwidth, 2), 20,
-         result["decode"].append)
+    # other forms of the headline decode: under XLA's command buffers, with the cache grown in two
+    # blocks past the prompt, scanned
+    part(f"decode[{batches[0]},command_buffers]",
+         lambda: decode_check(config, params16, batches[0], shapes, bandwidth, 2, compiler_options=COMMAND_BUFFERS),
+         25, result["decode"].append)
     block = shapes.new // 2
     part(f"decode[{batches[0]},cache_block={block}]",
          lambda: decode_check(config.replace(cache_block=block), params16, batches[0], shapes, bandwidth, 2), 40,
+         result["decode"].append)
+    part(f"decode[{batches[0]},scan_decode=True]",
+         lambda: decode_check(config.replace(scan_decode=True), params16, batches[0], shapes, bandwidth, 2), 20,
          result["decode"].append)
     result["seconds"] = time.time() - start
     save()

@@ -186,6 +186,7 @@ def _gpu_check(d: Mapping[str, Any]) -> Iterator[Row]:
     for r in decode:
         form = "" if "scan_decode" not in r else ", scanned" if r["scan_decode"] else ", unrolled"
         form += f", cache_block={r['cache_block']}" if r.get("cache_block") else ""
+        form += ", XLA command buffers" if r.get("compiler_options") else ""
         yield Row("gpu_check", f"1.1B decode batch {r['batch']} (bf16 weights{form}): fraction of the HBM bound",
                   r["hbm_bound_fraction"], target=targets.get("decode_hbm_fraction") if r is best else None,
                   target_on="ours", unit="%")
