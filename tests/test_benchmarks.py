@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import jax
@@ -216,6 +217,49 @@ def test_gpu_suite_trl_peer_dry_run_on_cpu(tmp_path):
     assert result["ours"]["split"]["gen"] > 0 and trl["split"]["gen"] > 0
     rows = [r for r in record["summary"] if r["benchmark"] == "ppo_step_gpu"]
     assert [r["target"] for r in rows] == [5.0, None] and all(r["ratio"] for r in rows)
+
+
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` runs (a zombie waiting for its parent does not)."""
+    try:
+        return "State:\tZ" not in Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return False
+
+
+def test_run_step_kills_the_step_and_what_it_started_at_its_timeout(tmp_path):
+    """A step past its timeout is killed with its children (ppo_step's TRL runner), and says so
+    by returning None; one that ends in time returns its exit code."""
+    from experiments.benchmarks.__main__ import run_step
+
+    parent = ("import subprocess, sys, time; "
+              "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'], "
+              "stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL); "  # not holding the step's output open
+              "print('pid', child.pid, flush=True); time.sleep(120)")
+    log = tmp_path / "step.log"
+    assert run_step([sys.executable, "-c", parent], log, dict(os.environ), timeout_s=3.0) is None
+    child = next(int(line.split()[1]) for line in log.read_text().splitlines() if line.startswith("pid "))
+    for _ in range(50):  # the killed child is reaped by whoever adopted it
+        if not _alive(child):
+            break
+        time.sleep(0.1)
+    assert not _alive(child)
+    assert run_step([sys.executable, "-c", "import sys; sys.exit(3)"], log, dict(os.environ), timeout_s=60.0) == 3
+
+
+@pytest.mark.slow
+def test_suite_time_limit_keeps_what_was_measured(tmp_path):
+    """``--time-limit-s``: gpu_check's dry run is cut off mid-run (status ``timeout``), the TRL
+    peer after it is skipped for the spent time, and the summary is still written."""
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "experiments.benchmarks", "--suite", "gpu", "--dry-run",
+                           "--time-limit-s", "8", "--trl-python", str(tmp_path / "no-python"), "--out", str(out)],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    record = json.loads((out / "summary.json").read_text())
+    assert record["steps"]["gpu_check"]["status"] == "timeout"
+    assert record["steps"]["gpu_check"]["seconds"] < 60  # killed, not run to its end
+    assert record["steps"]["ppo_step_gpu"] == {"status": "skipped", "reason": "the suite's time limit (8 s) is spent"}
 
 
 @pytest.mark.slow

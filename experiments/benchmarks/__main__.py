@@ -1,13 +1,17 @@
 """The benchmark suite: every benchmark of a suite in turn, then one summary table.
 
     python -m experiments.benchmarks --suite cpu [--quick] [--dry-run] [--out DIR] [--trl-python PATH]
-    python -m experiments.benchmarks --suite gpu [--dry-run] [--out DIR]
+    python -m experiments.benchmarks --suite gpu [--dry-run] [--out DIR] [--time-limit-s S]
     python -m experiments.benchmarks --suite gpu-extra [--quick] [--dry-run] [--out DIR]
 
 Each benchmark runs as its own process (``python -m experiments.benchmarks.<name> ... --json
 DIR/<name>.json``; its output is shown and kept in ``DIR/<name>.log``), so one's device count,
 memory and compile cache do not leak into the next.  Then the summary (``summary.py``: ours,
-peer, ratio, target, met?) is printed and written to ``DIR/summary.json``.
+peer, ratio, target, met?) is printed and written to ``DIR/summary.json``.  With
+``--time-limit-s`` a benchmark still running when the suite's time is spent is killed with the
+processes it started (status ``timeout``; what its JSON already holds is kept) and the rest are
+skipped, so the summary is written even then (``experiments/gpu_lease.sh`` sets it inside the
+device call's limit).
 
 - ``cpu``: generation (vs ``transformers.generate``), train_step (SFT and RM vs ``torch``),
   ppo_step (vs TRL 1.9.0, skipped without a TRL interpreter), roofline, scaling.
@@ -40,8 +44,10 @@ import datetime
 import json
 import os
 import shlex
+import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -141,15 +147,35 @@ def command(step: Step, o: Options) -> list[str]:
     return [*base, *step.args(o), "--json", str(o.out / f"{step.name}.json")]
 
 
-def run_step(cmd: list[str], log: Path, env: dict[str, str]) -> int:
-    """Runs ``cmd`` from the repository root, echoing its output and keeping it in ``log``."""
+def run_step(cmd: list[str], log: Path, env: dict[str, str], timeout_s: float | None = None) -> int | None:
+    """Runs ``cmd`` from the repository root, echoing its output and keeping it in ``log``.
+    Returns its exit code, or None when it ran past ``timeout_s``: then it and every process it
+    started (its own session: ppo_step's TRL runner too) are killed."""
     with open(log, "w") as f:
         f.write(f"$ {shlex.join(cmd)}\n")
-        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        for line in proc.stdout:
-            sys.stdout.write(line)
-            f.write(line)
-        return proc.wait()
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True)
+        fired = threading.Event()
+
+        def kill() -> None:
+            fired.set()
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+        timer = threading.Timer(max(timeout_s, 0.0), kill) if timeout_s is not None else None
+        if timer:
+            timer.start()
+        try:
+            for line in proc.stdout:
+                sys.stdout.write(line)
+                f.write(line)
+            rc = proc.wait()
+        finally:
+            if timer:
+                timer.cancel()
+        return None if fired.is_set() else rc
 
 
 def has_accelerator() -> bool:
@@ -169,7 +195,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--trl-python", default=os.environ.get("TRL_PYTHON", DEFAULT_TRL_PYTHON),
                         help=f"python of TRL 1.9.0's virtualenv for ppo_step (default $TRL_PYTHON or {DEFAULT_TRL_PYTHON})")
     parser.add_argument("--only", nargs="+", default=None, help="run only these benchmarks of the suite")
+    parser.add_argument("--time-limit-s", type=float, default=None,
+                        help="stop the suite after this many seconds: a benchmark still running then is killed "
+                             "(status 'timeout', what its JSON holds is kept) and the summary is still written")
     args = parser.parse_args(argv)
+    suite_start = time.perf_counter()
     steps = SUITES[args.suite]
     if args.only:
         unknown = set(args.only) - {s.name for s in steps}
@@ -194,18 +224,21 @@ def main(argv: list[str] | None = None) -> int:
                               "load_avg_start": list(os.getloadavg()), "steps": {}}
     results: dict[str, Any] = {}
     for step in steps:
-        reason = step.skip(o)
+        left = None if args.time_limit_s is None else args.time_limit_s - (time.perf_counter() - suite_start)
+        reason = (f"the suite's time limit ({args.time_limit_s:.0f} s) is spent" if left is not None and left <= 0
+                  else step.skip(o))
         if reason and not (dry_run and step.dry == "help"):
             print(f"\n=== {step.name}: SKIPPED: {reason}", flush=True)
             record["steps"][step.name] = {"status": "skipped", "reason": reason}
             continue
         cmd = command(step, o)
         print(f"\n=== {step.name}: {shlex.join(cmd[1:])}", flush=True)
-        start = time.perf_counter()
-        rc = run_step(cmd, out / f"{step.name}.log", env)
-        seconds = time.perf_counter() - start
         json_path = out / f"{step.name}.json"
-        status = "failed" if rc else "checked" if "--help" in cmd else "ok"
+        json_path.unlink(missing_ok=True)  # an earlier run's, in the same folder
+        start = time.perf_counter()
+        rc = run_step(cmd, out / f"{step.name}.log", env, left)
+        seconds = time.perf_counter() - start
+        status = "timeout" if rc is None else "failed" if rc else "checked" if "--help" in cmd else "ok"
         record["steps"][step.name] = {"status": status, "returncode": rc, "seconds": seconds, "command": shlex.join(cmd)}
         print(f"=== {step.name}: {status} in {seconds:.0f} s", flush=True)
         if status != "checked" and json_path.exists():  # a run cut short (gpu_check's hard limit) keeps its figures
@@ -221,9 +254,9 @@ def main(argv: list[str] | None = None) -> int:
           f"results in {out})\n")
     print(summary_table(rows) if rows else "(no results)")
     for name, s in record["steps"].items():
-        if s["status"] in ("skipped", "failed"):
+        if s["status"] in ("skipped", "failed", "timeout"):
             print(f"{name}: {s['status']}" + (f" ({s['reason']})" if s.get("reason") else f", see {out / name}.log"))
-    return 1 if any(s["status"] == "failed" for s in record["steps"].values()) else 0
+    return 1 if any(s["status"] in ("failed", "timeout") for s in record["steps"].values()) else 0
 
 
 if __name__ == "__main__":
