@@ -160,19 +160,15 @@ def decode_check(config: ModelConfig, params16: Any, batch: int, shapes: Shapes,
     jitted = jax.jit(generate_traced, static_argnames=("model", "config"))  # generate's program, compiled here
 
     def run(new: int) -> Callable[[], Any]:
+        """A blocking call of the program for ``new`` tokens, compiled here."""
         gen = GenerateConfig(max_new_tokens=new, greedy=True)
-        compiled = None
+        compiled = jitted.lower(model, params16, ids, mask, key, gen).compile(compiler_options)
+        return lambda: jax.block_until_ready(compiled(params16, ids, mask, key).tokens)
 
-        def call() -> Any:
-            nonlocal compiled
-            if compiled is None:
-                compiled = jitted.lower(model, params16, ids, mask, key, gen).compile(compiler_options)
-            return jax.block_until_ready(compiled(params16, ids, mask, key).tokens)
-
-        return call
-
+    start = time.perf_counter()
     full, one = run(shapes.new), run(1)
-    compile_s = timed(full) + timed(one)  # each first call compiles its program
+    full(), one()
+    compile_s = time.perf_counter() - start  # both programs' compiles and first calls
     full_t, one_t = [], []
     for _ in range(repeats):
         full_t.append(timed(full))
@@ -304,16 +300,17 @@ def main(argv: list[str] | None = None) -> None:
             result["skipped"].append(name)
             print(f"{name}: skipped (budget)", flush=True)
             return None
-        part_start = time.time()
+        part_start, error = time.time(), None
         try:
             out = fn()
         except Exception as e:  # noqa: BLE001 - record it and go on with the other parts
             result["errors"][name] = f"{type(e).__name__}: {e}"[:2000]
-            result["part_s"][name] = time.time() - part_start
-            print(f"{name}: FAILED after {result['part_s'][name]:.0f} s\n{traceback.format_exc()[-3000:]}", flush=True)
+            error = traceback.format_exc()[-3000:]
+        seconds = result["part_s"][name] = time.time() - part_start
+        if error is not None:
+            print(f"{name}: FAILED after {seconds:.0f} s\n{error}", flush=True)
             return None
-        result["part_s"][name] = time.time() - part_start
-        print(f"{name} ({result['part_s'][name]:.0f} s, {time.time() - start:.0f} s in all)",
+        print(f"{name} ({seconds:.0f} s, {time.time() - start:.0f} s in all)",
               {k: v for k, v in out.items() if not isinstance(v, (list, dict, tuple))}, flush=True)
         store(out)
         save()
