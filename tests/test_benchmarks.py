@@ -157,6 +157,15 @@ def test_summary_rows_from_benchmark_json():
     floor = summary_rows({"roofline": {"decode": [{**roof["decode"][0], "floor_s": 0.004}]}})[2]
     assert floor.ours == pytest.approx(1.5) and floor.met is True and floor.cells()[5] == "≤ 1.5"
     assert summary_rows({"roofline": {"decode": [{**roof["decode"][0], "floor_s": 0.0035}]}})[2].met is False
+    # the rows split over host devices: each form against the floor and against the floor split alike
+    split = {"devices": 2, "cache_block": 16, "step": {"step_s": 0.0055}, "blocked": {"step_s": 0.005},
+             "floor_s": 0.003}
+    rows = summary_rows({"roofline": {"decode": [{**roof["decode"][0], "floor_s": 0.004, "split": split}]}})[3:]
+    assert [(r.metric.split(": ")[1], round(r.ours, 4), r.met) for r in rows] == [
+        ("the same on 2 host devices", 1.375, True),
+        ("the same on 2 host devices ÷ the floor split alike", 1.8333, False),
+        ("the same, cache_block=16 on 2 host devices", 1.25, True),
+        ("the same, cache_block=16 on 2 host devices ÷ the floor split alike", 1.6667, False)]
 
 
 def test_linear_fit():
@@ -186,6 +195,13 @@ def test_cpu_suite_dry_run_end_to_end(tmp_path):
     for name in ("train_step", "roofline", "scaling"):
         assert json.loads((out / f"{name}.json").read_text())
     assert (out / "scaling.png").stat().st_size > 0
+    roof = json.loads((out / "roofline.json").read_text())["decode"]
+    # batch 32 also split over the host devices (one per core by default), batch 1 cannot be
+    assert [r["batch"] for r in roof] == [1, 32] and roof[0]["split"] is None
+    if (os.cpu_count() or 1) > 1:
+        split = roof[1]["split"]
+        assert split["devices"] == os.cpu_count() and split["step"]["step_s"] > 0 and split["blocked"]["step_s"] > 0
+        assert split["floor_s"] == pytest.approx(split["matmuls_s"] + split["attention_s"])
     train = json.loads((out / "train_step.json").read_text())
     assert [r["kind"] for r in train["results"]] == ["sft", "rm"]
     for r in train["results"]:  # ours and the torch peer, whose first two losses matched

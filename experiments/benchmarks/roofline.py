@@ -35,17 +35,25 @@ On a CPU the step is timed a second time with ``ModelConfig.cache_block`` (``--c
 default 16 there): the KV cache grown B slots at a time, so a step attends to the filled slots
 rounded up to B rather than to all ``prompt + new`` slots; the floor stays the issue's.
 
+With several host devices (``--host-devices D``, on a CPU default the cores: one device per core)
+each decode whose batch D divides is timed a third way, its rows split over the D devices with
+the weights replicated (``generation.py --data-parallel``'s form), in both cache forms.  Each
+split step is set against the issue's floor and against the floor's loops split the same way
+(each device's share of the rows, run side by side: the split floor), since each device then
+runs its own thin matmuls and its own single-threaded attention at once.
+
 Under load (the shared 2-core machine) the step and the floor's loops are timed in the same
 rounds, one call each in turn, so the load hits both alike; the ratio's range over the rounds is
 printed next to the ratio of the medians.
 
     python -m experiments.benchmarks.roofline [--quick] [--repeats N] [--models tiny small] [--new N]
-        [--cache-block B] [--json out.json]
+        [--cache-block B] [--host-devices D] [--json out.json]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import os
 import statistics
@@ -55,6 +63,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from experiments.benchmarks.common import (
     device_spec,
@@ -70,6 +79,7 @@ from experiments.benchmarks.flops import decode_bound_tokens_per_s, decode_matmu
 from experiments.benchmarks.shapes import CASES
 from rlhf_jax.generation import GenerateConfig, generate
 from rlhf_jax.model import Transformer, init_params
+from rlhf_jax.sharding import MeshConfig, make_mesh
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,20 +108,35 @@ def decode_cases(models: list[str], on_cpu: bool, new: int | None = None) -> lis
 Timed = list[tuple[float, Callable[[], Any]]]  # (weight, blocking call): a part's time is Σ weight · median
 
 
-def decode_calls(case: Decode, dtype: str, cache_block: int = 0) -> tuple[dict[str, Any], Timed, Timed]:
+def _place(x: Any, mesh: Mesh | None, batch: bool = True) -> Any:
+    """``x`` as it is (``mesh`` None), or on ``mesh``: split over its ``data`` axis (``batch``) or
+    replicated."""
+    if mesh is None:
+        return x
+    return jax.device_put(x, NamedSharding(mesh, PartitionSpec("data") if batch else PartitionSpec()))
+
+
+def decode_calls(case: Decode, dtype: str, cache_block: int = 0,
+                 mesh: Mesh | None = None) -> tuple[dict[str, Any], Timed, Timed]:
     """The model config and two blocking calls of ``generate`` (greedy, no stop): ``case.new`` new
     tokens and 1 new token (the step is their difference over ``new − 1``), with
-    ``ModelConfig.cache_block`` set to ``cache_block``."""
+    ``ModelConfig.cache_block`` set to ``cache_block``.  With a ``mesh`` (a ``data`` axis) the
+    prompts are split over its devices and the weights replicated, as ``generation.py
+    --data-parallel`` runs them: each device decodes its rows."""
     model = Transformer(CASES[case.model].model_config("lm", dtype).replace(cache_block=cache_block))
-    params = jax.jit(lambda k: init_params(model, k))(jax.random.key(0))
+    params = _place(jax.jit(lambda k: init_params(model, k))(jax.random.key(0)), mesh, batch=False)
     rng = np.random.default_rng(0)
     ids = jnp.asarray(rng.integers(1, model.config.vocab_size, (case.batch, case.prompt)), jnp.int32)
-    mask = jnp.ones_like(ids)
+    ids, mask = _place(ids, mesh), _place(jnp.ones_like(ids), mesh)
 
     def run(new: int) -> Timed:
         config = GenerateConfig(new, greedy=True)
-        return [(1.0, lambda: jax.block_until_ready(generate(model, params, ids, mask, jax.random.key(1),
-                                                             config).tokens))]
+
+        def call() -> Any:
+            with contextlib.nullcontext() if mesh is None else jax.set_mesh(mesh):
+                return jax.block_until_ready(generate(model, params, ids, mask, jax.random.key(1), config).tokens)
+
+        return [(1.0, call)]
 
     return dataclasses.asdict(model.config), run(case.new), run(1)
 
@@ -124,14 +149,15 @@ def _loop(body: Any, init: Any, loops: int, operands: Any = ()) -> Callable[[], 
     return lambda: jax.block_until_ready(loop(init, operands))
 
 
-def matmul_calls(config: Any, batch: int, dtype: str, loops: int) -> tuple[Timed, float]:
+def matmul_calls(config: Any, batch: int, dtype: str, loops: int, mesh: Mesh | None = None) -> tuple[Timed, float]:
     """The decode step's weight matmuls alone (see the module docstring), one loop per shape
-    weighted by ``count / loops``, and their FLOPs."""
+    weighted by ``count / loops``, and their FLOPs.  With a ``mesh``, split as ``decode_calls``
+    splits the step: the rows over the ``data`` axis, each weight replicated."""
     rng = np.random.default_rng(0)
     calls, flops = [], 0.0
     for k, n, count in decode_matmul_shapes(config):
-        x = jnp.asarray(rng.standard_normal((batch, k)), dtype)
-        w = jnp.asarray(rng.standard_normal((k, n)) * 0.01, dtype)
+        x = _place(jnp.asarray(rng.standard_normal((batch, k)), dtype), mesh)
+        w = _place(jnp.asarray(rng.standard_normal((k, n)) * 0.01, dtype), mesh, batch=False)
         calls.append((count / loops, _loop(lambda x, w: x + (x @ w)[:, :1] * 1e-9, x, loops, w)))
         flops += 2 * batch * k * n * count
     return calls, flops
@@ -179,18 +205,19 @@ def torch_matmul_s(config: Any, batch: int, repeats: int, loops: int) -> float |
 
 
 def attention_calls(config: Any, batch: int, slots: int, dtype: str, loops: int, form: str = "dot",
-                    own_caches: bool = False) -> Timed:
+                    own_caches: bool = False, mesh: Mesh | None = None) -> Timed:
     """The decode step's one-query attention alone, in a dependent ``fori_loop``, over ``[batch,
     kv_heads, slots, head_dim]`` K/V caches: one layer's, weighted ``n_layers / loops``, or
     (``own_caches``) every layer's own cache in turn, as the step reads them (``n_layers`` times
     the bytes, which may not stay in the CPU's caches), weighted ``1 / loops``.
     ``form="dot"``: the model's two dots (``bqhgd,bhkd->bhgqk`` and back) and the softmax;
-    ``"reduce"``: the same as broadcast multiplies and sums (the multiply-and-reduce form)."""
+    ``"reduce"``: the same as broadcast multiplies and sums (the multiply-and-reduce form).
+    With a ``mesh``, the rows (queries and caches) split over its ``data`` axis."""
     rng = np.random.default_rng(0)
     groups = config.n_heads // config.kv_heads
-    q = jnp.asarray(rng.standard_normal((batch, 1, config.kv_heads, groups, config.head_dim)), dtype)
-    caches = [tuple(jnp.asarray(rng.standard_normal((batch, config.kv_heads, slots, config.head_dim)), dtype)
-                    for _ in range(2)) for _ in range(config.n_layers if own_caches else 1)]
+    q = _place(jnp.asarray(rng.standard_normal((batch, 1, config.kv_heads, groups, config.head_dim)), dtype), mesh)
+    caches = [tuple(_place(jnp.asarray(rng.standard_normal((batch, config.kv_heads, slots, config.head_dim)), dtype),
+                           mesh) for _ in range(2)) for _ in range(config.n_layers if own_caches else 1)]
 
     def attend(q, k, v):
         if form == "dot":
@@ -228,9 +255,12 @@ def interleaved(parts: dict[str, Timed], repeats: int) -> dict[str, dict[str, An
             for name, calls in parts.items()}
 
 
-def time_case(case: Decode, dtype: str, repeats: int, loops: int, cache_block: int = 0) -> dict[str, Any]:
+def time_case(case: Decode, dtype: str, repeats: int, loops: int, cache_block: int = 0,
+              mesh: Mesh | None = None) -> dict[str, Any]:
     """One decode case: the step of ``generate`` and its kernel floor's parts, interleaved; with
-    ``cache_block > 0`` also the step with the cache grown in blocks (``"blocked"``)."""
+    ``cache_block > 0`` also the step with the cache grown in blocks (``"blocked"``).  With a
+    ``mesh`` whose ``data`` axis divides the batch, also both steps with the rows split over its
+    devices and the floor's parts split the same way (``"split"``)."""
     config_dict, full, one = decode_calls(case, dtype)
     config = CASES[case.model].model_config("lm", dtype)
     slots = case.prompt + case.new
@@ -238,22 +268,44 @@ def time_case(case: Decode, dtype: str, repeats: int, loops: int, cache_block: i
     parts = {"full": full, "one": one}
     if cache_block:
         _, parts["blocked_full"], parts["blocked_one"] = decode_calls(case, dtype, cache_block)
+    split = mesh is not None and case.batch % mesh.shape["data"] == 0
+    if split:
+        _, parts["split_full"], parts["split_one"] = decode_calls(case, dtype, 0, mesh)
+        if cache_block:
+            _, parts["split_blocked_full"], parts["split_blocked_one"] = decode_calls(case, dtype, cache_block, mesh)
+        parts["split_matmuls"] = matmul_calls(config, case.batch, dtype, loops, mesh)[0]
+        parts["split_attention"] = attention_calls(config, case.batch, slots, dtype, loops, mesh=mesh)
     t = interleaved({**parts, "matmuls": matmuls,
                      "matmul_sequence": matmul_sequence_calls(config, case.batch, dtype, loops),
                      "attention": attention_calls(config, case.batch, slots, dtype, loops),
                      "attention_own_caches": attention_calls(config, case.batch, slots, dtype, loops, own_caches=True),
                      "attention_reduce": attention_calls(config, case.batch, slots, dtype, loops, form="reduce")},
                     repeats)
-    floor_s = t["matmuls"]["s"] + t["attention"]["s"]
-    floor_rounds = [m + a for m, a in zip(t["matmuls"]["rounds"], t["attention"]["rounds"])]
 
-    def step(prefix: str) -> dict[str, Any]:
+    def floor(prefix: str) -> tuple[float, list[float]]:
+        m, a = t[prefix + "matmuls"], t[prefix + "attention"]
+        return m["s"] + a["s"], [x + y for x, y in zip(m["rounds"], a["rounds"])]
+
+    floor_s, floor_rounds = floor("")
+
+    def step(prefix: str, split_floor_rounds: list[float] | None = None) -> dict[str, Any]:
         full_t, one_t = t[prefix + "full"], t[prefix + "one"]
         step_s = max(full_t["s"] - one_t["s"], 1e-9) / (case.new - 1)
         step_rounds = [(f - o) / (case.new - 1) for f, o in zip(full_t["rounds"], one_t["rounds"])]
+        by_round = {"step_over_floor_by_round": [s / f for s, f in zip(step_rounds, floor_rounds)]}
+        if split_floor_rounds:
+            by_round["over_split_floor_by_round"] = [s / f for s, f in zip(step_rounds, split_floor_rounds)]
         return {"full_s": full_t["s"], "one_token_s": one_t["s"], "step_s": step_s, "tok_s": case.batch / step_s,
                 "compile_s": full_t["first_s"] + one_t["first_s"], "full_times": full_t["rounds"],
-                "one_times": one_t["rounds"], "step_over_floor_by_round": [s / f for s, f in zip(step_rounds, floor_rounds)]}
+                "one_times": one_t["rounds"], **by_round}
+
+    def split_result() -> dict[str, Any]:
+        split_floor_s, split_floor_rounds = floor("split_")
+        return {"devices": mesh.shape["data"], "cache_block": cache_block,
+                "step": step("split_", split_floor_rounds),
+                "blocked": step("split_blocked_", split_floor_rounds) if cache_block else None,
+                "matmuls_s": t["split_matmuls"]["s"], "attention_s": t["split_attention"]["s"],
+                "floor_s": split_floor_s}
 
     with_torch = dtype == "float32" and jax.default_backend() == "cpu"
     return {"config": config_dict, **step(""),
@@ -261,7 +313,8 @@ def time_case(case: Decode, dtype: str, repeats: int, loops: int, cache_block: i
                         "torch_s": torch_matmul_s(config, case.batch, repeats, loops) if with_torch else None},
             "attention_s": t["attention"]["s"], "attention_own_caches_s": t["attention_own_caches"]["s"],
             "attention_reduce_s": t["attention_reduce"]["s"], "floor_s": floor_s,
-            "blocked": {"cache_block": cache_block, **step("blocked_")} if cache_block else None}
+            "blocked": {"cache_block": cache_block, **step("blocked_")} if cache_block else None,
+            "split": split_result() if split else None}
 
 
 def over_floor(r: dict[str, Any], step: dict[str, Any] | None = None) -> str:
@@ -269,6 +322,26 @@ def over_floor(r: dict[str, Any], step: dict[str, Any] | None = None) -> str:
     step = step or r
     rounds = step["step_over_floor_by_round"]
     return f"{step['step_s'] / r['floor_s']:.2f}× ({min(rounds):.2f}-{max(rounds):.2f} by round)"
+
+
+def split_table(results: list[dict[str, Any]]) -> str:
+    """The decode steps run with their rows split over host devices (``time_case``'s ``"split"``),
+    each form against the one-device floor and against the floor split the same way."""
+    blocked = results[0]["split"]["blocked"] is not None
+    columns = ["model", "batch", "devices", "ms/step", "step ÷ floor", "split floor ms", "step ÷ split floor"]
+    if blocked:
+        columns += [f"cache_block={results[0]['split']['cache_block']}: ms/step", "its step ÷ floor",
+                    "its step ÷ split floor"]
+    rows = []
+    for r in results:
+        split = r["split"]
+        row = [r["model"], r["batch"], split["devices"]]
+        for i, form in enumerate([split["step"], split["blocked"]][:2 if blocked else 1]):
+            own = {**form, "step_over_floor_by_round": form["over_split_floor_by_round"]}
+            row += [f"{form['step_s'] * 1e3:.2f}", over_floor(r, form)]
+            row += ([f"{split['floor_s'] * 1e3:.2f}"] if i == 0 else []) + [over_floor(split, own)]
+        rows.append(row)
+    return format_table(columns, rows)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -284,12 +357,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cache-block", type=int, default=None,
                         help="also time the decode with ModelConfig.cache_block set to this (0: only the default "
                              "one-cache decode; default 16 on a CPU, 0 otherwise)")
+    parser.add_argument("--host-devices", type=int, default=os.cpu_count(),
+                        help="CPU only: also time each decode whose batch this divides with its rows split over "
+                             "this many host devices, and the floor split the same way (1 = off; default: the "
+                             "cores)")
     parser.add_argument("--dry-run", action="store_true", help="the micro model, small arrays, 1 run")
     parser.add_argument("--json", type=str, default=None, help="write the results here")
     args = parser.parse_args(argv)
     if args.new is not None and args.new < 2:
         parser.error(f"--new must be >= 2: a step is (t(N) - t(1)) / (N - 1) (got {args.new})")
+    if args.host_devices < 1:
+        parser.error(f"--host-devices must be >= 1 (got {args.host_devices})")
+    if args.host_devices > 1:
+        jax.config.update("jax_num_cpu_devices", args.host_devices)  # before the backend starts
     on_cpu = jax.default_backend() == "cpu"
+    mesh = make_mesh(MeshConfig(data=jax.device_count(), fsdp=1)) if on_cpu and jax.device_count() > 1 else None
     dtype = args.dtype or ("float32" if on_cpu else "bfloat16")
     models = args.models or (["tiny", "small"] if on_cpu else ["gpt2-medium", "gpt2-large", "llama-1b"])
     repeats = args.repeats or (2 if args.quick else 3)
@@ -306,7 +388,7 @@ def main(argv: list[str] | None = None) -> None:
     for case in decode_cases(models, on_cpu, args.new):
         loops = 5 if args.dry_run else 50
         r = {**dataclasses.asdict(case), "context": case.context,
-             **time_case(case, dtype, repeats, loops, cache_block)}
+             **time_case(case, dtype, repeats, loops, cache_block, mesh)}
         config = CASES[case.model].model_config("lm", dtype)
         r["bound"] = decode_bound_tokens_per_s(config, case.batch, case.context, peak["median"], bandwidth["median"])
         r["fraction"] = r["tok_s"] / r["bound"]["bound_tok_s"]
@@ -351,6 +433,11 @@ def main(argv: list[str] | None = None) -> None:
                           "step ÷ floor (matmuls + attention, XLA)"]
                        + ([f"cache_block={cache_block}: ms/step", "its step ÷ floor"] if cache_block else []),
                        rows))
+    split = [r for r in results if r["split"]]
+    if split:
+        print(f"\nthe same steps with the rows split over {mesh.shape['data']} host devices (weights replicated), "
+              "against the floor above and against the floor's parts split the same way")
+        print(split_table(split))
     if args.json:
         write_json(args.json, {"machine": info, "matmul_peak": peak, "bandwidth": bandwidth, "spec": spec,
                                "ridge_flop_per_byte": ridge, "dtype": dtype, "repeats": repeats, "decode": results})

@@ -133,14 +133,22 @@ def _roofline(d: Mapping[str, Any]) -> Iterator[Row]:
             yield Row("roofline", f"{r['model']} batch {r['batch']}: decode step vs its matmuls alone (XLA)",
                       r["step_s"], r["matmuls"]["xla_s"], unit="ms", higher_is_better=False)
         if r.get("floor_s"):  # issue 18's CPU target: the tiny step within 1.5× of its kernel floor
+            target = DECODE_FLOOR_TARGETS.get((r["model"], r["batch"]))
             yield Row("roofline", f"{r['model']} batch {r['batch']}: decode step ÷ its kernel floor (XLA matmuls "
-                      "+ attention)", r["step_s"] / r["floor_s"],
-                      target=DECODE_FLOOR_TARGETS.get((r["model"], r["batch"])), target_on="ours", higher_is_better=False)
+                      "+ attention)", r["step_s"] / r["floor_s"], target=target, target_on="ours", higher_is_better=False)
             if r.get("blocked"):
                 yield Row("roofline", f"{r['model']} batch {r['batch']}: the same with cache_block="
                           f"{r['blocked']['cache_block']}", r["blocked"]["step_s"] / r["floor_s"],
-                          target=DECODE_FLOOR_TARGETS.get((r["model"], r["batch"])), target_on="ours",
-                          higher_is_better=False)
+                          target=target, target_on="ours", higher_is_better=False)
+            split = r.get("split") or {}
+            forms = (("", split.get("step")), (f", cache_block={split.get('cache_block')}", split.get("blocked")))
+            for name, form in forms:  # rows split over host devices: against the floor, and the floor split alike
+                if form:
+                    where = f"{r['model']} batch {r['batch']}: the same{name} on {split['devices']} host devices"
+                    yield Row("roofline", where, form["step_s"] / r["floor_s"], target=target, target_on="ours",
+                              higher_is_better=False)
+                    yield Row("roofline", f"{where} ÷ the floor split alike", form["step_s"] / split["floor_s"],
+                              target=target, target_on="ours", higher_is_better=False)
         if r.get("bound_spec"):
             yield Row("roofline", f"{r['model']} batch {r['batch']}: vs the data sheet's bound", r["tok_s"],
                       r["bound_spec"]["bound_tok_s"], unit="tok/s")
