@@ -327,20 +327,21 @@ def over_floor(r: dict[str, Any], step: dict[str, Any] | None = None) -> str:
 def split_table(results: list[dict[str, Any]]) -> str:
     """The decode steps run with their rows split over host devices (``time_case``'s ``"split"``),
     each form against the one-device floor and against the floor split the same way."""
-    blocked = results[0]["split"]["blocked"] is not None
+    first = results[0]["split"]
     columns = ["model", "batch", "devices", "ms/step", "step ÷ floor", "split floor ms", "step ÷ split floor"]
-    if blocked:
-        columns += [f"cache_block={results[0]['split']['cache_block']}: ms/step", "its step ÷ floor",
-                    "its step ÷ split floor"]
+    if first["blocked"]:
+        columns += [f"cache_block={first['cache_block']}: ms/step", "its step ÷ floor", "its step ÷ split floor"]
+
+    def cells(r: dict[str, Any], form: dict[str, Any]) -> list[str]:
+        against_split = {**form, "step_over_floor_by_round": form["over_split_floor_by_round"]}
+        return [f"{form['step_s'] * 1e3:.2f}", over_floor(r, form), over_floor(r["split"], against_split)]
+
     rows = []
     for r in results:
         split = r["split"]
-        row = [r["model"], r["batch"], split["devices"]]
-        for i, form in enumerate([split["step"], split["blocked"]][:2 if blocked else 1]):
-            own = {**form, "step_over_floor_by_round": form["over_split_floor_by_round"]}
-            row += [f"{form['step_s'] * 1e3:.2f}", over_floor(r, form)]
-            row += ([f"{split['floor_s'] * 1e3:.2f}"] if i == 0 else []) + [over_floor(split, own)]
-        rows.append(row)
+        step = cells(r, split["step"])
+        rows.append([r["model"], r["batch"], split["devices"], *step[:2], f"{split['floor_s'] * 1e3:.2f}", step[2]]
+                    + (cells(r, split["blocked"]) if split["blocked"] else []))
     return format_table(columns, rows)
 
 
