@@ -79,7 +79,7 @@ from experiments.benchmarks.flops import decode_bound_tokens_per_s, decode_matmu
 from experiments.benchmarks.shapes import CASES
 from rlhf_jax.generation import GenerateConfig, generate
 from rlhf_jax.model import Transformer, init_params
-from rlhf_jax.sharding import MeshConfig, make_mesh
+from rlhf_jax.sharding import MeshConfig, make_mesh, shard_batch
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,11 +109,11 @@ Timed = list[tuple[float, Callable[[], Any]]]  # (weight, blocking call): a part
 
 
 def _place(x: Any, mesh: Mesh | None, batch: bool = True) -> Any:
-    """``x`` as it is (``mesh`` None), or on ``mesh``: split over its ``data`` axis (``batch``) or
-    replicated."""
+    """``x`` as it is (``mesh`` None), or on ``mesh``: its rows split as a batch (``shard_batch``)
+    or replicated."""
     if mesh is None:
         return x
-    return jax.device_put(x, NamedSharding(mesh, PartitionSpec("data") if batch else PartitionSpec()))
+    return shard_batch(x, mesh) if batch else jax.device_put(x, NamedSharding(mesh, PartitionSpec()))
 
 
 def decode_calls(case: Decode, dtype: str, cache_block: int = 0,
