@@ -424,9 +424,11 @@ def next_token_nll(
     *,
     positions: Array | None = None,
     segment_ids: Array | None = None,
+    right_padded: bool = False,
 ) -> Array:
     """``losses.sft_loss`` (= ``ptx_loss``) of ``model`` on ``tokens``: the mean next-token NLL over
     the targets ``loss_mask`` marks (aligned with ``tokens``; ``loss_mask[:, 0]`` is unused).
+    ``right_padded``: as for ``model.forward`` (the rows of ``mask`` are ones then zeros).
 
     With ``ModelConfig.logits_chunk > 0`` the log-probs come from ``losses.chunked_logprobs`` and
     the ``[b, T, V]`` logits are never held whole; otherwise from the full logits.
@@ -438,7 +440,8 @@ def next_token_nll(
       A float32 scalar.
     """
     chunk = model.config.logits_chunk
-    out = forward(model, params, tokens, mask, positions=positions, segment_ids=segment_ids, unembed=not chunk)
+    out = forward(model, params, tokens, mask, positions=positions, segment_ids=segment_ids, unembed=not chunk,
+                  right_padded=right_padded)
     if not chunk:
         return sft_loss(out.logits, tokens, loss_mask)
     logprobs, _ = chunked_logprobs(unembed_fn(model.config, params), out.hidden[:, :-1], tokens[:, 1:], chunk,

@@ -256,20 +256,33 @@ def _attention_scale(config: ModelConfig) -> float:
     return (config.query_pre_attn_scalar or config.head_dim) ** -0.5
 
 
-def _attention_dpa(q: Array, k: Array, v: Array, allowed: Array, config: ModelConfig, implementation: str) -> Array:
+def _attention_dpa(q: Array, k: Array, v: Array, allowed: Array, config: ModelConfig, implementation: str,
+                   lengths: Array | None = None) -> Array:
     """``jax.nn.dot_product_attention`` (``implementation`` ``"xla"`` or ``"cudnn"``) with our mask,
     for a forward without a cache (queries and keys are the same ``t`` columns).  Causality goes
-    in as ``is_causal`` (cuDNN skips the masked blocks); ``allowed`` (segments, padding) as the
-    mask.  A query row with no allowed key (a padding column) attends to itself instead, so no
-    row is empty: its output differs from ``_attention_xla``'s uniform average there, and such
-    columns are never read.  Shapes as in ``_attention_xla``."""
+    in as ``is_causal`` (cuDNN skips the masked blocks).
+
+    With ``lengths`` ``[b]`` (each row one sequence in columns ``[0, lengths)``, padding after: see
+    ``Transformer``'s ``seq_lengths``) the padding goes in as sequence lengths and no mask is
+    passed: ``allowed`` is then only the causal mask within the lengths, and is not read.
+    Otherwise ``allowed`` (segments, padding, windows) goes in as the mask, which
+    ``jax.nn.dot_product_attention`` turns into a ``[b, 1, t, t]`` additive bias that cuDNN reads
+    for every head, and whose gradient jax's cuDNN backward computes too (before jax PR #39512).
+    A query row with no allowed key (a padding column) attends to itself in the mask form and
+    gets no key in the lengths form, so no row is empty under the mask; its output differs from
+    ``_attention_xla``'s uniform average there, and such columns are never read.  Shapes as in
+    ``_attention_xla``."""
     b, t = q.shape[:2]
     dt = config.compute_dtype
-    eye = jnp.eye(t, dtype=bool)[None]
-    allowed = allowed | (eye & ~jnp.any(allowed, axis=-1, keepdims=True))
+    if lengths is None:
+        eye = jnp.eye(t, dtype=bool)[None]
+        masking = {"mask": (allowed | (eye & ~jnp.any(allowed, axis=-1, keepdims=True)))[:, None]}
+    else:
+        lengths = lengths.astype(jnp.int32)
+        masking = {"query_seq_lengths": lengths, "key_value_seq_lengths": lengths}
     out = jax.nn.dot_product_attention(
         q.astype(dt), k.transpose(0, 2, 1, 3).astype(dt), v.transpose(0, 2, 1, 3).astype(dt),
-        mask=allowed[:, None], scale=_attention_scale(config), is_causal=True, implementation=implementation)
+        scale=_attention_scale(config), is_causal=True, implementation=implementation, **masking)
     return out.reshape(b, t, config.n_heads * config.head_dim)
 
 
@@ -285,9 +298,10 @@ class Attention(nn.Module):
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, x, positions, seg, k_seg, cache, cache_index, layer):
+    def __call__(self, x, positions, seg, k_seg, cache, cache_index, layer, lengths=None):
         """x ``[b, t, d]``; ``seg`` the queries' segment ids ``[b, t]``; ``k_seg`` the keys' segment ids
-        (``seg`` itself without a cache, the whole cache's ``[b, slots]`` with one).  ``cache``:
+        (``seg`` itself without a cache, the whole cache's ``[b, slots]`` with one); ``lengths``
+        ``[b]`` or None: ``Transformer``'s ``seq_lengths``, read by the cuDNN path only.  ``cache``:
         ``{"k", "v"}`` stacked ``[L, b, kv_heads, slots, d]``, where this layer (index ``layer``, an
         int or a traced scalar) writes its keys/values at ``[layer, :, :, cache_index:cache_index +
         t]`` in place and attends to ``cache[layer]``; or this layer's own ``[b, kv_heads, slots,
@@ -345,7 +359,7 @@ class Attention(nn.Module):
         use_cudnn = cache is None and c.attn_softcap is None and (c.attention_impl == "cudnn" or (
             c.attention_impl == "auto" and _cudnn_applies(c, cached=False)))
         if use_cudnn:
-            out = _attention_dpa(q, k, v, allowed, c, "cudnn")
+            out = _attention_dpa(q, k, v, allowed, c, "cudnn", lengths if c.layer_windows is None else None)
         else:
             out = _attention_xla(q, k, v, allowed, c)
         return _dense(c, c.d_model, "o", c.arch == "gpt2")(out), cache
@@ -375,9 +389,10 @@ class Block(nn.Module):
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, x, positions, seg, k_seg, cache, cache_index, layer):
+    def __call__(self, x, positions, seg, k_seg, cache, cache_index, layer, lengths=None):
         c = self.config
-        h, cache = Attention(c, name="attn")(_norm(c, "attn_norm")(x), positions, seg, k_seg, cache, cache_index, layer)
+        h, cache = Attention(c, name="attn")(_norm(c, "attn_norm")(x), positions, seg, k_seg, cache, cache_index, layer,
+                                             lengths)
         if c.post_norms:
             h = _norm(c, "post_attn_norm")(h)
         x = x + h
@@ -392,7 +407,8 @@ _REMAT_POLICY = {"none": _NO_REMAT, "dots": jax.checkpoint_policies.dots_with_no
 
 
 def _scan_blocks(config: ModelConfig, params: Params, x: Array, positions: Array, seg: Array, k_seg: Array,
-                 kv: dict[str, Array] | None, cache_index: Array | int) -> tuple[Array, dict[str, Array] | None]:
+                 kv: dict[str, Array] | None, cache_index: Array | int,
+                 lengths: Array | None = None) -> tuple[Array, dict[str, Array] | None]:
     """The blocks as one ``lax.scan`` over the layer-stacked parameters (``stack_layers``): one
     block body is traced and compiled whatever the depth.  The stacked KV cache rides in the
     carry and each step writes its layer's slots in place (no per-step copy of the cache as scan
@@ -404,7 +420,7 @@ def _scan_blocks(config: ModelConfig, params: Params, x: Array, positions: Array
         h, kv = carry
         layer_params, layer = xs
         h = _keep_batch_sharded(h)
-        h, kv = block.apply({"params": layer_params}, h, positions, seg, k_seg, kv, cache_index, layer)
+        h, kv = block.apply({"params": layer_params}, h, positions, seg, k_seg, kv, cache_index, layer, lengths)
         return (h, kv), None
 
     policy = _REMAT_POLICY[config.remat_mode]
@@ -421,6 +437,12 @@ class Transformer(nn.Module):
         layer_{i}/attn_norm, attn/{q,k,v,o}, mlp_norm, mlp/{fc,proj} | mlp/{gate,up,down}
                   attn/{q_norm,k_norm} (qk_norm), post_attn_norm, post_mlp_norm (post_norms)
         final_norm; lm_head/kernel [d, V] (untied LM only) | score_head/{kernel,bias} (scalar head)
+
+    ``seq_lengths`` ``[b]`` (optional, forwards without a cache): the caller's word that each row
+    is one sequence in columns ``[0, seq_lengths)`` with padding after, that is ``segment_ids`` is
+    ``1`` there and ``0`` after.  The cuDNN attention then masks padding by these lengths instead
+    of a ``[b, 1, t, t]`` bias; every other path ignores them.  Outputs at the sequences' columns
+    are the same either way.
     """
 
     config: ModelConfig
@@ -435,8 +457,11 @@ class Transformer(nn.Module):
         cache_index: Array | int = 0,
         logits_slice: tuple[int, int] | None = None,
         unembed: bool = True,
+        seq_lengths: Array | None = None,
     ) -> Output:
         c = self.config
+        if seq_lengths is not None and cache is not None:
+            raise ValueError("Transformer: seq_lengths is for forwards without a KV cache")
         # Out-of-range ids (e.g. an added pad token) would be clamped silently by the gather.
         tokens = jnp.where((tokens >= 0) & (tokens < c.vocab_size), tokens, 0)
         embed = nn.Embed(c.vocab_size, c.d_model, embedding_init=nn.initializers.normal(0.02),
@@ -459,7 +484,8 @@ class Transformer(nn.Module):
         if c.scans(cached=cache is not None) and not self.is_initializing():
             if kv is not None and isinstance(kv["k"], tuple):  # per-layer arrays: the carry is stacked
                 kv = {name: jnp.stack(kv[name]) for name in kv}
-            x, kv = _scan_blocks(c, self.variables["params"], x, positions, segment_ids, k_seg, kv, cache_index)
+            x, kv = _scan_blocks(c, self.variables["params"], x, positions, segment_ids, k_seg, kv, cache_index,
+                                 seq_lengths)
         else:  # unrolled (and always under init, which creates the stored layer_{i} parameters)
             policy = _REMAT_POLICY[c.remat_mode]
             block_cls = Block if policy is _NO_REMAT else nn.remat(Block, policy=policy)
@@ -468,7 +494,7 @@ class Transformer(nn.Module):
                 x = _keep_batch_sharded(x)
                 layer_kv = {name: kv[name][i] for name in kv} if per_layer else kv
                 x, layer_kv = block_cls(c, name=f"layer_{i}")(x, positions, segment_ids, k_seg, layer_kv,
-                                                              cache_index, i)
+                                                              cache_index, i, seq_lengths)
                 kv = {name: kv[name][:i] + (layer_kv[name],) + kv[name][i + 1:] for name in kv} if per_layer \
                     else layer_kv
         hidden = _norm(c, "final_norm")(x)
@@ -527,17 +553,26 @@ def forward(
     segment_ids: Array | None = None,
     logits_slice: tuple[int, int] | None = None,
     unembed: bool = True,
+    right_padded: bool = False,
 ) -> Output:
     """Full forward pass.  ``tokens``, ``mask`` ``[batch, time]``; positions default to
     ``cumsum(mask) - 1`` so left padding is exact; ``segment_ids`` (packing) default to ``mask``.
     ``logits_slice=(start, stop)`` (static ints, Python slice semantics) unembeds only the columns
     ``hidden[:, start:stop]``, so ``logits`` holds those columns only; ``unembed=False`` skips the
-    unembedding (``logits`` is None; see ``unembed_fn``)."""
+    unembedding (``logits`` is None; see ``unembed_fn``).  ``right_padded=True`` (static) is the
+    caller's word that every row of ``mask`` is ones then zeros (``data.batching``'s SFT rows, no
+    packing): the cuDNN attention then masks by the rows' lengths (``Transformer``'s
+    ``seq_lengths``) rather than by a bias; other paths are unchanged."""
+    if right_padded and segment_ids is not None:
+        raise ValueError("forward: right_padded=True is for rows of one sequence each; "
+                         "packed rows (segment_ids) go in as a mask")
     if positions is None:
         positions = positions_from_mask(mask)
+    lengths = jnp.sum(mask != 0, axis=1, dtype=jnp.int32) if right_padded else None
     if segment_ids is None:
         segment_ids = mask
-    return model.apply({"params": params}, tokens, positions, segment_ids, logits_slice=logits_slice, unembed=unembed)
+    return model.apply({"params": params}, tokens, positions, segment_ids, logits_slice=logits_slice, unembed=unembed,
+                       seq_lengths=lengths)
 
 
 def decode_step(

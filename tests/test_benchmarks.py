@@ -296,7 +296,12 @@ def test_gpu_suite_dry_run_on_cpu(tmp_path):
     assert [(d["batch"], d["scan_decode"], d["cache_block"], bool(d["compiler_options"])) for d in check["decode"]] \
         == [(4, False, 0, False), (2, False, 0, False), (4, False, 0, True), (4, False, 4, False), (4, True, 0, False)]
     assert list(check["part_s"]) == ["sft[auto,none]", "decode[4]", "ppo", "decode[2]", "ppo_phases",
-                                     "decode[4,command_buffers]", "decode[4,cache_block=4]", "decode[4,scan_decode=True]"]
+                                     "sft[auto,none,packed]", "decode[4,command_buffers]", "decode[4,cache_block=4]",
+                                     "decode[4,scan_decode=True]"]
+    # the SFT rows right padded (the cuDNN attention masks them by lengths), then the same rows as
+    # packed segments (a bias), at the same loss
+    assert (check["sft"]["rows"], check["sft_packed"]["rows"]) == ("right padded", "packed")
+    assert check["sft_packed"]["loss"] == pytest.approx(check["sft"]["loss"], rel=1e-3)
     assert check["setup_s"] > 0 and all(s > 0 for s in check["part_s"].values())
     assert set(check["ppo"]["phases_s"]) == {"rollout", "experience", "update"}
     # the SFT step and the unrolled decode profiled (on a CPU: XLA:CPU's ops on the host)
@@ -306,7 +311,7 @@ def test_gpu_suite_dry_run_on_cpu(tmp_path):
         assert 0 < p["busy_s"] <= p["wall_s"] and p["by_category"]["matmul"] > 0 and p["top"]
     metrics = [r["metric"] for r in record["summary"]]
     for needle in ("SFT step", "fraction of the HBM bound", "PPO-ptx iteration", "PPO-ptx iteration: compile",
-                   "PPO phase rollout"):
+                   "PPO phase rollout", "given as packed (a bias)"):
         assert any(needle in m for m in metrics), (needle, metrics)
     assert sum(r["target"] is not None for r in record["summary"]) == 4
 

@@ -258,3 +258,72 @@ def test_dot_product_attention_with_our_mask_equals_the_einsum_path(arch):
     live = np.asarray(seg != 0)
     np.testing.assert_allclose(np.asarray(theirs)[live], np.asarray(ours)[live], rtol=1e-5, atol=1e-6)
     assert np.isfinite(np.asarray(theirs)).all()
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_dot_product_attention_by_lengths_equals_the_einsum_path(arch):
+    """Right-padded rows (one sequence from column 0, padding after, one row unpadded): the
+    lengths form of ``_attention_dpa`` (``query_seq_lengths``/``key_value_seq_lengths``, no mask,
+    as the cuDNN path runs it) equals our einsum attention under the segment mask on every
+    sequence column, and stays finite on the padding columns."""
+    from rlhf_jax.model import _attention_dpa, _attention_xla
+
+    config = ModelConfig(arch=arch, d_model=32, n_heads=4, n_kv_heads=None if arch == "gpt2" else 2)
+    b, t, rng = 3, 7, np.random.default_rng(1)
+    q = jnp.asarray(rng.normal(size=(b, t, 4, 8)), jnp.float32)
+    k, v = (jnp.asarray(rng.normal(size=(b, config.kv_heads, t, 8)), jnp.float32) for _ in range(2))
+    lengths = np.array([7, 4, 1])
+    seg = jnp.asarray(np.arange(t)[None, :] < lengths[:, None], jnp.int32)
+    slots = jnp.arange(t)
+    allowed = (seg[:, :, None] == seg[:, None, :]) & (seg[:, None, :] != 0) & (slots[None, None, :] <= slots[None, :, None])
+    ours = _attention_xla(q, k, v, allowed, config)
+    # ``allowed`` all True: the lengths form must not read it
+    theirs = _attention_dpa(q, k, v, jnp.ones_like(allowed), config, "xla", jnp.asarray(lengths))
+    live = np.asarray(seg != 0)
+    np.testing.assert_allclose(np.asarray(theirs)[live], np.asarray(ours)[live], rtol=1e-5, atol=1e-6)
+    assert np.isfinite(np.asarray(theirs)).all()
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_cudnn_path_masks_right_padded_sft_rows_by_lengths(monkeypatch, scan):
+    """The wiring of ``forward``'s ``right_padded`` down to the attention: with
+    ``attention_impl="cudnn"`` (its calls redirected to the XLA implementation, which takes the
+    same arguments, since this runs on a CPU) the SFT loss of right-padded rows passes sequence
+    lengths and no mask, and packed rows pass a mask; both give the loss and gradient of the
+    einsum path (``attention_impl="xla"``)."""
+    from rlhf_jax.stages.sft import sft_batch_loss
+
+    calls = []
+    real = jax.nn.dot_product_attention
+
+    def on_cpu(*args, implementation=None, **kwargs):
+        calls.append(sorted(k for k, v in kwargs.items() if v is not None))
+        return real(*args, implementation="xla", **kwargs)
+
+    monkeypatch.setattr(jax.nn, "dot_product_attention", on_cpu)
+    config = ModelConfig(arch="llama", vocab_size=61, d_model=32, n_heads=4, n_kv_heads=2, n_layers=2,
+                         d_ff=48, max_len=16, scan_layers=scan)
+    params = init_params(Transformer(config), jax.random.PRNGKey(0))
+    rng = np.random.default_rng(2)
+    lengths = np.array([9, 5, 12])
+    mask = (np.arange(12)[None, :] < lengths[:, None]).astype(np.int32)
+    tokens = np.where(mask, rng.integers(1, 61, size=mask.shape), 0).astype(np.int32)
+    unpacked = {"tokens": tokens, "mask": mask, "loss_mask": mask}
+    packed = {**unpacked, "segment_ids": mask, "positions": np.maximum(np.cumsum(mask, 1) - 1, 0)}
+
+    def loss_and_grad(impl, batch):
+        model = Transformer(config.replace(attention_impl=impl))
+        return jax.value_and_grad(lambda p: sft_batch_loss(model, p, jax.tree_util.tree_map(jnp.asarray, batch)))(params)
+
+    ref_loss, ref_grad = loss_and_grad("xla", unpacked)
+    assert not calls
+    by_lengths = ["is_causal", "key_value_seq_lengths", "query_seq_lengths", "scale"]
+    for batch, form in ((unpacked, by_lengths), (packed, ["is_causal", "mask", "scale"])):
+        calls.clear()
+        loss, grad = loss_and_grad("cudnn", batch)
+        assert len(calls) == (1 if scan else config.n_layers) and all(c == form for c in calls), calls
+        np.testing.assert_allclose(float(loss), float(ref_loss), rtol=1e-5)
+        for g, r in zip(jax.tree_util.tree_leaves(grad), jax.tree_util.tree_leaves(ref_grad)):
+            np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="right_padded=True is for rows of one sequence"):
+        forward(Transformer(config), params, tokens, mask, segment_ids=mask, right_padded=True)

@@ -4,6 +4,9 @@
 1. **SFT step** at 8 × 2048 tokens: MFU (``flops.train_step_flops`` against the device's dense
    bf16 peak) and its compile time.  Tried with cuDNN attention and no remat first, then the XLA
    attention with the ``dots`` remat policy, then ``full`` remat (the first that runs counts).
+   The rows are full and unpacked, as the SFT stage's right-padded rows, so the cuDNN attention
+   masks them by their lengths (``model.forward``'s ``right_padded``, since 2026-12-05); should
+   cuDNN refuse that form, the same rows given as packed segments (a bias) come next.
 2. **Decode** from a bf16 copy of the weights, batch 64 then 32, 128, 256 (prompt 128, 128 new
    tokens, greedy): seconds per step ``(t(128 new) − t(1 new)) / 127`` (prefill removed) against
    the HBM bound (every matmul weight, 2 bytes, plus the KV cache at the mean context, per step).
@@ -15,6 +18,10 @@
    rollout, experience, update, each its own compiled program — against each phase's floor
    (rollout: prefill FLOPs / peak + 128 steps at the HBM bound; experience and update: their
    FLOPs / peak).
+
+Then, budget allowing, the cuDNN SFT step again with the same rows given as packed segments
+(``segment_ids``), which ``jax.nn.dot_product_attention`` masks by a ``[b, 1, T, T]`` bias (and,
+in jax releases before PR #39512, the gradient of that bias): what the lengths form saves.
 
 Last, budget allowing, three other forms of the batch-64 decode: compiled with XLA's command
 buffers for while loops and conditionals too (``COMMAND_BUFFERS``: whether the step, 3.5× its
@@ -29,7 +36,7 @@ copy, fusion/other), the top kernels, and the device's busy time against the cal
 (``busy_fraction``: well under 1 means launch- or loop-bound), in the part's ``"profile"``.
 
 Order: what issue 18 asks for first (SFT, decode at batch 64, the PPO iteration, the other
-decode batches, the phase split), then the other decode forms.  The 2026-12-04 run, in its
+decode batches, the phase split), then the packed SFT rows, then the other decode forms.  The 2026-12-04 run, in its
 old order and a 170 s budget, skipped the sweep at 128 and 256 and the phase split.  Each part's
 seconds, compiles included, go to ``"part_s"`` (and ``"setup_s"`` for the parameters' start), so
 the next budget can be set from them.
@@ -76,8 +83,9 @@ LLAMA_1B = ModelConfig(arch="llama", vocab_size=32000, d_model=2048, n_layers=22
 MICRO = ModelConfig(arch="llama", vocab_size=256, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=96,
                     max_len=64, tie_embeddings=False, dtype="bfloat16", scan_layers=True, logits_chunk=8)
 
-# (attention_impl, remat_policy) of the SFT step, best first
-SFT_SETTINGS = (("auto", "none"), ("xla", "dots"), ("xla", "full"))
+# (attention_impl, remat_policy, packed rows) of the SFT step, best first: the packed form (cuDNN
+# masking by a bias) stands in should cuDNN refuse the lengths form
+SFT_SETTINGS = (("auto", "none", False), ("auto", "none", True), ("xla", "dots", False), ("xla", "full", False))
 # XLA:GPU's command buffers (CUDA graphs) with while loops and conditionals in them too, so that a
 # decode loop's steps can run as graphs rather than one launch per kernel and a host round trip per
 # step; an option of the compile, not of the process (other backends ignore it)
@@ -114,15 +122,21 @@ def _compile(fn: Callable, *args: Any) -> tuple[Any, float]:
 
 
 def sft_check(config: ModelConfig, params: Any, shapes: Shapes, peak: float, repeats: int,
-              profiled: bool = False) -> dict[str, Any]:
+              profiled: bool = False, packed: bool = False) -> dict[str, Any]:
     """One SFT setting: compile time, median step time and MFU; ``profiled``: then one more step
-    under the profiler (``profile_summary``: its kernels by category, busy against wall)."""
+    under the profiler (``profile_summary``: its kernels by category, busy against wall).
+
+    The rows are full, as the SFT stage's unpacked (right-padded) rows, which the cuDNN attention
+    masks by their lengths; ``packed``: the same rows given as packed ones (``segment_ids``, one
+    segment per row), which it masks by a ``[b, 1, T, T]`` bias."""
     model = Transformer(config)
     b, t = shapes.sft
     opt = OptimizerConfig(lr=1e-5)
     state = TrainState.create(jax.tree_util.tree_map(jnp.copy, params), make_optimizer(opt), jax.random.PRNGKey(1))
     toks = jax.random.randint(jax.random.PRNGKey(2), (b, t), 0, config.vocab_size)
     batch = {"tokens": toks, "mask": jnp.ones_like(toks), "loss_mask": jnp.ones_like(toks)}
+    if packed:
+        batch.update(segment_ids=jnp.ones_like(toks), positions=jnp.broadcast_to(jnp.arange(t), (b, t)))
     step, compile_s = _compile(jax.jit(sft_step_fn(model, opt), donate_argnums=0), state, batch)
     state, m = step(state, batch)  # warm-up
     jax.block_until_ready(m)
@@ -135,7 +149,7 @@ def sft_check(config: ModelConfig, params: Any, shapes: Shapes, peak: float, rep
     step_s = statistics.median(times)
     flops = train_step_flops(config, b, t)
     out = {"batch": b, "seq": t, "attention_impl": config.attention_impl, "remat_policy": config.remat_policy,
-           "step_s": step_s, "times": times, "compile_s": compile_s, "tokens_per_s": b * t / step_s,
+           "rows": "packed" if packed else "right padded", "step_s": step_s, "times": times, "compile_s": compile_s, "tokens_per_s": b * t / step_s,
            "flops": flops, "mfu": flops / step_s / peak, "loss": float(m["loss"])}
     if profiled:
         def one_step() -> None:
@@ -317,12 +331,14 @@ def main(argv: list[str] | None = None) -> None:
         return out
 
     settings = {"attention_impl": "xla", "remat_policy": "dots"}  # for PPO when no SFT setting ran
-    for impl, policy in SFT_SETTINGS:
-        sft = part(f"sft[{impl},{policy}]",
+    by_lengths = False  # the counted SFT step had the cuDNN attention mask its rows by lengths
+    for impl, policy, packed in SFT_SETTINGS:
+        sft = part(f"sft[{impl},{policy}{',packed' if packed else ''}]",
                    lambda: sft_check(config.replace(attention_impl=impl, remat_policy=policy), params, shapes, peak,
-                                     repeats, profiled=True), 0, lambda out: result.update(sft=out))
+                                     repeats, profiled=True, packed=packed), 0, lambda out: result.update(sft=out))
         if sft is not None:
             settings = {"attention_impl": impl, "remat_policy": policy}
+            by_lengths = impl == "auto" and not packed
             break
 
     params16 = cast_floating(params, jnp.bfloat16)
@@ -338,6 +354,10 @@ def main(argv: list[str] | None = None) -> None:
              result["decode"].append)
     if ppo is not None:
         part("ppo_phases", lambda: ppo_phases(run[0], ppo["floors_s"]), 40, result["ppo"].update)
+    if by_lengths:  # what the cuDNN attention's bias form costs (the same rows given as packed)
+        part("sft[auto,none,packed]",
+             lambda: sft_check(config.replace(**settings), params, shapes, peak, repeats, packed=True), 30,
+             lambda out: result.update(sft_packed=out))
     # other forms of the headline decode: under XLA's command buffers, with the cache grown in two
     # blocks past the prompt, scanned
     part(f"decode[{batches[0]},command_buffers]",

@@ -186,6 +186,10 @@ def _gpu_check(d: Mapping[str, Any]) -> Iterator[Row]:
                   unit="%")
         yield Row("gpu_check", "1.1B SFT step: compile", sft["compile_s"], unit="s", higher_is_better=False)
         yield from _profile_rows("1.1B SFT step", sft.get("profile"))
+    packed = d.get("sft_packed")
+    if sft and packed:  # the cuDNN attention masking by lengths, against the same rows given as packed (a bias)
+        yield Row("gpu_check", "1.1B SFT step, right-padded rows (masked by lengths) vs given as packed (a bias)",
+                  sft["step_s"], packed["step_s"], unit="s", higher_is_better=False)
     decode = d.get("decode", [])
     best = {}  # the headline batch's faster form carries the target
     for r in decode:

@@ -95,9 +95,12 @@ def sft_batch_loss(model: Transformer, params: Params, batch: dict[str, jax.Arra
     """``losses.sft_loss`` of a batch: ``tokens``, ``mask``, ``loss_mask`` ``[b, T]`` int
     (``loss_mask`` marks targets, ``data.batching`` conventions), plus ``positions`` and
     ``segment_ids`` ``[b, T]`` for packed rows.  A scalar: the mean next-token NLL over all
-    targets of the batch."""
+    targets of the batch.  Rows without ``segment_ids`` are right padded (``data.batching``'s
+    SFT rows), which the cuDNN attention uses (``forward``'s ``right_padded``)."""
+    packed = "segment_ids" in batch
     return next_token_nll(model, params, batch["tokens"], batch["mask"], batch["loss_mask"],
-                          positions=batch.get("positions"), segment_ids=batch.get("segment_ids"))
+                          positions=batch.get("positions"), segment_ids=batch.get("segment_ids"),
+                          right_padded=not packed)
 
 
 def _sft_loss(model: Transformer, params: Params, batch: dict[str, jax.Array]) -> tuple[jax.Array, dict[str, jax.Array]]:
