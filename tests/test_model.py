@@ -262,17 +262,17 @@ def test_dot_product_attention_with_our_mask_equals_the_einsum_path(arch):
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 def test_dot_product_attention_by_lengths_equals_the_einsum_path(arch):
-    """Right-padded rows (one sequence from column 0, padding after, one row unpadded): the
-    lengths form of ``_attention_dpa`` (``query_seq_lengths``/``key_value_seq_lengths``, no mask,
-    as the cuDNN path runs it) equals our einsum attention under the segment mask on every
-    sequence column, and stays finite on the padding columns."""
+    """Right-padded rows (one sequence from column 0, padding after; one row unpadded, one
+    empty): the lengths form of ``_attention_dpa`` (``query_seq_lengths``/``key_value_seq_lengths``,
+    no mask, as the cuDNN path runs it) equals our einsum attention under the segment mask on
+    every sequence column, and stays finite on the padding columns and the empty row."""
     from rlhf_jax.model import _attention_dpa, _attention_xla
 
     config = ModelConfig(arch=arch, d_model=32, n_heads=4, n_kv_heads=None if arch == "gpt2" else 2)
-    b, t, rng = 3, 7, np.random.default_rng(1)
+    b, t, rng = 4, 7, np.random.default_rng(1)
     q = jnp.asarray(rng.normal(size=(b, t, 4, 8)), jnp.float32)
     k, v = (jnp.asarray(rng.normal(size=(b, config.kv_heads, t, 8)), jnp.float32) for _ in range(2))
-    lengths = np.array([7, 4, 1])
+    lengths = np.array([7, 4, 1, 0])
     seg = jnp.asarray(np.arange(t)[None, :] < lengths[:, None], jnp.int32)
     slots = jnp.arange(t)
     allowed = (seg[:, :, None] == seg[:, None, :]) & (seg[:, None, :] != 0) & (slots[None, None, :] <= slots[None, :, None])
