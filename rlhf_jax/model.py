@@ -264,7 +264,7 @@ def _attention_dpa(q: Array, k: Array, v: Array, allowed: Array, config: ModelCo
 
     With ``lengths`` ``[b]`` (each row one sequence in columns ``[0, lengths)``, padding after: see
     ``Transformer``'s ``seq_lengths``) the padding goes in as sequence lengths and no mask is
-    passed: ``allowed`` is then only the causal mask within the lengths, and is not read.
+    passed; ``allowed`` is not read (for such rows it is the causal mask within the lengths).
     Otherwise ``allowed`` (segments, padding, windows) goes in as the mask, which
     ``jax.nn.dot_product_attention`` turns into a ``[b, 1, t, t]`` additive bias that cuDNN reads
     for every head, and whose gradient jax's cuDNN backward computes too (before jax PR #39512).

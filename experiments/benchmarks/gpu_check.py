@@ -36,10 +36,10 @@ copy, fusion/other), the top kernels, and the device's busy time against the cal
 (``busy_fraction``: well under 1 means launch- or loop-bound), in the part's ``"profile"``.
 
 Order: what issue 18 asks for first (SFT, decode at batch 64, the PPO iteration, the other
-decode batches, the phase split), then the packed SFT rows, then the other decode forms.  The 2026-12-04 run, in its
-old order and a 170 s budget, skipped the sweep at 128 and 256 and the phase split.  Each part's
-seconds, compiles included, go to ``"part_s"`` (and ``"setup_s"`` for the parameters' start), so
-the next budget can be set from them.
+decode batches, the phase split), then the packed SFT rows, then the other decode forms.  The
+2026-12-04 run, in its old order and a 170 s budget, skipped the sweep at 128 and 256 and the
+phase split.  Each part's seconds, compiles included, go to ``"part_s"`` (and ``"setup_s"`` for
+the parameters' start), so the next budget can be set from them.
 A part is skipped when less of ``--budget-s`` is left than it needs (the skipped parts are
 listed in the JSON), and a part that fails records its error and the rest still run.  The JSON
 is rewritten after every part; at ``--hard-limit-s`` (default: the budget + 40 s) a watchdog
@@ -149,7 +149,8 @@ def sft_check(config: ModelConfig, params: Any, shapes: Shapes, peak: float, rep
     step_s = statistics.median(times)
     flops = train_step_flops(config, b, t)
     out = {"batch": b, "seq": t, "attention_impl": config.attention_impl, "remat_policy": config.remat_policy,
-           "rows": "packed" if packed else "right padded", "step_s": step_s, "times": times, "compile_s": compile_s, "tokens_per_s": b * t / step_s,
+           "rows": "packed" if packed else "right padded", "step_s": step_s, "times": times, "compile_s": compile_s,
+           "tokens_per_s": b * t / step_s,
            "flops": flops, "mfu": flops / step_s / peak, "loss": float(m["loss"])}
     if profiled:
         def one_step() -> None:
