@@ -170,8 +170,9 @@ def response_logprobs(model: Transformer, params: Params, tokens: jax.Array, mas
     Returns:
       ``(logps, lengths)``, both ``[n]`` float32: ``Σ_t loss_mask_t · log π(tokens_t | ·)`` and
       ``Σ_t loss_mask_t``. The full ``[n, L, V]`` logits are built (no ``logits_chunk`` path).
+      The cuDNN attention masks the rows by their lengths (``model.forward``'s ``right_padded``).
     """
-    logits = forward(model, params, tokens, mask).logits
+    logits = forward(model, params, tokens, mask, right_padded=True).logits
     keep = loss_mask[:, 1:] != 0
     logps = jnp.sum(jnp.where(keep, token_logprobs(logits, tokens), 0), axis=1)
     return logps, jnp.sum(keep, axis=1).astype(logps.dtype)

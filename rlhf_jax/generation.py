@@ -317,7 +317,7 @@ def _check_head(fn: str, model: Transformer, head: str) -> None:
         raise ValueError(f"{fn}: needs a model with ModelConfig.head={head!r} (got {model.config.head!r})")
 
 
-@functools.partial(jax.jit, static_argnames=("model",))
+@functools.partial(jax.jit, static_argnames=("model", "right_padded"))
 def score(
     model: Transformer,
     params: Params,
@@ -327,6 +327,7 @@ def score(
     index: Array | None = None,
     gain: float | Array = 1.0,
     bias: float | Array = 0.0,
+    right_padded: bool = False,
 ) -> Array:
     """Reward ``gain · pool(v, index) + bias`` of whole sequences from a scalar-head model.
 
@@ -346,6 +347,9 @@ def score(
     Args:
       tokens: ``[b, T]`` int; mask: ``[b, T]`` 0/1 (left-padded prompt, right-padded response).
       index: optional ``[b]`` int positions in ``[0, T)``.
+      right_padded: static; every row is ``[BOS] prompt response`` from column 0 with padding
+        after (the reward model's training rows), and ``index`` at most one past its last real
+        token: see ``model.forward``.
 
     Returns:
       ``[b]`` float32 rewards.
@@ -357,7 +361,7 @@ def score(
     index = index.astype(jnp.int32)
     cols = jnp.arange(tokens.shape[1])[None, :]
     seg = ((mask != 0) | (cols == index[:, None])).astype(jnp.int32)
-    values = forward(model, params, tokens, seg).values
+    values = forward(model, params, tokens, seg, right_padded=right_padded).values
     if model.config.score_pooling == "mean":
         pooled = (seg != 0) & (cols <= index[:, None])
         mean = jnp.sum(jnp.where(pooled, values, 0.0), axis=1) / jnp.maximum(jnp.sum(pooled, axis=1), 1)

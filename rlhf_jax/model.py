@@ -560,15 +560,16 @@ def forward(
     ``logits_slice=(start, stop)`` (static ints, Python slice semantics) unembeds only the columns
     ``hidden[:, start:stop]``, so ``logits`` holds those columns only; ``unembed=False`` skips the
     unembedding (``logits`` is None; see ``unembed_fn``).  ``right_padded=True`` (static) is the
-    caller's word that every row of ``mask`` is ones then zeros (``data.batching``'s SFT rows, no
-    packing): the cuDNN attention then masks by the rows' lengths (``Transformer``'s
-    ``seq_lengths``) rather than by a bias; other paths are unchanged."""
+    caller's word that every row of ``mask`` is ones then zeros (``data.batching``'s SFT, reward
+    and DPO rows, no packing): the cuDNN attention then masks by the rows' lengths
+    (``Transformer``'s ``seq_lengths``) rather than by a bias; other paths are unchanged.  An
+    empty row counts as one column, so no sequence is empty (its columns are never read)."""
     if right_padded and segment_ids is not None:
         raise ValueError("forward: right_padded=True is for rows of one sequence each; "
                          "packed rows (segment_ids) go in as a mask")
     if positions is None:
         positions = positions_from_mask(mask)
-    lengths = jnp.sum(mask != 0, axis=1, dtype=jnp.int32) if right_padded else None
+    lengths = jnp.maximum(jnp.sum(mask != 0, axis=1, dtype=jnp.int32), 1) if right_padded else None
     if segment_ids is None:
         segment_ids = mask
     return model.apply({"params": params}, tokens, positions, segment_ids, logits_slice=logits_slice, unembed=unembed,

@@ -284,13 +284,16 @@ def test_dot_product_attention_by_lengths_equals_the_einsum_path(arch):
     assert np.isfinite(np.asarray(theirs)).all()
 
 
-@pytest.mark.parametrize("scan", [False, True])
-def test_cudnn_path_masks_right_padded_sft_rows_by_lengths(monkeypatch, scan):
-    """The wiring of ``forward``'s ``right_padded`` down to the attention: with
-    ``attention_impl="cudnn"`` (its calls redirected to the XLA implementation, which takes the
-    same arguments, since this runs on a CPU) the SFT loss of right-padded rows passes sequence
-    lengths and no mask, and packed rows pass a mask; both give the loss and gradient of the
-    einsum path (``attention_impl="xla"``)."""
+@pytest.mark.parametrize("loss, scan", [("sft", False), ("sft", True), ("rm", False), ("dpo", False)])
+def test_cudnn_path_masks_right_padded_rows_by_lengths(monkeypatch, loss, scan):
+    """The wiring of ``forward``'s ``right_padded`` down to the attention, for the SFT loss, the
+    reward model's K-way loss and the DPO loss, whose rows are right padded (the RM and DPO
+    batches with an empty response row).  With ``attention_impl="cudnn"`` (its calls redirected
+    to the XLA implementation, which takes the same arguments, since this runs on a CPU) they pass
+    sequence lengths and no mask, and packed SFT rows pass a mask; each gives the loss and the
+    gradient of the einsum path (``attention_impl="xla"``)."""
+    from rlhf_jax.dpo import dpo_batch_loss
+    from rlhf_jax.stages.reward import rm_batch_loss
     from rlhf_jax.stages.sft import sft_batch_loss
 
     calls = []
@@ -302,28 +305,41 @@ def test_cudnn_path_masks_right_padded_sft_rows_by_lengths(monkeypatch, scan):
 
     monkeypatch.setattr(jax.nn, "dot_product_attention", on_cpu)
     config = ModelConfig(arch="llama", vocab_size=61, d_model=32, n_heads=4, n_kv_heads=2, n_layers=2,
-                         d_ff=48, max_len=16, scan_layers=scan)
+                         d_ff=48, max_len=16, scan_layers=scan, head="scalar" if loss == "rm" else "lm")
     params = init_params(Transformer(config), jax.random.PRNGKey(0))
+    ref_params = init_params(Transformer(config), jax.random.PRNGKey(1))
     rng = np.random.default_rng(2)
-    lengths = np.array([9, 5, 12])
+    lengths = np.array([9, 5, 12, 0] if loss != "sft" else [9, 5, 12])
     mask = (np.arange(12)[None, :] < lengths[:, None]).astype(np.int32)
     tokens = np.where(mask, rng.integers(1, 61, size=mask.shape), 0).astype(np.int32)
-    unpacked = {"tokens": tokens, "mask": mask, "loss_mask": mask}
-    packed = {**unpacked, "segment_ids": mask, "positions": np.maximum(np.cumsum(mask, 1) - 1, 0)}
+    if loss == "sft":
+        batches = {"lengths": {"tokens": tokens, "mask": mask, "loss_mask": mask}}
+        batches["mask"] = {**batches["lengths"], "segment_ids": mask,
+                           "positions": np.maximum(np.cumsum(mask, 1) - 1, 0)}
+        fn = sft_batch_loss
+    else:  # two prompts of K = 2, the second one's second response missing
+        k_way = {"tokens": tokens.reshape(2, 2, 12), "mask": mask.reshape(2, 2, 12),
+                 "loss_mask": (mask * (np.arange(12) >= 3)).reshape(2, 2, 12), "valid": (lengths > 0).reshape(2, 2)}
+        batches = {"lengths": k_way}
+        fn = (lambda m, p, b: rm_batch_loss(m, p, b)[0]) if loss == "rm" else \
+            (lambda m, p, b: dpo_batch_loss(m, p, ref_params, b, beta=0.3)[0])
 
     def loss_and_grad(impl, batch):
         model = Transformer(config.replace(attention_impl=impl))
-        return jax.value_and_grad(lambda p: sft_batch_loss(model, p, jax.tree_util.tree_map(jnp.asarray, batch)))(params)
+        return jax.value_and_grad(lambda p: fn(model, p, jax.tree_util.tree_map(jnp.asarray, batch)))(params)
 
-    ref_loss, ref_grad = loss_and_grad("xla", unpacked)
-    assert not calls
-    by_lengths = ["is_causal", "key_value_seq_lengths", "query_seq_lengths", "scale"]
-    for batch, form in ((unpacked, by_lengths), (packed, ["is_causal", "mask", "scale"])):
+    ref_loss, ref_grad = loss_and_grad("xla", batches["lengths"])
+    assert not calls and np.isfinite(float(ref_loss))
+    forms = {"lengths": ["is_causal", "key_value_seq_lengths", "query_seq_lengths", "scale"],
+             "mask": ["is_causal", "mask", "scale"]}
+    passes = 2 if loss == "dpo" else 1  # DPO: the policy's and the reference's forwards
+    for form, batch in batches.items():
         calls.clear()
-        loss, grad = loss_and_grad("cudnn", batch)
-        assert len(calls) == (1 if scan else config.n_layers) and all(c == form for c in calls), calls
-        np.testing.assert_allclose(float(loss), float(ref_loss), rtol=1e-5)
+        got_loss, grad = loss_and_grad("cudnn", batch)
+        assert len(calls) == passes * (1 if scan else config.n_layers) and all(c == forms[form] for c in calls), calls
+        np.testing.assert_allclose(float(got_loss), float(ref_loss), rtol=1e-5)
         for g, r in zip(jax.tree_util.tree_leaves(grad), jax.tree_util.tree_leaves(ref_grad)):
+            assert np.isfinite(np.asarray(g)).all()
             np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-4, atol=1e-6)
     with pytest.raises(ValueError, match="right_padded=True is for rows of one sequence"):
         forward(Transformer(config), params, tokens, mask, segment_ids=mask, right_padded=True)

@@ -133,7 +133,8 @@ def k_way_rewards(model: Transformer, params: Params, tokens: jax.Array, mask: j
       or averaged over its tokens, per ``model.config.score_pooling``).
     """
     b, k, length = tokens.shape
-    return score(model, params, tokens.reshape(b * k, length), mask.reshape(b * k, length)).reshape(b, k)
+    return score(model, params, tokens.reshape(b * k, length), mask.reshape(b * k, length),
+                 right_padded=True).reshape(b, k)
 
 
 def rm_batch_loss(
