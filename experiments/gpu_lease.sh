@@ -9,6 +9,13 @@
 #   call 2  carry [.gpu1]  bash experiments/gpu_lease.sh keep     # GGUF part 1 + data -> /tmp/keep1
 #   call 3  carry [.gpu2]  bash experiments/gpu_lease.sh recipe   # GGUF part 2; join; the recipe
 #
+# Name the kind nvidia-h200 in call 1: issue 18's targets are an H200's, and a call that names no
+# kind now starts an H100 (80 GB at 3.35 TB/s against 141 GB at 4.8 TB/s). gpu_check holds the SFT
+# step (no remat, 8 x 2048) and then PPO's 1.1B policy and value with their Adam moments; it lets
+# JAX take 90% of the GPU and logs each part's device memory, but on an H100 the TRL peer's 60%
+# (48 GB) may be too little for our side of the iteration. An H100 run still answers the
+# MFU and HBM-fraction rows (each against that card's own peak and bandwidth).
+#
 # The suite's TRL peer (ppo_step_gpu) needs TRL 1.9.0, which the GPU machine lacks: its wheels and
 # the ones it needs there (55 MB, pyarrow most of it) go in .whl, installed to /tmp/site-packages
 # for the machine's python; TRL_PYTHON=/path/to/python instead names an interpreter that has TRL. With

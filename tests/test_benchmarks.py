@@ -314,6 +314,76 @@ def test_gpu_suite_dry_run_on_cpu(tmp_path):
                    "PPO phase rollout", "given as packed (a bias)"):
         assert any(needle in m for m in metrics), (needle, metrics)
     assert sum(r["target"] is not None for r in record["summary"]) == 4
+    # the device named in the summary; the CPU keeps no allocator figures, so no part has any
+    assert record["device_kinds"] == ["cpu"] and check["memory"] == {}
+
+
+def test_gpu_check_device_memory_in_gib():
+    """``device_memory``: the allocator's bytes as GiB under our names, the keys a backend lacks
+    left out, and ``None`` where it keeps no figures (the CPU here, and an empty dict)."""
+    from experiments.benchmarks.gpu_check import device_memory
+
+    class Device:
+        def __init__(self, stats):
+            self.stats = stats
+
+        def memory_stats(self):
+            return self.stats
+
+    stats = {"bytes_in_use": 3 * 2**30, "peak_bytes_in_use": 2**32 + 2**29, "bytes_limit": 72 * 2**30,
+             "num_allocs": 7}
+    assert device_memory(Device(stats)) == {"in_use": 3.0, "peak": 4.5, "limit": 72.0}
+    assert device_memory(Device({"bytes_in_use": 2**29})) == {"in_use": 0.5}
+    assert device_memory(Device({})) is None and device_memory(Device(None)) is None
+    assert device_memory() is None  # jax's CPU devices return no memory_stats
+
+
+def test_gpu_check_records_memory_per_part_and_drops_the_ppo_state(tmp_path, monkeypatch):
+    """``gpu_check.main``'s orchestration with its measurements replaced by stand-ins: every part,
+    a failing one too, gets the device memory read after it, and the PPO state is gone before the
+    packed SFT rows run."""
+    import gc
+    import weakref
+
+    from experiments.benchmarks import gpu_check
+
+    class PPOState:  # stands in for the two 1.1B models with their Adam moments
+        pass
+
+    held: list[weakref.ref] = []
+    alive_at_packed: list[bool] = []
+
+    def sft(config, params, shapes, peak, repeats, profiled=False, packed=False):
+        if packed:
+            gc.collect()
+            alive_at_packed.append(held[0]() is not None)
+        return {"step_s": 1.0, "loss": 0.0, "rows": "packed" if packed else "right padded"}
+
+    def ppo(config, params, shapes, peak, bandwidth):
+        state = PPOState()
+        held.append(weakref.ref(state))
+        return {"iteration_s": 1.0, "floors_s": {}, "run": state}
+
+    def decode(config, params16, batch, shapes, bandwidth, repeats, profiled=False, compiler_options=None):
+        if compiler_options:
+            raise RuntimeError("RESOURCE_EXHAUSTED: out of memory")
+        return {"batch": batch, "step_s": 1e-3}
+
+    reads = iter(range(1, 100))
+    monkeypatch.setattr(gpu_check, "sft_check", sft)
+    monkeypatch.setattr(gpu_check, "ppo_check", ppo)
+    monkeypatch.setattr(gpu_check, "ppo_phases", lambda run, floors: {"phases_s": {"rollout": 1.0}})
+    monkeypatch.setattr(gpu_check, "decode_check", decode)
+    monkeypatch.setattr(gpu_check, "device_memory", lambda: {"in_use": float(next(reads)), "limit": 72.0})
+    monkeypatch.setenv("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.75")  # main sets it only where unset
+    gpu_check.main(["--dry-run", "--json", str(tmp_path / "check.json")])
+    check = json.loads((tmp_path / "check.json").read_text())
+    assert list(check["memory"]) == list(check["part_s"]) == [
+        "sft[auto,none]", "decode[4]", "ppo", "decode[2]", "ppo_phases", "sft[auto,none,packed]",
+        "decode[4,command_buffers]", "decode[4,cache_block=4]", "decode[4,scan_decode=True]"]
+    assert [m["in_use"] for m in check["memory"].values()] == list(range(1, 10))
+    assert list(check["errors"]) == ["decode[4,command_buffers]"]
+    assert alive_at_packed == [False]
 
 
 def test_profile_summary_device_kernels_by_call():

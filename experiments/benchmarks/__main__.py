@@ -246,11 +246,14 @@ def main(argv: list[str] | None = None) -> int:
 
     rows = summary_rows(results)
     record["load_avg_end"] = list(os.getloadavg())
+    # the device each benchmark measured (issue 18's GPU targets are an H200's)
+    record["device_kinds"] = sorted({r["machine"]["device_kind"] for r in results.values()
+                                     if "device_kind" in r.get("machine", {})})
     record["summary"] = [{**dataclasses.asdict(r), "ratio": r.ratio, "met": r.met} for r in rows]
     (out / "summary.json").write_text(json.dumps(record, indent=2) + "\n")
     load = lambda xs: "/".join(f"{x:.1f}" for x in xs)  # noqa: E731
     print(f"\n=== summary ({args.suite} suite{', dry run' if dry_run else ''}{', quick' if args.quick else ''}; "
-          f"load average {load(record['load_avg_start'])} at start, {load(record['load_avg_end'])} at end; "
+          f"on {', '.join(record['device_kinds']) or 'no device reported'}; load average {load(record['load_avg_start'])} at start, {load(record['load_avg_end'])} at end; "
           f"results in {out})\n")
     print(summary_table(rows) if rows else "(no results)")
     for name, s in record["steps"].items():

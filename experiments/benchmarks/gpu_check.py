@@ -39,7 +39,9 @@ Order: what issue 18 asks for first (SFT, decode at batch 64, the PPO iteration,
 decode batches, the phase split), then the packed SFT rows, then the other decode forms.  The
 2026-12-04 run, in its old order and a 170 s budget, skipped the sweep at 128 and 256 and the
 phase split.  Each part's seconds, compiles included, go to ``"part_s"`` (and ``"setup_s"`` for
-the parameters' start), so the next budget can be set from them.
+the parameters' start), so the next budget can be set from them, and the device memory after it
+to ``"memory"`` (``device_memory``; none on a CPU).  JAX may take 90% of the GPU here
+(``XLA_PYTHON_CLIENT_MEM_FRACTION``, unless set), and PPO's state is dropped after the phase split.
 A part is skipped when less of ``--budget-s`` is left than it needs (the skipped parts are
 listed in the JSON), and a part that fails records its error and the rest still run.  The JSON
 is rewritten after every part; at ``--hard-limit-s`` (default: the budget + 40 s) a watchdog
@@ -112,6 +114,18 @@ DRY = Shapes(sft=(2, 32), prompt=8, new=8, decode_batches=(4, 2), ppo_prompts=8,
 
 def n_params(tree: Any) -> int:
     return sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(tree))
+
+
+def device_memory(device: Any = None) -> dict[str, float] | None:
+    """The allocator's figures of ``device`` (default: the first) in GiB, from ``memory_stats``:
+    ``in_use`` now, ``peak`` (the process's highest so far: it never falls, so a part that raises
+    it is the one that needed more) and ``limit`` (what the allocator may take, after
+    ``XLA_PYTHON_CLIENT_MEM_FRACTION``); ``None`` where the backend keeps no such figures (CPU)."""
+    stats = (device or jax.devices()[0]).memory_stats()
+    if not stats:
+        return None
+    keys = {"in_use": "bytes_in_use", "peak": "peak_bytes_in_use", "limit": "bytes_limit"}
+    return {name: stats[key] / 2**30 for name, key in keys.items() if key in stats}
 
 
 def _compile(fn: Callable, *args: Any) -> tuple[Any, float]:
@@ -276,6 +290,9 @@ def main(argv: list[str] | None = None) -> None:
                          "(default: the budget + 40 s)")
     ap.add_argument("--dry-run", action="store_true", help="micro shapes (any backend): checks the wiring")
     args = ap.parse_args(argv)
+    # The process is alone on its GPU: let JAX's allocator take 90% of it, not its default 75%
+    # (before anything starts the backend).  On an H100's 80 GB that is 72 GB against 60.
+    os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.9")
     start = time.time()
     budget = args.budget_s if args.budget_s is not None else float("inf") if args.dry_run else 240.0
     budget_left = lambda: budget - (time.time() - start)  # noqa: E731
@@ -287,7 +304,7 @@ def main(argv: list[str] | None = None) -> None:
     result: dict[str, Any] = {"machine": machine_info(), "dry_run": args.dry_run, "params": n_params(params),
                               "config": dataclasses.asdict(config), "peak_flops": peak, "hbm_bytes_s": bandwidth,
                               "targets": TARGETS, "errors": {}, "skipped": [], "setup_s": time.time() - start,
-                              "part_s": {}}
+                              "part_s": {}, "memory": {}}
     print({k: result[k] for k in ("params", "peak_flops", "hbm_bytes_s", "setup_s")}, result["machine"]["devices"],
           flush=True)
     if args.json:  # rewritten after every part, so a run cut short still leaves its figures
@@ -322,10 +339,15 @@ def main(argv: list[str] | None = None) -> None:
             result["errors"][name] = f"{type(e).__name__}: {e}"[:2000]
             error = traceback.format_exc()[-3000:]
         seconds = result["part_s"][name] = time.time() - part_start
+        memory = device_memory()
+        if memory is not None:  # after a failure too: whether it ran out of memory
+            result["memory"][name] = memory
+        used = "" if memory is None else ", device memory GiB " + " ".join(f"{k} {v:.1f}" for k, v in memory.items())
         if error is not None:
-            print(f"{name}: FAILED after {seconds:.0f} s\n{error}", flush=True)
+            print(f"{name}: FAILED after {seconds:.0f} s{used}\n{error}", flush=True)
+            save()
             return None
-        print(f"{name} ({seconds:.0f} s, {time.time() - start:.0f} s in all)",
+        print(f"{name} ({seconds:.0f} s, {time.time() - start:.0f} s in all{used})",
               {k: v for k, v in out.items() if not isinstance(v, (list, dict, tuple))}, flush=True)
         store(out)
         save()
@@ -355,6 +377,7 @@ def main(argv: list[str] | None = None) -> None:
              result["decode"].append)
     if ppo is not None:
         part("ppo_phases", lambda: ppo_phases(run[0], ppo["floors_s"]), 40, result["ppo"].update)
+    run.clear()  # the PPO state (two 1.1B models with their Adam moments) is not needed after this
     if by_lengths:  # what the cuDNN attention's bias form costs (the same rows given as packed)
         part("sft[auto,none,packed]",
              lambda: sft_check(config.replace(**settings), params, shapes, peak, repeats, packed=True), 30,
