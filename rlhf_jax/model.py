@@ -286,12 +286,18 @@ def _attention_dpa(q: Array, k: Array, v: Array, allowed: Array, config: ModelCo
     return out.reshape(b, t, config.n_heads * config.head_dim)
 
 
-def _cudnn_applies(config: ModelConfig, cached: bool) -> bool:
-    """Whether ``attention_impl="auto"`` picks cuDNN flash attention: a GPU backend, a 16-bit
-    compute dtype, no KV cache (training and full forwards; decode and prefill stay on XLA),
-    head_dim a multiple of 8 up to 128, and no attention soft-capping."""
-    return (not cached and config.dtype in ("bfloat16", "float16") and jax.default_backend() == "gpu"
-            and config.head_dim % 8 == 0 and config.head_dim <= 128 and config.attn_softcap is None)
+def flash_attention(config: ModelConfig, backend: str | None = None) -> bool:
+    """Whether a forward without a KV cache (training and full forwards; decode and prefill stay
+    on XLA) attends through cuDNN flash attention on ``backend`` (default: this process's
+    ``jax.default_backend()``): never with attention soft-capping; always with
+    ``attention_impl="cudnn"``; with ``"auto"`` on a GPU with a 16-bit compute dtype and head_dim a
+    multiple of 8 up to 128."""
+    if config.attn_softcap is not None:
+        return False
+    if config.attention_impl == "cudnn":
+        return True
+    return (config.attention_impl == "auto" and (backend or jax.default_backend()) == "gpu"
+            and config.dtype in ("bfloat16", "float16") and config.head_dim % 8 == 0 and config.head_dim <= 128)
 
 
 class Attention(nn.Module):
@@ -356,9 +362,7 @@ class Attention(nn.Module):
         if c.layer_windows is not None:  # 0 (a global layer) lets every earlier slot through
             window = _per_layer([w or k.shape[2] + t for w in c.layer_windows], layer)
             allowed &= k_slots[None, None, :] > q_slots[None, :, None] - window
-        use_cudnn = cache is None and c.attn_softcap is None and (c.attention_impl == "cudnn" or (
-            c.attention_impl == "auto" and _cudnn_applies(c, cached=False)))
-        if use_cudnn:
+        if cache is None and flash_attention(c):
             out = _attention_dpa(q, k, v, allowed, c, "cudnn", lengths if c.layer_windows is None else None)
         else:
             out = _attention_xla(q, k, v, allowed, c)

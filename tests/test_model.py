@@ -17,8 +17,8 @@ import pytest
 
 from conftest import random_params
 from rlhf_jax.llama2c import load_llama2c
-from rlhf_jax.model import (ModelConfig, Transformer, decode_step, forward, fuse_projections, init_cache, init_params,
-                            resize_cache)
+from rlhf_jax.model import (ModelConfig, Transformer, decode_step, flash_attention, forward, fuse_projections,
+                            init_cache, init_params, resize_cache)
 from rlhf_jax.tokenizer import Tokenizer
 
 jit_forward = jax.jit(forward, static_argnums=0)
@@ -258,6 +258,23 @@ def test_dot_product_attention_with_our_mask_equals_the_einsum_path(arch):
     live = np.asarray(seg != 0)
     np.testing.assert_allclose(np.asarray(theirs)[live], np.asarray(ours)[live], rtol=1e-5, atol=1e-6)
     assert np.isfinite(np.asarray(theirs)).all()
+
+
+def test_flash_attention_where_cudnn_applies():
+    """``flash_attention``: ``"cudnn"`` always (but with soft-capping), ``"xla"`` never, ``"auto"``
+    on a GPU in a 16-bit dtype with head_dim a multiple of 8 up to 128 (cuDNN's limits)."""
+    base = ModelConfig(arch="llama", vocab_size=64, d_model=64, n_layers=1, n_heads=4, max_len=16,
+                       dtype="bfloat16", attention_impl="auto")  # head_dim 16
+    cases = [
+        (base, "gpu", True), (base, "cpu", False), (base, "tpu", False), (base, None, False),  # this CPU
+        (base.replace(dtype="float16"), "gpu", True), (base.replace(dtype="float32"), "gpu", False),
+        (base.replace(d_head=128), "gpu", True), (base.replace(d_head=256), "gpu", False),
+        (base.replace(d_head=12), "gpu", False), (base.replace(attn_softcap=50.0), "gpu", False),
+        (base.replace(attention_impl="xla"), "gpu", False),
+        (base.replace(attention_impl="cudnn", dtype="float32"), "cpu", True),
+        (base.replace(attention_impl="cudnn", attn_softcap=50.0), "gpu", False),
+    ]
+    assert [flash_attention(c, backend) for c, backend, _ in cases] == [want for *_, want in cases]
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])

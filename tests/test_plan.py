@@ -13,7 +13,7 @@ from _multidevice import run_on_devices
 from rlhf_jax.configs import ConfigError, load_config, to_dict
 from rlhf_jax.model import ModelConfig, init_cache
 from rlhf_jax.cli import main as cli_main
-from rlhf_jax.plan import GiB, PlanConfig, PlanError, activation_bytes, check_fits, kv_cache_bytes, plan
+from rlhf_jax.plan import GiB, PlanConfig, PlanError, activation_bytes, check_fits, kv_cache_bytes, logits_bytes, plan
 from rlhf_jax.sharding import MeshConfig
 
 # d 64, 4 heads of 16, 2 KV heads, SwiGLU 96, untied head: every Llama weight kind.
@@ -122,6 +122,58 @@ def test_activations_follow_korthikanti_accounting():
     assert activation_bytes(c, b, s) == c.n_layers * layer + outside
     # Full recomputation (§4.3): 2·sbh per layer plus one layer rebuilt at a time.
     assert activation_bytes(c.replace(remat=True), b, s) == c.n_layers * 2 * s * b * h + layer + outside
+
+
+def test_flash_attention_keeps_the_statistics_not_the_probabilities():
+    # FlashAttention (Dao et al. 2022, §3.1) keeps the output and the softmax statistics (float32
+    # [b, a, s]) instead of the [b, a, s, s] float32 softmax and its cast; the boolean mask and the
+    # [b, 1, s, s] bias jax makes of it (compute dtype) stay.
+    c = GPT2.replace(dtype="bfloat16")
+    b, s, a = 3, 32, c.n_heads
+    xla = b * s * s * (a * (4 + 2) + 1)
+    flash = 4 * b * a * s + b * s * s * (1 + 2)
+    assert activation_bytes(c, b, s) - activation_bytes(c, b, s, flash=True) == c.n_layers * (xla - flash)
+    remat = c.replace(remat=True)  # one rebuilt layer holds the attention's buffers
+    assert activation_bytes(remat, b, s) - activation_bytes(remat, b, s, flash=True) == xla - flash
+
+
+def test_plan_counts_flash_attention_and_logit_chunks_where_they_run():
+    """``attention_impl="auto"`` is flash attention on a GPU target in bf16 only; ``logits_chunk``
+    bounds the logits of SFT, PPO's update (with ptx) and its scoring, not DPO's."""
+    model = LLAMA.replace(attention_impl="auto", logits_chunk=16)
+    bf16, v = model.replace(dtype="bfloat16"), LLAMA.vocab_size
+    gpu, cpu = plan(cfg(model=model, backend="gpu")), plan(cfg(model=model, backend="cpu"))
+    assert gpu.row_bytes("activations") == activation_bytes(bf16, 8, 64, flash=True)
+    assert cpu.row_bytes("activations") == activation_bytes(bf16, 8, 64) > gpu.row_bytes("activations")
+    assert gpu.row_bytes("logits") == cpu.row_bytes("logits") == 8 * 16 * v * 12  # 16 of the 64 steps at a time
+    f32 = plan(cfg(model=model, backend="gpu", compute_dtype="float32"))
+    assert f32.row_bytes("activations") == activation_bytes(model.replace(dtype="float32"), 8, 64)
+    cudnn = plan(cfg(model=model.replace(attention_impl="cudnn"), backend="cpu"))
+    assert cudnn.row_bytes("activations") == gpu.row_bytes("activations")
+    whole = plan(cfg(model=model.replace(logits_chunk=128), backend="gpu"))  # a chunk longer than the rows
+    assert whole.row_bytes("logits") == logits_bytes(bf16, 8, 64) == plan(cfg(model=LLAMA)).row_bytes("logits")
+    dpo = plan(cfg(model=model, stage="dpo", batch_size=2, k_responses=2, backend="gpu"))
+    assert dpo.row_bytes("logits") == 4 * 64 * v * (12 + 8)  # built whole, the reference's too
+    ppo = plan(cfg(model=model, stage="ppo", batch_size=8, prompt_len=16, max_new_tokens=32, ppo_minibatches=2,
+                   ptx_batch_size=2, seq_len=48, backend="gpu"))
+    scoring = ppo.row_bytes("logits (scoring)")
+    assert scoring == 8 * 16 * v * 12  # the 32 response steps, 16 at a time
+    assert ppo.row_bytes("logits") - scoring == (4 + 2) * 16 * v * 12  # a minibatch of 4 and 2 ptx rows
+    assert ppo.row_bytes("activations") == (activation_bytes(bf16, 4, 48, flash=True)
+                                            + activation_bytes(bf16, 2, 48, flash=True)
+                                            + activation_bytes(bf16.replace(head="scalar"), 4, 48, flash=True))
+    unchunked = plan(cfg(model=LLAMA, stage="ppo", batch_size=8, prompt_len=16, max_new_tokens=32,
+                         ppo_minibatches=2, seq_len=48))
+    assert unchunked.row_bytes("logits (scoring)") == 8 * 48 * v * 4 + 8 * 32 * v * 8
+
+
+def test_a_cudnn_config_plans_on_a_cpu():
+    """The parameters' shapes and the CPU compile of a ``attention_impl="cudnn"`` model, on a
+    machine without cuDNN: the compile runs XLA's attention (the same step otherwise)."""
+    xla = plan(cfg(model=LLAMA, batch_size=2, compile="cpu"))
+    cudnn = plan(cfg(model=LLAMA.replace(attention_impl="cudnn"), batch_size=2, compile="cpu"))
+    assert cudnn.row_bytes("params") == xla.row_bytes("params") > 0
+    assert cudnn.compiled.peak_bytes == xla.compiled.peak_bytes > 0
 
 
 # --------------------------------------------------------------------------- fit check

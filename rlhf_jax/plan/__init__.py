@@ -24,11 +24,18 @@ Each row of the plan is one kind of buffer, in bytes *per device*, and says how 
     fsdp)), ``t`` the tensor-parallel size (heads and ``d_ff`` split over it), ``m`` = 4 (SwiGLU)
     or 2 (GELU).  With ``remat`` (``nn.remat`` per block, nothing saved inside) a layer keeps only
     its input ``act·b·s·h``, and the backward pass holds one recomputed layer at a time
-    (Korthikanti et al. §4.3, "full recomputation").
+    (Korthikanti et al. §4.3, "full recomputation").  With cuDNN flash attention
+    (``model.flash_attention``: ``attention_impl="cudnn"``, or ``"auto"`` on a GPU target in a
+    16-bit dtype; ``PlanConfig.backend`` names the target) the probabilities are not kept: the
+    last term becomes ``4·b·s·a / t + b·s²·(1 + act)``, the softmax statistics and the mask with
+    the bias jax makes of it (Dao et al. 2022, FlashAttention, §3.1).
   - logits: float32 ``[b, s, V / t]``: the logits, their log-softmax and their gradient (12 bytes
     per entry) while training (DPO adds its frozen reference's logits and log-softmax, 8 bytes,
     on the same sequences); when PPO or GRPO scores a rollout, the logits of the whole sequence and
-    the log-softmax and entropy terms of the response (4 + 8 bytes per entry).
+    the log-softmax and entropy terms of the response (4 + 8 bytes per entry).  With
+    ``logits_chunk`` (``losses.chunked_logprobs``) the SFT, ptx and PPO/GRPO losses and the
+    scoring hold ``min(logits_chunk, steps)`` steps' logits at a time (12 bytes per entry;
+    ``logit_steps``); DPO builds its logits whole.
   - gathered weights (``fsdp`` > 1): FSDP all-gathers a layer's weights where it is used and
     reduce-scatters its gradient, so one layer's float32 weights and gradient are held whole
     (split only over ``tensor``): 2 × one layer's parameters.  The compiler may gather earlier
@@ -75,12 +82,13 @@ the frozen reference's weights and logits.
 from rlhf_jax.errors import PlanError
 from rlhf_jax.plan.compiled import compiled_memory
 from rlhf_jax.plan.config import GiB, PHASES, STAGES, PlanConfig
-from rlhf_jax.plan.estimate import activation_bytes, kv_cache_bytes, logits_bytes, plan
+from rlhf_jax.plan.estimate import activation_bytes, kv_cache_bytes, logit_steps, logits_bytes, plan
 from rlhf_jax.plan.fixes import check_fits
 from rlhf_jax.plan.result import CompiledMemory, Plan, Row
 
 __all__ = ["PlanConfig", "Plan", "Row", "CompiledMemory", "PlanError", "GiB", "PHASES", "STAGES", "plan",
-           "check_fits", "compiled_memory", "activation_bytes", "logits_bytes", "kv_cache_bytes", "run_plan"]
+           "check_fits", "compiled_memory", "activation_bytes", "logits_bytes", "logit_steps", "kv_cache_bytes",
+           "run_plan"]
 
 
 def run_plan(cfg: PlanConfig) -> None:

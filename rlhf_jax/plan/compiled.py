@@ -94,8 +94,8 @@ def compiled_memory(cfg: PlanConfig) -> CompiledMemory:
                               f"this process sees {jax.device_count()}")
         what, stats = _compile_jobs(cfg, config, layers, jax.devices())
         backend = jax.default_backend()
-    else:
-        what, stats = _compile_in_child(cfg, config, layers)
+    else:  # the CPU has no cuDNN: there the attention compiles as XLA's
+        what, stats = _compile_in_child(cfg, config.replace(attention_impl="xla"), layers)
         backend = "cpu"
     if len(layers) == 2:  # linear in the (unrolled) layers: f(L) = f(k) + (L − k)·(f(k) − f(k − 1))
         extra = config.n_layers - layers[1]

@@ -33,6 +33,9 @@ class PlanConfig:
     one JAX device, "megacore").  ``device_memory_gib``: memory per device (H100 80, H200 141,
     TPU v4 32, v5e 16, v5p 95); ``headroom``: the usable fraction (runtime, fragmentation; JAX on
     GPU preallocates ``XLA_PYTHON_CLIENT_MEM_FRACTION`` = 0.75 of it unless told otherwise).
+    ``backend``: the target's JAX backend (``"gpu"``, ``"tpu"``, ``"cpu"``; None: this process's),
+    which decides whether ``attention_impl="auto"`` runs cuDNN flash attention
+    (``model.flash_attention``) and so whether the attention's ``[s, s]`` terms are saved.
 
     Batch shapes (global, over all devices): ``sft``: ``batch_size`` sequences of ``seq_len``;
     ``rm``: ``batch_size`` prompts × ``k_responses`` sequences of ``seq_len``; ``ppo``:
@@ -59,6 +62,7 @@ class PlanConfig:
     devices: int = 8
     device_memory_gib: float = 80.0
     headroom: float = 0.9
+    backend: Literal["gpu", "tpu", "cpu"] | None = None  # the target's; None: this process's
     stage: Literal["sft", "rm", "ppo", "grpo", "dpo"] = "sft"
     batch_size: int = 32  # IG App. C.1: SFT batch 32
     seq_len: int = 2048
@@ -89,7 +93,7 @@ class PlanConfig:
                               f"hf_config={self.hf_config!r}")
         choices = {"stage": STAGES, "param_dtype": ("float32",), "optimizer": ("adam",),
                    "compute_dtype": tuple(DTYPE_BYTES), "frozen_dtype": ("float32", "bfloat16"),
-                   "compile": ("cpu", "local", "none")}
+                   "compile": ("cpu", "local", "none"), "backend": (None, "gpu", "tpu", "cpu")}
         for field, allowed in choices.items():
             check(getattr(self, field) in allowed, self, field, f"one of {allowed}")
         for field in ("devices", "batch_size", "seq_len", "k_responses", "prompt_len", "max_new_tokens",

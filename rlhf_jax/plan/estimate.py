@@ -12,7 +12,7 @@ import jax.numpy as jnp
 from jax.sharding import AbstractMesh, AxisType, PartitionSpec as P
 
 from rlhf_jax.hf import _abstract_params
-from rlhf_jax.model import ModelConfig, Transformer
+from rlhf_jax.model import ModelConfig, Transformer, flash_attention
 from rlhf_jax.plan.compiled import compiled_memory
 from rlhf_jax.plan.config import DTYPE_BYTES, PHASES, PlanConfig, optimizer_config
 from rlhf_jax.plan.result import Plan, Row
@@ -54,7 +54,8 @@ def _fallbacks(tree: Any, mesh: AbstractMesh) -> tuple[str, ...]:
 
 
 def _abstract(config: ModelConfig) -> Any:
-    return _abstract_params(Transformer(config))
+    """The parameters' shapes (they do not depend on the attention, and tracing cuDNN's needs a GPU)."""
+    return _abstract_params(Transformer(config.replace(attention_impl="xla")))
 
 
 def _count(tree: Any) -> int:
@@ -69,21 +70,28 @@ def _split(n: int, t: int) -> int:
     return t if n % t == 0 else 1
 
 
-def activation_bytes(config: ModelConfig, batch: int, seq: int, tensor: int = 1) -> int:
+def activation_bytes(config: ModelConfig, batch: int, seq: int, tensor: int = 1, flash: bool = False) -> int:
     """Activations saved for the backward pass of ``config`` on one device's ``[batch, seq]``
     (excluding the logits: ``logits_bytes``).  Korthikanti et al. 2022 §4.1, adapted (module
-    docstring); with ``config.remat`` only each layer's input plus one recomputed layer."""
+    docstring); with ``config.remat`` only each layer's input plus one recomputed layer.
+    ``flash``: the attention is cuDNN's flash attention (``model.flash_attention``), which keeps
+    its softmax statistics (float32 ``[b, heads, s]``) instead of the ``[s, s]`` probabilities;
+    the mask, and the ``[b, 1, s, s]`` bias jax makes of it, are still counted."""
     c, b, s = config, batch, seq
     act = jnp.dtype(c.compute_dtype).itemsize
     h, hd = c.d_model, c.head_dim
     t_heads = _split(c.kv_heads, tensor)
     t_ff = _split(c.ff_dim, tensor)
     mlp_tensors = 4 if c.arch == "llama" else 2
+    if flash:  # softmax statistics per head; the mask and its bias
+        attention = 4 * b * s * c.n_heads // t_heads + b * s * s * (1 + act)
+    else:  # float32 softmax, its cast, the mask
+        attention = b * s * s * (c.n_heads * (4 + act) // t_heads + 1)
     layer = (
         act * b * s * 4 * h  # both norms' inputs and outputs (replicated over tensor)
         + act * b * s * (2 * h + 2 * c.kv_heads * hd) // t_heads  # q, k, v, attention output
         + act * b * s * mlp_tensors * c.ff_dim // t_ff  # gate, up, silu(gate), product | fc, gelu
-        + b * s * s * (c.n_heads * (4 + act) // t_heads + 1)  # float32 softmax, its cast, the mask
+        + attention
     )
     outside = 2 * act * b * s * h  # the final norm's input and output
     if c.remat:
@@ -95,6 +103,12 @@ def logits_bytes(config: ModelConfig, batch: int, seq: int, tensor: int = 1, per
     """``[batch, seq, V / tensor]`` entries × ``per_entry`` bytes (12: float32 logits, their
     log-softmax and their gradient)."""
     return batch * seq * config.vocab_size // _split(config.vocab_size, tensor) * per_entry
+
+
+def logit_steps(config: ModelConfig, seq: int) -> int:
+    """The time steps whose logits a log-prob or loss over ``seq`` steps holds at once:
+    ``config.logits_chunk`` when set and shorter (``losses.chunked_logprobs``), else ``seq``."""
+    return min(config.logits_chunk, seq) if config.logits_chunk else seq
 
 
 def kv_cache_bytes(config: ModelConfig, batch: int, length: int, tensor: int = 1) -> int:
@@ -123,6 +137,7 @@ def plan(cfg: PlanConfig) -> Plan:
         return _local_bytes(tree, mesh), _local_bytes(jax.eval_shape(tx.init, tree), mesh)
 
     lm = _abstract(model_cfg)
+    flash = flash_attention(model_cfg, cfg.backend)
     rows: list[Row] = []
     if cfg.stage in ("sft", "rm", "dpo"):
         trained = _abstract(model_cfg.replace(head="scalar")) if cfg.stage == "rm" else lm
@@ -131,11 +146,12 @@ def plan(cfg: PlanConfig) -> Plan:
                  Row("optimizer", "state", o_bytes, "exact", _opt_detail(cfg)),
                  Row("gradients", "update", p_bytes, "exact", "float32")]
         seqs = cfg.batch_size * (1 if cfg.stage == "sft" else cfg.k_responses) // shards
-        rows.append(Row("activations", "update", activation_bytes(model_cfg, seqs, cfg.seq_len, tensor),
-                        "analytic", f"{seqs} seq/device"))
-        if cfg.stage != "rm":
-            rows.append(Row("logits", "update", logits_bytes(model_cfg, seqs, cfg.seq_len, tensor),
-                            "analytic", "f32 + log-softmax + grad"))
+        rows.append(Row("activations", "update", activation_bytes(model_cfg, seqs, cfg.seq_len, tensor, flash),
+                        "analytic", f"{seqs} seq/device" + (", flash attention" if flash else "")))
+        if cfg.stage != "rm":  # DPO builds its logits whole (no logits_chunk path)
+            steps = logit_steps(model_cfg, cfg.seq_len) if cfg.stage == "sft" else cfg.seq_len
+            rows.append(Row("logits", "update", logits_bytes(model_cfg, seqs, steps, tensor), "analytic",
+                            "f32 + log-softmax + grad" + (f", {steps} steps at a time" if steps < cfg.seq_len else "")))
         if cfg.stage == "dpo":  # the frozen reference: its weights, and its logits in the same step
             rows += [Row("frozen models", "state", _local_bytes(lm, mesh, DTYPE_BYTES[cfg.frozen_dtype]),
                          "exact", f"ref, {cfg.frozen_dtype}"),
@@ -144,7 +160,7 @@ def plan(cfg: PlanConfig) -> Plan:
                          "analytic", "f32 + log-softmax, no grad")]
         fallbacks = _fallbacks(trained, mesh)
     else:
-        rows += _rl_rows(cfg, model_cfg, lm, mesh, trainable, shards, tensor)
+        rows += _rl_rows(cfg, model_cfg, lm, mesh, trainable, shards, tensor, flash)
         fallbacks = _fallbacks(lm, mesh)
     if fsdp > 1:
         layer = _local_bytes(lm["layer_0"], _abstract_mesh((1, 1, tensor)))
@@ -157,7 +173,7 @@ def plan(cfg: PlanConfig) -> Plan:
 
 
 def _rl_rows(cfg: PlanConfig, model_cfg: ModelConfig, lm: Any, mesh: AbstractMesh,
-             trainable: Any, shards: int, tensor: int) -> list[Row]:
+             trainable: Any, shards: int, tensor: int, flash: bool) -> list[Row]:
     """PPO's and GRPO's rows: the policy (and PPO's value model) trained on minibatches of the
     rollouts, frozen reference (and reward model, unless ``reward_model`` is false) in
     ``frozen_dtype``, the policy's EMA (``ema``), the rollout's KV cache and the scoring logits.  GRPO is PPO
@@ -172,13 +188,18 @@ def _rl_rows(cfg: PlanConfig, model_cfg: ModelConfig, lm: Any, mesh: AbstractMes
     episodes = cfg.batch_size * (1 if ppo else cfg.group_size)
     mb = episodes // cfg.ppo_minibatches // shards
     ptx = cfg.ptx_batch_size // shards
-    policy_act = activation_bytes(model_cfg, mb, length, tensor)
-    policy_logits = logits_bytes(model_cfg, mb, length, tensor)
+    policy_act = activation_bytes(model_cfg, mb, length, tensor, flash)
+    policy_logits = logits_bytes(model_cfg, mb, logit_steps(model_cfg, length), tensor)
     if ptx:
-        policy_act += activation_bytes(model_cfg, ptx, cfg.seq_len, tensor)
-        policy_logits += logits_bytes(model_cfg, ptx, cfg.seq_len, tensor)
-    value_act = activation_bytes(model_cfg.replace(head="scalar"), mb, length, tensor) if ppo else 0
+        policy_act += activation_bytes(model_cfg, ptx, cfg.seq_len, tensor, flash)
+        policy_logits += logits_bytes(model_cfg, ptx, logit_steps(model_cfg, cfg.seq_len), tensor)
+    value_act = activation_bytes(model_cfg.replace(head="scalar"), mb, length, tensor, flash) if ppo else 0
     rollouts = episodes // shards
+    if model_cfg.logits_chunk:  # the response's log-probs and entropy, a chunk at a time
+        scoring = logits_bytes(model_cfg, rollouts, logit_steps(model_cfg, cfg.max_new_tokens), tensor)
+    else:  # the whole sequence's logits, the response's log-softmax and entropy terms
+        scoring = (logits_bytes(model_cfg, rollouts, length, tensor, per_entry=4)
+                   + logits_bytes(model_cfg, rollouts, cfg.max_new_tokens, tensor, per_entry=8))
     trained = "policy + value" if ppo else "policy"
     rows = [
         Row("params", "state", lm_bytes + v_bytes, "exact", f"{trained}, {cfg.param_dtype}"),
@@ -187,14 +208,13 @@ def _rl_rows(cfg: PlanConfig, model_cfg: ModelConfig, lm: Any, mesh: AbstractMes
             f"ref{' + reward' if cfg.reward_model else ''}, {cfg.frozen_dtype}"),
         Row("gradients", "update", lm_bytes + v_bytes, "exact", "float32"),
         Row("activations", "update", policy_act + value_act, "analytic",
-            f"{trained}, {mb}{f' + {ptx} ptx' if ptx else ''} seq/device"),
-        Row("logits", "update", policy_logits, "analytic", "f32 + log-softmax + grad"),
+            f"{trained}, {mb}{f' + {ptx} ptx' if ptx else ''} seq/device" + (", flash attention" if flash else "")),
+        Row("logits", "update", policy_logits, "analytic",
+            "f32 + log-softmax + grad" + (f", {model_cfg.logits_chunk} steps at a time" if model_cfg.logits_chunk
+                                          else "")),
         Row("KV cache", "rollout", kv_cache_bytes(model_cfg, rollouts, length, tensor), "analytic",
             f"{rollouts} seq/device × {length}"),
-        Row("logits (scoring)", "experience",
-            logits_bytes(model_cfg, rollouts, length, tensor, per_entry=4)
-            + logits_bytes(model_cfg, rollouts, cfg.max_new_tokens, tensor, per_entry=8),
-            "analytic", f"{rollouts} seq/device"),
+        Row("logits (scoring)", "experience", scoring, "analytic", f"{rollouts} seq/device"),
     ]
     if cfg.ema:
         rows.insert(3, Row("EMA weights", "state", lm_bytes, "exact", f"policy, {cfg.param_dtype}"))

@@ -82,20 +82,23 @@ class Plan:
         c, m = self.config, self.model
         unit, size = ("GiB", GiB) if self.total_bytes >= GiB else ("MiB", 2**20)
         source = c.hf_config or f"{m.arch} d_model {m.d_model}, {m.n_layers} layers"
+        labels = [f"{r.name} ({r.detail})" for r in self.rows]
+        width = max([56, *(len(label) + 2 for label in labels)])
         lines = [
             f"rlhf-jax plan: stage {c.stage}, {source}, {self.n_params / 1e9:.2f}B parameters",
             f"  {c.devices} devices × {c.device_memory_gib:g} GiB, mesh data×fsdp×tensor = "
             f"{'×'.join(map(str, self.mesh_shape))}, compute {c.compute_dtype}, remat {c.remat}, "
             f"{self._shape_text()}",
             "",
-            f"  {'per device':<56}{'phase':<12}{unit:>8}  source",
+            f"  {'per device':<{width}}{'phase':<12}{unit:>8}  source",
         ]
-        for r in self.rows:
-            lines.append(f"  {r.name + ' (' + r.detail + ')':<56}{r.phase:<12}{r.bytes / size:>8.2f}  {r.source}")
+        for r, label in zip(self.rows, labels):
+            lines.append(f"  {label:<{width}}{r.phase:<12}{r.bytes / size:>8.2f}  {r.source}")
+        total = f"total = state + largest phase ({self.peak_phase})"
+        usable = f"usable: {c.headroom:g} × {c.device_memory_gib:g} GiB"
         lines += [
-            f"  {'total = state + largest phase (' + self.peak_phase + ')':<68}{self.total_bytes / size:>8.2f}",
-            f"  {'usable: ' + format(c.headroom, 'g') + ' × ' + format(c.device_memory_gib, 'g') + ' GiB':<68}"
-            f"{self.usable_bytes / size:>8.2f}",
+            f"  {total:<{width + 12}}{self.total_bytes / size:>8.2f}",
+            f"  {usable:<{width + 12}}{self.usable_bytes / size:>8.2f}",
         ]
         if self.fallbacks:
             lines.append(f"  note: {len(self.fallbacks)} parameter dims not divisible by their mesh axes are "
