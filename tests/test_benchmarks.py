@@ -316,6 +316,8 @@ def test_gpu_suite_dry_run_on_cpu(tmp_path):
     assert sum(r["target"] is not None for r in record["summary"]) == 4
     # the device named in the summary; the CPU keeps no allocator figures, so no part has any
     assert record["device_kinds"] == ["cpu"] and check["memory"] == {}
+    # the memory plan of the SFT step and the PPO iteration, set beside the measured peak on a GPU
+    assert check["sft"]["plan_gib"] > 0 and check["ppo"]["plan_gib"] > check["sft"]["plan_gib"]
 
 
 def test_gpu_check_device_memory_in_gib():
@@ -384,6 +386,16 @@ def test_gpu_check_records_memory_per_part_and_drops_the_ppo_state(tmp_path, mon
     assert [m["in_use"] for m in check["memory"].values()] == list(range(1, 10))
     assert list(check["errors"]) == ["decode[4,command_buffers]"]
     assert alive_at_packed == [False]
+    assert check["sft"]["memory"] == {"in_use": 1.0, "limit": 72.0}  # the part's result carries its reading
+
+
+def test_gpu_check_summary_sets_the_measured_peak_against_the_plan():
+    sft = {"batch": 8, "seq": 2048, "attention_impl": "auto", "remat_policy": "none", "mfu": 0.4, "compile_s": 7.0,
+           "step_s": 0.3, "plan_gib": 43.8}
+    rows = {r.metric: r for r in summary_rows({"gpu_check": {"sft": {**sft, "memory": {"peak": 40.0}}}})}
+    row = next(r for m, r in rows.items() if "memory plan" in m)
+    assert (row.ours, row.peer, row.ratio) == (40.0, 43.8, pytest.approx(43.8 / 40.0))  # > 1: the plan bounds it
+    assert not any("memory plan" in r.metric for r in summary_rows({"gpu_check": {"sft": sft}}))  # a CPU: no peak
 
 
 def test_profile_summary_device_kernels_by_call():

@@ -40,7 +40,8 @@ decode batches, the phase split), then the packed SFT rows, then the other decod
 2026-12-04 run, in its old order and a 170 s budget, skipped the sweep at 128 and 256 and the
 phase split.  Each part's seconds, compiles included, go to ``"part_s"`` (and ``"setup_s"`` for
 the parameters' start), so the next budget can be set from them, and the device memory after it
-to ``"memory"`` (``device_memory``; none on a CPU).  JAX may take 90% of the GPU here
+to ``"memory"`` (``device_memory``; none on a CPU); the SFT step and the PPO iteration also carry
+the memory plan's estimate (``plan_gib``).  JAX may take 90% of the GPU here
 (``XLA_PYTHON_CLIENT_MEM_FRACTION``, unless set), and PPO's state is dropped after the phase split.
 A part is skipped when less of ``--budget-s`` is left than it needs (the skipped parts are
 listed in the JSON), and a part that fails records its error and the rest still run.  The JSON
@@ -76,8 +77,11 @@ from rlhf_jax.generation import GenerateConfig, generate_traced
 from rlhf_jax.model import ModelConfig, Transformer, cast_floating, init_params
 from rlhf_jax.ppo import (PPOConfig, PPOModels, experience_phase, init_ppo_state, make_ppo_iteration, rollout_phase,
                           update_phase)
+from rlhf_jax.plan import GiB
+from rlhf_jax.sharding import MeshConfig
 from rlhf_jax.stages.sft import sft_step_fn
 from rlhf_jax.train import OptimizerConfig, TrainState, make_optimizer
+from rlhf_jax.train.memory import MemoryCheckConfig, stage_plan
 
 LLAMA_1B = ModelConfig(arch="llama", vocab_size=32000, d_model=2048, n_layers=22, n_heads=32, n_kv_heads=4,
                        d_ff=5632, max_len=2048, tie_embeddings=False, dtype="bfloat16", scan_layers=True,
@@ -128,6 +132,13 @@ def device_memory(device: Any = None) -> dict[str, float] | None:
     return {name: stats[key] / 2**30 for name, key in keys.items() if key in stats}
 
 
+def planned_gib(stage: str, config: ModelConfig, **shape: Any) -> float:
+    """The memory plan's total for one device of this backend (``train.memory.stage_plan``, as a
+    stage checks it before compiling: analytic, an upper bound), to set against ``memory``'s
+    measured peak."""
+    return stage_plan(stage, config, MeshConfig(), MemoryCheckConfig(), **shape).total_bytes / GiB
+
+
 def _compile(fn: Callable, *args: Any) -> tuple[Any, float]:
     """``(compiled, seconds)`` of lowering and compiling the jitted ``fn`` for ``args``."""
     start = time.perf_counter()
@@ -165,7 +176,8 @@ def sft_check(config: ModelConfig, params: Any, shapes: Shapes, peak: float, rep
     out = {"batch": b, "seq": t, "attention_impl": config.attention_impl, "remat_policy": config.remat_policy,
            "rows": "packed" if packed else "right padded", "step_s": step_s, "times": times, "compile_s": compile_s,
            "tokens_per_s": b * t / step_s,
-           "flops": flops, "mfu": flops / step_s / peak, "loss": float(m["loss"])}
+           "flops": flops, "mfu": flops / step_s / peak, "loss": float(m["loss"]),
+           "plan_gib": planned_gib("sft", config, batch_size=b, seq_len=t)}
     if profiled:
         def one_step() -> None:
             nonlocal state
@@ -253,6 +265,9 @@ def ppo_check(config: ModelConfig, params: Any, shapes: Shapes, peak: float, ban
             "attention_impl": config.attention_impl, "remat_policy": config.remat_policy,
             "compile_s": compile_s, "iteration_s": statistics.median(times), "times": times,
             "kl": float(m["kl"]), "vf_loss": float(m["vf_loss"]), "floors_s": floors,
+            "plan_gib": planned_gib("ppo", config, batch_size=b, prompt_len=p, max_new_tokens=n,
+                                    ppo_minibatches=shapes.minibatches, ptx_batch_size=shapes.ptx[1],
+                                    seq_len=shapes.ptx[2]),
             "floor_s": sum(floors.values()), "run": (models, ppo, state, ids, ptx)}
 
 
@@ -349,6 +364,8 @@ def main(argv: list[str] | None = None) -> None:
             return None
         print(f"{name} ({seconds:.0f} s, {time.time() - start:.0f} s in all{used})",
               {k: v for k, v in out.items() if not isinstance(v, (list, dict, tuple))}, flush=True)
+        if memory is not None:
+            out["memory"] = memory
         store(out)
         save()
         return out

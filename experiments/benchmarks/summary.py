@@ -185,6 +185,9 @@ def _gpu_check(d: Mapping[str, Any]) -> Iterator[Row]:
                   f"remat {sft['remat_policy']})", sft["mfu"], target=targets.get("sft_mfu"), target_on="ours",
                   unit="%")
         yield Row("gpu_check", "1.1B SFT step: compile", sft["compile_s"], unit="s", higher_is_better=False)
+        if sft.get("memory") and sft.get("plan_gib"):  # the first part: the process's peak is its own
+            yield Row("gpu_check", "1.1B SFT step: device memory peak vs the memory plan (GiB; ratio > 1: the plan "
+                      "bounds it)", sft["memory"]["peak"], sft["plan_gib"], higher_is_better=False)
         yield from _profile_rows("1.1B SFT step", sft.get("profile"))
     packed = d.get("sft_packed")
     if sft and packed:  # the cuDNN attention masking by lengths, against the same rows given as packed (a bias)
