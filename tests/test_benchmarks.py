@@ -318,6 +318,9 @@ def test_gpu_suite_dry_run_on_cpu(tmp_path):
     assert record["device_kinds"] == ["cpu"] and check["memory"] == {}
     # the memory plan of the SFT step and the PPO iteration, set beside the measured peak on a GPU
     assert check["sft"]["plan_gib"] > 0 and check["ppo"]["plan_gib"] > check["sft"]["plan_gib"]
+    for part in ("sft", "ppo"):  # XLA's own buffer assignment of the compiled programs, the state donated
+        compiled = check[part]["compiled_gib"]
+        assert compiled["argument"] > 0 and compiled["temp"] > 0 and 0 < compiled["alias"] <= compiled["argument"]
 
 
 def test_gpu_check_device_memory_in_gib():

@@ -41,7 +41,8 @@ decode batches, the phase split), then the packed SFT rows, then the other decod
 phase split.  Each part's seconds, compiles included, go to ``"part_s"`` (and ``"setup_s"`` for
 the parameters' start), so the next budget can be set from them, and the device memory after it
 to ``"memory"`` (``device_memory``; none on a CPU); the SFT step and the PPO iteration also carry
-the memory plan's estimate (``plan_gib``).  JAX may take 90% of the GPU here
+the memory plan's estimate (``plan_gib``) and XLA's buffer assignment of their programs
+(``compiled_gib``).  JAX may take 90% of the GPU here
 (``XLA_PYTHON_CLIENT_MEM_FRACTION``, unless set), and PPO's state is dropped after the phase split.
 A part is skipped when less of ``--budget-s`` is left than it needs (the skipped parts are
 listed in the JSON), and a part that fails records its error and the rest still run.  The JSON
@@ -139,6 +140,16 @@ def planned_gib(stage: str, config: ModelConfig, **shape: Any) -> float:
     return stage_plan(stage, config, MeshConfig(), MemoryCheckConfig(), **shape).total_bytes / GiB
 
 
+def compiled_gib(compiled: Any) -> dict[str, float] | None:
+    """XLA's buffer assignment of ``compiled`` in GiB (``memory_analysis``: arguments, outputs,
+    aliased (donated) and temporaries), as ``rlhf-jax plan --set compile=local`` reads it; None
+    where the backend gives none."""
+    stats = compiled.memory_analysis()
+    if stats is None:
+        return None
+    return {name: getattr(stats, f"{name}_size_in_bytes") / GiB for name in ("argument", "output", "alias", "temp")}
+
+
 def _compile(fn: Callable, *args: Any) -> tuple[Any, float]:
     """``(compiled, seconds)`` of lowering and compiling the jitted ``fn`` for ``args``."""
     start = time.perf_counter()
@@ -177,7 +188,7 @@ def sft_check(config: ModelConfig, params: Any, shapes: Shapes, peak: float, rep
            "rows": "packed" if packed else "right padded", "step_s": step_s, "times": times, "compile_s": compile_s,
            "tokens_per_s": b * t / step_s,
            "flops": flops, "mfu": flops / step_s / peak, "loss": float(m["loss"]),
-           "plan_gib": planned_gib("sft", config, batch_size=b, seq_len=t)}
+           "plan_gib": planned_gib("sft", config, batch_size=b, seq_len=t), "compiled_gib": compiled_gib(step)}
     if profiled:
         def one_step() -> None:
             nonlocal state
@@ -268,6 +279,7 @@ def ppo_check(config: ModelConfig, params: Any, shapes: Shapes, peak: float, ban
             "plan_gib": planned_gib("ppo", config, batch_size=b, prompt_len=p, max_new_tokens=n,
                                     ppo_minibatches=shapes.minibatches, ptx_batch_size=shapes.ptx[1],
                                     seq_len=shapes.ptx[2]),
+            "compiled_gib": compiled_gib(it),
             "floor_s": sum(floors.values()), "run": (models, ppo, state, ids, ptx)}
 
 
