@@ -122,6 +122,23 @@ def test_activations_follow_korthikanti_accounting():
     assert activation_bytes(c, b, s) == c.n_layers * layer + outside
     # Full recomputation (§4.3): 2·sbh per layer plus one layer rebuilt at a time.
     assert activation_bytes(c.replace(remat=True), b, s) == c.n_layers * 2 * s * b * h + layer + outside
+    # The dots policy keeps the block's input and its projections' outputs (GPT-2: qkv 3h, o h, fc 4h,
+    # proj h), 2 bytes each, and rebuilds one layer at a time.
+    kept = 2 * s * b * (h + 3 * h + h + 4 * h + h)
+    assert activation_bytes(c.replace(remat_policy="dots"), b, s) == c.n_layers * kept + layer + outside
+
+
+def test_stage_plans_count_the_dots_policy():
+    """A stage's check before compiling plans ``remat_policy="dots"`` as that policy, between none
+    and full recomputation."""
+    from rlhf_jax.train.memory import MemoryCheckConfig, stage_plan
+
+    model = LLAMA.replace(dtype="bfloat16")
+    acts = {mode: stage_plan("sft", model.replace(**kw), MeshConfig(), MemoryCheckConfig(), batch_size=8,
+                             seq_len=64).row_bytes("activations")
+            for mode, kw in (("none", {}), ("dots", {"remat_policy": "dots"}), ("full", {"remat": True}))}
+    assert acts == {mode: activation_bytes(model.replace(remat_policy=mode), 8, 64) for mode in acts}
+    assert acts["full"] < acts["dots"] < acts["none"]
 
 
 def test_flash_attention_keeps_the_statistics_not_the_probabilities():

@@ -24,7 +24,10 @@ Each row of the plan is one kind of buffer, in bytes *per device*, and says how 
     fsdp)), ``t`` the tensor-parallel size (heads and ``d_ff`` split over it), ``m`` = 4 (SwiGLU)
     or 2 (GELU).  With ``remat`` (``nn.remat`` per block, nothing saved inside) a layer keeps only
     its input ``act·b·s·h``, and the backward pass holds one recomputed layer at a time
-    (Korthikanti et al. §4.3, "full recomputation").  With cuDNN flash attention
+    (Korthikanti et al. §4.3, "full recomputation"); with ``remat_policy="dots"``
+    (``dots_with_no_batch_dims_saveable``) a layer keeps its input and its projections' outputs,
+    ``act·b·s·(3·h + (h + 2·kv·hd) / t + m'·d_ff / t)`` with ``m'`` = 2 (gate, up) or 1 (fc), and
+    one layer is recomputed at a time.  With cuDNN flash attention
     (``model.flash_attention``: ``attention_impl="cudnn"``, or ``"auto"`` on a GPU target in a
     16-bit dtype; ``PlanConfig.backend`` names the target) the probabilities are not kept: the
     last term becomes ``4·b·s·a / t + b·s²·(1 + act)``, the softmax statistics and the mask with

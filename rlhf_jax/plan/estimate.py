@@ -73,7 +73,10 @@ def _split(n: int, t: int) -> int:
 def activation_bytes(config: ModelConfig, batch: int, seq: int, tensor: int = 1, flash: bool = False) -> int:
     """Activations saved for the backward pass of ``config`` on one device's ``[batch, seq]``
     (excluding the logits: ``logits_bytes``).  Korthikanti et al. 2022 §4.1, adapted (module
-    docstring); with ``config.remat`` only each layer's input plus one recomputed layer.
+    docstring); with ``config.remat`` (``remat_mode`` ``"full"``) only each layer's input plus one
+    recomputed layer; with ``remat_policy="dots"`` (``dots_with_no_batch_dims_saveable``) each
+    layer's input and its projections' outputs (q, k, v, o, the MLP's), not the attention's batched
+    dots or anything elementwise, plus one recomputed layer.
     ``flash``: the attention is cuDNN's flash attention (``model.flash_attention``), which keeps
     its softmax statistics (float32 ``[b, heads, s]``) instead of the ``[s, s]`` probabilities;
     the mask, and the ``[b, 1, s, s]`` bias jax makes of it, are still counted."""
@@ -94,8 +97,14 @@ def activation_bytes(config: ModelConfig, batch: int, seq: int, tensor: int = 1,
         + attention
     )
     outside = 2 * act * b * s * h  # the final norm's input and output
-    if c.remat:
+    if c.remat_mode == "full":
         return c.n_layers * act * b * s * h + layer + outside
+    if c.remat_mode == "dots":  # the block's input and its matmuls' outputs; one layer rebuilt at a time
+        mlp_dots = 2 if c.arch == "llama" else 1  # gate and up | fc
+        kept = (act * b * s * 3 * h  # the block's input, the o and down | proj outputs
+                + act * b * s * (h + 2 * c.kv_heads * hd) // t_heads  # q, k, v
+                + act * b * s * mlp_dots * c.ff_dim // t_ff)
+        return c.n_layers * kept + layer + outside
     return c.n_layers * layer + outside
 
 

@@ -87,7 +87,8 @@ class Plan:
         lines = [
             f"rlhf-jax plan: stage {c.stage}, {source}, {self.n_params / 1e9:.2f}B parameters",
             f"  {c.devices} devices × {c.device_memory_gib:g} GiB, mesh data×fsdp×tensor = "
-            f"{'×'.join(map(str, self.mesh_shape))}, compute {c.compute_dtype}, remat {c.remat}, "
+            f"{'×'.join(map(str, self.mesh_shape))}, compute {c.compute_dtype}, "
+            f"remat {'dots' if m.remat_mode == 'dots' else c.remat}, "
             f"{self._shape_text()}",
             "",
             f"  {'per device':<{width}}{'phase':<12}{unit:>8}  source",

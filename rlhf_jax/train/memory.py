@@ -72,12 +72,13 @@ def stage_plan(stage: str, model: ModelConfig, mesh: MeshConfig, memory: MemoryC
                grad_accum_steps: int = 1, **shape: Any) -> Plan:
     """The analytic ``plan.Plan`` of a stage: ``stage`` one of ``plan.STAGES`` (RLOO is ``"grpo"``),
     ``model`` as the stage builds it (its ``dtype`` is the compute dtype; ``remat_mode`` "full"
-    counts as remat, "dots" conservatively as none), on all ``jax.device_count()`` devices of
-    ``mesh``; ``shape``: ``PlanConfig``'s batch fields (``batch_size``, ``seq_len``,
-    ``k_responses``, ``prompt_len``, ``max_new_tokens``, ``ppo_minibatches``,
-    ``ptx_batch_size``, ``frozen_dtype``, ``group_size``, ``reward_model``, ``ema``)."""
+    counts as remat, "dots" as its policy: ``plan.activation_bytes``), on all
+    ``jax.device_count()`` devices of ``mesh``; ``shape``: ``PlanConfig``'s batch fields
+    (``batch_size``, ``seq_len``, ``k_responses``, ``prompt_len``, ``max_new_tokens``,
+    ``ppo_minibatches``, ``ptx_batch_size``, ``frozen_dtype``, ``group_size``, ``reward_model``,
+    ``ema``)."""
     gib, _ = device_memory(memory.limit_gib)
-    base = model.replace(remat=False, remat_policy="none")
+    base = model.replace(remat=False, remat_policy="dots" if model.remat_mode == "dots" else "none")
     cfg = PlanConfig(model=base, mesh=mesh, devices=jax.device_count(), device_memory_gib=gib,
                      headroom=memory.headroom, stage=stage, grad_accum_steps=grad_accum_steps,
                      compute_dtype=model.dtype, remat=model.remat_mode == "full", compile="none", **shape)
