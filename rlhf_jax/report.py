@@ -116,7 +116,11 @@ def _plots(run: Path, summary: dict[str, Any], curve: list[dict[str, float]]) ->
             pts = [(r["step"], r[key]) for r in rows if key in r]
             if pts:
                 ax.plot(*zip(*pts), label=key)
-        ax.set_title(stage), ax.set_xlabel("step"), ax.legend()
+        ax.set_title(stage), ax.set_xlabel("step")
+        if ax.lines:
+            ax.legend()
+        else:  # a stage the run did not train (a pipeline from a base model has no pretrain stage)
+            ax.text(0.5, 0.5, "no metrics", ha="center", va="center", transform=ax.transAxes)
     fig.tight_layout(), fig.savefig(run / "losses.png", dpi=100), plt.close(fig)
     written.append("losses.png")
     return written

@@ -226,3 +226,18 @@ def test_rm_diagnostics_runs_on_a_pipeline_run(straight, capsys):
     assert main([str(cfg.run_dir), "--n", "2"]) == 0
     rows = [line.split(" | ") for line in capsys.readouterr().out.splitlines() if line.startswith("| 1 | ")]
     assert len(rows) == 2 and rows[0][2:] == rows[1][2:]  # best-of-1 is sample 0, whoever picks
+
+
+def test_loss_plots_of_a_run_without_some_stages(tmp_path):
+    """A stage the run did not train (no metrics file) gets an empty panel that says so, not a
+    legend without lines (matplotlib's "No artists with labels" warning)."""
+    import warnings
+
+    from rlhf_jax.report import _plots
+
+    (tmp_path / "sft").mkdir()
+    (tmp_path / "sft" / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n')
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        written = _plots(tmp_path, {"algorithm": "ppo"}, [])
+    assert "losses.png" in written and (tmp_path / "losses.png").read_bytes()[:4] == b"\x89PNG"
