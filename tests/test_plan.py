@@ -214,6 +214,24 @@ def test_fit_check_gives_advice_that_fits(tmp_path):
     assert abs(fixed.total_bytes / GiB - gib) < 0.05
 
 
+def test_fit_check_offers_the_dots_policy(tmp_path):
+    """Between no remat and full recomputation: where keeping the matmuls' outputs fits, the advice
+    says so, and the override, loaded as ``--set`` would load it, plans at the GiB it gave."""
+    none, dots = (plan(cfg(model=LLAMA.replace(remat_policy=p), batch_size=8, seq_len=128)).total_bytes / GiB
+                  for p in ("none", "dots"))
+    between = cfg(batch_size=8, seq_len=128, device_memory_gib=(none + dots) / 2 / 0.9)
+    with pytest.raises(PlanError) as info:
+        check_fits(plan(between))
+    advice = dict(info.value.suggestions)
+    assert advice[("model.remat_policy=dots",)] == pytest.approx(dots)
+    path = tmp_path / "between.json"
+    path.write_text(json.dumps(to_dict(between)))
+    fixed = plan(load_config(PlanConfig, path, ["model.remat_policy=dots"]))
+    check_fits(fixed)
+    assert fixed.total_bytes / GiB == pytest.approx(dots)
+    assert "remat dots" in fixed.table().splitlines()[1]
+
+
 def test_fit_check_says_when_nothing_fits():
     tiny_device = cfg(device_memory_gib=1e-4)  # 0.1 MiB: not even the parameters
     with pytest.raises(PlanError, match=r"with remat=true, batch_size=1, grad_accum_steps=8 it still needs "

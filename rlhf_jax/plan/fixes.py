@@ -51,6 +51,8 @@ def _fixes(cfg: PlanConfig) -> list[tuple[tuple[str, ...], float]]:
     if data > 1:
         sets = ("mesh.data=1", f"mesh.fsdp={data * fsdp}", f"mesh.tensor={tensor}")
         out.append((sets, _replan(cfg, mesh=MeshConfig(data=1, fsdp=data * fsdp, tensor=tensor))))
+    if not cfg.remat and cfg.model is not None and cfg.model.remat_mode == "none":  # the matmuls' outputs kept
+        out.append((("model.remat_policy=dots",), _replan(cfg, model=cfg.model.replace(remat_policy="dots"))))
     if not cfg.remat:
         out.append((("remat=true",), _replan(cfg, remat=True)))
     if cfg.stage in RL_STAGES and cfg.frozen_dtype == "float32":
