@@ -323,10 +323,10 @@ def test_gpu_suite_dry_run_on_cpu(tmp_path):
         assert compiled["argument"] > 0 and compiled["temp"] > 0 and 0 < compiled["alias"] <= compiled["argument"]
 
 
-def test_gpu_check_device_memory_in_gib():
-    """``device_memory``: the allocator's bytes as GiB under our names, the keys a backend lacks
+def test_gpu_check_allocator_gib():
+    """``allocator_gib``: the allocator's bytes as GiB under our names, the keys a backend lacks
     left out, and ``None`` where it keeps no figures (the CPU here, and an empty dict)."""
-    from experiments.benchmarks.gpu_check import device_memory
+    from experiments.benchmarks.gpu_check import allocator_gib
 
     class Device:
         def __init__(self, stats):
@@ -337,10 +337,10 @@ def test_gpu_check_device_memory_in_gib():
 
     stats = {"bytes_in_use": 3 * 2**30, "peak_bytes_in_use": 2**32 + 2**29, "bytes_limit": 72 * 2**30,
              "num_allocs": 7}
-    assert device_memory(Device(stats)) == {"in_use": 3.0, "peak": 4.5, "limit": 72.0}
-    assert device_memory(Device({"bytes_in_use": 2**29})) == {"in_use": 0.5}
-    assert device_memory(Device({})) is None and device_memory(Device(None)) is None
-    assert device_memory() is None  # jax's CPU devices return no memory_stats
+    assert allocator_gib(Device(stats)) == {"in_use": 3.0, "peak": 4.5, "limit": 72.0}
+    assert allocator_gib(Device({"bytes_in_use": 2**29})) == {"in_use": 0.5}
+    assert allocator_gib(Device({})) is None and allocator_gib(Device(None)) is None
+    assert allocator_gib() is None  # jax's CPU devices return no memory_stats
 
 
 def test_gpu_check_records_memory_per_part_and_drops_the_ppo_state(tmp_path, monkeypatch):
@@ -379,7 +379,7 @@ def test_gpu_check_records_memory_per_part_and_drops_the_ppo_state(tmp_path, mon
     monkeypatch.setattr(gpu_check, "ppo_check", ppo)
     monkeypatch.setattr(gpu_check, "ppo_phases", lambda run, floors: {"phases_s": {"rollout": 1.0}})
     monkeypatch.setattr(gpu_check, "decode_check", decode)
-    monkeypatch.setattr(gpu_check, "device_memory", lambda: {"in_use": float(next(reads)), "limit": 72.0})
+    monkeypatch.setattr(gpu_check, "allocator_gib", lambda: {"in_use": float(next(reads)), "limit": 72.0})
     monkeypatch.setenv("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.75")  # main sets it only where unset
     gpu_check.main(["--dry-run", "--json", str(tmp_path / "check.json")])
     check = json.loads((tmp_path / "check.json").read_text())

@@ -40,7 +40,7 @@ decode batches, the phase split), then the packed SFT rows, then the other decod
 2026-12-04 run, in its old order and a 170 s budget, skipped the sweep at 128 and 256 and the
 phase split.  Each part's seconds, compiles included, go to ``"part_s"`` (and ``"setup_s"`` for
 the parameters' start), so the next budget can be set from them, and the device memory after it
-to ``"memory"`` (``device_memory``; none on a CPU); the SFT step and the PPO iteration also carry
+to ``"memory"`` (``allocator_gib``; none on a CPU); the SFT step and the PPO iteration also carry
 the memory plan's estimate (``plan_gib``) and XLA's buffer assignment of their programs
 (``compiled_gib``).  JAX may take 90% of the GPU here
 (``XLA_PYTHON_CLIENT_MEM_FRACTION``, unless set), and PPO's state is dropped after the phase split.
@@ -121,7 +121,7 @@ def n_params(tree: Any) -> int:
     return sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(tree))
 
 
-def device_memory(device: Any = None) -> dict[str, float] | None:
+def allocator_gib(device: Any = None) -> dict[str, float] | None:
     """The allocator's figures of ``device`` (default: the first) in GiB, from ``memory_stats``:
     ``in_use`` now, ``peak`` (the process's highest so far: it never falls, so a part that raises
     it is the one that needed more) and ``limit`` (what the allocator may take, after
@@ -130,7 +130,7 @@ def device_memory(device: Any = None) -> dict[str, float] | None:
     if not stats:
         return None
     keys = {"in_use": "bytes_in_use", "peak": "peak_bytes_in_use", "limit": "bytes_limit"}
-    return {name: stats[key] / 2**30 for name, key in keys.items() if key in stats}
+    return {name: stats[key] / GiB for name, key in keys.items() if key in stats}
 
 
 def planned_gib(stage: str, config: ModelConfig, **shape: Any) -> float:
@@ -366,7 +366,7 @@ def main(argv: list[str] | None = None) -> None:
             result["errors"][name] = f"{type(e).__name__}: {e}"[:2000]
             error = traceback.format_exc()[-3000:]
         seconds = result["part_s"][name] = time.time() - part_start
-        memory = device_memory()
+        memory = allocator_gib()
         if memory is not None:  # after a failure too: whether it ran out of memory
             result["memory"][name] = memory
         used = "" if memory is None else ", device memory GiB " + " ".join(f"{k} {v:.1f}" for k, v in memory.items())

@@ -78,7 +78,7 @@ def stage_plan(stage: str, model: ModelConfig, mesh: MeshConfig, memory: MemoryC
     ``ppo_minibatches``, ``ptx_batch_size``, ``frozen_dtype``, ``group_size``, ``reward_model``,
     ``ema``)."""
     gib, _ = device_memory(memory.limit_gib)
-    base = model.replace(remat=False, remat_policy="dots" if model.remat_mode == "dots" else "none")
+    base = model.replace(remat=False, remat_policy="none") if model.remat_mode == "full" else model
     cfg = PlanConfig(model=base, mesh=mesh, devices=jax.device_count(), device_memory_gib=gib,
                      headroom=memory.headroom, stage=stage, grad_accum_steps=grad_accum_steps,
                      compute_dtype=model.dtype, remat=model.remat_mode == "full", compile="none", **shape)
