@@ -22,25 +22,41 @@
 # neither, the suite skips the peer and says why. Without the peer: SUITE_ONLY=gpu_check.
 # Recipe variations: RECIPE_NAME=NAME RECIPE_SET="name=NAME key=value ..." (extra --set overrides);
 # RECIPE_TIMEOUT (seconds, default 480) stops the recipe in time for its outputs to be copied.
-# Prepare the parts here (ignored by git through .git/info/exclude):
-#   split -n 2 -d SmolLM2-135M-Instruct.Q4_1.gguf part && mv part00 .gpu1/gguf.part00 && mv part01 .gpu2/gguf.part01
-#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-#     --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl \
-#     trl==1.9.0 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 pyarrow==26.0.1
-#   cp ../shared/data/hh-rlhf/harmless-base-test.jsonl.gz ../shared/data/tinyshakespeare/input.txt .gpu1/data/
-#
+# Prepare the carried folders here, before the lease (all three are in .gitignore, so only the
+# call that names one carries it; each stays under the tool's 64 MiB):
+#   bash experiments/gpu_lease.sh prepare
+# It fetches the GGUF (`rlhf-jax fetch smollm2`, or $RLHF_JAX_SMOLLM2_GGUF where it is set) and
+# splits it in two (.gpu1/gguf.part00, .gpu2/gguf.part01), copies the recipe's two data files from
+# ../shared into .gpu1/data, and downloads TRL's wheels for the GPU machine's Python 3.12 into .whl
+# (WHL_PYTHON_VERSION overrides 3.12).
 # `--dry-run` runs the same two steps on CPU with micro settings (the suite's dry run and the
 # recipe's smoke settings), to check the wiring before spending device time.
 # Results go to $OUT (set by the device tool), else ./gpu_out.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-what=${1:?usage: gpu_lease.sh suite|recipe [--dry-run]}
+what=${1:?usage: gpu_lease.sh prepare|suite|keep|recipe [--dry-run]}
 dry=${2:-}
 OUT=${OUT:-$PWD/gpu_out}
-mkdir -p "$OUT"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 py=${PYTHON:-python3}
 
+if [ "$what" = prepare ]; then  # on this machine, not the GPU one: no machine file
+  set -e
+  gguf=$($py -c "from rlhf_jax.assets import fetch_smollm2, find_smollm2; print(find_smollm2() or fetch_smollm2())")
+  rm -rf .whl .gpu1 .gpu2 && mkdir -p .whl .gpu1/data .gpu2
+  split -n 2 -d "$gguf" .gpu2/part && mv .gpu2/part00 .gpu1/gguf.part00 && mv .gpu2/part01 .gpu2/gguf.part01
+  cp ../shared/data/hh-rlhf/harmless-base-test.jsonl.gz ../shared/data/tinyshakespeare/input.txt .gpu1/data/
+  $py -m pip download -q --no-deps --only-binary=:all: --python-version "${WHL_PYTHON_VERSION:-3.12}" \
+    --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl \
+    trl==1.9.0 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 pyarrow==26.0.1
+  du -sh .whl .gpu1 .gpu2
+  for d in .whl .gpu1 .gpu2; do  # the device tool carries at most 64 MiB per call
+    [ "$(du -sm "$d" | cut -f1)" -le 64 ] || { echo "$d is over 64 MiB" >&2; exit 1; }
+  done
+  exit 0
+fi
+
+mkdir -p "$OUT"
 { date -u; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null
   $py -c "import jax; print('jax', jax.__version__, jax.devices())"; } > "$OUT/$what-machine.txt" 2>&1
 cat "$OUT/$what-machine.txt"
