@@ -286,6 +286,62 @@ def _attention_dpa(q: Array, k: Array, v: Array, allowed: Array, config: ModelCo
     return out.reshape(b, t, config.n_heads * config.head_dim)
 
 
+SPLASH_BLOCKS = (512, 256, 128)  # the splash kernel's tile, the largest that divides the columns
+
+
+def splash_attention(config: ModelConfig, seq: int) -> bool:
+    """Whether a forward without a KV cache over ``seq`` columns attends through Pallas's splash
+    attention (``attention_impl="splash"``): not with sliding windows (``layer_windows``: the
+    XLA path keeps them), and only when ``seq`` is a multiple of the kernel's smallest tile
+    (128); otherwise the XLA path."""
+    return config.attention_impl == "splash" and config.layer_windows is None and seq % SPLASH_BLOCKS[-1] == 0
+
+
+def _attention_splash(q: Array, k: Array, v: Array, seg: Array, config: ModelConfig) -> Array:
+    """Causal attention through Pallas's splash attention kernel (the TPU flash attention that
+    MaxText uses; ``jax.experimental.pallas.ops.tpu.splash_attention``), in its grouped-query
+    form: one kernel call per row and K/V head over that head's ``n_heads / kv_heads`` queries.
+    Segments go in as the kernel's segment ids (a query attends to earlier keys of its own
+    segment), soft-capping as its ``attn_logits_soft_cap``, the scale on the queries.  On a
+    backend other than a TPU the kernel runs in Pallas's interpret mode (slow: for checking the
+    wiring on a CPU).  Under a mesh with the batch axes (``jax.set_mesh``) it runs per device
+    (``jax.shard_map``): rows over ``data × fsdp``, K/V heads over ``tensor`` where it divides them.
+
+    A padding column (segment 0) attends to the earlier padding columns rather than getting
+    ``_attention_xla``'s uniform average; such columns are never read.  q ``[b, t, H, d]``; k, v
+    ``[b, kv_heads, t, d]``; ``seg`` ``[b, t]`` int; ``t`` a multiple of 128
+    (``splash_attention``).  Returns ``[b, t, H·d]`` in the compute dtype."""
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as masks
+
+    c, dt = config, config.compute_dtype
+    b, t = q.shape[:2]
+    groups = c.n_heads // c.kv_heads
+    n = next(n for n in SPLASH_BLOCKS if t % n == 0)
+    sizes = splash.BlockSizes(block_q=n, block_kv=n, block_kv_compute=n, block_q_dkv=n, block_kv_dkv=n,
+                              block_kv_dkv_compute=n, use_fused_bwd_kernel=True)
+    kernel = splash.make_splash_mqa(masks.MultiHeadMask([masks.CausalMask((t, t))] * groups), block_sizes=sizes,
+                                    attn_logits_soft_cap=c.attn_softcap, head_shards=1, q_seq_shards=1,
+                                    interpret=jax.default_backend() != "tpu")
+
+    def one(q: Array, k: Array, v: Array, seg: Array) -> Array:  # q [g, t, d]; k, v [t, d]; seg [t]
+        return kernel(q, k, v, segment_ids=splash.SegmentIds(q=seg, kv=seg))
+
+    def attend(q: Array, k: Array, v: Array, seg: Array) -> Array:  # q [b, kv, g, t, d]; k, v [b, kv, t, d]
+        return jax.vmap(jax.vmap(one, in_axes=(0, 0, 0, None)))(q, k, v, seg)
+
+    mesh = jax.sharding.get_abstract_mesh()
+    if not mesh.empty and set(BATCH_AXES) <= set(mesh.axis_names) \
+            and b % math.prod(mesh.shape[a] for a in BATCH_AXES) == 0:
+        heads = "tensor" if "tensor" in mesh.axis_names and c.kv_heads % mesh.shape["tensor"] == 0 else None
+        rows = jax.sharding.PartitionSpec(BATCH_AXES, heads)
+        attend = jax.shard_map(attend, mesh=mesh, in_specs=(rows, rows, rows, jax.sharding.PartitionSpec(BATCH_AXES)),
+                               out_specs=rows, check_vma=False)
+    q = (q * _attention_scale(c)).astype(dt).reshape(b, t, c.kv_heads, groups, c.head_dim).transpose(0, 2, 3, 1, 4)
+    out = attend(q, k.astype(dt), v.astype(dt), seg.astype(jnp.int32))  # [b, kv, g, t, d]
+    return out.transpose(0, 3, 1, 2, 4).reshape(b, t, c.n_heads * c.head_dim)
+
+
 def flash_attention(config: ModelConfig, backend: str | None = None) -> bool:
     """Whether a forward without a KV cache (training and full forwards; decode and prefill stay
     on XLA) attends through cuDNN flash attention on ``backend`` (default: this process's
@@ -364,6 +420,8 @@ class Attention(nn.Module):
             allowed &= k_slots[None, None, :] > q_slots[None, :, None] - window
         if cache is None and flash_attention(c):
             out = _attention_dpa(q, k, v, allowed, c, "cudnn", lengths if c.layer_windows is None else None)
+        elif cache is None and splash_attention(c, t):
+            out = _attention_splash(q, k, v, seg, c)
         else:
             out = _attention_xla(q, k, v, allowed, c)
         return _dense(c, c.d_model, "o", c.arch == "gpt2")(out), cache

@@ -19,7 +19,7 @@ from rlhf_jax.rope import RopeScaling, rope_frequencies
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 SCORE_POOLINGS = ("last", "mean")
 REMAT_POLICIES = ("none", "dots", "full")
-ATTENTION_IMPLS = ("xla", "cudnn", "auto")
+ATTENTION_IMPLS = ("xla", "cudnn", "auto", "splash")
 ACTIVATIONS = ("silu", "gelu_tanh")
 LAYER_TYPES = ("full_attention", "sliding_attention")  # transformers' layer_types vocabulary
 
@@ -75,7 +75,11 @@ class ModelConfig:
       recomputed), ``"full"`` (only the block's input; ``remat=True`` is the old spelling of it).
     - ``attention_impl``: training / prefill attention — ``"xla"`` (our einsum with the
       segment-id mask), ``"cudnn"`` (``jax.nn.dot_product_attention`` with cuDNN flash attention:
-      bf16/fp16 and GPU only, without a cache), ``"auto"`` (cuDNN where it applies, else XLA).
+      bf16/fp16 and GPU only, without a cache), ``"auto"`` (cuDNN where it applies, else XLA),
+      ``"splash"`` (Pallas's splash attention, the TPU flash attention kernel, without a cache,
+      for column counts that are multiples of 128 and no ``layer_windows``, else XLA; elsewhere
+      than on a TPU it runs in Pallas's interpret mode, for checking only; ``model.splash_attention``).
+      Not yet measured on a TPU, so ``"auto"`` does not pick it.
     - ``logits_chunk``: ``> 0`` computes the log-probs of chosen tokens (``sequence_logprobs``,
       the SFT and ptx losses) ``logits_chunk`` time steps at a time, so the ``[b, T, V]`` float32
       logits are never held whole (0: all at once).
@@ -113,7 +117,7 @@ class ModelConfig:
     scan_layers: bool = False
     scan_decode: bool = False
     remat_policy: Literal["none", "dots", "full"] = "none"
-    attention_impl: Literal["xla", "cudnn", "auto"] = "xla"
+    attention_impl: Literal["xla", "cudnn", "auto", "splash"] = "xla"
     logits_chunk: int = 0
     cache_block: int = 0
     d_head: int | None = None

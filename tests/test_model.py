@@ -8,6 +8,7 @@ and the pretrained model against the reference generation in its README.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import jax
@@ -15,10 +16,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from _multidevice import run_on_devices
 from conftest import random_params
 from rlhf_jax.llama2c import load_llama2c
 from rlhf_jax.model import (ModelConfig, Transformer, decode_step, flash_attention, forward, fuse_projections,
-                            init_cache, init_params, resize_cache)
+                            init_cache, init_params, resize_cache, splash_attention)
 from rlhf_jax.tokenizer import Tokenizer
 
 jit_forward = jax.jit(forward, static_argnums=0)
@@ -360,3 +362,124 @@ def test_cudnn_path_masks_right_padded_rows_by_lengths(monkeypatch, loss, scan):
             np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-4, atol=1e-6)
     with pytest.raises(ValueError, match="right_padded=True is for rows of one sequence"):
         forward(Transformer(config), params, tokens, mask, segment_ids=mask, right_padded=True)
+
+
+# ---------------------------------------------------------------------- splash attention (TPU)
+
+SPLASH_BASE = ModelConfig(arch="llama", vocab_size=64, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=96,
+                          max_len=256)
+
+
+def splash_batch(b: int = 3, t: int = 128) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """tokens, mask, segment ids ``[b, t]``: row 1 left padded by 40 columns, row 2 packed (a
+    second document from column 60), the rest one document each."""
+    tokens = np.random.default_rng(0).integers(1, 64, (b, t))
+    mask = np.ones((b, t), np.int32)
+    mask[1, :40] = 0
+    seg = mask.copy()
+    seg[2, 60:] = 2
+    return jnp.asarray(tokens), jnp.asarray(mask), jnp.asarray(seg)
+
+
+def test_splash_attention_where_it_applies():
+    """``splash_attention``: only ``attention_impl="splash"``, only for column counts the
+    kernel's 128-wide tile divides, never with sliding windows; ``"auto"`` does not pick it."""
+    splash = SPLASH_BASE.replace(attention_impl="splash")
+    cases = [(splash, 128, True), (splash, 2048, True), (splash, 96, False), (splash, 200, False),
+             (splash.replace(sliding_window=16), 128, False), (splash.replace(attn_softcap=20.0), 256, True),
+             (SPLASH_BASE, 128, False), (SPLASH_BASE.replace(attention_impl="auto"), 128, False)]
+    assert [splash_attention(c, t) for c, t, _ in cases] == [want for *_, want in cases]
+
+
+@pytest.mark.parametrize("scan, softcap", [(False, None), (True, 20.0)])
+def test_splash_attention_equals_the_einsum_path(scan, softcap):
+    """The splash kernel (Pallas interpret mode on this CPU) with grouped-query heads, a
+    left-padded row and a packed row gives the logits of our einsum attention on every real
+    column, and the same gradients of a loss over them; with soft-capping too.  At 96 columns
+    (not a multiple of the kernel's tile) the splash config runs the einsum path itself."""
+    config = SPLASH_BASE.replace(scan_layers=scan, attn_softcap=softcap)
+    xla, splash = Transformer(config), Transformer(config.replace(attention_impl="splash"))
+    params = random_params(xla, seed=1)
+    tokens, mask, seg = splash_batch()
+    real = np.asarray(seg) != 0
+
+    def loss(p, model):
+        logits = forward(model, p, tokens, mask, segment_ids=seg).logits
+        return jnp.sum(jnp.where(seg[..., None] != 0, jax.nn.log_softmax(logits), 0.0)[..., :3])
+
+    ref = np.asarray(forward(xla, params, tokens, mask, segment_ids=seg).logits)
+    got = np.asarray(forward(splash, params, tokens, mask, segment_ids=seg).logits)
+    np.testing.assert_allclose(got[real], ref[real], rtol=1e-5, atol=1e-5)
+    assert np.isfinite(got).all()
+    ref_grad, grad = jax.grad(loss)(params, xla), jax.grad(loss)(params, splash)
+    for g, r in zip(jax.tree_util.tree_leaves(grad), jax.tree_util.tree_leaves(ref_grad)):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(r), atol=1e-5 * float(np.abs(r).max()))
+    short = [a[:, :96] for a in (tokens, mask, seg)]
+    np.testing.assert_array_equal(forward(splash, params, short[0], short[1], segment_ids=short[2]).logits,
+                                  forward(xla, params, short[0], short[1], segment_ids=short[2]).logits)
+
+
+def test_splash_attention_runs_per_device_under_a_mesh():
+    """On 4 devices (``data`` 2 × ``tensor`` 2, set with ``jax.set_mesh``) the splash path runs
+    in a ``shard_map`` (rows over the batch axes, K/V heads over ``tensor``) and gives the loss
+    and gradients of the einsum path on one device."""
+    out = run_on_devices("""
+        import jax, jax.numpy as jnp, numpy as np
+        from rlhf_jax.model import ModelConfig, Transformer, forward, init_params
+        from rlhf_jax.sharding import MeshConfig, make_mesh, shard_batch, shard_params
+
+        config = ModelConfig(**{CONFIG})
+        xla, splash = Transformer(config), Transformer(config.replace(attention_impl="splash"))
+        params = init_params(xla, jax.random.key(0))
+        tokens, mask, seg = (jnp.asarray(a) for a in {BATCH})
+
+        def loss(p, model, tokens, mask, seg):
+            logits = forward(model, p, tokens, mask, segment_ids=seg).logits
+            return jnp.sum(jnp.where(seg[..., None] != 0, jax.nn.log_softmax(logits), 0.0)[..., 0])
+
+        ref_loss, ref_grad = jax.value_and_grad(loss)(params, xla, tokens, mask, seg)
+        mesh = make_mesh(MeshConfig(data=2, fsdp=1, tensor=2))
+        with jax.set_mesh(mesh):
+            batch = shard_batch({"tokens": tokens, "mask": mask, "seg": seg}, mesh)
+            args = (shard_params(params, mesh), splash, batch["tokens"], batch["mask"], batch["seg"])
+            step = jax.jit(jax.value_and_grad(loss), static_argnums=1)
+            assert "manual_computation" in step.lower(*args).as_text()
+            got_loss, grad = step(*args)
+        np.testing.assert_allclose(float(got_loss), float(ref_loss), rtol=1e-5)
+        for g, r in zip(jax.tree_util.tree_leaves(grad), jax.tree_util.tree_leaves(ref_grad)):
+            np.testing.assert_allclose(np.asarray(g), np.asarray(r), atol=1e-5 * float(np.abs(r).max()))
+        print("splash sharded ok")
+    """.replace("{CONFIG}", repr(dataclasses.asdict(SPLASH_BASE.replace(scan_layers=True))))
+       .replace("{BATCH}", repr(tuple(np.asarray(a).tolist() for a in splash_batch(b=4)))), n=4)
+    assert "splash sharded ok" in out
+
+
+@pytest.mark.parametrize("loss", ["sft", "rm"])
+def test_splash_attention_in_the_sft_and_reward_losses(loss):
+    """The SFT loss and the reward model's K-way loss over right-padded rows of 128 columns (the
+    RM batch with an empty response row, all padding) give the loss and gradients of the einsum
+    path with ``attention_impl="splash"``, and stay finite."""
+    from rlhf_jax.stages.reward import rm_batch_loss
+    from rlhf_jax.stages.sft import sft_batch_loss
+
+    config = SPLASH_BASE.replace(head="scalar" if loss == "rm" else "lm")
+    params = random_params(Transformer(config), seed=2)
+    lengths = np.array([128, 70, 5, 0])
+    mask = (np.arange(128)[None, :] < lengths[:, None]).astype(np.int32)
+    tokens = np.where(mask, np.random.default_rng(3).integers(1, 64, size=mask.shape), 0).astype(np.int32)
+    if loss == "sft":
+        batch, fn = {"tokens": tokens[:3], "mask": mask[:3], "loss_mask": mask[:3]}, sft_batch_loss
+    else:  # two prompts of K = 2, the second one's second response missing
+        batch = {"tokens": tokens.reshape(2, 2, 128), "mask": mask.reshape(2, 2, 128),
+                 "loss_mask": (mask * (np.arange(128) >= 3)).reshape(2, 2, 128), "valid": (lengths > 0).reshape(2, 2)}
+        fn = lambda m, p, b: rm_batch_loss(m, p, b)[0]  # noqa: E731
+
+    def loss_and_grad(impl):
+        model = Transformer(config.replace(attention_impl=impl))
+        return jax.value_and_grad(lambda p: fn(model, p, jax.tree_util.tree_map(jnp.asarray, batch)))(params)
+
+    (ref_loss, ref_grad), (got_loss, grad) = loss_and_grad("xla"), loss_and_grad("splash")
+    np.testing.assert_allclose(float(got_loss), float(ref_loss), rtol=1e-5)
+    for g, r in zip(jax.tree_util.tree_leaves(grad), jax.tree_util.tree_leaves(ref_grad)):
+        assert np.isfinite(np.asarray(g)).all()
+        np.testing.assert_allclose(np.asarray(g), np.asarray(r), atol=1e-5 * float(np.abs(r).max()))

@@ -184,6 +184,22 @@ def test_plan_counts_flash_attention_and_logit_chunks_where_they_run():
     assert unchunked.row_bytes("logits (scoring)") == 8 * 48 * v * 4 + 8 * 32 * v * 8
 
 
+def test_plan_counts_splash_attention_where_its_tile_divides_the_columns():
+    """``attention_impl="splash"`` keeps the flash term on any backend, for sequences of a
+    multiple of 128 columns only (``model.splash_attention``): the SFT rows of 128, PPO's 64 + 64
+    rollouts, but not its 96-column ptx rows nor 64-column SFT rows."""
+    model = LLAMA.replace(attention_impl="splash", max_len=256)
+    bf16 = model.replace(dtype="bfloat16")  # the plan's compute dtype
+    sft = plan(cfg(model=model, seq_len=128, backend="cpu"))
+    assert sft.row_bytes("activations") == activation_bytes(bf16, 8, 128, flash=True) < activation_bytes(bf16, 8, 128)
+    assert plan(cfg(model=model, seq_len=64)).row_bytes("activations") == activation_bytes(bf16, 8, 64)
+    ppo = plan(cfg(model=model, stage="ppo", batch_size=8, prompt_len=64, max_new_tokens=64, ppo_minibatches=2,
+                   ptx_batch_size=2, seq_len=96))
+    assert ppo.row_bytes("activations") == (activation_bytes(bf16, 4, 128, flash=True)
+                                            + activation_bytes(bf16, 2, 96)
+                                            + activation_bytes(bf16.replace(head="scalar"), 4, 128, flash=True))
+
+
 def test_a_cudnn_config_plans_on_a_cpu():
     """The parameters' shapes and the CPU compile of a ``attention_impl="cudnn"`` model, on a
     machine without cuDNN: the compile runs XLA's attention (the same step otherwise)."""

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 from jax.sharding import AbstractMesh, AxisType, PartitionSpec as P
 
 from rlhf_jax.hf import _abstract_params
-from rlhf_jax.model import ModelConfig, Transformer, flash_attention
+from rlhf_jax.model import ModelConfig, Transformer, flash_attention, splash_attention
 from rlhf_jax.plan.compiled import compiled_memory
 from rlhf_jax.plan.config import DTYPE_BYTES, PHASES, PlanConfig, optimizer_config
 from rlhf_jax.plan.result import Plan, Row
@@ -77,9 +77,11 @@ def activation_bytes(config: ModelConfig, batch: int, seq: int, tensor: int = 1,
     recomputed layer; with ``remat_policy="dots"`` (``dots_with_no_batch_dims_saveable``) each
     layer's input and its projections' outputs (q, k, v, o, the MLP's), not the attention's batched
     dots or anything elementwise, plus one recomputed layer.
-    ``flash``: the attention is cuDNN's flash attention (``model.flash_attention``), which keeps
-    its softmax statistics (float32 ``[b, heads, s]``) instead of the ``[s, s]`` probabilities;
-    the mask, and the ``[b, 1, s, s]`` bias jax makes of it, are still counted."""
+    ``flash``: the attention is cuDNN's flash attention (``model.flash_attention``) or Pallas's
+    splash attention (``model.splash_attention``), which keep their softmax statistics (float32
+    ``[b, heads, s]``) instead of the ``[s, s]`` probabilities; the mask, and the ``[b, 1, s, s]``
+    bias jax makes of it for cuDNN, are still counted (splash takes segment ids instead, so
+    there the term is an upper bound)."""
     c, b, s = config, batch, seq
     act = jnp.dtype(c.compute_dtype).itemsize
     h, hd = c.d_model, c.head_dim
@@ -155,8 +157,9 @@ def plan(cfg: PlanConfig) -> Plan:
                  Row("optimizer", "state", o_bytes, "exact", _opt_detail(cfg)),
                  Row("gradients", "update", p_bytes, "exact", "float32")]
         seqs = cfg.batch_size * (1 if cfg.stage == "sft" else cfg.k_responses) // shards
-        rows.append(Row("activations", "update", activation_bytes(model_cfg, seqs, cfg.seq_len, tensor, flash),
-                        "analytic", f"{seqs} seq/device" + (", flash attention" if flash else "")))
+        fused = flash or splash_attention(model_cfg, cfg.seq_len)
+        rows.append(Row("activations", "update", activation_bytes(model_cfg, seqs, cfg.seq_len, tensor, fused),
+                        "analytic", f"{seqs} seq/device" + (", flash attention" if fused else "")))
         if cfg.stage != "rm":  # DPO builds its logits whole (no logits_chunk path)
             steps = logit_steps(model_cfg, cfg.seq_len) if cfg.stage == "sft" else cfg.seq_len
             rows.append(Row("logits", "update", logits_bytes(model_cfg, seqs, steps, tensor), "analytic",
@@ -197,10 +200,11 @@ def _rl_rows(cfg: PlanConfig, model_cfg: ModelConfig, lm: Any, mesh: AbstractMes
     episodes = cfg.batch_size * (1 if ppo else cfg.group_size)
     mb = episodes // cfg.ppo_minibatches // shards
     ptx = cfg.ptx_batch_size // shards
+    ptx_flash, flash = flash or splash_attention(model_cfg, cfg.seq_len), flash or splash_attention(model_cfg, length)
     policy_act = activation_bytes(model_cfg, mb, length, tensor, flash)
     policy_logits = logits_bytes(model_cfg, mb, logit_steps(model_cfg, length), tensor)
     if ptx:
-        policy_act += activation_bytes(model_cfg, ptx, cfg.seq_len, tensor, flash)
+        policy_act += activation_bytes(model_cfg, ptx, cfg.seq_len, tensor, ptx_flash)
         policy_logits += logits_bytes(model_cfg, ptx, logit_steps(model_cfg, cfg.seq_len), tensor)
     value_act = activation_bytes(model_cfg.replace(head="scalar"), mb, length, tensor, flash) if ppo else 0
     rollouts = episodes // shards
