@@ -248,6 +248,27 @@ def test_fit_check_offers_the_dots_policy(tmp_path):
     assert "remat dots" in fixed.table().splitlines()[1]
 
 
+def test_fit_check_offers_splash_attention_on_a_tpu(tmp_path):
+    """Planned for a TPU, a model on the einsum attention that fits only without its ``[s, s]``
+    probabilities is told to set ``model.attention_impl=splash``, and the override, loaded as
+    ``--set`` would load it, plans at the GiB it gave; planned for a GPU the advice is not given."""
+    xla, splash = (plan(cfg(model=LLAMA.replace(attention_impl=impl), seq_len=128, backend="tpu")).total_bytes / GiB
+                   for impl in ("xla", "splash"))
+    assert splash < xla
+    between = cfg(seq_len=128, backend="tpu", device_memory_gib=(xla + splash) / 2 / 0.9)
+    with pytest.raises(PlanError) as info:
+        check_fits(plan(between))
+    assert dict(info.value.suggestions)[("model.attention_impl=splash",)] == pytest.approx(splash)
+    path = tmp_path / "tpu.json"
+    path.write_text(json.dumps(to_dict(between)))
+    fixed = plan(load_config(PlanConfig, path, ["model.attention_impl=splash"]))
+    check_fits(fixed)
+    assert fixed.total_bytes / GiB == pytest.approx(splash)
+    with pytest.raises(PlanError) as info:
+        check_fits(plan(dataclasses.replace(between, backend="gpu")))
+    assert ("model.attention_impl=splash",) not in dict(info.value.suggestions)
+
+
 def test_fit_check_says_when_nothing_fits():
     tiny_device = cfg(device_memory_gib=1e-4)  # 0.1 MiB: not even the parameters
     with pytest.raises(PlanError, match=r"with remat=true, batch_size=1, grad_accum_steps=8 it still needs "

@@ -6,6 +6,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import jax
+
 from rlhf_jax.errors import ConfigError, PlanError
 from rlhf_jax.plan.config import RL_STAGES, GiB, PlanConfig
 from rlhf_jax.plan.estimate import plan
@@ -51,6 +53,9 @@ def _fixes(cfg: PlanConfig) -> list[tuple[tuple[str, ...], float]]:
     if data > 1:
         sets = ("mesh.data=1", f"mesh.fsdp={data * fsdp}", f"mesh.tensor={tensor}")
         out.append((sets, _replan(cfg, mesh=MeshConfig(data=1, fsdp=data * fsdp, tensor=tensor))))
+    if cfg.model is not None and cfg.model.attention_impl in ("xla", "auto") \
+            and (cfg.backend or jax.default_backend()) == "tpu":  # the TPU's flash attention
+        out.append((("model.attention_impl=splash",), _replan(cfg, model=cfg.model.replace(attention_impl="splash"))))
     if not cfg.remat and cfg.model is not None and cfg.model.remat_mode == "none":  # the matmuls' outputs kept
         out.append((("model.remat_policy=dots",), _replan(cfg, model=cfg.model.replace(remat_policy="dots"))))
     if not cfg.remat:
