@@ -391,13 +391,14 @@ def test_splash_attention_where_it_applies():
     assert [splash_attention(c, t) for c, t, _ in cases] == [want for *_, want in cases]
 
 
-@pytest.mark.parametrize("scan, softcap", [(False, None), (True, 20.0)])
-def test_splash_attention_equals_the_einsum_path(scan, softcap):
+@pytest.mark.parametrize("scan, softcap, remat", [(False, None, "none"), (True, 20.0, "dots"), (False, None, "full")])
+def test_splash_attention_equals_the_einsum_path(scan, softcap, remat):
     """The splash kernel (Pallas interpret mode on this CPU) with grouped-query heads, a
     left-padded row and a packed row gives the logits of our einsum attention on every real
-    column, and the same gradients of a loss over them; with soft-capping too.  At 96 columns
-    (not a multiple of the kernel's tile) the splash config runs the einsum path itself."""
-    config = SPLASH_BASE.replace(scan_layers=scan, attn_softcap=softcap)
+    column, and the same gradients of a loss over them; with soft-capping and under either remat
+    policy too.  At 96 columns (not a multiple of the kernel's tile) the splash config runs the
+    einsum path itself."""
+    config = SPLASH_BASE.replace(scan_layers=scan, attn_softcap=softcap, remat_policy=remat)
     xla, splash = Transformer(config), Transformer(config.replace(attention_impl="splash"))
     params = random_params(xla, seed=1)
     tokens, mask, seg = splash_batch()
