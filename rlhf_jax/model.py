@@ -177,14 +177,20 @@ def cast_floating(tree: Any, dtype: Any) -> Any:
     return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
 
 
-def _keep_batch_sharded(x: Array) -> Array:
-    """Pin activations ``[b, ...]`` to batch sharding over ``data × fsdp`` when a mesh with those
-    axes is set (``jax.set_mesh``; ``stages.steps.jit_on_mesh`` does it).  Without it GSPMD lets
-    an fsdp-sharded embedding pull the whole global batch onto every device."""
+def _batch_mesh(rows: int) -> Any:
+    """The mesh set with ``jax.set_mesh`` (``stages.steps.jit_on_mesh`` does it) when it has the
+    batch axes ``data × fsdp`` and they divide ``rows``, else None."""
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or not set(BATCH_AXES) <= set(mesh.axis_names):
-        return x
-    if x.shape[0] % math.prod(mesh.shape[a] for a in BATCH_AXES):
+        return None
+    return None if rows % math.prod(mesh.shape[a] for a in BATCH_AXES) else mesh
+
+
+def _keep_batch_sharded(x: Array) -> Array:
+    """Pin activations ``[b, ...]`` to batch sharding over ``data × fsdp`` when a mesh with those
+    axes is set (``_batch_mesh``).  Without it GSPMD lets an fsdp-sharded embedding pull the whole
+    global batch onto every device."""
+    if _batch_mesh(x.shape[0]) is None:
         return x
     return jax.lax.with_sharding_constraint(x, jax.sharding.PartitionSpec(BATCH_AXES))
 
@@ -330,9 +336,8 @@ def _attention_splash(q: Array, k: Array, v: Array, seg: Array, config: ModelCon
     def attend(q: Array, k: Array, v: Array, seg: Array) -> Array:  # q [b, kv, g, t, d]; k, v [b, kv, t, d]
         return jax.vmap(jax.vmap(one, in_axes=(0, 0, 0, None)))(q, k, v, seg)
 
-    mesh = jax.sharding.get_abstract_mesh()
-    if not mesh.empty and set(BATCH_AXES) <= set(mesh.axis_names) \
-            and b % math.prod(mesh.shape[a] for a in BATCH_AXES) == 0:
+    mesh = _batch_mesh(b)
+    if mesh is not None:
         heads = "tensor" if "tensor" in mesh.axis_names and c.kv_heads % mesh.shape["tensor"] == 0 else None
         rows = jax.sharding.PartitionSpec(BATCH_AXES, heads)
         attend = jax.shard_map(attend, mesh=mesh, in_specs=(rows, rows, rows, jax.sharding.PartitionSpec(BATCH_AXES)),

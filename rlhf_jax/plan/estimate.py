@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -148,7 +149,10 @@ def plan(cfg: PlanConfig) -> Plan:
         return _local_bytes(tree, mesh), _local_bytes(jax.eval_shape(tx.init, tree), mesh)
 
     lm = _abstract(model_cfg)
-    flash = flash_attention(model_cfg, cfg.backend)
+
+    def flash(seq: int) -> bool:  # a forward over ``seq`` columns keeps softmax statistics, not [s, s]
+        return flash_attention(model_cfg, cfg.backend) or splash_attention(model_cfg, seq)
+
     rows: list[Row] = []
     if cfg.stage in ("sft", "rm", "dpo"):
         trained = _abstract(model_cfg.replace(head="scalar")) if cfg.stage == "rm" else lm
@@ -157,7 +161,7 @@ def plan(cfg: PlanConfig) -> Plan:
                  Row("optimizer", "state", o_bytes, "exact", _opt_detail(cfg)),
                  Row("gradients", "update", p_bytes, "exact", "float32")]
         seqs = cfg.batch_size * (1 if cfg.stage == "sft" else cfg.k_responses) // shards
-        fused = flash or splash_attention(model_cfg, cfg.seq_len)
+        fused = flash(cfg.seq_len)
         rows.append(Row("activations", "update", activation_bytes(model_cfg, seqs, cfg.seq_len, tensor, fused),
                         "analytic", f"{seqs} seq/device" + (", flash attention" if fused else "")))
         if cfg.stage != "rm":  # DPO builds its logits whole (no logits_chunk path)
@@ -185,11 +189,12 @@ def plan(cfg: PlanConfig) -> Plan:
 
 
 def _rl_rows(cfg: PlanConfig, model_cfg: ModelConfig, lm: Any, mesh: AbstractMesh,
-             trainable: Any, shards: int, tensor: int, flash: bool) -> list[Row]:
+             trainable: Any, shards: int, tensor: int, flash: Callable[[int], bool]) -> list[Row]:
     """PPO's and GRPO's rows: the policy (and PPO's value model) trained on minibatches of the
     rollouts, frozen reference (and reward model, unless ``reward_model`` is false) in
     ``frozen_dtype``, the policy's EMA (``ema``), the rollout's KV cache and the scoring logits.  GRPO is PPO
-    without the value model on ``batch_size × group_size`` rollouts."""
+    without the value model on ``batch_size × group_size`` rollouts.  ``flash(seq)``: whether a
+    forward over ``seq`` columns runs flash attention (``plan``'s rule)."""
     ppo = cfg.stage == "ppo"
     value = _abstract(model_cfg.replace(head="scalar"))
     lm_bytes, lm_opt = trainable(lm)
@@ -200,13 +205,13 @@ def _rl_rows(cfg: PlanConfig, model_cfg: ModelConfig, lm: Any, mesh: AbstractMes
     episodes = cfg.batch_size * (1 if ppo else cfg.group_size)
     mb = episodes // cfg.ppo_minibatches // shards
     ptx = cfg.ptx_batch_size // shards
-    ptx_flash, flash = flash or splash_attention(model_cfg, cfg.seq_len), flash or splash_attention(model_cfg, length)
-    policy_act = activation_bytes(model_cfg, mb, length, tensor, flash)
+    fused = flash(length)
+    policy_act = activation_bytes(model_cfg, mb, length, tensor, fused)
     policy_logits = logits_bytes(model_cfg, mb, logit_steps(model_cfg, length), tensor)
     if ptx:
-        policy_act += activation_bytes(model_cfg, ptx, cfg.seq_len, tensor, ptx_flash)
+        policy_act += activation_bytes(model_cfg, ptx, cfg.seq_len, tensor, flash(cfg.seq_len))
         policy_logits += logits_bytes(model_cfg, ptx, logit_steps(model_cfg, cfg.seq_len), tensor)
-    value_act = activation_bytes(model_cfg.replace(head="scalar"), mb, length, tensor, flash) if ppo else 0
+    value_act = activation_bytes(model_cfg.replace(head="scalar"), mb, length, tensor, fused) if ppo else 0
     rollouts = episodes // shards
     if model_cfg.logits_chunk:  # the response's log-probs and entropy, a chunk at a time
         scoring = logits_bytes(model_cfg, rollouts, logit_steps(model_cfg, cfg.max_new_tokens), tensor)
@@ -221,7 +226,7 @@ def _rl_rows(cfg: PlanConfig, model_cfg: ModelConfig, lm: Any, mesh: AbstractMes
             f"ref{' + reward' if cfg.reward_model else ''}, {cfg.frozen_dtype}"),
         Row("gradients", "update", lm_bytes + v_bytes, "exact", "float32"),
         Row("activations", "update", policy_act + value_act, "analytic",
-            f"{trained}, {mb}{f' + {ptx} ptx' if ptx else ''} seq/device" + (", flash attention" if flash else "")),
+            f"{trained}, {mb}{f' + {ptx} ptx' if ptx else ''} seq/device" + (", flash attention" if fused else "")),
         Row("logits", "update", policy_logits, "analytic",
             "f32 + log-softmax + grad" + (f", {model_cfg.logits_chunk} steps at a time" if model_cfg.logits_chunk
                                           else "")),
