@@ -170,13 +170,72 @@ def state_shardings(tree: Any, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> Any:
 param_shardings = state_shardings
 
 
+_HOST_ALIGNMENT = 64  # bytes: XLA:CPU reads a NumPy buffer in place (no copy) at such an address
+
+
+def _on_host_devices(sharding: NamedSharding) -> bool:
+    """Whether ``sharding`` spans several CPU devices, all of them this process's."""
+    devices = sharding.device_set
+    return len(devices) > 1 and all(d.platform == "cpu" and d.process_index == jax.process_index()
+                                    for d in devices)
+
+
+def _index_key(index: tuple[slice, ...]) -> tuple[tuple[Any, Any, Any], ...]:
+    return tuple((i.start, i.stop, i.step) for i in index)
+
+
+def host_shared(leaf: Any, sharding: NamedSharding) -> jax.Array:
+    """``leaf`` placed by ``sharding`` over this process's CPU devices with **one** host buffer per
+    distinct shard, which every device holding that shard reads in place, instead of a copy per
+    device (``jax.device_put``): a leaf replicated over the ``data`` axis is one buffer.
+
+    With one host device per core (``jax_num_cpu_devices``), a data-parallel decode then streams
+    one copy of the weights through the cores' shared cache instead of one per device (the tiny
+    decode step over 2 devices: ``docs/performance.md``, "one copy of the weights").  Safe to
+    donate: XLA:CPU writes a program's outputs to new buffers when an input borrows host memory,
+    and never writes to inputs it was not given.  Each host buffer is a private, 64-byte-aligned
+    copy of its shard.  ``sharding``'s devices: several CPU devices of this process
+    (``_on_host_devices``)."""
+    host = np.asarray(leaf)
+    buffers: dict[Any, np.ndarray] = {}
+
+    def buffer(index: tuple[slice, ...]) -> np.ndarray:
+        key = _index_key(index)
+        if key not in buffers:
+            shard = host[index]
+            raw = np.empty(shard.nbytes + _HOST_ALIGNMENT, np.uint8)
+            start = -raw.ctypes.data % _HOST_ALIGNMENT
+            buffers[key] = raw[start:start + shard.nbytes].view(host.dtype).reshape(shard.shape)
+            buffers[key][...] = shard
+        return buffers[key]
+
+    indices = sharding.devices_indices_map(host.shape)
+    devices = [d for d in sharding.mesh.devices.flat if d in indices]
+    return jax.make_array_from_single_device_arrays(
+        host.shape, sharding, [jax.device_put(buffer(indices[d]), d) for d in devices])
+
+
+def _place_leaf(leaf: Any, sharding: NamedSharding) -> Any:
+    """``leaf`` on ``sharding``: ``host_shared`` where its devices are host CPU devices and some
+    shard sits on several of them, else ``jax.device_put``."""
+    if (isinstance(leaf, (np.ndarray, np.generic, jax.Array)) and leaf.size > 0 and _on_host_devices(sharding)
+            and not getattr(leaf, "weak_type", False)  # keep device_put's typing of those
+            and not jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.extended)  # typed PRNG keys
+            and jax.dtypes.canonicalize_dtype(leaf.dtype) == leaf.dtype):  # no 64 → 32-bit cast
+        indices = sharding.devices_indices_map(np.shape(leaf))
+        if len({_index_key(i) for i in indices.values()}) < len(indices):
+            return host_shared(leaf, sharding)
+    return jax.device_put(leaf, sharding)
+
+
 def shard_params(tree: Any, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> Any:
     """``tree`` (params, an optax state, a train state) placed on ``mesh`` by ``rules``
     (``jax.device_put``).  Host (NumPy) leaves go straight to their shards; moving leaves that
-    already live on one device compiles a small reshard per leaf shape the first time.  To
-    initialise a large model sharded, jit the initialiser with
-    ``out_shardings=state_shardings(jax.eval_shape(init, key), mesh)`` instead."""
-    return jax.device_put(tree, state_shardings(tree, mesh, rules))
+    already live on one device compiles a small reshard per leaf shape the first time.  On a
+    mesh of this process's CPU devices each distinct shard of a leaf is one host buffer that all its devices
+    read (``host_shared``), not a copy per device.  To initialise a large model sharded, jit the
+    initialiser with ``out_shardings=state_shardings(jax.eval_shape(init, key), mesh)`` instead."""
+    return jax.tree.map(_place_leaf, tree, state_shardings(tree, mesh, rules))
 
 
 def _batch_shards(mesh: Mesh) -> int:

@@ -322,6 +322,69 @@ def test_batches_states_and_errors_on_eight_devices():
     assert out.strip() == "ok"
 
 
+def test_shard_params_keeps_one_host_buffer_per_distinct_shard():
+    """On host CPU devices a replicated leaf is one buffer all devices read, a split leaf one
+    buffer per distinct shard; values, donation and a train step are as with ``jax.device_put``."""
+    out = run_on_devices("""
+        import jax, jax.numpy as jnp, numpy as np
+        from jax.sharding import NamedSharding
+        from rlhf_jax.sharding import MeshConfig, make_mesh, shard_params, state_shardings
+
+        def pointers(x):
+            return {s.data.unsafe_buffer_pointer() for s in x.addressable_shards}
+
+        rng = np.random.default_rng(0)
+        params = {"layer_0": {"mlp": {"fc": {"kernel": rng.normal(size=(8, 6)).astype(np.float32),
+                                             "bias": rng.normal(size=(6,)).astype(np.float32)}},
+                              "ln_1": {"scale": rng.normal(size=(8,)).astype(jnp.bfloat16)}},
+                  "step": np.int32(3), "key": jax.random.key(0), "lr": 0.5, "f64": np.ones(2)}
+        mesh = make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
+        placed = shard_params(params, mesh)
+        kernel, bias = placed["layer_0"]["mlp"]["fc"]["kernel"], placed["layer_0"]["mlp"]["fc"]["bias"]
+        # fc/kernel is split 2 × 2 over fsdp × tensor and replicated over data: 4 buffers for 8
+        # devices; its bias is split over tensor: 2; the rest is replicated: 1.
+        assert len(kernel.addressable_shards) == 8 and len(pointers(kernel)) == 4
+        assert len(pointers(bias)) == 2
+        assert len(pointers(placed["layer_0"]["ln_1"]["scale"])) == 1
+        assert len(pointers(placed["step"])) == 1
+        copied = jax.device_put(params, state_shardings(params, mesh))
+        assert len(pointers(copied["layer_0"]["mlp"]["fc"]["kernel"])) == 8
+        for got, want in zip(jax.tree.leaves(placed), jax.tree.leaves(copied)):
+            assert got.sharding == want.sharding
+            assert got.dtype == want.dtype
+            assert getattr(got, "weak_type", None) == getattr(want, "weak_type", None)
+            if not jax.dtypes.issubdtype(got.dtype, jax.dtypes.extended):
+                np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+                for shard in got.addressable_shards:  # each device's shard is its slice
+                    np.testing.assert_array_equal(np.asarray(shard.data), np.asarray(want)[shard.index])
+
+        # Donated to a step twice, the shared buffers give what the copies give, and a second
+        # placement of the same tree does not see the first one's writes.
+        def step(tree):
+            w = tree["layer_0"]["mlp"]["fc"]
+            grad = jnp.tanh(w["kernel"] @ w["kernel"].T) @ w["kernel"]
+            return {**tree, "layer_0": {**tree["layer_0"], "mlp": {"fc": {
+                "kernel": w["kernel"] - 0.1 * grad, "bias": w["bias"] * 0.5}}},
+                "step": tree["step"] + 1}
+        without_key = lambda tree: {k: v for k, v in tree.items() if k != "key"}  # placed and
+        shardings = state_shardings(without_key(params), mesh)  # copied share its device-0 buffer
+        jitted = jax.jit(step, in_shardings=(shardings,), out_shardings=shardings, donate_argnums=0)
+        with jax.set_mesh(mesh):
+            a = jitted(jitted(without_key(placed)))
+            b = jitted(jitted(without_key(copied)))
+        assert placed["layer_0"]["mlp"]["fc"]["kernel"].is_deleted()
+        for got, want in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+            if not jax.dtypes.issubdtype(got.dtype, jax.dtypes.extended):
+                np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+        again = shard_params(params, mesh)
+        np.testing.assert_array_equal(np.asarray(again["layer_0"]["mlp"]["fc"]["kernel"]),
+                                      params["layer_0"]["mlp"]["fc"]["kernel"])
+        assert int(again["step"]) == 3
+        print("ok")
+    """)
+    assert out.strip() == "ok"
+
+
 @pytest.mark.parametrize("owners, expected", [
     # data=2 × fsdp=2 × tensor=2 over 2 processes of 4 devices, process 0 holding data row 0.
     ([0, 0, 0, 0, 1, 1, 1, 1], {0: (0, 2), 1: (1, 2)}),

@@ -9,7 +9,8 @@ matmul peak (a large float32 matmul measured here, the better of JAX and PyTorch
 reaches on the model's FLOPs.
 
 ``--data-parallel N`` runs our side on N simulated host devices (``jax_num_cpu_devices``), the
-prompts split over a ``data`` mesh axis and the weights replicated: each device decodes its share
+prompts split over a ``data`` mesh axis and the weights replicated (``shard_params``: one host
+buffer that every device reads, not a copy each): each device decodes its share
 of the batch on its own thread, which is how XLA uses a second core for these small, per-step
 matmuls (PyTorch uses its intra-op threads on every matmul). The table says which setting ran.
 
@@ -28,7 +29,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 import torch
 import transformers
 
@@ -42,7 +43,7 @@ from experiments.benchmarks.common import (
 )
 from rlhf_jax.generation import GenerateConfig, generate
 from rlhf_jax.hf import load_pretrained
-from rlhf_jax.sharding import MeshConfig, make_mesh, shard_batch
+from rlhf_jax.sharding import MeshConfig, make_mesh, shard_batch, shard_params
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,8 +124,8 @@ def run_case(case: Case, repeats: int, top_k: int, workdir: Path, mesh: Mesh | N
     ids_t, mask_t = torch.from_numpy(ids).long(), torch.from_numpy(mask).long()
     key = jax.random.key(0)
     ids_j, mask_j = ids, mask
-    if mesh is not None:  # weights replicated, prompts split over the data axis
-        params = jax.device_put(params, NamedSharding(mesh, PartitionSpec()))
+    if mesh is not None:  # weights replicated (one host buffer for all devices), prompts split
+        params = shard_params(params, mesh)
         ids_j, mask_j = shard_batch((ids, mask), mesh)
 
     def ours() -> jax.Array:

@@ -37,7 +37,9 @@ rounded up to B rather than to all ``prompt + new`` slots; the floor stays the i
 
 With several host devices (``--host-devices D``, on a CPU default the cores: one device per core)
 each decode whose batch D divides is timed a third way, its rows split over the D devices with
-the weights replicated (``generation.py --data-parallel``'s form), in both cache forms.  Each
+the weights replicated (``generation.py --data-parallel``'s form), in both cache forms.  The
+weights are placed by ``shard_params``: one host buffer that all D devices read in place
+(``sharding.host_shared``), not a copy per device, so the cores' shared cache holds one copy.  Each
 split step is set against the issue's floor and against the floor's loops split the same way
 (each device's share of the rows, run side by side: the split floor), since each device then
 runs its own thin matmuls and its own single-threaded attention at once.
@@ -63,7 +65,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 
 from experiments.benchmarks.common import (
     device_spec,
@@ -79,7 +81,7 @@ from experiments.benchmarks.flops import decode_bound_tokens_per_s, decode_matmu
 from experiments.benchmarks.shapes import CASES
 from rlhf_jax.generation import GenerateConfig, generate
 from rlhf_jax.model import Transformer, init_params
-from rlhf_jax.sharding import MeshConfig, make_mesh, shard_batch
+from rlhf_jax.sharding import MeshConfig, make_mesh, shard_batch, shard_params
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,10 +112,11 @@ Timed = list[tuple[float, Callable[[], Any]]]  # (weight, blocking call): a part
 
 def _place(x: Any, mesh: Mesh | None, batch: bool = True) -> Any:
     """``x`` as it is (``mesh`` None), or on ``mesh``: its rows split as a batch (``shard_batch``)
-    or replicated."""
+    or replicated as one host buffer that every device reads (``shard_params`` on the ``data``
+    mesh)."""
     if mesh is None:
         return x
-    return shard_batch(x, mesh) if batch else jax.device_put(x, NamedSharding(mesh, PartitionSpec()))
+    return shard_batch(x, mesh) if batch else shard_params(x, mesh)
 
 
 def decode_calls(case: Decode, dtype: str, cache_block: int = 0,
@@ -121,8 +124,9 @@ def decode_calls(case: Decode, dtype: str, cache_block: int = 0,
     """The model config and two blocking calls of ``generate`` (greedy, no stop): ``case.new`` new
     tokens and 1 new token (the step is their difference over ``new − 1``), with
     ``ModelConfig.cache_block`` set to ``cache_block``.  With a ``mesh`` (a ``data`` axis) the
-    prompts are split over its devices and the weights replicated, as ``generation.py
-    --data-parallel`` runs them: each device decodes its rows."""
+    prompts are split over its devices and the weights replicated (``shard_params``: one host
+    buffer all devices read), as ``generation.py --data-parallel`` runs them: each device decodes
+    its rows."""
     model = Transformer(CASES[case.model].model_config("lm", dtype).replace(cache_block=cache_block))
     params = _place(jax.jit(lambda k: init_params(model, k))(jax.random.key(0)), mesh, batch=False)
     rng = np.random.default_rng(0)
@@ -152,7 +156,7 @@ def _loop(body: Any, init: Any, loops: int, operands: Any = ()) -> Callable[[], 
 def matmul_calls(config: Any, batch: int, dtype: str, loops: int, mesh: Mesh | None = None) -> tuple[Timed, float]:
     """The decode step's weight matmuls alone (see the module docstring), one loop per shape
     weighted by ``count / loops``, and their FLOPs.  With a ``mesh``, split as ``decode_calls``
-    splits the step: the rows over the ``data`` axis, each weight replicated."""
+    splits the step: the rows over the ``data`` axis, each weight replicated (one host buffer)."""
     rng = np.random.default_rng(0)
     calls, flops = [], 0.0
     for k, n, count in decode_matmul_shapes(config):
@@ -436,7 +440,7 @@ def main(argv: list[str] | None = None) -> None:
                        rows))
     split = [r for r in results if r["split"]]
     if split:
-        print(f"\nthe same steps with the rows split over {mesh.shape['data']} host devices (weights replicated), "
+        print(f"\nthe same steps with the rows split over {mesh.shape['data']} host devices (weights replicated as one host buffer), "
               "against the floor above and against the floor's parts split the same way")
         print(split_table(split))
     if args.json:
