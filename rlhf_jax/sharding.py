@@ -218,7 +218,8 @@ def host_shared(leaf: Any, sharding: NamedSharding) -> jax.Array:
 def _place_leaf(leaf: Any, sharding: NamedSharding) -> Any:
     """``leaf`` on ``sharding``: ``host_shared`` where its devices are host CPU devices and some
     shard sits on several of them, else ``jax.device_put``."""
-    if (isinstance(leaf, (np.ndarray, np.generic, jax.Array)) and leaf.size > 0 and _on_host_devices(sharding)
+    if (isinstance(leaf, (np.ndarray, np.generic, jax.Array)) and leaf.size > 0
+            and _on_host_devices(sharding)
             and not getattr(leaf, "weak_type", False)  # keep device_put's typing of those
             and not jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.extended)  # typed PRNG keys
             and jax.dtypes.canonicalize_dtype(leaf.dtype) == leaf.dtype):  # no 64 → 32-bit cast
@@ -232,9 +233,10 @@ def shard_params(tree: Any, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> Any:
     """``tree`` (params, an optax state, a train state) placed on ``mesh`` by ``rules``
     (``jax.device_put``).  Host (NumPy) leaves go straight to their shards; moving leaves that
     already live on one device compiles a small reshard per leaf shape the first time.  On a
-    mesh of this process's CPU devices each distinct shard of a leaf is one host buffer that all its devices
-    read (``host_shared``), not a copy per device.  To initialise a large model sharded, jit the
-    initialiser with ``out_shardings=state_shardings(jax.eval_shape(init, key), mesh)`` instead."""
+    mesh of this process's CPU devices each distinct shard of a leaf is one host buffer that all
+    its devices read (``host_shared``), not a copy per device.  To initialise a large model
+    sharded, jit the initialiser with ``out_shardings=state_shardings(jax.eval_shape(init, key),
+    mesh)`` instead."""
     return jax.tree.map(_place_leaf, tree, state_shardings(tree, mesh, rules))
 
 

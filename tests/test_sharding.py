@@ -327,7 +327,6 @@ def test_shard_params_keeps_one_host_buffer_per_distinct_shard():
     buffer per distinct shard; values, donation and a train step are as with ``jax.device_put``."""
     out = run_on_devices("""
         import jax, jax.numpy as jnp, numpy as np
-        from jax.sharding import NamedSharding
         from rlhf_jax.sharding import MeshConfig, make_mesh, shard_params, state_shardings
 
         def pointers(x):

@@ -440,8 +440,8 @@ def main(argv: list[str] | None = None) -> None:
                        rows))
     split = [r for r in results if r["split"]]
     if split:
-        print(f"\nthe same steps with the rows split over {mesh.shape['data']} host devices (weights replicated as one host buffer), "
-              "against the floor above and against the floor's parts split the same way")
+        print(f"\nthe same steps with the rows split over {mesh.shape['data']} host devices (weights replicated "
+              "as one host buffer), against the floor above and against the floor's parts split the same way")
         print(split_table(split))
     if args.json:
         write_json(args.json, {"machine": info, "matmul_peak": peak, "bandwidth": bandwidth, "spec": spec,
