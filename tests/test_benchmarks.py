@@ -296,11 +296,14 @@ def test_gpu_suite_dry_run_on_cpu(tmp_path):
     assert [(d["batch"], d["scan_decode"], d["cache_block"], bool(d["compiler_options"])) for d in check["decode"]] \
         == [(4, False, 0, False), (2, False, 0, False), (4, False, 0, True), (4, False, 4, False), (4, True, 0, False)]
     assert list(check["part_s"]) == ["sft[auto,none]", "decode[4]", "ppo", "decode[2]", "ppo_phases",
-                                     "sft[auto,none,packed]", "decode[4,command_buffers]", "decode[4,cache_block=4]",
-                                     "decode[4,scan_decode=True]"]
+                                     "decode[4,command_buffers]", "ppo[command_buffers]", "sft[auto,none,packed]",
+                                     "decode[4,cache_block=4]", "decode[4,scan_decode=True]"]
     # the SFT rows right padded (the cuDNN attention masks them by lengths), then the same rows as
     # packed segments (a bias), at the same loss
     assert (check["sft"]["rows"], check["sft_packed"]["rows"]) == ("right padded", "packed")
+    # the PPO iteration compiled again under the command buffers, from the state the first one left
+    graphs = check["ppo"]["command_buffers"]
+    assert graphs["compiler_options"] and graphs["iteration_s"] > 0 and np.isfinite(graphs["kl"])
     assert check["sft_packed"]["loss"] == pytest.approx(check["sft"]["loss"], rel=1e-3)
     assert check["setup_s"] > 0 and all(s > 0 for s in check["part_s"].values())
     assert set(check["ppo"]["phases_s"]) == {"rollout", "experience", "update"}
@@ -311,7 +314,7 @@ def test_gpu_suite_dry_run_on_cpu(tmp_path):
         assert 0 < p["busy_s"] <= p["wall_s"] and p["by_category"]["matmul"] > 0 and p["top"]
     metrics = [r["metric"] for r in record["summary"]]
     for needle in ("SFT step", "fraction of the HBM bound", "PPO-ptx iteration", "PPO-ptx iteration: compile",
-                   "PPO phase rollout", "given as packed (a bias)"):
+                   "PPO phase rollout", "given as packed (a bias)", "XLA command buffers vs the default compile"):
         assert any(needle in m for m in metrics), (needle, metrics)
     assert sum(r["target"] is not None for r in record["summary"]) == 4
     # the device named in the summary; the CPU keeps no allocator figures, so no part has any
@@ -378,15 +381,16 @@ def test_gpu_check_records_memory_per_part_and_drops_the_ppo_state(tmp_path, mon
     monkeypatch.setattr(gpu_check, "sft_check", sft)
     monkeypatch.setattr(gpu_check, "ppo_check", ppo)
     monkeypatch.setattr(gpu_check, "ppo_phases", lambda run, floors: {"phases_s": {"rollout": 1.0}})
+    monkeypatch.setattr(gpu_check, "ppo_recompiled", lambda run, options: {"iteration_s": 0.5})
     monkeypatch.setattr(gpu_check, "decode_check", decode)
     monkeypatch.setattr(gpu_check, "allocator_gib", lambda: {"in_use": float(next(reads)), "limit": 72.0})
     monkeypatch.setenv("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.75")  # main sets it only where unset
     gpu_check.main(["--dry-run", "--json", str(tmp_path / "check.json")])
     check = json.loads((tmp_path / "check.json").read_text())
     assert list(check["memory"]) == list(check["part_s"]) == [
-        "sft[auto,none]", "decode[4]", "ppo", "decode[2]", "ppo_phases", "sft[auto,none,packed]",
-        "decode[4,command_buffers]", "decode[4,cache_block=4]", "decode[4,scan_decode=True]"]
-    assert [m["in_use"] for m in check["memory"].values()] == list(range(1, 10))
+        "sft[auto,none]", "decode[4]", "ppo", "decode[2]", "ppo_phases", "decode[4,command_buffers]",
+        "ppo[command_buffers]", "sft[auto,none,packed]", "decode[4,cache_block=4]", "decode[4,scan_decode=True]"]
+    assert [m["in_use"] for m in check["memory"].values()] == list(range(1, 11))
     assert list(check["errors"]) == ["decode[4,command_buffers]"]
     assert alive_at_packed == [False]
     assert check["sft"]["memory"] == {"in_use": 1.0, "limit": 72.0}  # the part's result carries its reading

@@ -18,7 +18,8 @@ device call's limit).
 - ``gpu``: gpu_check (issue 18's targets on the 1.1B Llama with scanned layers: SFT MFU at
   8 × 2048, bf16-weight decode vs the HBM bound at batch 64 and the 32/128/256 sweep, one
   PPO-ptx iteration with its compile time and phase split; then, budget allowing, the batch-64
-  decode under XLA's command buffers, with the cache in blocks, and scanned), within a 240 s
+  decode and the PPO iteration under XLA's command buffers, the SFT rows given as packed, and
+  the decode with the cache in blocks and scanned), within a 240 s
   budget and a hard stop at 280 s that keeps what was measured, so it ends within 5 minutes on
   an H200 (the 2026-12-04 run had 170 s and skipped the sweep at 128 and 256 and the phase
   split; each part's seconds are now in its JSON); then

@@ -19,16 +19,17 @@
    (rollout: prefill FLOPs / peak + 128 steps at the HBM bound; experience and update: their
    FLOPs / peak).
 
-Then, budget allowing, the cuDNN SFT step again with the same rows given as packed segments
+Then, budget allowing, the batch-64 decode and the PPO iteration compiled with XLA's command
+buffers for while loops and conditionals too (``COMMAND_BUFFERS``, ``ppo_recompiled``): whether
+the decode step, 3.5× its bandwidth bound on the 2026-12-04 H200 run, is held back by per-kernel
+launches and the loop's host round trips, and what running them as CUDA graphs gives the
+iteration.  Then the cuDNN SFT step again with the same rows given as packed segments
 (``segment_ids``), which ``jax.nn.dot_product_attention`` masks by a ``[b, 1, T, T]`` bias (and,
 in jax releases before PR #39512, the gradient of that bias): what the lengths form saves.
 
-Last, budget allowing, three other forms of the batch-64 decode: compiled with XLA's command
-buffers for while loops and conditionals too (``COMMAND_BUFFERS``: whether the step, 3.5× its
-bandwidth bound on the 2026-12-04 H200 run, is held back by per-kernel launches and the loop's
-host round trips), with ``ModelConfig.cache_block`` at half the new tokens (three decode loops
-over caches of 128, 192 and 256 slots), and scanned (``scan_decode=True``, 1.8× slower than
-unrolled on that run).
+Last, budget allowing, two other forms of the batch-64 decode: with ``ModelConfig.cache_block``
+at half the new tokens (three decode loops over caches of 128, 192 and 256 slots), and scanned
+(``scan_decode=True``, 1.8× slower than unrolled on that run).
 
 The SFT step that counts and the unrolled batch-64 decode are each run once more under the
 profiler (``profile_summary.profile``): their kernels' time by category (matmul, attention,
@@ -36,7 +37,8 @@ copy, fusion/other), the top kernels, and the device's busy time against the cal
 (``busy_fraction``: well under 1 means launch- or loop-bound), in the part's ``"profile"``.
 
 Order: what issue 18 asks for first (SFT, decode at batch 64, the PPO iteration, the other
-decode batches, the phase split), then the packed SFT rows, then the other decode forms.  The
+decode batches, the phase split), then the command buffers, the packed SFT rows and the other
+decode forms.  The
 2026-12-04 run, in its old order and a 170 s budget, skipped the sweep at 128 and 256 and the
 phase split.  Each part's seconds, compiles included, go to ``"part_s"`` (and ``"setup_s"`` for
 the parameters' start), so the next budget can be set from them, and the device memory after it
@@ -150,11 +152,27 @@ def compiled_gib(compiled: Any) -> dict[str, float] | None:
     return {name: getattr(stats, f"{name}_size_in_bytes") / GiB for name in ("argument", "output", "alias", "temp")}
 
 
-def _compile(fn: Callable, *args: Any) -> tuple[Any, float]:
-    """``(compiled, seconds)`` of lowering and compiling the jitted ``fn`` for ``args``."""
+def _compile(fn: Callable, *args: Any, compiler_options: dict[str, str] | None = None) -> tuple[Any, float]:
+    """``(compiled, seconds)`` of lowering and compiling the jitted ``fn`` for ``args``, with XLA's
+    ``compiler_options`` for this program only."""
     start = time.perf_counter()
-    compiled = fn.lower(*args).compile()
+    compiled = fn.lower(*args).compile(compiler_options)
     return compiled, time.perf_counter() - start
+
+
+def _iterate(it: Callable, state: Any, ids: Any, ptx: Any, calls: int) -> tuple[Any, list[float], Any]:
+    """A warm-up call of the compiled PPO iteration ``it`` (state donated), then ``calls`` timed
+    ones: ``(state, seconds per call, the last call's metrics)``."""
+    args = (ids, jnp.ones_like(ids), ptx, jnp.ones_like(ptx))
+    state, m = it(state, *args)
+    jax.block_until_ready(m)
+    times = []
+    for _ in range(calls):
+        start = time.perf_counter()
+        state, m = it(state, *args)
+        jax.block_until_ready(m)
+        times.append(time.perf_counter() - start)
+    return state, times, m
 
 
 def sft_check(config: ModelConfig, params: Any, shapes: Shapes, peak: float, repeats: int,
@@ -257,14 +275,7 @@ def ppo_check(config: ModelConfig, params: Any, shapes: Shapes, peak: float, ban
     ones = jnp.ones_like(ids)
     ptx = jax.random.randint(jax.random.PRNGKey(8), shapes.ptx, 0, config.vocab_size)
     it, compile_s = _compile(make_ppo_iteration(models, ppo), state, ids, ones, ptx, jnp.ones_like(ptx))
-    state, m = it(state, ids, ones, ptx, jnp.ones_like(ptx))  # warm-up
-    jax.block_until_ready(m)
-    times = []
-    for _ in range(2):
-        start = time.perf_counter()
-        state, m = it(state, ids, ones, ptx, jnp.ones_like(ptx))
-        jax.block_until_ready(m)
-        times.append(time.perf_counter() - start)
+    state, times, m = _iterate(it, state, ids, ptx, 2)
     t = p + n
     floors = {  # seconds no implementation can beat on this device
         "rollout": forward_flops(config, b, p) / peak + n * decode_step_bytes(config, b, p + n / 2, 2) / bandwidth,
@@ -281,6 +292,19 @@ def ppo_check(config: ModelConfig, params: Any, shapes: Shapes, peak: float, ban
                                     seq_len=shapes.ptx[2]),
             "compiled_gib": compiled_gib(it),
             "floor_s": sum(floors.values()), "run": (models, ppo, state, ids, ptx)}
+
+
+def ppo_recompiled(run: tuple, compiler_options: dict[str, str]) -> dict[str, Any]:
+    """The PPO iteration of ``ppo_check`` compiled again with XLA's ``compiler_options`` (its
+    rollout's decode loop under ``COMMAND_BUFFERS``: does the iteration, 1.30 s on the 2026-12-04
+    H200 run, come closer to 0.8 s when the decode steps run as CUDA graphs?), from the state
+    ``run`` holds, which it donates: compile and run time as ``ppo_check``'s."""
+    models, ppo, state, ids, ptx = run
+    it, compile_s = _compile(make_ppo_iteration(models, ppo), state, ids, jnp.ones_like(ids), ptx,
+                             jnp.ones_like(ptx), compiler_options=compiler_options)
+    _, times, m = _iterate(it, state, ids, ptx, 2)
+    return {"compiler_options": compiler_options, "compile_s": compile_s, "iteration_s": statistics.median(times),
+            "times": times, "kl": float(m["kl"])}
 
 
 def ppo_phases(run: tuple, floors: dict[str, float]) -> dict[str, Any]:
@@ -406,16 +430,19 @@ def main(argv: list[str] | None = None) -> None:
              result["decode"].append)
     if ppo is not None:
         part("ppo_phases", lambda: ppo_phases(run[0], ppo["floors_s"]), 40, result["ppo"].update)
+    # the headline decode, then the PPO iteration, under XLA's command buffers (CUDA graphs)
+    part(f"decode[{batches[0]},command_buffers]",
+         lambda: decode_check(config, params16, batches[0], shapes, bandwidth, 2, compiler_options=COMMAND_BUFFERS),
+         25, result["decode"].append)
+    if ppo is not None:
+        part("ppo[command_buffers]", lambda: ppo_recompiled(run[0], COMMAND_BUFFERS), 40,
+             lambda out: result["ppo"].update(command_buffers=out))
     run.clear()  # the PPO state (two 1.1B models with their Adam moments) is not needed after this
     if by_lengths:  # what the cuDNN attention's bias form costs (the same rows given as packed)
         part("sft[auto,none,packed]",
              lambda: sft_check(config.replace(**settings), params, shapes, peak, repeats, packed=True), 30,
              lambda out: result.update(sft_packed=out))
-    # other forms of the headline decode: under XLA's command buffers, with the cache grown in two
-    # blocks past the prompt, scanned
-    part(f"decode[{batches[0]},command_buffers]",
-         lambda: decode_check(config, params16, batches[0], shapes, bandwidth, 2, compiler_options=COMMAND_BUFFERS),
-         25, result["decode"].append)
+    # other forms of the headline decode: with the cache grown in two blocks past the prompt, scanned
     block = shapes.new // 2
     part(f"decode[{batches[0]},cache_block={block}]",
          lambda: decode_check(config.replace(cache_block=block), params16, batches[0], shapes, bandwidth, 2), 40,

@@ -217,6 +217,10 @@ def _gpu_check(d: Mapping[str, Any]) -> Iterator[Row]:
         for phase, seconds in (ppo.get("phases_s") or {}).items():
             yield Row("gpu_check", f"1.1B PPO phase {phase} vs its floor", seconds, ppo["floors_s"][phase], unit="s",
                       higher_is_better=False)
+        graphs = ppo.get("command_buffers")
+        if graphs:  # the same iteration compiled with XLA's command buffers, against the default compile
+            yield Row("gpu_check", "1.1B PPO-ptx iteration, XLA command buffers vs the default compile",
+                      graphs["iteration_s"], ppo["iteration_s"], unit="s", higher_is_better=False)
 
 
 EXTRACTORS: dict[str, Callable[[Mapping[str, Any]], Iterator[Row]]] = {
