@@ -209,10 +209,9 @@ def host_shared(leaf: Any, sharding: NamedSharding) -> jax.Array:
             buffers[key][...] = shard
         return buffers[key]
 
-    indices = sharding.devices_indices_map(host.shape)
-    devices = [d for d in sharding.mesh.devices.flat if d in indices]
     return jax.make_array_from_single_device_arrays(
-        host.shape, sharding, [jax.device_put(buffer(indices[d]), d) for d in devices])
+        host.shape, sharding,
+        [jax.device_put(buffer(index), d) for d, index in sharding.devices_indices_map(host.shape).items()])
 
 
 def _place_leaf(leaf: Any, sharding: NamedSharding) -> Any:
