@@ -51,6 +51,7 @@ from rlhf_jax.model import (
     Transformer,
     decode_step,
     forward,
+    fuse_projections,
     init_cache,
     init_params,
     positions_from_mask,
@@ -85,8 +86,8 @@ __all__ = [
     "KLState", "init_kl_state", "update_kl", "explained_variance", "logprobs_of", "ppo_policy_loss",
     "ptx_loss", "ranking_loss", "sft_loss", "token_entropy", "token_logprobs", "value_loss",
     "masked_mean", "masked_var", "ModelConfig", "Output", "Transformer", "decode_step", "forward",
-    "init_cache", "init_params", "positions_from_mask", "PRESETS", "PPOConfig", "PPOModels",
-    "PPOState", "init_ppo_state", "make_ppo_iteration", "ppo_iteration", "filter_logits",
+    "fuse_projections", "init_cache", "init_params", "positions_from_mask", "PRESETS", "PPOConfig",
+    "PPOModels", "PPOState", "init_ppo_state", "make_ppo_iteration", "ppo_iteration", "filter_logits",
     "sample_token", "MeshConfig", "make_mesh", "shard_batch", "shard_params",
     # edges: model files and tokenizers
     "load_gguf", "load_pretrained", "save_pretrained", "load_llama2c", "Tokenizer",

@@ -288,7 +288,8 @@ def generate(
 
     Args:
       model: an LM-head ``Transformer`` (static).
-      params: its parameters.
+      params: its parameters, as they are or already in ``fuse_projections``' decode form (not
+        fused again; ``shard_params`` places either form by the default rules).
       prompt_ids: ``[b, P]`` int, left-padded.
       prompt_mask: ``[b, P]`` 0/1, ``0..0 1..1`` per row.
       key: PRNG key; step ``i`` samples with ``fold_in(key, i)`` (pass a fresh key per call).

@@ -9,7 +9,8 @@ sharding propagation inserts the collectives).
 * ``fsdp``: the batch is split along it *and* parameters are sharded along it (ZeRO-3 / FSDP,
   Rajbhandari et al. 2020); XLA all-gathers a weight where it is used.
 * ``tensor``: Megatron-style tensor parallelism (Shoeybi et al. 2019, §3): column-parallel
-  ``[d, out]`` kernels (q/k/v, fc/gate/up, lm_head) are split on ``out``, row-parallel ``[in, d]``
+  ``[d, out]`` kernels (q/k/v, fc/gate/up, lm_head) are split on ``out`` (the fused decode
+  kernels: ``qkv`` on its key/value heads, ``gate_up`` on ``d_ff``), row-parallel ``[in, d]``
   kernels (o, proj/down) on ``in``, the embedding on the vocabulary.
 
 Rules are ``(regex, PartitionSpec)`` pairs matched with ``re.search`` on the leaf's ``/``-joined
@@ -45,6 +46,11 @@ DEFAULT_RULES: Rules = (
     (r"(^|/)attn/(q|k|v)/kernel$", P("fsdp", "tensor")),
     (r"(^|/)mlp/(fc|gate|up)/kernel$", P("fsdp", "tensor")),
     (r"(^|/)attn/(q|k|v)/bias$", P("tensor")),
+    # ``model.fuse_projections``' decode weights: qkv [d, kv_heads, (groups + 2)·head_dim] split on
+    # the key/value heads (each keeps its query heads), gate_up [d, 2, d_ff] on d_ff.
+    (r"(^|/)attn/qkv/kernel$", P("fsdp", "tensor")),
+    (r"(^|/)attn/qkv/bias$", P("tensor")),
+    (r"(^|/)mlp/gate_up/kernel$", P("fsdp", None, "tensor")),
     (r"(^|/)mlp/fc/bias$", P("tensor")),
     # Row-parallel: [in, d_model] split on in over ``tensor`` (its output is summed over ``tensor``).
     (r"(^|/)attn/o/kernel$", P("tensor", "fsdp")),

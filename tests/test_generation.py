@@ -281,12 +281,14 @@ def test_sharded_generation_equals_single_device():
     out = run_on_devices("""
         import jax, numpy as np
         from rlhf_jax.generation import GenerateConfig, generate
-        from rlhf_jax.model import ModelConfig, Transformer, init_params
+        from jax.sharding import PartitionSpec as P
+        from rlhf_jax.model import ModelConfig, Transformer, fuse_projections, init_params
         from rlhf_jax.sharding import MeshConfig, make_mesh, shard_batch, shard_params
 
         assert jax.device_count() == 8
         model = Transformer(ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, max_len=32))
         params = init_params(model, jax.random.key(0))
+        fused = fuse_projections(params, model.config)  # placed once by the caller, not fused again
         rng = np.random.default_rng(0)
         lengths = rng.integers(1, 7, size=16)
         mask = (np.arange(6)[None] >= 6 - lengths[:, None]).astype(np.int32)
@@ -298,12 +300,16 @@ def test_sharded_generation_equals_single_device():
         for mesh_config in (MeshConfig(data=8, fsdp=1), MeshConfig(data=2, fsdp=2, tensor=2)):
             mesh = make_mesh(mesh_config)
             batch = shard_batch({"ids": ids, "mask": mask}, mesh)
-            r = generate(model, shard_params(params, mesh), batch["ids"], batch["mask"], key, config)
-            assert len(r.tokens.sharding.device_set) == 8
-            assert not r.tokens.sharding.is_fully_replicated
-            np.testing.assert_array_equal(r.tokens, single.tokens)
-            np.testing.assert_array_equal(r.response_mask, single.response_mask)
-            np.testing.assert_allclose(r.logprobs, single.logprobs, atol=1e-5)
+            placed = shard_params(fused, mesh)
+            qkv = placed["layer_0"]["attn"]["qkv"]
+            assert qkv["kernel"].sharding.spec == P("fsdp", "tensor") and qkv["bias"].sharding.spec == P("tensor")
+            for p in (shard_params(params, mesh), placed):
+                r = generate(model, p, batch["ids"], batch["mask"], key, config)
+                assert len(r.tokens.sharding.device_set) == 8
+                assert not r.tokens.sharding.is_fully_replicated
+                np.testing.assert_array_equal(r.tokens, single.tokens)
+                np.testing.assert_array_equal(r.response_mask, single.response_mask)
+                np.testing.assert_allclose(r.logprobs, single.logprobs, atol=1e-5)
         print("sharded ok")
     """)
     assert "sharded ok" in out

@@ -11,7 +11,7 @@ import pytest
 from jax.sharding import AbstractMesh, PartitionSpec as P
 
 from _multidevice import run_on_devices
-from rlhf_jax.model import ModelConfig, Transformer, init_params
+from rlhf_jax.model import ModelConfig, Transformer, fuse_projections, init_params
 from rlhf_jax.sharding import (
     AXES,
     MeshConfig,
@@ -150,6 +150,24 @@ def test_default_rules_give_megatron_specs(arch):
     # A mesh whose axes divide every dimension changes nothing.
     mesh = AbstractMesh((2, 2, 2), AXES)
     assert_specs_equal(partition_specs(tree, mesh=mesh), expected)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_default_rules_split_the_fused_decode_kernels_by_head(arch):
+    """``fuse_projections``' kernels: ``qkv`` [d, kv_heads, ·] on its key/value heads, its bias on
+    the heads, ``gate_up`` [d, 2, d_ff] on ``d_ff``; the other leaves keep their specs."""
+    tree, expected = hand_tree(arch)
+    cfg = ModelConfig(arch=arch, vocab_size=12, d_model=8, n_layers=1, n_heads=2,
+                      n_kv_heads=1 if arch == "llama" else None, d_ff=16, max_len=16)
+    fused = fuse_projections(tree, cfg)
+    layer = dict(expected["layer_0"])
+    attn = {"o": layer["attn"]["o"], "qkv": {"kernel": COL, "bias": P("tensor")}}
+    if arch == "gpt2":
+        assert fused["layer_0"]["attn"]["qkv"]["kernel"].shape == (8, 2, 12)
+    else:
+        del attn["qkv"]["bias"]
+        layer["mlp"] = {"gate_up": {"kernel": P("fsdp", None, "tensor")}, "down": {"kernel": ROW}}
+    assert_specs_equal(partition_specs(fused), {**expected, "layer_0": {**layer, "attn": attn}})
 
 
 def test_optax_state_mirrors_param_specs():
